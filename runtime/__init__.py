@@ -1,0 +1,15 @@
+"""lowbit.runtime: the native microkernel library and the Python side that loads it."""
+from .library import (
+    current_isa,
+    error_string,
+    load_openmp,
+    load_runtime,
+    runtime_library_path,
+    set_isa,
+    supported_isas,
+)
+
+__all__ = [
+    "current_isa", "error_string", "load_openmp", "load_runtime", "runtime_library_path",
+    "set_isa", "supported_isas",
+]

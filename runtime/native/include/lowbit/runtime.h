@@ -1,0 +1,52 @@
+/* lowbit native runtime: C ABI shared by the JIT, AOT artifacts and the Python side.
+ *
+ * Conventions (libxsmm / tpp-mlir style):
+ *  - `*_dispatch` is pure: it validates a kernel description and returns a handle (> 0)
+ *    that the compiler hoists out of loops, or a negative LOWBIT_E* error code.
+ *  - `*_invoke` runs a dispatched kernel on base pointers + element offsets. It does no
+ *    validation beyond what dispatch did; callers pass what dispatch described.
+ */
+#ifndef LOWBIT_RUNTIME_H
+#define LOWBIT_RUNTIME_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LOWBIT_API __attribute__((visibility("default")))
+
+/* Error codes returned (negated) by dispatch functions. */
+enum {
+  LOWBIT_OK = 0,
+  LOWBIT_E_UNSUPPORTED = 1, /* unsupported format / dtype / flag combination */
+  LOWBIT_E_SHAPE = 2,       /* zero, negative or non-multiple sizes */
+  LOWBIT_E_LEADING_DIM = 3, /* leading dimension smaller than the row length */
+  LOWBIT_E_ALIGNMENT = 4,   /* size or stride not a multiple of the format's block */
+  LOWBIT_E_ISA = 5,         /* requested ISA not available on this CPU */
+  LOWBIT_E_TABLE_FULL = 6,  /* too many distinct kernels dispatched */
+};
+
+/* Instruction-set paths, best first. */
+enum {
+  LOWBIT_ISA_SCALAR = 0,
+  LOWBIT_ISA_AVX2 = 1,   /* AVX2 + FMA (+ AVX-VNNI where present) */
+  LOWBIT_ISA_AVX512 = 2, /* AVX-512 F/BW/VL/VNNI (+VBMI, BF16 where present) */
+};
+
+/* The ISA the runtime uses: the best the CPU supports, or LOWBIT_ISA=scalar|avx2|avx512
+ * from the environment (read once; a forced ISA the CPU lacks falls back to the best one
+ * and lowbit_rt_isa_error() reports it). */
+LOWBIT_API int32_t lowbit_rt_isa(void);
+LOWBIT_API int32_t lowbit_rt_isa_supported(int32_t isa);
+LOWBIT_API int32_t lowbit_rt_set_isa(int32_t isa); /* returns 0 or -LOWBIT_E_ISA */
+LOWBIT_API const char* lowbit_rt_isa_name(int32_t isa);
+LOWBIT_API int32_t lowbit_rt_isa_error(void);
+LOWBIT_API const char* lowbit_rt_error_string(int64_t code);
+LOWBIT_API int32_t lowbit_rt_abi_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

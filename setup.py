@@ -1,0 +1,44 @@
+"""Builds the native runtime (runtime/native, CMake) into the `lowbit.runtime` package.
+
+The runtime is a plain C-ABI shared library loaded with ctypes by the JIT and linked
+into AOT artifacts, so it is built as a setuptools extension only to get it placed
+next to `lowbit/runtime/*.py` in both wheels and editable installs.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        build_type = os.environ.get("LOWBIT_BUILD_TYPE", "Release")
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={build_type}",
+            f"-DLOWBIT_RUNTIME_OUTPUT={out}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+        ]
+        if os.environ.get("LOWBIT_SANITIZE"):
+            configure.append(f"-DLOWBIT_SANITIZE={os.environ['LOWBIT_SANITIZE']}")
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel"], check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("lowbit.runtime._lowbit_rt")],
+    cmdclass={"build_ext": CMakeBuild},
+)
