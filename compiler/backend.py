@@ -1,0 +1,75 @@
+"""`torch.compile(model, backend="lowbit")`: the dynamo backend.
+
+Dynamo hands us an FX graph and real example inputs. Parameters and buffers among them
+are frozen into the compiled code (unless the graph mutates them); every other input is
+passed at run time. The returned callable compiles once per input signature (shapes,
+dtypes) and caches the result, so a shape change recompiles instead of failing.
+Graphs that need autograd run in eager: lowbit compiles inference.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lowbit.compiler.compile import CompiledGraph, signature_key
+from lowbit.compiler.partition import compile_with_fallback
+from lowbit.compiler.pipeline import CompileOptions
+
+_options_stack: list[CompileOptions] = []
+
+
+def current_options() -> CompileOptions:
+    return _options_stack[-1] if _options_stack else CompileOptions()
+
+
+def freezable_positions(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
+    """Positions of inputs that are module state: parameters and registered buffers."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    positions = []
+    for pos, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.nn.Parameter):
+            positions.append(pos)
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = getattr(getattr(grapharg, "source", None), "name", "")
+        source = source() if callable(source) else source
+        if isinstance(value, torch.Tensor) and ("._buffers[" in source or "_parameters[" in source):
+            positions.append(pos)
+    return positions
+
+
+class LowbitCallable:
+    """What the backend returns to dynamo: compile per input signature, then call."""
+
+    def __init__(self, gm: torch.fx.GraphModule, freezable: list[int], options: CompileOptions):
+        self.gm = gm
+        self.freezable = freezable
+        self.options = options
+        self.cache: dict[tuple, Callable] = {}
+
+    def _compile(self, args: Sequence[Any]) -> Callable:
+        return compile_with_fallback(self.gm, args, self.freezable, self.options)
+
+    def __call__(self, *args: Any):
+        key = signature_key(args)
+        fn = self.cache.get(key)
+        if fn is None:
+            fn = self.cache[key] = self._compile(args)
+        elif isinstance(fn, CompiledGraph) and fn.frozen_inputs_changed(args):
+            warnings.warn("lowbit: a frozen parameter or buffer changed after compilation; recompiling "
+                          "(weights are compile-time constants)", RuntimeWarning, stacklevel=2)
+            fn = self.cache[key] = self._compile(args)
+        return fn(*args)
+
+
+def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
+    """The `torch_dynamo_backends` entry point (`backend="lowbit"`)."""
+    options = CompileOptions(**kwargs.get("options", {})) if kwargs.get("options") else current_options()
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        # Freezing weights would silently drop gradients; training is not what lowbit compiles.
+        warnings.warn("lowbit: graph requires autograd (run under torch.no_grad() or "
+                      "torch.inference_mode() to compile it); running it in eager", RuntimeWarning)
+        return gm.forward
+    return LowbitCallable(gm, freezable_positions(gm, example_inputs), options)

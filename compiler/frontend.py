@@ -1,0 +1,192 @@
+"""PyTorch -> functional ATen graph with frozen weights -> torch-dialect MLIR.
+
+`capture` turns a dynamo FX graph (or any `nn.Module`/`GraphModule`) plus concrete example
+inputs into a functional ATen graph via `torch.export` and torch-mlir's decomposition table:
+input mutations (KV-cache updates) become extra outputs that the runtime writes back, and
+parameters and unmutated buffers are frozen into constants, as inductor's freezing does.
+Changing a frozen tensor afterwards needs a recompile; the runtime checks the tensors'
+version counters on each call and recompiles when one changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+from torch_mlir import ir
+from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+from torch_mlir.extras.fx_importer import FxImporter
+
+from lowbit.compiler.passmanager import new_context
+
+
+class FrontendError(RuntimeError):
+    """The PyTorch program could not be captured as a static ATen graph."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "TensorSpec":
+        return TensorSpec(tuple(t.shape), t.dtype)
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).replace('torch.', '')}{list(self.shape)}"
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    """A functional ATen graph whose placeholders are exactly the runtime inputs.
+
+    Outputs of `graph_module` are `[new value of each mutated input..., user outputs...]`.
+    """
+
+    graph_module: torch.fx.GraphModule
+    input_indices: list[int]          # positions (in the caller's argument list) of runtime inputs
+    input_specs: list[TensorSpec]
+    frozen: dict[int, torch.Tensor]   # caller position -> frozen tensor (a constant in the graph)
+    mutated_inputs: list[int]         # caller positions written back, in output order
+    output_specs: list[TensorSpec]
+    constant_outputs: dict[int, Any]  # user-output position -> non-tensor value
+
+    @property
+    def num_user_outputs(self) -> int:
+        return len(self.output_specs) - len(self.mutated_inputs) + len(self.constant_outputs)
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence[Any],
+            freezable: Sequence[int] = ()) -> CapturedGraph:
+    """Export `fn(*example_inputs)` and freeze the inputs at `freezable` positions that the
+    graph does not mutate. Non-tensor inputs are specialised to their example values."""
+    module = fn if isinstance(fn, torch.nn.Module) else _Wrapped(fn)
+    args = tuple(example_inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module, args, strict=False)
+            ep = ep.run_decompositions(get_decomposition_table())
+    except Exception as e:  # torch.export raises many exception types
+        raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
+
+    sig = ep.graph_signature
+    gm = ep.graph_module
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    user_phs = [n for n, spec in zip(placeholders, sig.input_specs) if spec.kind == InputKind.USER_INPUT]
+    if len(user_phs) != len(args):
+        raise FrontendError(f"export produced {len(user_phs)} inputs for {len(args)} arguments")
+    mutated_names = dict(sig.user_inputs_to_mutate.items()) if hasattr(sig, "user_inputs_to_mutate") else {}
+    mutated_phs = set(mutated_names.values())
+    freezable = set(freezable)
+
+    frozen: dict[int, torch.Tensor] = {}
+    input_indices: list[int] = []
+    input_specs: list[TensorSpec] = []
+    const_id = 0
+    # Module state that export lifted (parameters/buffers/constants of `fn` itself) is frozen.
+    for node, spec in zip(placeholders, sig.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        if spec.kind == InputKind.BUFFER and spec.target in sig.buffers_to_mutate.values():
+            raise FrontendError(f"buffer '{spec.target}' is mutated inside the graph; pass it as an input")
+        value = ep.state_dict.get(spec.target, ep.constants.get(spec.target) if ep.constants else None)
+        const_id = _freeze_placeholder(gm, node, value, const_id)
+    for pos, (node, value) in enumerate(zip(user_phs, args)):
+        if not isinstance(value, torch.Tensor):
+            if node.users:
+                raise FrontendError(f"non-tensor input {pos} ({type(value).__name__}) is used by the graph")
+            graph.erase_node(node)
+            continue
+        if pos in freezable and node.name not in mutated_phs:
+            frozen[pos] = value
+            const_id = _freeze_placeholder(gm, node, value.detach(), const_id)
+        else:
+            _check_device(value, pos)
+            input_indices.append(pos)
+            input_specs.append(TensorSpec.of(value))
+
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    outs = list(output_node.args[0])
+    placeholder_pos = {n.name: pos for pos, n in enumerate(user_phs)}
+    mutated_inputs, output_specs, constant_outputs = [], [], {}
+    new_outs = []
+    user_idx = 0
+    for out, ospec in zip(outs, sig.output_specs):
+        if ospec.kind == OutputKind.USER_INPUT_MUTATION:
+            mutated_inputs.append(placeholder_pos[ospec.target])
+            new_outs.append(out)
+            output_specs.append(_spec_of_node(out))
+        elif ospec.kind == OutputKind.USER_OUTPUT:
+            if isinstance(out, torch.fx.Node):
+                new_outs.append(out)
+                output_specs.append(_spec_of_node(out))
+            else:
+                constant_outputs[user_idx] = out
+            user_idx += 1
+        else:
+            raise FrontendError(f"unsupported output kind {ospec.kind} for {out}")
+    output_node.args = (tuple(new_outs),)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return CapturedGraph(gm, input_indices, input_specs, frozen, mutated_inputs, output_specs,
+                         constant_outputs)
+
+
+def _check_device(t: torch.Tensor, pos: int) -> None:
+    if t.device.type != "cpu":
+        raise FrontendError(f"input {pos} is on device '{t.device}'; lowbit compiles for the CPU only")
+
+
+def _spec_of_node(node: torch.fx.Node) -> TensorSpec:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise FrontendError(f"graph output {node.name} is not a tensor ({type(val).__name__})")
+    try:
+        shape = tuple(int(s) for s in val.shape)
+    except TypeError as e:
+        raise FrontendError(f"graph output {node.name} has a symbolic shape {tuple(val.shape)}") from e
+    return TensorSpec(shape, val.dtype)
+
+
+def _freeze_placeholder(gm: torch.fx.GraphModule, node: torch.fx.Node, value, const_id: int) -> int:
+    """Replace a placeholder by a constant attribute of `gm` (imported as a literal)."""
+    if isinstance(value, torch.Tensor):
+        _check_device(value, -1)
+        value = value.detach().contiguous()
+    name = f"_lowbit_frozen_{const_id}"
+    if isinstance(value, torch.Tensor):
+        gm.register_buffer(name, value)
+    else:
+        setattr(gm, name, value)
+    with gm.graph.inserting_before(node):
+        attr = gm.graph.get_attr(name)
+    attr.meta = dict(node.meta)
+    node.replace_all_uses_with(attr)
+    gm.graph.erase_node(node)
+    return const_id + 1
+
+
+def import_graph(captured: CapturedGraph, func_name: str = "forward",
+                 context: ir.Context | None = None) -> ir.Module:
+    """FX graph -> torch-dialect MLIR module (`func.func @<func_name>`)."""
+    context = context or new_context()
+    importer = FxImporter(context=context)
+    try:
+        importer.import_stateless_graph(captured.graph_module.graph, func_name=func_name)
+    except Exception as e:
+        raise FrontendError(f"torch-mlir's FX importer failed: {type(e).__name__}: {e}") from e
+    return importer.module

@@ -1,0 +1,155 @@
+"""The compilation pipeline as named stages, each a textual pass pipeline.
+
+    import            FX graph -> torch dialect (lowbit.compiler.frontend)
+    torch-to-linalg   torch dialect -> linalg on tensors (torch-mlir's backend pipelines)
+    lowbit            our passes: recognise, pack, tile and fuse matmuls; vectorize the rest
+    bufferize         tensors -> memrefs, results -> out-params, deallocation
+    lower-to-llvm     runtime calls, OpenMP, LLVM dialect
+
+Every stage after import is a string that `lowbit-opt --pass-pipeline=...` replays, so any
+stage can be run, printed and tested alone. `LOWBIT_DUMP_IR=<dir>` writes the IR after every
+stage; a failing stage raises `StageError` naming the stage, with a reproducer `.mlir` (the
+IR before the stage) and the one-line `lowbit-opt` command that replays it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+from torch_mlir import ir
+
+from lowbit.compiler.passmanager import LowbitPassManager
+
+
+class StageError(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException, reproducer: Path, command: str):
+        self.stage, self.cause, self.reproducer, self.command = stage, cause, reproducer, command
+        super().__init__(
+            f"lowbit pipeline stage '{stage}' failed: {cause}\n"
+            f"  reproducer: {reproducer}\n  replay with: {command}")
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    passes: list[str]
+
+    @property
+    def pipeline(self) -> str:
+        return "builtin.module(" + ", ".join(self.passes) + ")"
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    """Options that change what the pipeline emits."""
+
+    # Threads for parallel loops in compiled code (0: torch.get_num_threads() at run time).
+    num_threads: int = 0
+    # Activation handling for low-bit matmuls: "none" keeps the model's fp activations;
+    # "int8" opts in to dynamic per-token int8 activation quantization.
+    activations: str = "none"
+
+
+TORCH_TO_LINALG = [
+    "func.func(torch-match-quantized-custom-ops)",
+    "torchdynamo-export-to-torch-backend-pipeline",
+    "torch-backend-to-linalg-on-tensors-backend-pipeline",
+]
+
+# The lowbit stage: passes over linalg on tensors, in order. Each entry is one pipeline
+# element (a lowbit pass with options, or an upstream pass).
+LOWBIT_PASSES = [
+    "linalg-fuse-elementwise-ops",
+    "canonicalize",
+    "cse",
+]
+
+BUFFERIZE = [
+    "one-shot-bufferize{bufferize-function-boundaries=1 function-boundary-type-conversion=identity-layout-map}",
+    "canonicalize",
+    "cse",
+    "drop-equivalent-buffer-results",
+    "buffer-results-to-out-params{hoist-static-allocs=true modify-public-functions=true}",
+    "canonicalize",
+    "buffer-deallocation-pipeline",
+    "canonicalize",
+    "cse",
+]
+
+LOWER_TO_LLVM = [
+    "func.func(convert-linalg-to-loops)",
+    "expand-strided-metadata",
+    "lower-affine",
+    "func.func(convert-math-to-llvm)",
+    "convert-math-to-libm",
+    "finalize-memref-to-llvm",
+    "convert-scf-to-cf",
+    "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}",
+    "convert-to-llvm",
+    "reconcile-unrealized-casts",
+]
+
+
+def default_stages(options: CompileOptions | None = None) -> list[Stage]:
+    return [
+        Stage("torch-to-linalg", list(TORCH_TO_LINALG)),
+        Stage("lowbit", list(LOWBIT_PASSES)),
+        Stage("bufferize", list(BUFFERIZE)),
+        Stage("lower-to-llvm", list(LOWER_TO_LLVM)),
+    ]
+
+
+class Pipeline:
+    """Runs stages over a module, dumping IR and writing reproducers on failure."""
+
+    def __init__(self, stages: list[Stage] | None = None, options: CompileOptions | None = None,
+                 dump_dir: str | os.PathLike | None = None):
+        self.options = options or CompileOptions()
+        self.stages = stages if stages is not None else default_stages(self.options)
+        dump = dump_dir if dump_dir is not None else os.environ.get("LOWBIT_DUMP_IR")
+        self.dump_dir = Path(dump) if dump else None
+        self._dump_counter = 0
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage '{name}' (stages: {[s.name for s in self.stages]})")
+
+    def dump(self, module: ir.Module, stage_name: str, tag: str = "") -> Path | None:
+        if self.dump_dir is None:
+            return None
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        path = self.dump_dir / f"{self._dump_counter:02d}-{stage_name}{tag}.mlir"
+        self._dump_counter += 1
+        path.write_text(str(module))
+        return path
+
+    def run_stage(self, module: ir.Module, name: str) -> None:
+        stage = self.stage(name)
+        before = str(module)
+        try:
+            LowbitPassManager(stage.pipeline, module.context).run(module)
+        except Exception as e:
+            raise self._stage_error(stage, before, e) from e
+        self.dump(module, stage.name)
+
+    def run(self, module: ir.Module, start: str | None = None, stop: str | None = None) -> ir.Module:
+        """Run stages from `start` through `stop` (inclusive; default: all)."""
+        names = [s.name for s in self.stages]
+        lo = names.index(start) if start else 0
+        hi = names.index(stop) if stop else len(names) - 1
+        for name in names[lo:hi + 1]:
+            self.run_stage(module, name)
+        return module
+
+    def _stage_error(self, stage: Stage, before: str, cause: BaseException) -> StageError:
+        directory = self.dump_dir or Path(tempfile.mkdtemp(prefix="lowbit-repro-"))
+        directory.mkdir(parents=True, exist_ok=True)
+        repro = directory / f"repro-{stage.name}.mlir"
+        repro.write_text(before)
+        cmd = f"lowbit-opt {shlex.quote(str(repro))} --pass-pipeline={shlex.quote(stage.pipeline)}"
+        return StageError(stage.name, cause, repro, cmd)
