@@ -19,6 +19,7 @@ from torch_mlir import ir
 from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 from torch_mlir.extras.fx_importer import FxImporter
 
+from lowbit.compiler.literals import LiteralHooks, split_shared_get_attrs
 from lowbit.compiler.passmanager import new_context
 
 
@@ -184,7 +185,8 @@ def import_graph(captured: CapturedGraph, func_name: str = "forward",
                  context: ir.Context | None = None) -> ir.Module:
     """FX graph -> torch-dialect MLIR module (`func.func @<func_name>`)."""
     context = context or new_context()
-    importer = FxImporter(context=context)
+    importer = FxImporter(context=context, hooks=LiteralHooks())
+    split_shared_get_attrs(captured.graph_module.graph)
     try:
         importer.import_stateless_graph(captured.graph_module.graph, func_name=func_name)
     except Exception as e:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test: lit (pass, pipeline and integration tests) then pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m lit -q test/
+lit_rc=$?
+"$PY" -m pytest -q test/python "$@"
+py_rc=$?
+if [ $lit_rc -ne 0 ]; then echo "lit failed (exit $lit_rc)"; fi
+exit $(( lit_rc != 0 || py_rc != 0 ))
