@@ -49,4 +49,6 @@ LOWBIT_API int32_t lowbit_rt_abi_version(void);
 #ifdef __cplusplus
 }
 #endif
+#include "lowbit/brgemm.h"
+#include "lowbit/qgemm.h"
 #endif

@@ -1,0 +1,120 @@
+// BRGEMM dispatch (validate a description, pick the ISA's kernel, hand out a handle) and
+// invoke (look the handle up and run it). Handles index an append-only table: entries are
+// immutable once published, so invoke reads them without a lock.
+#include <cpuid.h>
+
+#include <array>
+#include <atomic>
+#include <map>
+#include <mutex>
+
+#include "brgemm_internal.h"
+
+namespace {
+
+using lowbit_brgemm::Desc;
+using lowbit_brgemm::KernelFn;
+
+struct Entry {
+  Desc desc;
+  KernelFn fn;
+};
+
+constexpr int64_t kChunkBits = 8, kChunkSize = int64_t(1) << kChunkBits, kChunks = 256;
+std::atomic<Entry*> g_chunks[kChunks];
+std::atomic<int64_t> g_count{0};
+std::mutex g_mutex;
+
+bool cpu_has_avx512_bf16() {
+  unsigned a, b, c, d;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 1, a, b, c, d);
+  return a & (1u << 5);
+}
+
+using Key = std::array<int64_t, 11>;
+std::map<Key, int64_t>* g_index;  // description -> handle, guarded by g_mutex
+
+Key key_of(const Desc& d) {
+  return {d.dtype, d.m, d.n, d.k, d.lda, d.ldb, d.ldc, d.stride_a, d.stride_b, d.flags, d.isa};
+}
+
+const Entry* lookup(int64_t handle) {
+  if (handle < 1 || handle > g_count.load(std::memory_order_acquire)) return nullptr;
+  const int64_t i = handle - 1;
+  return &g_chunks[i >> kChunkBits].load(std::memory_order_acquire)[i & (kChunkSize - 1)];
+}
+
+int64_t validate(const Desc& d) {
+  if (d.dtype != LOWBIT_DTYPE_F32 && d.dtype != LOWBIT_DTYPE_BF16) return -LOWBIT_E_UNSUPPORTED;
+  if (d.flags & ~int64_t(LOWBIT_BRGEMM_FLAGS_ALL)) return -LOWBIT_E_UNSUPPORTED;
+  if (d.c_bf16() && !d.bf16()) return -LOWBIT_E_UNSUPPORTED;
+  if (d.m <= 0 || d.n <= 0 || d.k <= 0) return -LOWBIT_E_SHAPE;
+  if (d.stride_a < 0 || d.stride_b < 0) return -LOWBIT_E_SHAPE;
+  if (d.lda < d.k || d.ldc < d.n) return -LOWBIT_E_LEADING_DIM;
+  if (d.packed()) {
+    const int64_t row = d.bf16() ? 2 * LOWBIT_BRGEMM_NB : LOWBIT_BRGEMM_NB;
+    const int64_t kp = d.bf16() ? (d.k + 1) / 2 * 2 : d.k;
+    if (d.ldb < kp * LOWBIT_BRGEMM_NB) return -LOWBIT_E_LEADING_DIM;
+    if (d.ldb % row != 0 || d.stride_b % row != 0) return -LOWBIT_E_ALIGNMENT;
+  } else if (d.ldb < d.n) {
+    return -LOWBIT_E_LEADING_DIM;
+  }
+  return LOWBIT_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t lowbit_brgemm_has_native_bf16(void) {
+  static const bool has = cpu_has_avx512_bf16();
+  return has && lowbit_rt_isa_supported(LOWBIT_ISA_AVX512);
+}
+
+int64_t lowbit_brgemm_dispatch(int32_t dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                               int64_t ldc, int64_t stride_a, int64_t stride_b, int64_t flags) {
+  Desc d{dtype, m, n, k, lda, ldb, ldc, stride_a, stride_b, flags, lowbit_rt_isa()};
+  if (const int64_t err = validate(d)) return err;
+  // bf16 on an AVX-512 CPU without vdpbf16ps: widen to fp32 on the AVX2 path.
+  if (d.isa == LOWBIT_ISA_AVX512 && d.bf16() && !lowbit_brgemm_has_native_bf16()) d.isa = LOWBIT_ISA_AVX2;
+  KernelFn fn = d.isa == LOWBIT_ISA_AVX512 ? lowbit_brgemm::select_avx512(d)
+              : d.isa == LOWBIT_ISA_AVX2   ? lowbit_brgemm::select_avx2(d)
+                                           : lowbit_brgemm::select_scalar(d);
+  if (!fn) return -LOWBIT_E_UNSUPPORTED;
+
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_index) g_index = new std::map<Key, int64_t>();
+  const Key key = key_of(d);
+  if (auto it = g_index->find(key); it != g_index->end()) return it->second;
+  const int64_t count = g_count.load(std::memory_order_relaxed);
+  if (count >= kChunkSize * kChunks) return -LOWBIT_E_TABLE_FULL;
+  Entry* chunk = g_chunks[count >> kChunkBits].load(std::memory_order_relaxed);
+  if (!chunk) {
+    chunk = new Entry[kChunkSize];
+    g_chunks[count >> kChunkBits].store(chunk, std::memory_order_release);
+  }
+  chunk[count & (kChunkSize - 1)] = Entry{d, fn};
+  g_count.store(count + 1, std::memory_order_release);
+  (*g_index)[key] = count + 1;
+  return count + 1;
+}
+
+int32_t lowbit_brgemm_invoke(int64_t handle, const void* a, int64_t a_offset, const void* b, int64_t b_offset,
+                             void* c, int64_t c_offset, int64_t batch) {
+  const Entry* e = lookup(handle);
+  if (!e) return -LOWBIT_E_UNSUPPORTED;
+  if (batch < 1) return -LOWBIT_E_SHAPE;
+  const Desc& d = e->desc;
+  const int64_t ab = d.bf16() ? 2 : 4, cb = d.c_bf16() ? 2 : 4;
+  e->fn(d, static_cast<const char*>(a) + a_offset * ab, static_cast<const char*>(b) + b_offset * ab,
+        static_cast<char*>(c) + c_offset * cb, batch);
+  return 0;
+}
+
+int32_t lowbit_brgemm_isa(int64_t handle) {
+  const Entry* e = lookup(handle);
+  return e ? e->desc.isa : -LOWBIT_E_UNSUPPORTED;
+}
+
+}  // extern "C"
