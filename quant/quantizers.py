@@ -68,8 +68,13 @@ def _floor_scale(s64: torch.Tensor) -> torch.Tensor:
     return s64.to(torch.float32).clamp(min=WEIGHT_SCALE_EPS)
 
 
-def _scales_for(w: torch.Tensor, spec: LowBitSpec, rule: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and zero points) by ``rule``: "standard" (the format's rule) or "absmax"."""
+def _scales_for(w: torch.Tensor, spec: LowBitSpec, rule: str = "standard") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) by ``rule``.
+
+    "standard" is the format's quantization rule; "absmax" (``s = max|W|``), "hi"
+    (``s = max(W) / qmax``) and "lo" (``s = min(W) / qmin``) are the extra candidates that
+    :func:`exact_representation` tries.
+    """
     fmt = spec.format
     groups, counts = _grouped(w, spec)
     g64 = groups.to(torch.float64)
@@ -77,13 +82,20 @@ def _scales_for(w: torch.Tensor, spec: LowBitSpec, rule: str) -> tuple[torch.Ten
     lo = g64.amin(dim=-1).clamp(max=0.0)
     if rule == "absmax":
         return _floor_scale(torch.maximum(hi, -lo)), None
+    if rule == "hi":
+        return _floor_scale(hi / float(fmt.qmax)), None
+    if rule == "lo":
+        return _floor_scale(lo / float(fmt.qmin)), None
     if fmt.name in ("ternary", "int1"):
         return _floor_scale(g64.abs().sum(dim=-1) / counts), None
     if fmt.asymmetric:
-        s = _floor_scale((hi - lo) / fmt.qmax)
-        z = torch.round(-lo.to(torch.float32) / s).clamp(0, fmt.qmax).to(torch.int8)
-        return s, z
-    return _floor_scale(torch.maximum(hi / fmt.qmax, lo / fmt.qmin)), None
+        s = _floor_scale((hi - lo) / float(fmt.qmax))
+        return s, _zero_points_for(lo.to(torch.float32), s, fmt.qmax)
+    return _floor_scale(torch.maximum(hi / float(fmt.qmax), lo / float(fmt.qmin))), None
+
+
+def _zero_points_for(lo: torch.Tensor, s: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.round(-lo / s).clamp(0, qmax).to(torch.int8)
 
 
 def _values_for(w: torch.Tensor, spec: LowBitSpec, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -117,25 +129,43 @@ def exact_representation(weight: torch.Tensor, spec: LowBitSpec) -> QuantizedWei
 
     For weights that are already low-bit (e.g. a QAT checkpoint exported as ternary-valued
     floats ``q * s``). Each group takes the first candidate scale that reproduces it bit for
-    bit: the format's standard rule, then (ternary, int1 and symmetric formats) ``s = max|W|``.
-    The returned representation is verified: dequantizing it gives ``weight`` exactly (as fp32).
+    bit. Candidates: the format's standard rule, then for symmetric formats ``max|W|``,
+    ``max(W)/qmax`` and ``min(W)/qmin``; each also one fp32 ulp up and down. The result is
+    verified: dequantizing it gives ``weight`` (as fp32) exactly. Detection succeeds for
+    every symmetric-format weight whose groups contain an end value of the value set (or,
+    for ternary/int1, any non-zero); for asymmetric formats it is best effort.
     """
     w = check_float_weight(weight, spec)
-    rules = ["standard"] if spec.format.asymmetric else ["standard", "absmax"]
-    chosen_s = chosen_z = None
-    done = None
+    if spec.out_features > 1:
+        # Cheap early reject: if W is exact, so is its first row under the same candidates.
+        row = LowBitSpec(spec.weight_format, spec.granularity, spec.group_size, spec.in_features, 1)
+        if exact_representation(w[:1], row) is None:
+            return None
+    fmt = spec.format
+    rules = ["standard"] if fmt.asymmetric else ["standard", "absmax", "hi"]
+    if not fmt.asymmetric and fmt.qmin < 0 and fmt.name != "int1":
+        rules.append("lo")
+    lo = _grouped(w, spec)[0].amin(dim=-1).clamp(max=0.0)
+    chosen_s = chosen_z = done = None
     for rule in rules:
-        s, z = _scales_for(w, spec, rule)
-        q = _values_for(w, spec, s, z)
-        exact = _exact_groups(dequantize_weight(q, s, z, spec) == w, spec)
-        if chosen_s is None:
-            chosen_s, chosen_z, done = s.clone(), (None if z is None else z.clone()), exact
-        else:
+        base, _ = _scales_for(w, spec, rule)
+        for s in (base, torch.nextafter(base, torch.tensor(float("inf"))),
+                  torch.nextafter(base, torch.tensor(0.0)).clamp(min=WEIGHT_SCALE_EPS)):
+            z = _zero_points_for(lo, s, fmt.qmax) if fmt.asymmetric else None
+            q = _values_for(w, spec, s, z)
+            exact = _exact_groups(dequantize_weight(q, s, z, spec) == w, spec)
+            if chosen_s is None:
+                chosen_s, chosen_z, done = s.clone(), z, exact
+                continue
             take = exact & ~done
             chosen_s = torch.where(take, s, chosen_s)
             if z is not None:
                 chosen_z = torch.where(take, z, chosen_z)
             done = done | exact
+            if bool(done.all()):
+                break
+        if bool(done.all()):
+            break
     if not bool(done.all()):
         return None
     q = _values_for(w, spec, chosen_s, chosen_z)
@@ -165,7 +195,9 @@ def quantize_activations_int8(x: torch.Tensor, block: int = 0) -> tuple[torch.Te
     padded = torch.zeros((m, blocks * width), dtype=torch.float32)
     padded[:, :k] = x
     absmax = padded.view(m, blocks, width).abs().amax(dim=-1)
-    s_x = 127.0 / absmax.clamp(min=ACT_ABSMAX_EPS)
+    # A true fp32 division: PyTorch evaluates `127.0 / tensor` as `127.0 * reciprocal(tensor)`,
+    # which can differ in the last ulp from the documented 127 / max.
+    s_x = torch.full_like(absmax, 127.0) / absmax.clamp(min=ACT_ABSMAX_EPS)
     s_full = s_x.repeat_interleave(width, dim=1)[:, :k]
     xq = torch.round(x * s_full).clamp(-128, 127)
     return xq, s_x
