@@ -22,6 +22,11 @@ def new_context() -> ir.Context:
     """An MLIR context with every upstream dialect and the torch dialect loaded."""
     ctx = ir.Context()
     torch_d.register_dialect(ctx)
+    # The torch_c (TorchConversion) dialect has no Python registration hook; running a
+    # pass that depends on it loads it, so our passes can create torch_c casts.
+    with ctx, ir.Location.unknown():
+        PassManager.parse("builtin.module(torch-func-backend-type-conversion)").run(
+            ir.Module.create().operation)
     return ctx
 
 
@@ -111,7 +116,8 @@ class LowbitPassManager:
     def _wrap(self, instance: ModulePass):
         def run(op, pass_):
             try:
-                instance.run(op)
+                with op.context, ir.Location.unknown(op.context):
+                    instance.run(op)
             except BaseException as e:  # re-raised by run() after the PassManager returns
                 self._error = e
                 pass_.signal_pass_failure()

@@ -1,6 +1,7 @@
 """The compilation pipeline as named stages, each a textual pass pipeline.
 
     import            FX graph -> torch dialect (lowbit.compiler.frontend)
+    lowbit-torch      our passes on torch IR (lowbit.linear -> qlinear functions)
     torch-to-linalg   torch dialect -> linalg on tensors (torch-mlir's backend pipelines)
     lowbit            our passes: recognise, pack, tile and fuse matmuls; vectorize the rest
     bufferize         tensors -> memrefs, results -> out-params, deallocation
@@ -53,10 +54,35 @@ class CompileOptions:
     activations: str = "none"
 
 
+# Passes on the imported torch dialect, before torch-mlir's pipelines (which reject
+# custom ops such as torch.lowbit.linear).
+LOWBIT_TORCH = [
+    "lowbit-convert-linear-op",
+]
+
+# torch-mlir's torch -> linalg pipelines, spelled out without the final
+# `torch-verify-linalg-on-tensors-backend-contract`: the qlinear calls that
+# lowbit-convert-linear-op introduces are outside that contract by design.
 TORCH_TO_LINALG = [
     "func.func(torch-match-quantized-custom-ops)",
     "torchdynamo-export-to-torch-backend-pipeline",
-    "torch-backend-to-linalg-on-tensors-backend-pipeline",
+    "func.func(torch-restructure-non-constant-axes)",
+    "func.func(torch-fuse-quantized-ops)",
+    "func.func(convert-torch-to-tmtensor{allow-non-finites=true})",
+    "func.func(canonicalize)",
+    "func.func(convert-torch-to-linalg{allow-non-finites=true})",
+    "func.func(canonicalize)",
+    "func.func(convert-torch-to-scf)",
+    "func.func(convert-torch-to-arith)",
+    "func.func(convert-torch-to-tensor)",
+    "convert-torch-conversion-to-mlprogram",
+    "func.func(memref-expand)",
+    "func.func(canonicalize)",
+    "func.func(resolve-shaped-type-result-dims)",
+    "func.func(cse)",
+    "torch-func-backend-type-conversion",
+    "func.func(canonicalize)",
+    "func.func(torch-finalizing-backend-type-conversion)",
 ]
 
 # The lowbit stage: passes over linalg on tensors, in order. Each entry is one pipeline
@@ -95,6 +121,7 @@ LOWER_TO_LLVM = [
 
 def default_stages(options: CompileOptions | None = None) -> list[Stage]:
     return [
+        Stage("lowbit-torch", list(LOWBIT_TORCH)),
         Stage("torch-to-linalg", list(TORCH_TO_LINALG)),
         Stage("lowbit", list(LOWBIT_PASSES)),
         Stage("bufferize", list(BUFFERIZE)),

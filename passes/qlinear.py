@@ -1,0 +1,363 @@
+"""The canonical form of a recognised low-bit linear layer.
+
+Every recognition pass (our `lowbit.linear` op, dequantize-then-matmul subgraphs, fp
+weights that are exactly low-bit) rewrites what it found into the same form: a call
+
+    %y = func.call @lowbit_qlinear_<i>(%x) {no_inline} : (tensor<MxKxT>) -> tensor<MxNxT>
+
+to a private function whose attribute `lowbit.qlinear` is the layer's `LowBitSpec` and whose
+body is the reference computation in linalg over constants tagged with `lowbit.role`
+(`codes`: int8 q [N, K]; `scales`: fp32 [N, groups] or [1, 1]; `zero_points`: int8;
+`bias`: fp32 [N]). The body is honest IR: lowered as it is (to loops) it computes the
+layer, which is what the differential tests compare the microkernel path against. Later
+passes pack the codes for the kernels, choose tiles, fuse epilogues, and after
+bufferization replace the body by runtime calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional
+
+import numpy as np
+from torch_mlir import ir
+
+from lowbit.quant.formats import LowBitSpec
+
+QLINEAR_ATTR = "lowbit.qlinear"
+ROLE_ATTR = "lowbit.role"
+REPORT_ATTR = "lowbit.report"
+FUNC_PREFIX = "lowbit_qlinear_"
+
+_ELEM = {"f32": "f32", "bf16": "bf16"}
+
+
+@dataclasses.dataclass
+class QLinearWeights:
+    """The integer form of one layer's weight: W = (q - z) * s, plus an optional bias."""
+
+    q: np.ndarray                      # int8 [N, K]
+    scales: np.ndarray                 # fp32 [N, groups] or [1, 1]
+    zero_points: Optional[np.ndarray]  # int8, like scales, asymmetric formats only
+    bias: Optional[np.ndarray]         # fp32 [N]
+
+
+def spec_to_attr(spec: LowBitSpec, origin: str) -> ir.Attribute:
+    fields = {k: (ir.StringAttr.get(v) if isinstance(v, str) else
+                  ir.IntegerAttr.get(ir.IntegerType.get_signless(64), v))
+              for k, v in spec.to_dict().items()}
+    fields["origin"] = ir.StringAttr.get(origin)
+    return ir.DictAttr.get(fields)
+
+
+def spec_from_attr(attr: ir.Attribute) -> tuple[LowBitSpec, str]:
+    d = ir.DictAttr(attr)
+    values = {}
+    for name in LowBitSpec.__dataclass_fields__:
+        a = d[name]
+        values[name] = ir.StringAttr(a).value if isinstance(a, ir.StringAttr) else ir.IntegerAttr(a).value
+    origin = ir.StringAttr(d["origin"]).value if "origin" in d else ""
+    return LowBitSpec(**values), origin
+
+
+def qlinear_functions(module: ir.Operation) -> list[ir.Operation]:
+    body = _module_body(module)
+    return [op.operation for op in body.operations
+            if op.operation.name == "func.func" and QLINEAR_ATTR in op.operation.attributes]
+
+
+def _module_body(module: ir.Operation) -> ir.Block:
+    op = module.operation if hasattr(module, "operation") else module
+    return op.regions[0].blocks[0]
+
+
+def unique_symbol(module: ir.Operation, prefix: str) -> str:
+    names = set()
+    for op in _module_body(module).operations:
+        if "sym_name" in op.operation.attributes:
+            names.add(ir.StringAttr(op.operation.attributes["sym_name"]).value)
+    for i in itertools.count():
+        if f"{prefix}{i}" not in names:
+            return f"{prefix}{i}"
+
+
+def role_constants(func: ir.Operation) -> dict[str, ir.Operation]:
+    """The tagged constants of a qlinear function, by role (before bufferization)."""
+    found = {}
+    for op in func.regions[0].blocks[0].operations:
+        if ROLE_ATTR in op.operation.attributes:
+            found[ir.StringAttr(op.operation.attributes[ROLE_ATTR]).value] = op.operation
+    return found
+
+
+def read_weights(func: ir.Operation) -> QLinearWeights:
+    """Read the codes, scales, zero points and bias of a qlinear function as numpy arrays."""
+    consts = role_constants(func)
+
+    def arr(role, dtype):
+        op = consts.get(role)
+        if op is None:
+            return None
+        return np.array(ir.DenseElementsAttr(op.attributes["value"])).astype(dtype, copy=False)
+
+    return QLinearWeights(arr("codes", np.int8), arr("scales", np.float32),
+                          arr("zero_points", np.int8), arr("bias", np.float32))
+
+
+def _dense(array: np.ndarray, element: ir.Type) -> ir.DenseElementsAttr:
+    array = np.ascontiguousarray(array)
+    return ir.DenseElementsAttr.get(array, type=element, shape=list(array.shape))
+
+
+def _reference_body(spec: LowBitSpec, m: int, xt: str, yt: str, has_zp: bool, has_bias: bool,
+                    scale_shape: tuple[int, int]) -> str:
+    """MLIR text of the reference computation (constants are placeholders, filled later)."""
+    n, k = spec.out_features, spec.in_features
+    g = spec.group_width
+    sn, sg = scale_shape
+    lines = [
+        f'  %q = arith.constant {{{ROLE_ATTR} = "codes"}} dense<0> : tensor<{n}x{k}xi8>',
+        f'  %s = arith.constant {{{ROLE_ATTR} = "scales"}} dense<0.0> : tensor<{sn}x{sg}xf32>',
+    ]
+    if has_zp:
+        lines.append(f'  %z = arith.constant {{{ROLE_ATTR} = "zero_points"}} dense<0> : tensor<{sn}x{sg}xi8>')
+    if has_bias:
+        lines.append(f'  %b = arith.constant {{{ROLE_ATTR} = "bias"}} dense<0.0> : tensor<{n}xf32>')
+    lines += [
+        "  %zero = arith.constant 0.0 : f32",
+        f"  %cg = arith.constant {g} : index",
+        "  %c0 = arith.constant 0 : index",
+        f"  %e = tensor.empty() : tensor<{m}x{n}xf32>",
+        f"  %acc0 = linalg.fill ins(%zero : f32) outs(%e : tensor<{m}x{n}xf32>) -> tensor<{m}x{n}xf32>",
+    ]
+    xf = "%xv" if xt == "f32" else "%xe"
+    x_ext = "" if xt == "f32" else "      %xe = arith.extf %xv : bf16 to f32\n"
+    s_idx = "%n, %g" if spec.granularity != "tensor" else "%c0, %c0"
+    weight = (
+        "      %n = linalg.index 1 : index\n"
+        "      %kk = linalg.index 2 : index\n"
+        "      %g = arith.divui %kk, %cg : index\n"
+        f"      %sv = tensor.extract %s[{s_idx}] : tensor<{sn}x{sg}xf32>\n")
+    if has_zp:
+        weight += (
+            f"      %zv = tensor.extract %z[%n, %g] : tensor<{sn}x{sg}xi8>\n"
+            "      %qi = arith.extsi %qv : i8 to i32\n"
+            "      %zi = arith.extsi %zv : i8 to i32\n"
+            "      %qz = arith.subi %qi, %zi : i32\n"
+            "      %qf = arith.sitofp %qz : i32 to f32\n")
+    else:
+        weight += "      %qf = arith.sitofp %qv : i8 to f32\n"
+    weight += "      %w = arith.mulf %qf, %sv : f32\n"
+    contraction_maps = ("indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>,"
+                        " affine_map<(m, n, k) -> (m, n)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]")
+    if spec.act_format == "none":
+        lines.append(
+            f"  %acc = linalg.generic {{{contraction_maps}}}\n"
+            f"      ins(%x, %q : tensor<{m}x{k}x{xt}>, tensor<{n}x{k}xi8>) outs(%acc0 : tensor<{m}x{n}xf32>) {{\n"
+            f"    ^bb0(%xv: {xt}, %qv: i8, %o: f32):\n{x_ext}{weight}"
+            f"      %p = arith.mulf {xf}, %w : f32\n"
+            "      %r = arith.addf %o, %p : f32\n"
+            "      linalg.yield %r : f32\n"
+            f"  }} -> tensor<{m}x{n}xf32>")
+        result = "%acc"
+        sx = None
+    else:
+        lines += [
+            f"  %ae = tensor.empty() : tensor<{m}xf32>",
+            f"  %a0 = linalg.fill ins(%zero : f32) outs(%ae : tensor<{m}xf32>) -> tensor<{m}xf32>",
+            "  %amax = linalg.generic {indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (m)>],"
+            " iterator_types = [\"parallel\", \"reduction\"]}",
+            f"      ins(%x : tensor<{m}x{k}x{xt}>) outs(%a0 : tensor<{m}xf32>) {{",
+            f"    ^bb0(%xv: {xt}, %o: f32):",
+            x_ext.rstrip("\n") if x_ext else "",
+            f"      %ab = math.absf {xf} : f32",
+            "      %mx = arith.maximumf %o, %ab : f32",
+            "      linalg.yield %mx : f32",
+            f"  }} -> tensor<{m}xf32>",
+            "  %sx = linalg.generic {indexing_maps = [affine_map<(m) -> (m)>, affine_map<(m) -> (m)>],"
+            " iterator_types = [\"parallel\"]}",
+            f"      ins(%amax : tensor<{m}xf32>) outs(%ae : tensor<{m}xf32>) {{",
+            "    ^bb0(%av: f32, %o: f32):",
+            "      %eps = arith.constant 1.0e-05 : f32",
+            "      %c127 = arith.constant 127.0 : f32",
+            "      %cl = arith.maximumf %av, %eps : f32",
+            "      %sv2 = arith.divf %c127, %cl : f32",
+            "      linalg.yield %sv2 : f32",
+            f"  }} -> tensor<{m}xf32>",
+        ]
+        quant = (
+            "      %xs = arith.mulf {xf}, %sxv : f32\n"
+            "      %xr = math.roundeven %xs : f32\n"
+            "      %lo = arith.constant -128.0 : f32\n"
+            "      %hi = arith.constant 127.0 : f32\n"
+            "      %xl = arith.maximumf %xr, %lo : f32\n"
+            "      %xq = arith.minimumf %xl, %hi : f32\n").format(xf=xf)
+        lines.append(
+            "  %acc = linalg.generic {indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>,"
+            " affine_map<(m, n, k) -> (m)>, affine_map<(m, n, k) -> (m, n)>],"
+            " iterator_types = [\"parallel\", \"parallel\", \"reduction\"]}\n"
+            f"      ins(%x, %q, %sx : tensor<{m}x{k}x{xt}>, tensor<{n}x{k}xi8>, tensor<{m}xf32>)"
+            f" outs(%acc0 : tensor<{m}x{n}xf32>) {{\n"
+            f"    ^bb0(%xv: {xt}, %qv: i8, %sxv: f32, %o: f32):\n{x_ext}{quant}{weight}"
+            "      %p = arith.mulf %xq, %w : f32\n"
+            "      %r = arith.addf %o, %p : f32\n"
+            "      linalg.yield %r : f32\n"
+            f"  }} -> tensor<{m}x{n}xf32>")
+        result = "%acc"
+        sx = "%sx"
+    # Epilogue: divide by the activation scale, add the bias, cast to the output type.
+    ins, types, args, body = [result], [f"tensor<{m}x{n}xf32>"], ["%av: f32"], []
+    maps = ["affine_map<(m, n) -> (m, n)>"]
+    val = "%av"
+    if sx:
+        ins.append(sx)
+        types.append(f"tensor<{m}xf32>")
+        args.append("%sxv: f32")
+        maps.append("affine_map<(m, n) -> (m)>")
+        body.append(f"      %d = arith.divf {val}, %sxv : f32")
+        val = "%d"
+    if has_bias:
+        ins.append("%b")
+        types.append(f"tensor<{n}xf32>")
+        args.append("%bv: f32")
+        maps.append("affine_map<(m, n) -> (n)>")
+        body.append(f"      %bb = arith.addf {val}, %bv : f32")
+        val = "%bb"
+    if yt != "f32":
+        body.append(f"      %tr = arith.truncf {val} : f32 to {yt}")
+        val = "%tr"
+    if len(ins) == 1 and yt == "f32":
+        lines.append(f"  return {result} : tensor<{m}x{n}xf32>")
+        return "\n".join(line for line in lines if line)
+    maps.append("affine_map<(m, n) -> (m, n)>")
+    lines += [
+        f"  %ye = tensor.empty() : tensor<{m}x{n}x{yt}>",
+        f"  %y = linalg.generic {{indexing_maps = [{', '.join(maps)}], iterator_types = [\"parallel\", \"parallel\"]}}",
+        f"      ins({', '.join(ins)} : {', '.join(types)}) outs(%ye : tensor<{m}x{n}x{yt}>) {{",
+        f"    ^bb0({', '.join(args)}, %o: {yt}):",
+        *body,
+        f"      linalg.yield {val} : {yt}",
+        f"  }} -> tensor<{m}x{n}x{yt}>",
+        f"  return %y : tensor<{m}x{n}x{yt}>",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+def element_name(t: ir.Type) -> str:
+    s = str(t)
+    if s not in _ELEM:
+        raise ValueError(f"low-bit linear activations must be f32 or bf16, got {s}")
+    return s
+
+
+def build_qlinear_function(module: ir.Operation, spec: LowBitSpec, weights: QLinearWeights,
+                           m: int, x_elem: str, y_elem: str, origin: str) -> ir.Operation:
+    """Create `func.func private @lowbit_qlinear_<i>` for `spec` with these weights.
+
+    `m` is the static number of rows of the (2-D) activation; `x_elem`/`y_elem` are
+    "f32" or "bf16". The function is appended to the module body and returned.
+    """
+    n, k = spec.out_features, spec.in_features
+    if weights.q.shape != (n, k):
+        raise ValueError(f"codes have shape {weights.q.shape}, expected {(n, k)}")
+    scale_shape = tuple(weights.scales.shape)
+    name = unique_symbol(module, FUNC_PREFIX)
+    text = (f"func.func private @{name}(%x: tensor<{m}x{k}x{x_elem}>) -> tensor<{m}x{n}x{y_elem}> {{\n"
+            + _reference_body(spec, m, x_elem, y_elem, weights.zero_points is not None,
+                              weights.bias is not None, scale_shape)
+            + "\n}\n")
+    parsed = ir.Module.parse(text)
+    func = parsed.body.operations[0].operation
+    func.attributes[QLINEAR_ATTR] = spec_to_attr(spec, origin)
+    func.attributes["no_inline"] = ir.UnitAttr.get()
+    consts = role_constants(func)
+    i8 = ir.IntegerType.get_signless(8)
+    consts["codes"].attributes["value"] = _dense(weights.q.astype(np.int8, copy=False), i8)
+    consts["scales"].attributes["value"] = _dense(weights.scales.astype(np.float32, copy=False), ir.F32Type.get())
+    if weights.zero_points is not None:
+        consts["zero_points"].attributes["value"] = _dense(weights.zero_points.astype(np.int8, copy=False), i8)
+    if weights.bias is not None:
+        consts["bias"].attributes["value"] = _dense(weights.bias.astype(np.float32, copy=False), ir.F32Type.get())
+    func.detach_from_parent()
+    _module_body(module).append(func)
+    return func
+
+
+def add_report_entry(module: ir.Operation, **fields) -> None:
+    """Append one entry (a dictionary of strings/ints) to the module's `lowbit.report`."""
+    op = module.operation if hasattr(module, "operation") else module
+    entries = list(ir.ArrayAttr(op.attributes[REPORT_ATTR])) if REPORT_ATTR in op.attributes else []
+    d = {}
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            d[key] = ir.BoolAttr.get(value)
+        elif isinstance(value, int):
+            d[key] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)
+        else:
+            d[key] = ir.StringAttr.get(str(value))
+    entries.append(ir.DictAttr.get(d))
+    op.attributes[REPORT_ATTR] = ir.ArrayAttr.get(entries)
+
+
+def read_report(module: ir.Operation) -> list[dict]:
+    op = module.operation if hasattr(module, "operation") else module
+    if REPORT_ATTR not in op.attributes:
+        return []
+    out = []
+    for entry in ir.ArrayAttr(op.attributes[REPORT_ATTR]):
+        d = {}
+        for named in ir.DictAttr(entry):
+            a = named.attr
+            if isinstance(a, ir.StringAttr):
+                d[named.name] = ir.StringAttr(a).value
+            elif isinstance(a, ir.BoolAttr):
+                d[named.name] = ir.BoolAttr(a).value
+            elif isinstance(a, ir.IntegerAttr):
+                d[named.name] = ir.IntegerAttr(a).value
+            else:
+                d[named.name] = str(a)
+        out.append(d)
+    return out
+
+
+def _collapse_reassociation(rank: int) -> ir.ArrayAttr:
+    i64 = ir.IntegerType.get_signless(64)
+    lead = [ir.IntegerAttr.get(i64, i) for i in range(rank - 1)]
+    last = [ir.IntegerAttr.get(i64, rank - 1)]
+    return ir.ArrayAttr.get([ir.ArrayAttr.get(lead), ir.ArrayAttr.get(last)])
+
+
+def emit_qlinear_call(x: ir.Value, func: ir.Operation, n: int, y_elem: ir.Type) -> ir.Value:
+    """At the current insertion point: `func(x)` for an x of any rank >= 1 (leading dims
+    are collapsed into M for the call and expanded back). Returns a tensor [..., N]."""
+    from torch_mlir.dialects import func as func_d
+    from torch_mlir.dialects import tensor as tensor_d
+
+    xt = ir.RankedTensorType(x.type)
+    shape = list(xt.shape)
+    k = shape[-1]
+    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    x2 = x
+    if len(shape) != 2:
+        flat = ir.RankedTensorType.get([m, k], xt.element_type)
+        if len(shape) == 1:
+            x2 = tensor_d.ExpandShapeOp(flat, x, _expand_1d(), [], ir.DenseI64ArrayAttr.get([1, k])).result
+        else:
+            x2 = tensor_d.CollapseShapeOp(flat, x, _collapse_reassociation(len(shape))).result
+    sym = ir.StringAttr(func.attributes["sym_name"]).value
+    y2_type = ir.RankedTensorType.get([m, n], y_elem)
+    call = func_d.CallOp([y2_type], ir.FlatSymbolRefAttr.get(sym), [x2])
+    call.operation.attributes["no_inline"] = ir.UnitAttr.get()
+    y2 = call.result
+    if len(shape) == 2:
+        return y2
+    y_type = ir.RankedTensorType.get(shape[:-1] + [n], y_elem)
+    if len(shape) == 1:
+        return tensor_d.CollapseShapeOp(y_type, y2, _expand_1d()).result
+    return tensor_d.ExpandShapeOp(y_type, y2, _collapse_reassociation(len(shape)), [],
+                                  ir.DenseI64ArrayAttr.get(shape[:-1] + [n])).result
+
+
+def _expand_1d() -> ir.ArrayAttr:
+    i64 = ir.IntegerType.get_signless(64)
+    return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(i64, 0), ir.IntegerAttr.get(i64, 1)])])
