@@ -89,7 +89,14 @@ def _int8_activation_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tens
     return y
 
 
-@torch.library.custom_op("lowbit::linear", mutates_args=())
+# Written out (not inferred) so the attributes are plain `int`s, not `SymInt`s: they are
+# static properties of a layer, and docs/formats.md pins this exact string.
+SCHEMA = ("(Tensor x, Tensor packed, Tensor scales, Tensor? zero_points, Tensor? bias, "
+          "str weight_format, str granularity, int group_size, int in_features, int out_features, "
+          "str act_format, int act_group_size) -> Tensor")
+
+
+@torch.library.custom_op("lowbit::linear", mutates_args=(), schema=SCHEMA)
 def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
            zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            weight_format: str, granularity: str, group_size: int, in_features: int,

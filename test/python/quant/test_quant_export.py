@@ -105,3 +105,14 @@ def test_fx_importer_emits_one_torch_operator_per_layer(tmp_path):
     checks.write_text(CHECKS)
     result = subprocess.run(["filecheck", str(checks)], input=ir, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr + "\n" + ir
+
+
+def test_docs_pin_the_schema_and_format_table():
+    from pathlib import Path
+
+    from lowbit.quant import WEIGHT_FORMATS
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "formats.md").read_text()
+    schema = str(torch.ops.lowbit.linear.default._schema)
+    assert " ".join(schema.split()) in " ".join(doc.split()).replace("lowbit::linear (", "lowbit::linear(")
+    rows = re.findall(r"^\| `(\w+)`\s*\| (\d)\s*\|", doc, flags=re.M)
+    assert {name: int(bits) for name, bits in rows} == {n: f.bits for n, f in WEIGHT_FORMATS.items()}
