@@ -37,6 +37,13 @@ def test_export_keeps_one_node_per_layer_with_attributes():
     assert torch.equal(ep.module()(x), m(x))
 
 
+def test_op_survives_run_decompositions():
+    m, x = model(), torch.randn(3, 40)
+    ep = torch.export.export(m, (x,)).run_decompositions()
+    assert len(lowbit_nodes(ep.graph)) == 3
+    assert torch.equal(ep.module()(x), m(x))
+
+
 def test_export_with_dynamic_batch():
     m = model()
     batch = torch.export.Dim("batch", min=1, max=64)

@@ -42,6 +42,17 @@ def test_quantize_replaces_linears_in_place():
     assert "weights=ternary, granularity=tensor, activations=int8" in repr(model.up)
 
 
+def test_bf16_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8)).to(torch.bfloat16)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    ref = model(x).float()
+    lowbit.quantize_(model, QuantConfig("int8"))
+    y = model(x)
+    assert y.dtype == torch.bfloat16 and model[0].bias.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)
+
+
 def test_filter_fn_and_per_layer_configs():
     model = Block()
     lowbit.quantize_(model, QuantConfig("int8"), filter_fn=lambda m, fqn: fqn == "head")
