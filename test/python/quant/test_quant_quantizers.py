@@ -11,7 +11,6 @@ from lowbit.quant import (
     LowBitSpec,
     dequantize_weight,
     exact_representation,
-    get_weight_format,
     pack_codes,
     quantize_activations_int8,
     quantize_weight,
