@@ -50,4 +50,5 @@ LOWBIT_API int32_t lowbit_rt_abi_version(void);
 }
 #endif
 #include "lowbit/brgemm.h"
+#include "lowbit/qgemm.h"
 #endif

@@ -1,0 +1,131 @@
+/* lowbit low-bit microkernels: packed 1/2/4/8-bit weights x int8 / fp32 / bf16 activations.
+ *
+ * Semantics (docs/formats.md, docs/kernels.md): weights are integer codes q[N][K] with an
+ * fp32 scale per (output row n, K-block) and, for the asymmetric formats, an integer zero
+ * point z[n][K-block]:  W[n][k] = (q[n][k] - z[n][kb]) * s[n][kb].  The tile computes
+ *
+ *   C[m][n] (= or +=)  sum over batch i (one K-block each) of
+ *                      s_i[n] * as_i[m] * sum_k A_i[m][k] * (q_i[n][k] - z_i[n])   + bias[n]
+ *
+ * with exact int32 integer sums for int8 activations (as = 1 / activation scale) and fp32
+ * accumulation for fp32 / bf16 activations (weight-only quantization, as = 1).
+ *
+ * Packed weight layout ("qpack"), independent of the ISA chosen at run time:
+ *   n-blocks of LOWBIT_QGEMM_NB = 64 output rows; n-block b starts at byte b * ldb.
+ *   Inside an n-block, K is cut into K-blocks of `kblock` values (the scale group); K-block i
+ *   starts at byte i * stride_b and holds
+ *     codes   : kblock / KG steps of step_bytes(format) bytes (see docs/kernels.md),
+ *     scales  : 64 x fp32   s[n][i]          (0 for padding rows),
+ *     offsets : 64 x int32  c[n][i] = offset(format) + z[n][i], where the stored unsigned
+ *               code u satisfies q = a*u - offset(format) (a = 2 for int1, else 1), so
+ *               sum_k x*(q - z) = a * sum_k x*u - c * sum_k x  (vpdpbusd is u8 x s8).
+ *   lowbit_qpack_layout() returns kblock_bytes (= stride_b) and nblock_bytes (= ldb).
+ *
+ * Conventions: *_dispatch is pure and returns a handle > 0 or -LOWBIT_E*; *_invoke runs it.
+ */
+#ifndef LOWBIT_QGEMM_H
+#define LOWBIT_QGEMM_H
+
+#include <stdint.h>
+
+#include "lowbit/runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LOWBIT_QGEMM_NB 64 /* output rows (n) per packed n-block */
+
+/* Error code (negated) of lowbit_qpack for a code or zero point outside the format's range. */
+#define LOWBIT_E_QRANGE 32
+
+/* Weight formats (integer code range of q). */
+enum {
+  LOWBIT_QW_TERNARY = 1,   /* q in {-1,0,1}, 2-bit storage */
+  LOWBIT_QW_INT2_SYM = 2,  /* q in [-2,1] */
+  LOWBIT_QW_INT2_ASYM = 3, /* q in [0,3] with integer zero point z in [0,3] */
+  LOWBIT_QW_INT1 = 4,      /* q in {-1,+1} */
+  LOWBIT_QW_INT4_SYM = 5,  /* q in [-8,7] */
+  LOWBIT_QW_INT4_ASYM = 6, /* q in [0,15] with integer zero point z in [0,15] */
+  LOWBIT_QW_INT8 = 7,      /* q in [-128,127] */
+};
+
+/* Activation (A) and output (C) element types. */
+enum {
+  LOWBIT_QT_INT8 = 1, /* A only: quantized activations (lowbit_qquant_act) */
+  LOWBIT_QT_F32 = 2,
+  LOWBIT_QT_BF16 = 3,
+};
+
+/* Dispatch flags. */
+enum {
+  LOWBIT_QF_BETA1 = 1 << 0,          /* C += result (fp32 C only); default C = result */
+  LOWBIT_QF_BIAS = 1 << 1,           /* add bias[n] */
+  LOWBIT_QF_ASCALE_PER_BLOCK = 1 << 2, /* int8 A: activation scale per (m, K-block), else per m */
+};
+
+/* Packed size/geometry of an [n x k] weight in `kblock`-sized K-blocks.
+ * Returns total bytes (> 0) or -LOWBIT_E*; fills the optional outputs. */
+LOWBIT_API int64_t lowbit_qpack_layout(int32_t wfmt, int64_t n, int64_t k, int64_t kblock,
+                                       int64_t* kblock_bytes, int64_t* nblock_bytes,
+                                       int64_t* num_kblocks);
+
+/* Pack integer codes q (int8, row n at q + n*ldq, k values) into `out`
+ * (lowbit_qpack_layout bytes). `scale`: fp32 [n][ceil(k/group)] (group >= k: per channel;
+ * the last group may be short). `zero`: int8, same shape, for the *_ASYM formats, else NULL.
+ * kblock must equal group when group < k; per channel, any multiple of the format's K
+ * granule works (the scale is repeated per K-block). Returns 0 or -LOWBIT_E* (-LOWBIT_E_QRANGE for out-of-range codes). */
+LOWBIT_API int32_t lowbit_qpack(int32_t wfmt, const int8_t* q, int64_t n, int64_t k, int64_t ldq,
+                                const float* scale, int64_t group, const int8_t* zero,
+                                int64_t kblock, uint8_t* out);
+
+/* Inverse of lowbit_qpack for the codes (tests, debugging): writes q[n][k] (ldq). */
+LOWBIT_API int32_t lowbit_qunpack(int32_t wfmt, const uint8_t* packed, int64_t n, int64_t k,
+                                  int64_t kblock, int8_t* q, int64_t ldq);
+
+/* Dynamic int8 activation quantization (per token, or per (token, K-block)), fused with
+ * the per-K-block row sums the kernels need for the zero-point / code-offset correction:
+ *   s = 127 / max(amax, 1e-5)  (amax over the row, or over the K-block)
+ *   xq[m][k] = clamp(round_half_even(x[m][k] * s), -128, 127), 0 for k in [k, nkb*kblock)
+ *   rowsum[m][i] = sum of xq[m][k] over K-block i.
+ * x: fp32 or bf16 [m][ldx]; xq: [m][ldq], ldq >= nkb*kblock (nkb = ceil(k/kblock));
+ * scale: [m] (or [m][ld_aux] with LOWBIT_QF_ASCALE_PER_BLOCK); rowsum: [m][ld_aux]. */
+LOWBIT_API int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k,
+                                     int64_t ldx, int64_t kblock, int32_t flags, int8_t* xq,
+                                     int64_t ldq, float* scale, int32_t* rowsum, int64_t ld_aux);
+
+/* Dispatch a BRGEMM tile: C[m x n] over `count` K-blocks of `kblock` values (count is given
+ * at invoke time). Strides: lda, ldc in elements; stride_a in elements between the batch's
+ * A blocks (usually kblock); ldb, stride_b in bytes (from lowbit_qpack_layout); ld_aux is the
+ * row stride of the activation scale (per-block) and row-sum arrays (>= count).
+ * Returns a handle > 0 or -LOWBIT_E*. The ISA is the one current at dispatch time. */
+LOWBIT_API int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_t m,
+                                         int64_t n, int64_t kblock, int64_t lda, int64_t ldb,
+                                         int64_t ldc, int64_t stride_a, int64_t stride_b,
+                                         int64_t ld_aux, int32_t flags);
+
+/* Run a dispatched tile. Offsets are in elements of each array's type (bytes for b).
+ * a_scale / a_sum are only read for int8 A; bias only with LOWBIT_QF_BIAS.
+ * Returns 0, or -LOWBIT_E_UNSUPPORTED for an unknown handle, -LOWBIT_E_SHAPE for count < 1. */
+LOWBIT_API int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off,
+                                       const void* b, int64_t b_off, void* c, int64_t c_off,
+                                       const float* a_scale, int64_t as_off,
+                                       const int32_t* a_sum, int64_t sum_off, const float* bias,
+                                       int64_t bias_off, int64_t count);
+
+/* Name of the ISA a handle was dispatched for ("scalar", "avx2", "avx512"). */
+LOWBIT_API const char* lowbit_qgemm_handle_isa(int64_t handle);
+
+/* Whole layer, single-threaded on the calling thread: y[m][n] = x[m][k] @ W^T (+ bias).
+ * mode LOWBIT_QT_INT8: quantize x per token to int8 (lowbit_qquant_act) and run the int8
+ * kernels; mode LOWBIT_QT_F32: weight-only (fp32 accumulation of x against W).
+ * x: fp32/bf16 [m][ldx]; y: fp32/bf16 [m][ldy]. */
+LOWBIT_API int32_t lowbit_qlinear(int32_t wfmt, const uint8_t* packed, int64_t n, int64_t k,
+                                  int64_t kblock, int32_t mode, int32_t xtype, const void* x,
+                                  int64_t m, int64_t ldx, const float* bias, int32_t ytype,
+                                  void* y, int64_t ldy);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

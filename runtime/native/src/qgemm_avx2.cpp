@@ -1,0 +1,211 @@
+// AVX2 low-bit tiles for CPUs without AVX-512. Same packed layout as the AVX-512 path: a
+// 32-byte half of each packed 64-byte row decodes to ymm operands for 8 of every 16 output
+// rows, so an n-block is processed as two halves of 32 columns. u8 x s8 products use
+// vpmaddubsw + vpmaddwd; codes are at most 15 there, so the int16 pair sums cannot
+// saturate, and 8-bit codes are split into nibbles for the same reason.
+// (AVX-VNNI's VEX vpdpbusd would replace the pair; it is not used: no CPU here to test it.)
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "qgemm_internal.h"
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+namespace lowbit {
+namespace q {
+
+namespace {
+
+template <int BITS>
+constexpr int kStepBytes = BITS == 1 ? 64 : BITS == 2 ? 64 : BITS == 4 ? 128 : 256;
+template <int BITS>
+constexpr int kSubSteps = BITS == 1 ? 2 : 1;
+
+// Operand vector j of 4-k sub-step h, for output-row half `half` of the n-block.
+template <int BITS>
+LB_INLINE __m256i decode(const uint8_t* p, int h, int half, int j) {
+  const uint8_t* q = p + 32 * half;
+  if constexpr (BITS == 1)
+    return _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)q), 4 * h + j),
+                            _mm256_set1_epi8(1));
+  else if constexpr (BITS == 2)
+    return _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)q), 2 * j),
+                            _mm256_set1_epi8(3));
+  else if constexpr (BITS == 4)
+    return _mm256_and_si256(
+        _mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)(q + 64 * (j / 2))), 4 * (j % 2)),
+        _mm256_set1_epi8(15));
+  else
+    return _mm256_loadu_si256((const __m256i*)(q + 64 * j));
+}
+
+LB_INLINE __m256i dot4(__m256i acc, __m256i u, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+}
+
+template <int BITS>
+LB_INLINE __m256i dot(__m256i acc, __m256i u, __m256i x) {
+  if constexpr (BITS == 8) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(u, m15);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(u, 4), m15);
+    acc = dot4(acc, lo, x);
+    return _mm256_add_epi32(
+        acc, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x), _mm256_set1_epi16(16)));
+  } else {
+    return dot4(acc, u, x);
+  }
+}
+
+void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, float inv,
+               const float* tile_row) {
+  const int64_t nvalid = std::min<int64_t>(NB, d.n - n0);
+  for (int64_t nl = 0; nl < nvalid; ++nl) {
+    float v = tile_row[nl] * inv;
+    if (d.flags & LOWBIT_QF_BIAS) v += g.bias[n0 + nl];
+    const int64_t ci = row * d.ldc + n0 + nl;
+    if (d.ctype == LOWBIT_QT_F32) {
+      float* c = static_cast<float*>(g.c);
+      c[ci] = (d.flags & LOWBIT_QF_BETA1) ? c[ci] + v : v;
+    } else {
+      static_cast<uint16_t*>(g.c)[ci] = f32_to_bf16(v);
+    }
+  }
+}
+
+template <int BITS, int MB>
+void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
+  const Format& f = d.f;
+  const int64_t kb = d.kblock, cb = codes_bytes(f, kb), steps = kb / f.kg;
+  const int64_t lda = d.lda;
+  const bool per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
+  alignas(32) float tile[MB][NB] = {};
+
+  for (int64_t i = 0; i < g.count; ++i) {
+    const uint8_t* w = nblock + i * d.stride_b;
+    const int8_t* x = static_cast<const int8_t*>(g.a) + m0 * lda + i * d.stride_a;
+    const float* scale = reinterpret_cast<const float*>(w + cb);
+    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    for (int half = 0; half < 2; ++half) {
+      __m256i acc[MB][4];
+      for (int r = 0; r < MB; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+      for (int64_t s = 0; s < steps; ++s)
+        for (int h = 0; h < kSubSteps<BITS>; ++h) {
+          const uint8_t* p = w + s * kStepBytes<BITS>;
+          const int64_t k = s * f.kg + 4 * h;
+          for (int j = 0; j < 4; ++j) {
+            const __m256i v = decode<BITS>(p, h, half, j);
+            for (int r = 0; r < MB; ++r) {
+              int32_t xs;
+              memcpy(&xs, x + r * lda + k, 4);
+              acc[r][j] = dot<BITS>(acc[r][j], v, _mm256_set1_epi32(xs));
+            }
+          }
+        }
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c0 = 16 * j + 8 * half;
+        const __m256 sc = _mm256_loadu_ps(scale + c0);
+        const __m256i of = _mm256_loadu_si256((const __m256i*)(off + c0));
+        for (int r = 0; r < MB; ++r) {
+          __m256i t = acc[r][j];
+          if (f.a == 2) t = _mm256_slli_epi32(t, 1);
+          const int64_t ai = (m0 + r) * d.ld_aux + i;
+          t = _mm256_sub_epi32(t, _mm256_mullo_epi32(of, _mm256_set1_epi32(g.a_sum[ai])));
+          __m256 sr = sc;
+          if (per_block) sr = _mm256_mul_ps(sc, _mm256_set1_ps(1.0f / g.a_scale[ai]));
+          _mm256_store_ps(&tile[r][c0], _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sr,
+                                                        _mm256_load_ps(&tile[r][c0])));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    store_row(d, g, m0 + r, n0, per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], tile[r]);
+}
+
+template <bool BF16>
+LB_INLINE float act_at(const void* a, int64_t i) {
+  if constexpr (BF16) return bf16_to_f32(static_cast<const uint16_t*>(a)[i]);
+  else return static_cast<const float*>(a)[i];
+}
+
+template <int BITS, int MB, bool BF16>
+void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
+  const Format& f = d.f;
+  const int64_t kb = d.kblock, cb = codes_bytes(f, kb), steps = kb / f.kg;
+  const int64_t lda = d.lda;
+  const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
+  const __m256 va = _mm256_set1_ps(float(f.a));
+  const __m256i m255 = _mm256_set1_epi32(255);
+  alignas(32) float tile[MB][NB] = {};
+
+  for (int64_t i = 0; i < g.count; ++i) {
+    const uint8_t* w = nblock + i * d.stride_b;
+    const int64_t x0 = m0 * lda + i * d.stride_a;
+    const float* scale = reinterpret_cast<const float*>(w + cb);
+    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    for (int half = 0; half < 2; ++half) {
+      __m256 acc[MB][4];
+      for (int r = 0; r < MB; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const __m256 corr =
+            _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(off + 16 * j + 8 * half)));
+        for (int64_t s = 0; s < steps; ++s)
+          for (int h = 0; h < kSubSteps<BITS>; ++h) {
+            const __m256i v = decode<BITS>(w + s * kStepBytes<BITS>, h, half, j);
+            const int64_t k = s * f.kg + 4 * h;
+            for (int t = 0; t < 4; ++t) {
+              const __m256i u = _mm256_and_si256(_mm256_srli_epi32(v, 8 * t), m255);
+              const __m256 wt = _mm256_fmsub_ps(_mm256_cvtepi32_ps(u), va, corr);
+              for (int r = 0; r < MB; ++r)
+                acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(act_at<BF16>(g.a, x0 + r * lda + k + t)),
+                                            wt, acc[r][j]);
+            }
+          }
+      }
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c0 = 16 * j + 8 * half;
+        const __m256 sc = _mm256_loadu_ps(scale + c0);
+        for (int r = 0; r < MB; ++r)
+          _mm256_store_ps(&tile[r][c0],
+                          _mm256_fmadd_ps(acc[r][j], sc, _mm256_load_ps(&tile[r][c0])));
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r) store_row(d, g, m0 + r, n0, 1.0f, tile[r]);
+}
+
+template <int BITS>
+void tile_bits(const Desc& d, const Args& g) {
+  for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
+    int64_t m0 = 0;
+    if (d.atype == LOWBIT_QT_INT8) {
+      for (; m0 + 2 <= d.m; m0 += 2) mblock_int8<BITS, 2>(d, g, m0, n0);
+      if (m0 < d.m) mblock_int8<BITS, 1>(d, g, m0, n0);
+    } else if (d.atype == LOWBIT_QT_F32) {
+      for (; m0 + 2 <= d.m; m0 += 2) mblock_fp<BITS, 2, false>(d, g, m0, n0);
+      if (m0 < d.m) mblock_fp<BITS, 1, false>(d, g, m0, n0);
+    } else {
+      for (; m0 + 2 <= d.m; m0 += 2) mblock_fp<BITS, 2, true>(d, g, m0, n0);
+      if (m0 < d.m) mblock_fp<BITS, 1, true>(d, g, m0, n0);
+    }
+  }
+}
+
+}  // namespace
+
+void tile_avx2(const Desc& d, const Args& g) {
+  switch (d.f.bits) {
+    case 1: tile_bits<1>(d, g); break;
+    case 2: tile_bits<2>(d, g); break;
+    case 4: tile_bits<4>(d, g); break;
+    default: tile_bits<8>(d, g); break;
+  }
+}
+
+}  // namespace q
+}  // namespace lowbit

@@ -1,0 +1,310 @@
+// AVX-512 low-bit tiles (F/BW/VL/VNNI): register-blocked BRGEMM over packed 1/2/4/8-bit
+// weights. One n-block (64 output rows = 4 zmm of int32 lanes) x MB activation rows per
+// register tile; each 4-k sub-step decodes 4 weight vectors (shift + AND, no shuffles: the
+// packer put every vector's codes at a fixed bit position of the same 64 bytes) and issues
+// 4*MB vpdpbusd with the activations' 4 bytes broadcast from memory.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "qgemm_internal.h"
+
+#define LB_INLINE inline __attribute__((always_inline))
+
+// gcc 12's AVX-512 intrinsics pass _mm512_undefined_*() as the masked-off source and then
+// warn about it once inlined into loops (a known false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace lowbit {
+namespace q {
+
+namespace {
+
+// Decode the 4 VNNI4 u8 operand vectors of 4-k sub-step `h` from a packed step.
+template <int BITS>
+LB_INLINE void decode(const uint8_t* p, int h, __m512i v[4]) {
+  if constexpr (BITS == 1) {
+    const __m512i m1 = _mm512_set1_epi8(1);
+    const __m512i x = _mm512_srli_epi16(_mm512_loadu_si512(p), 4 * h);
+    v[0] = _mm512_and_si512(x, m1);
+    v[1] = _mm512_and_si512(_mm512_srli_epi16(x, 1), m1);
+    v[2] = _mm512_and_si512(_mm512_srli_epi16(x, 2), m1);
+    v[3] = _mm512_and_si512(_mm512_srli_epi16(x, 3), m1);
+  } else if constexpr (BITS == 2) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i x = _mm512_loadu_si512(p);
+    v[0] = _mm512_and_si512(x, m3);
+    v[1] = _mm512_and_si512(_mm512_srli_epi16(x, 2), m3);
+    v[2] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m3);
+    v[3] = _mm512_and_si512(_mm512_srli_epi16(x, 6), m3);
+  } else if constexpr (BITS == 4) {
+    const __m512i m15 = _mm512_set1_epi8(15);
+    const __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
+    v[0] = _mm512_and_si512(x0, m15);
+    v[1] = _mm512_and_si512(_mm512_srli_epi16(x0, 4), m15);
+    v[2] = _mm512_and_si512(x1, m15);
+    v[3] = _mm512_and_si512(_mm512_srli_epi16(x1, 4), m15);
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_si512(p + 64 * j);
+  }
+}
+
+template <int BITS>
+constexpr int kStepBytes = BITS == 1 ? 64 : BITS == 2 ? 64 : BITS == 4 ? 128 : 256;
+template <int BITS>
+constexpr int kSubSteps = BITS == 1 ? 2 : 1;  // 4-k sub-steps per packed step
+
+LB_INLINE __mmask16 lane_mask(int64_t valid) {
+  if (valid >= 16) return 0xffff;
+  if (valid <= 0) return 0;
+  return __mmask16((1u << valid) - 1);
+}
+
+// Final store of an fp32 register tile row: scale, bias, beta, type conversion, n tail.
+LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, float inv,
+                         const float* tile_row) {
+  const int64_t nvalid = std::min<int64_t>(NB, d.n - n0);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int j = 0; j < 4; ++j) {
+    const __mmask16 mk = lane_mask(nvalid - 16 * j);
+    if (!mk) break;
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(tile_row + 16 * j), vinv);
+    if (d.flags & LOWBIT_QF_BIAS)
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, g.bias + n0 + 16 * j));
+    const int64_t ci = row * d.ldc + n0 + 16 * j;
+    if (d.ctype == LOWBIT_QT_F32) {
+      float* c = static_cast<float*>(g.c) + ci;
+      if (d.flags & LOWBIT_QF_BETA1) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, c));
+      _mm512_mask_storeu_ps(c, mk, v);
+    } else {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.c) + ci, mk, h);
+    }
+  }
+}
+
+// int8 activations: MB rows x 64 columns of one n-block, all `count` K-blocks.
+template <int BITS, int MB>
+void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
+  constexpr int U = MB <= 2 ? 2 : 1;  // independent accumulator sets to hide vpdpbusd latency
+  const Format& f = d.f;
+  const int64_t kb = d.kblock, cb = codes_bytes(f, kb), steps = kb / f.kg;
+  const int64_t lda = d.lda;
+  const bool per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
+  alignas(64) float tile[MB][NB];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(&tile[r][16 * j], _mm512_setzero_ps());
+
+  for (int64_t i = 0; i < g.count; ++i) {
+    const uint8_t* w = nblock + i * d.stride_b;
+    const int8_t* x = static_cast<const int8_t*>(g.a) + m0 * lda + i * d.stride_a;
+    __m512i acc[U][MB][4];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < MB; ++r)
+        for (int j = 0; j < 4; ++j) acc[u][r][j] = _mm512_setzero_si512();
+
+    auto substep = [&](const __m512i v[4], int64_t k, int u) __attribute__((always_inline)) {
+      for (int r = 0; r < MB; ++r) {
+        int32_t xs;
+        memcpy(&xs, x + r * lda + k, 4);
+        const __m512i xb = _mm512_set1_epi32(xs);
+        for (int j = 0; j < 4; ++j) acc[u][r][j] = _mm512_dpbusd_epi32(acc[u][r][j], v[j], xb);
+      }
+    };
+    int64_t s = 0;
+    if constexpr (BITS == 1) {
+      for (; s < steps; ++s) {
+        __m512i v[4];
+        const uint8_t* p = w + s * kStepBytes<BITS>;
+        decode<BITS>(p, 0, v);
+        substep(v, s * 8, 0);
+        decode<BITS>(p, 1, v);
+        substep(v, s * 8 + 4, U - 1);
+      }
+    } else {
+      for (; s + U <= steps; s += U)
+        for (int u = 0; u < U; ++u) {
+          __m512i v[4];
+          decode<BITS>(w + (s + u) * kStepBytes<BITS>, 0, v);
+          substep(v, (s + u) * 4, u);
+        }
+      for (; s < steps; ++s) {
+        __m512i v[4];
+        decode<BITS>(w + s * kStepBytes<BITS>, 0, v);
+        substep(v, s * 4, 0);
+      }
+    }
+
+    // Flush: t = a*acc - (offset + z)*rowsum exactly in int32, then scale into the fp32 tile.
+    const float* scale = reinterpret_cast<const float*>(w + cb);
+    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    for (int j = 0; j < 4; ++j) {
+      const __m512 sc = _mm512_loadu_ps(scale + 16 * j);
+      const __m512i of = _mm512_loadu_si512(off + 16 * j);
+      for (int r = 0; r < MB; ++r) {
+        __m512i t = acc[0][r][j];
+        if constexpr (U == 2) t = _mm512_add_epi32(t, acc[1][r][j]);
+        if (f.a == 2) t = _mm512_slli_epi32(t, 1);
+        const int64_t ai = (m0 + r) * d.ld_aux + i;
+        t = _mm512_sub_epi32(t, _mm512_mullo_epi32(of, _mm512_set1_epi32(g.a_sum[ai])));
+        __m512 sr = sc;
+        if (per_block) sr = _mm512_mul_ps(sc, _mm512_set1_ps(1.0f / g.a_scale[ai]));
+        _mm512_store_ps(&tile[r][16 * j],
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sr, _mm512_load_ps(&tile[r][16 * j])));
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    store_row(d, g, m0 + r, n0, per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], tile[r]);
+}
+
+template <bool BF16>
+LB_INLINE float act_at(const void* a, int64_t i) {
+  if constexpr (BF16) return bf16_to_f32(static_cast<const uint16_t*>(a)[i]);
+  else return static_cast<const float*>(a)[i];
+}
+
+// fp32 / bf16 activations (weight-only): decode codes to fp32 weights w = a*u - (offset + z)
+// per k and accumulate with FMA; the K-block's scale is applied at the flush.
+template <int BITS, int MB, bool BF16>
+void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
+  const Format& f = d.f;
+  const int64_t kb = d.kblock, cb = codes_bytes(f, kb), steps = kb / f.kg;
+  const int64_t lda = d.lda;
+  const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
+  const __m512 va = _mm512_set1_ps(float(f.a));
+  const __m512i m255 = _mm512_set1_epi32(255);
+  alignas(64) float tile[MB][NB];
+  for (int r = 0; r < MB; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(&tile[r][16 * j], _mm512_setzero_ps());
+
+  for (int64_t i = 0; i < g.count; ++i) {
+    const uint8_t* w = nblock + i * d.stride_b;
+    const int64_t x0 = m0 * lda + i * d.stride_a;
+    const float* scale = reinterpret_cast<const float*>(w + cb);
+    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    __m512 corr[4], acc[MB][4];
+    for (int j = 0; j < 4; ++j) corr[j] = _mm512_cvtepi32_ps(_mm512_loadu_si512(off + 16 * j));
+    for (int r = 0; r < MB; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+
+    for (int64_t s = 0; s < steps; ++s)
+      for (int h = 0; h < kSubSteps<BITS>; ++h) {
+        __m512i v[4];
+        decode<BITS>(w + s * kStepBytes<BITS>, h, v);
+        const int64_t k = s * f.kg + 4 * h;
+        for (int t = 0; t < 4; ++t)
+          for (int j = 0; j < 4; ++j) {
+            const __m512i uj = _mm512_and_si512(_mm512_srli_epi32(v[j], 8 * t), m255);
+            const __m512 wj = _mm512_fmsub_ps(_mm512_cvtepi32_ps(uj), va, corr[j]);
+            for (int r = 0; r < MB; ++r)
+              acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(act_at<BF16>(g.a, x0 + r * lda + k + t)),
+                                          wj, acc[r][j]);
+          }
+      }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 sc = _mm512_loadu_ps(scale + 16 * j);
+      for (int r = 0; r < MB; ++r)
+        _mm512_store_ps(&tile[r][16 * j],
+                        _mm512_fmadd_ps(acc[r][j], sc, _mm512_load_ps(&tile[r][16 * j])));
+    }
+  }
+  for (int r = 0; r < MB; ++r) store_row(d, g, m0 + r, n0, 1.0f, tile[r]);
+}
+
+template <int BITS>
+void tile_bits(const Desc& d, const Args& g) {
+  for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
+    int64_t m0 = 0;
+    if (d.atype == LOWBIT_QT_INT8) {
+      for (; m0 + 6 <= d.m; m0 += 6) mblock_int8<BITS, 6>(d, g, m0, n0);
+      switch (d.m - m0) {
+        case 5: mblock_int8<BITS, 5>(d, g, m0, n0); break;
+        case 4: mblock_int8<BITS, 4>(d, g, m0, n0); break;
+        case 3: mblock_int8<BITS, 3>(d, g, m0, n0); break;
+        case 2: mblock_int8<BITS, 2>(d, g, m0, n0); break;
+        case 1: mblock_int8<BITS, 1>(d, g, m0, n0); break;
+        default: break;
+      }
+    } else if (d.atype == LOWBIT_QT_F32) {
+      for (; m0 + 4 <= d.m; m0 += 4) mblock_fp<BITS, 4, false>(d, g, m0, n0);
+      switch (d.m - m0) {
+        case 3: mblock_fp<BITS, 3, false>(d, g, m0, n0); break;
+        case 2: mblock_fp<BITS, 2, false>(d, g, m0, n0); break;
+        case 1: mblock_fp<BITS, 1, false>(d, g, m0, n0); break;
+        default: break;
+      }
+    } else {
+      for (; m0 + 4 <= d.m; m0 += 4) mblock_fp<BITS, 4, true>(d, g, m0, n0);
+      switch (d.m - m0) {
+        case 3: mblock_fp<BITS, 3, true>(d, g, m0, n0); break;
+        case 2: mblock_fp<BITS, 2, true>(d, g, m0, n0); break;
+        case 1: mblock_fp<BITS, 1, true>(d, g, m0, n0); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void tile_avx512(const Desc& d, const Args& g) {
+  switch (d.f.bits) {
+    case 1: tile_bits<1>(d, g); break;
+    case 2: tile_bits<2>(d, g); break;
+    case 4: tile_bits<4>(d, g); break;
+    default: tile_bits<8>(d, g); break;
+  }
+}
+
+// Activation quantization, 16 values at a time; the fp32 product x*s is rounded half to even
+// by vcvtps2dq (MXCSR default) and narrowed with signed saturation (the clamp).
+void quant_act_avx512(const QuantArgs& qa) {
+  const bool per_block = qa.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  const bool bf16 = qa.xtype == LOWBIT_QT_BF16;
+  auto load16 = [&](int64_t row, int64_t k, __mmask16 mk) -> __m512 {
+    if (bf16) {
+      const uint16_t* p = static_cast<const uint16_t*>(qa.x) + row * qa.ldx + k;
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+    }
+    return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(qa.x) + row * qa.ldx + k);
+  };
+  auto amax_of = [&](int64_t row, int64_t k0, int64_t k1) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16)
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(row, k, lane_mask(k1 - k))));
+    return _mm512_reduce_max_ps(mx);
+  };
+  for (int64_t r = 0; r < qa.m; ++r) {
+    float s_row = 0.0f;
+    if (!per_block) {
+      s_row = 127.0f / std::max(amax_of(r, 0, qa.k), 1e-5f);
+      qa.scale[r] = s_row;
+    }
+    int8_t* xq = qa.xq + r * qa.ldq;
+    for (int64_t b = 0; b < qa.nkb; ++b) {
+      const int64_t k0 = b * qa.kblock, k1 = std::min(qa.k, k0 + qa.kblock);
+      float s = s_row;
+      if (per_block) {
+        s = 127.0f / std::max(amax_of(r, k0, k1), 1e-5f);
+        qa.scale[r * qa.ld_aux + b] = s;
+      }
+      const __m512 vs = _mm512_set1_ps(s);
+      const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 mk = lane_mask(k1 - k);
+        __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(load16(r, k, mk), vs));
+        qi = _mm512_max_epi32(_mm512_min_epi32(qi, hi), lo);
+        sum = _mm512_mask_add_epi32(sum, mk, sum, qi);
+        _mm512_mask_cvtepi32_storeu_epi8(xq + k, mk, qi);
+      }
+      for (int64_t k = k1; k < k0 + qa.kblock; ++k) xq[k] = 0;
+      qa.rowsum[r * qa.ld_aux + b] = _mm512_reduce_add_epi32(sum);
+    }
+  }
+}
+
+}  // namespace q
+}  // namespace lowbit

@@ -1,0 +1,191 @@
+// Dispatch / invoke for the low-bit BRGEMM tiles, the activation quantizer entry point and
+// the whole-layer convenience entry. Dispatch validates a tile description once and
+// publishes it in an append-only table; invoke only looks the handle up.
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+#include <mutex>
+
+#include "qgemm_internal.h"
+
+using namespace lowbit::q;
+
+namespace {
+
+constexpr int kMaxKernels = 4096;
+
+Desc g_table[kMaxKernels];
+std::atomic<int> g_size{0};
+std::mutex g_mutex;
+
+constexpr int32_t kKnownFlags =
+    LOWBIT_QF_BETA1 | LOWBIT_QF_BIAS | LOWBIT_QF_ASCALE_PER_BLOCK;
+
+bool same(const Desc& x, const Desc& y) {
+  return x.wfmt == y.wfmt && x.atype == y.atype && x.ctype == y.ctype && x.flags == y.flags &&
+         x.isa == y.isa && x.m == y.m && x.n == y.n && x.kblock == y.kblock && x.lda == y.lda &&
+         x.ldb == y.ldb && x.ldc == y.ldc && x.stride_a == y.stride_a &&
+         x.stride_b == y.stride_b && x.ld_aux == y.ld_aux;
+}
+
+TileFn tile_for(int32_t isa) {
+  switch (isa) {
+    case LOWBIT_ISA_AVX512: return tile_avx512;
+    case LOWBIT_ISA_AVX2: return tile_avx2;
+    default: return tile_scalar;
+  }
+}
+
+int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
+
+}  // namespace
+
+extern "C" {
+
+int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_t m, int64_t n,
+                              int64_t kblock, int64_t lda, int64_t ldb, int64_t ldc,
+                              int64_t stride_a, int64_t stride_b, int64_t ld_aux,
+                              int32_t flags) {
+  Desc d{};
+  if (!format_of(wfmt, &d.f)) return -LOWBIT_E_UNSUPPORTED;
+  if (atype != LOWBIT_QT_INT8 && atype != LOWBIT_QT_F32 && atype != LOWBIT_QT_BF16)
+    return -LOWBIT_E_UNSUPPORTED;
+  if (ctype != LOWBIT_QT_F32 && ctype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
+  if (flags & ~kKnownFlags) return -LOWBIT_E_UNSUPPORTED;
+  // bf16 C would round every partial sum; BETA1 accumulation needs an fp32 C.
+  if ((flags & LOWBIT_QF_BETA1) && ctype == LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
+  if ((flags & LOWBIT_QF_ASCALE_PER_BLOCK) && atype != LOWBIT_QT_INT8)
+    return -LOWBIT_E_UNSUPPORTED;
+  if (m <= 0 || n <= 0 || kblock <= 0 || ld_aux <= 0) return -LOWBIT_E_SHAPE;
+  if (kblock % d.f.kg != 0) return -LOWBIT_E_ALIGNMENT;
+  if (lda < kblock || stride_a < kblock || ldc < n) return -LOWBIT_E_LEADING_DIM;
+  if (stride_b < kblock_bytes(d.f, kblock)) return -LOWBIT_E_LEADING_DIM;
+  if (n > NB && ldb < stride_b) return -LOWBIT_E_LEADING_DIM;
+
+  d.wfmt = wfmt;
+  d.atype = atype;
+  d.ctype = ctype;
+  d.flags = flags;
+  d.isa = lowbit_rt_isa();
+  d.m = m;
+  d.n = n;
+  d.kblock = kblock;
+  d.lda = lda;
+  d.ldb = ldb;
+  d.ldc = ldc;
+  d.stride_a = stride_a;
+  d.stride_b = stride_b;
+  d.ld_aux = ld_aux;
+
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int size = g_size.load(std::memory_order_relaxed);
+  for (int i = 0; i < size; ++i)
+    if (same(g_table[i], d)) return i + 1;
+  if (size == kMaxKernels) return -LOWBIT_E_TABLE_FULL;
+  g_table[size] = d;
+  g_size.store(size + 1, std::memory_order_release);
+  return size + 1;
+}
+
+int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const void* b,
+                            int64_t b_off, void* c, int64_t c_off, const float* a_scale,
+                            int64_t as_off, const int32_t* a_sum, int64_t sum_off,
+                            const float* bias, int64_t bias_off, int64_t count) {
+  if (handle < 1 || handle > g_size.load(std::memory_order_acquire)) return -LOWBIT_E_UNSUPPORTED;
+  const Desc& d = g_table[handle - 1];
+  if (count < 1 || (d.atype == LOWBIT_QT_INT8 && count > d.ld_aux)) return -LOWBIT_E_SHAPE;
+  if ((count - 1) * d.stride_a + d.kblock > d.lda) return -LOWBIT_E_LEADING_DIM;
+  if (!a || !b || !c) return -LOWBIT_E_UNSUPPORTED;
+  if (d.atype == LOWBIT_QT_INT8 && (!a_scale || !a_sum)) return -LOWBIT_E_UNSUPPORTED;
+  if ((d.flags & LOWBIT_QF_BIAS) && !bias) return -LOWBIT_E_UNSUPPORTED;
+  Args args;
+  args.a = static_cast<const char*>(a) + a_off * elem_size(d.atype);
+  args.b = static_cast<const uint8_t*>(b) + b_off;
+  args.c = static_cast<char*>(c) + c_off * elem_size(d.ctype);
+  args.a_scale = a_scale ? a_scale + as_off : nullptr;
+  args.a_sum = a_sum ? a_sum + sum_off : nullptr;
+  args.bias = bias ? bias + bias_off : nullptr;
+  args.count = count;
+  tile_for(d.isa)(d, args);
+  return 0;
+}
+
+const char* lowbit_qgemm_handle_isa(int64_t handle) {
+  if (handle < 1 || handle > g_size.load(std::memory_order_acquire)) return "invalid";
+  return lowbit_rt_isa_name(g_table[handle - 1].isa);
+}
+
+int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k, int64_t ldx,
+                          int64_t kblock, int32_t flags, int8_t* xq, int64_t ldq, float* scale,
+                          int32_t* rowsum, int64_t ld_aux) {
+  if (xtype != LOWBIT_QT_F32 && xtype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
+  if (flags & ~LOWBIT_QF_ASCALE_PER_BLOCK) return -LOWBIT_E_UNSUPPORTED;
+  if (!x || !xq || !scale || !rowsum) return -LOWBIT_E_UNSUPPORTED;
+  if (m <= 0 || k <= 0 || kblock <= 0) return -LOWBIT_E_SHAPE;
+  if (kblock % 4 != 0) return -LOWBIT_E_ALIGNMENT;
+  const int64_t nkb = (k + kblock - 1) / kblock;
+  if (ldx < k || ldq < nkb * kblock || ld_aux < nkb) return -LOWBIT_E_LEADING_DIM;
+  QuantArgs qa{xtype, flags, x, m, k, ldx, kblock, nkb, xq, ldq, scale, rowsum, ld_aux};
+  if (lowbit_rt_isa() == LOWBIT_ISA_AVX512)
+    quant_act_avx512(qa);
+  else
+    quant_act_scalar(qa);
+  return 0;
+}
+
+int32_t lowbit_qlinear(int32_t wfmt, const uint8_t* packed, int64_t n, int64_t k, int64_t kblock,
+                       int32_t mode, int32_t xtype, const void* x, int64_t m, int64_t ldx,
+                       const float* bias, int32_t ytype, void* y, int64_t ldy) {
+  int64_t kbb, nbb, nkb;
+  const int64_t total = lowbit_qpack_layout(wfmt, n, k, kblock, &kbb, &nbb, &nkb);
+  if (total < 0) return int32_t(total);
+  if (mode != LOWBIT_QT_INT8 && mode != LOWBIT_QT_F32) return -LOWBIT_E_UNSUPPORTED;
+  if (xtype != LOWBIT_QT_F32 && xtype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
+  if (!packed || !x || !y) return -LOWBIT_E_UNSUPPORTED;
+  if (m <= 0) return -LOWBIT_E_SHAPE;
+  if (ldx < k || ldy < n) return -LOWBIT_E_LEADING_DIM;
+  const int64_t kp = nkb * kblock;
+  const int32_t flags = bias ? LOWBIT_QF_BIAS : 0;
+
+  if (mode == LOWBIT_QT_INT8) {
+    int8_t* xq = static_cast<int8_t*>(malloc(size_t(m * kp)));
+    float* sx = static_cast<float*>(malloc(size_t(m) * 4));
+    int32_t* rs = static_cast<int32_t*>(malloc(size_t(m * nkb) * 4));
+    int32_t rc = (xq && sx && rs) ? 0 : -LOWBIT_E_SHAPE;
+    if (rc == 0) rc = lowbit_qquant_act(xtype, x, m, k, ldx, kblock, 0, xq, kp, sx, rs, nkb);
+    int64_t h = 0;
+    if (rc == 0)
+      h = lowbit_qgemm_dispatch(wfmt, LOWBIT_QT_INT8, ytype, m, n, kblock, kp, nbb, ldy, kblock,
+                                kbb, nkb, flags);
+    if (rc == 0 && h < 0) rc = int32_t(h);
+    if (rc == 0) rc = lowbit_qgemm_invoke(h, xq, 0, packed, 0, y, 0, sx, 0, rs, 0, bias, 0, nkb);
+    free(xq);
+    free(sx);
+    free(rs);
+    return rc;
+  }
+
+  // Weight-only: the kernel reads whole K-blocks, so a K tail needs a zero-padded copy.
+  const int es = xtype == LOWBIT_QT_F32 ? 4 : 2;
+  const void* a = x;
+  int64_t lda = ldx;
+  char* padded = nullptr;
+  if (kp != k || ldx < kp) {
+    padded = static_cast<char*>(calloc(size_t(m * kp), size_t(es)));
+    if (!padded) return -LOWBIT_E_SHAPE;
+    for (int64_t r = 0; r < m; ++r)
+      memcpy(padded + r * kp * es, static_cast<const char*>(x) + r * ldx * es, size_t(k * es));
+    a = padded;
+    lda = kp;
+  }
+  int32_t rc = 0;
+  const int64_t h = lowbit_qgemm_dispatch(wfmt, xtype, ytype, m, n, kblock, lda, nbb, ldy, kblock,
+                                          kbb, nkb, flags);
+  if (h < 0) rc = int32_t(h);
+  if (rc == 0) rc = lowbit_qgemm_invoke(h, a, 0, packed, 0, y, 0, nullptr, 0, nullptr, 0, bias, 0, nkb);
+  free(padded);
+  return rc;
+}
+
+}  // extern "C"

@@ -1,0 +1,137 @@
+// Internal definitions shared by the low-bit kernels of every ISA: format traits, the
+// dispatched tile description, and the packed-layout addressing that all paths agree on.
+#ifndef LOWBIT_QGEMM_INTERNAL_H
+#define LOWBIT_QGEMM_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "lowbit/qgemm.h"
+
+namespace lowbit {
+namespace q {
+
+constexpr int NB = LOWBIT_QGEMM_NB;
+
+// Static properties of a weight format. A stored code u relates to the integer code q by
+// q = a*u - offset; the decoded kernel operand is the unsigned byte u.
+struct Format {
+  int bits;        // storage bits per code: 1, 2, 4, 8
+  int kg;          // K granule: values of k per packed step (8 for 1-bit, 4 otherwise)
+  int step_bytes;  // bytes per step per n-block
+  int a;           // code multiplier (2 for int1)
+  int offset;      // code offset
+  int qmin, qmax;  // valid range of q
+  bool zero_point; // carries a per-(n, K-block) zero point
+};
+
+inline bool format_of(int32_t wfmt, Format* f) {
+  switch (wfmt) {
+    case LOWBIT_QW_TERNARY: *f = {2, 4, 64, 1, 1, -1, 1, false}; return true;
+    case LOWBIT_QW_INT2_SYM: *f = {2, 4, 64, 1, 2, -2, 1, false}; return true;
+    case LOWBIT_QW_INT2_ASYM: *f = {2, 4, 64, 1, 0, 0, 3, true}; return true;
+    case LOWBIT_QW_INT1: *f = {1, 8, 64, 2, 1, -1, 1, false}; return true;
+    case LOWBIT_QW_INT4_SYM: *f = {4, 4, 128, 1, 8, -8, 7, false}; return true;
+    case LOWBIT_QW_INT4_ASYM: *f = {4, 4, 128, 1, 0, 0, 15, true}; return true;
+    case LOWBIT_QW_INT8: *f = {8, 4, 256, 1, 128, -128, 127, false}; return true;
+    default: return false;
+  }
+}
+
+// Bytes of one K-block of one n-block: codes, then 64 fp32 scales, then 64 int32 offsets.
+inline int64_t kblock_bytes(const Format& f, int64_t kblock) {
+  return kblock / f.kg * f.step_bytes + NB * 4 + NB * 4;
+}
+inline int64_t codes_bytes(const Format& f, int64_t kblock) { return kblock / f.kg * f.step_bytes; }
+
+// Position of code (n_local in [0,64), k_local in [0, kblock)) inside a K-block's codes:
+// byte index and bit shift. Decoded operand vector j of a 4-k sub-step holds, at byte
+// i = (n % 16) * 4 + k % 4, the code of row n = 16 j + i / 4 (vpdpbusd's VNNI4 order).
+//   2-bit: step = one k4, byte i holds vectors j = 0..3 at bits 2j.
+//   1-bit: step = two k4 (h = 0, 1), byte i holds vector (h, j) at bit 4h + j.
+//   4-bit: step = one k4, bytes [0,64) hold j = 0 | 1 << 4, bytes [64,128) hold j = 2 | 3 << 4.
+//   8-bit: step = one k4, bytes [64 j, 64 j + 64) hold vector j.
+inline void code_position(int bits, int64_t n_local, int64_t k_local, int64_t* byte, int* shift) {
+  const int j = int(n_local / 16);
+  const int64_t i = (n_local % 16) * 4 + k_local % 4;
+  switch (bits) {
+    case 1: {
+      const int64_t step = k_local / 8;
+      const int h = int((k_local % 8) / 4);
+      *byte = step * 64 + i;
+      *shift = 4 * h + j;
+      return;
+    }
+    case 2:
+      *byte = (k_local / 4) * 64 + i;
+      *shift = 2 * j;
+      return;
+    case 4:
+      *byte = (k_local / 4) * 128 + (j / 2) * 64 + i;
+      *shift = 4 * (j % 2);
+      return;
+    default:
+      *byte = (k_local / 4) * 256 + 64 * j + i;
+      *shift = 0;
+      return;
+  }
+}
+
+// A dispatched tile (immutable once published in the kernel table).
+struct Desc {
+  int32_t wfmt, atype, ctype, flags, isa;
+  int64_t m, n, kblock, lda, ldb, ldc, stride_a, stride_b, ld_aux;
+  Format f;
+};
+
+struct Args {
+  const void* a;
+  const uint8_t* b;
+  void* c;
+  const float* a_scale;
+  const int32_t* a_sum;
+  const float* bias;
+  int64_t count;
+};
+
+using TileFn = void (*)(const Desc&, const Args&);
+
+// Per-ISA tile implementations (qgemm_scalar.cpp, qgemm_avx2.cpp, qgemm_avx512.cpp).
+void tile_scalar(const Desc& d, const Args& args);
+void tile_avx2(const Desc& d, const Args& args);
+void tile_avx512(const Desc& d, const Args& args);
+
+// Per-ISA activation quantization rows (same contract as lowbit_qquant_act, validated).
+struct QuantArgs {
+  int32_t xtype, flags;
+  const void* x;
+  int64_t m, k, ldx, kblock, nkb;
+  int8_t* xq;
+  int64_t ldq;
+  float* scale;
+  int32_t* rowsum;
+  int64_t ld_aux;
+};
+void quant_act_scalar(const QuantArgs& qa);
+void quant_act_avx512(const QuantArgs& qa);
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even (NaN stays NaN), as torch's fp32 -> bf16 conversion.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+}  // namespace q
+}  // namespace lowbit
+
+#endif
