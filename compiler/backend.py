@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lowbit.compiler.compile import CompiledGraph, signature_key
 from lowbit.compiler.partition import compile_with_fallback
 from lowbit.compiler.pipeline import CompileOptions
 
@@ -41,27 +40,57 @@ def freezable_positions(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
 
 
 class LowbitCallable:
-    """What the backend returns to dynamo: compile per input signature, then call."""
+    """What the backend returns to dynamo: compile per input signature, then call.
+
+    The signature is the shape and dtype of every runtime tensor input and the value of
+    every scalar input (dynamo's automatic dynamic shapes pass sizes as ints); frozen
+    inputs are not part of it because their guard recompiles when they change.
+    """
 
     def __init__(self, gm: torch.fx.GraphModule, freezable: list[int], options: CompileOptions):
         self.gm = gm
         self.freezable = freezable
         self.options = options
         self.cache: dict[tuple, Callable] = {}
+        self.unsupported: set[str] = set()  # ops that fell back to eager, shared by all signatures
+        self._guarded: dict[tuple, Callable] = {}  # key -> frozen-tensor check of the entry
+        frozen = set(freezable)
+        self._keyed = [i for i in range(len(gm.graph.find_nodes(op="placeholder"))) if i not in frozen]
 
     def _compile(self, args: Sequence[Any]) -> Callable:
-        return compile_with_fallback(self.gm, args, self.freezable, self.options)
+        return compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported)
+
+    def signature(self, args: Sequence[Any]) -> tuple:
+        key = []
+        for i in self._keyed:
+            a = args[i]
+            if isinstance(a, torch.Tensor):
+                key.append((a.shape, a.dtype, a.device))
+            else:
+                key.append(a if isinstance(a, (int, float, bool, str, type(None))) else id(a))
+        return tuple(key)
 
     def __call__(self, *args: Any):
-        key = signature_key(args)
+        key = self.signature(args)
         fn = self.cache.get(key)
         if fn is None:
-            fn = self.cache[key] = self._compile(args)
-        elif isinstance(fn, CompiledGraph) and fn.frozen_inputs_changed(args):
-            warnings.warn("lowbit: a frozen parameter or buffer changed after compilation; recompiling "
-                          "(weights are compile-time constants)", RuntimeWarning, stacklevel=2)
-            fn = self.cache[key] = self._compile(args)
+            fn = self._compile_entry(key, args)
+        else:
+            check = self._guarded.get(key)
+            if check is not None and check(args):
+                warnings.warn("lowbit: a frozen parameter or buffer changed after compilation; recompiling "
+                              "(weights are compile-time constants)", RuntimeWarning, stacklevel=2)
+                fn = self._compile_entry(key, args)
         return fn(*args)
+
+    def _compile_entry(self, key: tuple, args: Sequence[Any]) -> Callable:
+        fn = self.cache[key] = self._compile(args)
+        check = getattr(fn, "frozen_inputs_changed", None)
+        if check is not None and getattr(fn, "captured", None) is not None and fn.captured.frozen:
+            self._guarded[key] = check
+        else:
+            self._guarded.pop(key, None)
+        return fn
 
 
 def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:

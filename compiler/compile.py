@@ -13,6 +13,26 @@ from lowbit.compiler.pipeline import CompileOptions, Pipeline
 ENTRY = "forward"
 
 
+class FrozenGuard:
+    """Notices when a tensor frozen into compiled code was changed after compilation.
+
+    An in-place update bumps the tensor's version counter; rebinding the attribute to a
+    new tensor changes the data pointer. Both are cheap to compare per call. Inference
+    tensors have no version counter: for them only rebinding is detected.
+    """
+
+    def __init__(self, frozen: dict[int, torch.Tensor]):
+        self._expected = [(pos, _version(t), t.data_ptr()) for pos, t in frozen.items()]
+
+    def changed(self, args: Sequence[Any]) -> list[int]:
+        return [pos for pos, version, ptr in self._expected
+                if args[pos].data_ptr() != ptr or _version(args[pos]) != version]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
 class CompiledGraph:
     """A compiled graph called with the caller's full argument list.
 
@@ -25,17 +45,12 @@ class CompiledGraph:
         self.captured = captured
         self.jit = jit
         self.pipeline = pipeline
-        self._frozen_versions = {pos: t._version for pos, t in captured.frozen.items()}
-        self._frozen_ptrs = {pos: t.data_ptr() for pos, t in captured.frozen.items()}
+        self.frozen_guard = FrozenGuard(captured.frozen)
         self._n_mut = len(captured.mutated_inputs)
 
     def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
-        changed = []
-        for pos, version in self._frozen_versions.items():
-            t = args[pos]
-            if t._version != version or t.data_ptr() != self._frozen_ptrs[pos]:
-                changed.append(pos)
-        return changed
+        """Caller positions of frozen tensors changed since compilation."""
+        return self.frozen_guard.changed(args)
 
     def __call__(self, *args: Any) -> list[Any]:
         cap = self.captured
@@ -69,13 +84,3 @@ def compile_function(fn, example_inputs: Sequence[Any], freezable: Sequence[int]
         warnings.simplefilter("ignore", FutureWarning)
         captured = capture(fn, example_inputs, freezable)
     return compile_captured(captured, options)
-
-
-def signature_key(args: Sequence[Any]) -> tuple:
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((tuple(a.shape), a.dtype, a.device.type))
-        else:
-            key.append((type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else id(a)))
-    return tuple(key)

@@ -17,8 +17,9 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch_mlir import ir
 from torch_mlir.extras.fx_decomp_util import get_decomposition_table
-from torch_mlir.extras.fx_importer import FxImporter
+from torch_mlir.extras.fx_importer import ContextCache, FxImporter
 
+from lowbit.compiler.decompositions import lowbit_decompositions
 from lowbit.compiler.literals import LiteralHooks, split_shared_get_attrs
 from lowbit.compiler.passmanager import new_context
 
@@ -79,7 +80,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module, args, strict=False)
-            ep = ep.run_decompositions(get_decomposition_table())
+            ep = ep.run_decompositions({**get_decomposition_table(), **lowbit_decompositions()})
     except Exception as e:  # torch.export raises many exception types
         raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
 
@@ -109,7 +110,11 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     for pos, (node, value) in enumerate(zip(user_phs, args)):
         if not isinstance(value, torch.Tensor):
             if node.users:
-                raise FrontendError(f"non-tensor input {pos} ({type(value).__name__}) is used by the graph")
+                if not isinstance(value, (int, float, bool)):
+                    raise FrontendError(f"non-tensor input {pos} ({type(value).__name__}) is used by the graph")
+                # A scalar (e.g. a SymInt of dynamo's automatic dynamic shapes): the
+                # compiled graph is specialised to its value, which is part of the cache key.
+                node.replace_all_uses_with(value)
             graph.erase_node(node)
             continue
         if pos in freezable and node.name not in mutated_phs:
@@ -181,11 +186,29 @@ def _freeze_placeholder(gm: torch.fx.GraphModule, node: torch.fx.Node, value, co
     return const_id + 1
 
 
+NODE_LOCATION_PREFIX = "lowbit.node:"
+
+
+class _NodeNamedLocations(ContextCache):
+    """Gives every imported op the location `lowbit.node:<fx node name>(<source loc>)`.
+
+    MLIR keeps locations through lowering, so a diagnostic from any later stage names the
+    FX node (and hence the ATen op) that produced the failing op; the fallback relies on it.
+    """
+
+    __slots__ = ()
+
+    def get_node_location(self, node: torch.fx.Node) -> ir.Location:
+        child = super().get_node_location(node) or ir.Location.unknown(context=self._c)
+        return ir.Location.name(NODE_LOCATION_PREFIX + node.name, childLoc=child, context=self._c)
+
+
 def import_graph(captured: CapturedGraph, func_name: str = "forward",
                  context: ir.Context | None = None) -> ir.Module:
     """FX graph -> torch-dialect MLIR module (`func.func @<func_name>`)."""
     context = context or new_context()
     importer = FxImporter(context=context, hooks=LiteralHooks())
+    importer._cc.__class__ = _NodeNamedLocations  # same slots: only the location hook differs
     split_shared_get_attrs(captured.graph_module.graph)
     try:
         importer.import_stateless_graph(captured.graph_module.graph, func_name=func_name)

@@ -50,33 +50,44 @@ class JitFunction:
         size = ctypes.sizeof(ctypes.c_void_p)
         self._packed = (ctypes.c_void_p * max(n, 1))(*[base + i * size for i in range(n)])
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self.engine.raw_lookup(func_name))
-        self._sizes = [tuple(s.shape) for s in self.input_specs]
-        self._dtypes = [s.dtype for s in self.input_specs]
+        self._expected = [(torch.Size(s.shape), s.dtype) for s in self.input_specs]
+        self._outputs = [(torch.Size(s.shape), s.dtype) for s in self.output_specs]
+        self._n_in = len(self.input_specs)
+
+    def _mismatch(self, i: int, t) -> InputError:
+        spec = self.input_specs[i]
+        if not isinstance(t, torch.Tensor):
+            return InputError(f"input {i}: expected a tensor {spec}, got {type(t).__name__}")
+        if not t.is_cpu:
+            return InputError(f"input {i}: expected a CPU tensor, got device '{t.device}'")
+        if t.dtype != spec.dtype:
+            return InputError(f"input {i}: expected dtype {spec.dtype}, got {t.dtype} "
+                              "(a new dtype needs a new compilation)")
+        if t.dim() != len(spec.shape):
+            return InputError(f"input {i}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), "
+                              f"got rank {t.dim()} (shape {list(t.shape)})")
+        return InputError(f"input {i}: expected shape {list(spec.shape)}, got {list(t.shape)}")
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(inputs) != len(self.input_specs):
-            raise InputError(f"expected {len(self.input_specs)} tensor inputs, got {len(inputs)}")
-        fixed = []
-        for i, (t, spec) in enumerate(zip(inputs, self.input_specs)):
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {i}: expected a tensor, got {type(t).__name__}")
-            if t.dtype != spec.dtype:
-                raise InputError(f"input {i}: expected dtype {spec.dtype}, got {t.dtype}")
-            if tuple(t.shape) != spec.shape:
-                raise InputError(f"input {i}: expected shape {list(spec.shape)}, got {list(t.shape)}")
-            if t.device.type != "cpu":
-                raise InputError(f"input {i}: expected a CPU tensor, got device '{t.device}'")
+        """The inputs as the compiled code reads them (contiguous), or `InputError`."""
+        if len(inputs) != self._n_in:
+            raise InputError(f"expected {self._n_in} tensor inputs, got {len(inputs)}")
+        fixed = list(inputs)
+        for i, (t, (shape, dtype)) in enumerate(zip(inputs, self._expected)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_cpu:
+                raise self._mismatch(i, t)
             if not t.is_contiguous():
-                t = t.contiguous()
-            fixed.append(t)
+                # Compiled code assumes the identity layout; a strided view is copied once.
+                fixed[i] = t.contiguous()
         return fixed
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         inputs = self.check_inputs(inputs)
-        outputs = [torch.empty(s.shape, dtype=s.dtype) for s in self.output_specs]
+        outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in self._outputs]
         return self.call_unchecked(inputs, outputs)
 
     def call_unchecked(self, inputs: Sequence[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Call with inputs already checked; `outputs` are written in place."""
         storage = self._storage
         i = 0
         for t in inputs:

@@ -1,12 +1,17 @@
 """Graceful fallback: compile what the pipeline can, run the rest in eager.
 
-The whole graph is tried first. When a stage rejects an op, the diagnostics name it
-(`torch.aten.<op>` / `torch.operator "<ns>.<op>"`); those ATen nodes are marked
-unsupported, the captured graph is split with torch's capability-based partitioner, and
-each supported part is compiled alone. One warning per unsupported op names it.
+The whole graph is tried first. When a stage fails, its diagnostic names the FX nodes
+whose ops it rejected (every imported op carries the location `lowbit.node:<node>`,
+see `frontend.NODE_LOCATION_PREFIX`; older messages name `torch.aten.<op>` /
+`torch.operator "<ns>.<op>"`). Those ops are marked unsupported, the captured graph is
+split with torch's capability-based partitioner, and each supported part is compiled
+alone; the unsupported nodes run in eager between them. This repeats while new
+unsupported ops show up. Each unsupported op is named in one `RuntimeWarning` per
+process.
 """
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from typing import Any, Callable, Sequence
@@ -15,32 +20,36 @@ import torch
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from lowbit.compiler.compile import CompiledGraph, compile_captured
-from lowbit.compiler.frontend import CapturedGraph, FrontendError, capture
+from lowbit.compiler.compile import CompiledGraph, FrozenGuard, compile_captured
+from lowbit.compiler.frontend import NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture
 from lowbit.compiler.pipeline import CompileOptions, StageError
 
-_warned_ops: set[str] = set()
-_OP_IN_DIAGNOSTIC = re.compile(r"(?:'|\")?torch\.(?:aten|prims|operator\s+\"[\w.]+)\.?([\w.]*)")
-_ATEN_NAME = re.compile(r"torch\.aten\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
-_CUSTOM_NAME = re.compile(r"torch\.operator \"torch\.([\w]+)\.([\w]+)")
+_warned: set[str] = set()
+_NODE_IN_DIAGNOSTIC = re.compile(re.escape(NODE_LOCATION_PREFIX) + r"([A-Za-z0-9_]+)")
+_ATEN_NAME = re.compile(r"torch\.aten\.([A-Za-z0-9_]+)")
+_CUSTOM_NAME = re.compile(r"torch\.operator\"?\s*\(?.*?name\s*=\s*\"torch\.(\w+)\.(\w+)|"
+                          r"torch\.operator \"torch\.(\w+)\.(\w+)")
 
 
-def _warn_once(op: str, reason: str) -> None:
-    if op in _warned_ops:
+class UnsupportedOpWarning(RuntimeWarning):
+    """An op of the graph runs in eager because lowbit's pipeline cannot compile it."""
+
+
+def _warn_once(subject: str, reason: str) -> None:
+    if subject in _warned:
         return
-    _warned_ops.add(op)
-    warnings.warn(f"lowbit: cannot compile {op} ({reason}); running it in eager", RuntimeWarning,
-                  stacklevel=3)
+    _warned.add(subject)
+    warnings.warn(f"lowbit: cannot compile {subject} ({reason}); running it in eager",
+                  UnsupportedOpWarning, stacklevel=4)
 
 
-def ops_named_in(message: str) -> set[str]:
-    """ATen overload packet names (e.g. 'aten.cumsum') mentioned in a pipeline diagnostic."""
-    names = {f"aten.{m.split('.')[0]}" for m in _ATEN_NAME.findall(message)}
-    names |= {f"{ns}.{op}" for ns, op in _CUSTOM_NAME.findall(message)}
-    return names
+def forget_warnings() -> None:
+    """Warn again about ops already reported (for tests and long-running processes)."""
+    _warned.clear()
 
 
-def _node_op_name(node: torch.fx.Node) -> str | None:
+def node_op_name(node: torch.fx.Node) -> str | None:
+    """`aten.erfinv`, `mylib.myop`: the op packet a call_function node calls."""
     if node.op != "call_function":
         return None
     target = node.target
@@ -50,12 +59,24 @@ def _node_op_name(node: torch.fx.Node) -> str | None:
     return getattr(target, "__name__", str(target))
 
 
+def rejected_ops(message: str, gm: torch.fx.GraphModule) -> set[str]:
+    """Ops of `gm` that a pipeline diagnostic blames, by node location or by op name."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    named = {node_op_name(nodes[name]) for name in _NODE_IN_DIAGNOSTIC.findall(message) if name in nodes}
+    named |= {f"aten.{op}" for op in _ATEN_NAME.findall(message)}
+    for groups in _CUSTOM_NAME.findall(message):
+        ns, op = (groups[0], groups[1]) if groups[0] else (groups[2], groups[3])
+        named.add(f"{ns}.{op}")
+    graph_ops = {node_op_name(n) for n in gm.graph.nodes}
+    return {op for op in named if op is not None and op in graph_ops}
+
+
 class _Supported(OperatorSupportBase):
     def __init__(self, unsupported: set[str]):
         self.unsupported = unsupported
 
     def is_node_supported(self, submodules, node: torch.fx.Node) -> bool:
-        name = _node_op_name(node)
+        name = node_op_name(node)
         return name is not None and name not in self.unsupported
 
 
@@ -70,15 +91,27 @@ class _CompiledPart(torch.nn.Module):
         return outs[0] if self.single_output else tuple(outs)
 
 
-class _EagerGraph:
-    """Runs a (possibly partitioned) captured graph and applies its input mutations."""
+class _Rejected(Exception):
+    def __init__(self, ops: set[str], stage: str, detail: str):
+        super().__init__(detail)
+        self.ops, self.stage, self.detail = ops, stage, detail
 
-    def __init__(self, captured: CapturedGraph, gm: torch.fx.GraphModule):
+
+class PartitionedGraph:
+    """A captured graph whose supported parts are compiled and the rest runs in eager.
+
+    Called with the caller's full argument list; applies the graph's input mutations.
+    """
+
+    def __init__(self, captured: CapturedGraph, gm: torch.fx.GraphModule, unsupported: set[str]):
         self.captured = captured
         self.gm = gm
+        self.unsupported = frozenset(unsupported)
+        self.frozen_guard = FrozenGuard(captured.frozen)
 
-    def frozen_inputs_changed(self, args) -> list[int]:
-        return []
+    def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
+        """Caller positions of frozen tensors changed since compilation."""
+        return self.frozen_guard.changed(args)
 
     def __call__(self, *args):
         cap = self.captured
@@ -87,54 +120,73 @@ class _EagerGraph:
         n_mut = len(cap.mutated_inputs)
         for pos, new in zip(cap.mutated_inputs, outs[:n_mut]):
             args[pos].copy_(new)
-        user, result, it = outs[n_mut:], [], None
-        it = iter(user)
+        result, it = [], iter(outs[n_mut:])
         for i in range(cap.num_user_outputs):
             result.append(cap.constant_outputs[i] if i in cap.constant_outputs else next(it))
         return result
 
 
 def _partition_and_compile(captured: CapturedGraph, args: Sequence[Any], unsupported: set[str],
-                           options: CompileOptions) -> Callable:
-    gm = captured.graph_module
+                           options: CompileOptions) -> PartitionedGraph:
+    # Partitioning rewrites the module in place: work on a copy of the graph that shares
+    # the (possibly large) frozen constants, so a later round starts from the original.
+    gm = torch.fx.GraphModule(captured.graph_module, copy.deepcopy(captured.graph_module.graph))
     partitioner = CapabilityBasedPartitioner(gm, _Supported(unsupported), allows_single_node_partition=True)
-    partitions = partitioner.propose_partitions()
-    fused = partitioner.fuse_partitions(partitions)
-    # Record each submodule's example inputs by running the split graph once in eager.
-    examples: dict[str, list[torch.Tensor]] = {}
+    fused = partitioner.fuse_partitions(partitioner.propose_partitions())
+    # Each part's example inputs come from running the split graph once in eager; the
+    # graph is functional, so this has no side effects.
+    examples: dict[str, tuple[list[Any], list[int]]] = {}
 
     class Recorder(torch.fx.Interpreter):
-        def call_module(self, target, a, kw):
-            examples[target] = list(a)
-            return super().call_module(target, a, kw)
+        def run_node(self, n):
+            if n.op == "call_module":
+                # Parent constants (get_attr) stay frozen inside the part.
+                frozen = [i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+                examples[n.target] = (list(self.fetch_args_kwargs_from_env(n)[0]), frozen)
+            return super().run_node(n)
 
     Recorder(fused).run(*[args[i] for i in captured.input_indices])
-    for name, example in examples.items():
+    for name, (example, frozen) in examples.items():
         sub = getattr(fused, name)
         try:
-            sub_captured = capture(sub, example)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                sub_captured = capture(sub, example, frozen)
             compiled = compile_captured(sub_captured, options)
-        except (FrontendError, StageError) as e:
-            _warn_once(f"a partition with {_describe(sub)}", f"{type(e).__name__}: {_first_line(e)}")
+        except StageError as e:
+            raise _Rejected(rejected_ops(str(e.cause), sub_captured.graph_module), e.stage,
+                            _first_line(e.cause)) from e
+        except FrontendError as e:
+            _warn_once(f"a part of the graph with {_describe(sub)}", f"capture failed: {_first_line(e)}")
             continue
         out = [n for n in sub.graph.nodes if n.op == "output"][0].args[0]
         single = not isinstance(out, (tuple, list))
         setattr(fused, name, _CompiledPart(compiled, single))
-    return _EagerGraph(captured, fused)
+    return PartitionedGraph(captured, fused, unsupported)
 
 
 def _describe(gm: torch.fx.GraphModule) -> str:
-    ops = sorted({_node_op_name(n) for n in gm.graph.nodes if n.op == "call_function"} - {None})
+    ops = sorted({node_op_name(n) for n in gm.graph.nodes if n.op == "call_function"} - {None})
     return ", ".join(ops[:6]) + (" ..." if len(ops) > 6 else "")
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error:")]
+    line = (errors or lines or [type(e).__name__])[0]
+    return line[:300]
 
 
 def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
-                          options: CompileOptions, max_rounds: int = 4) -> Callable:
-    """Compile `fn` for `args`; on failure, partition around the ops the pipeline rejects."""
+                          options: CompileOptions, known_unsupported: set[str] | None = None,
+                          max_rounds: int = 8) -> Callable:
+    """Compile `fn` for `args`; on failure, partition around the ops the pipeline rejects.
+
+    Returns a `CompiledGraph` when everything compiles, a `PartitionedGraph` when some ops
+    run in eager, or `fn` itself (with a warning) when the graph cannot be captured.
+    `known_unsupported` (updated in place) carries ops found unsupported by earlier
+    compilations of the same graph, e.g. for another input shape, so they are not retried.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -142,20 +194,24 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
     except FrontendError as e:
         _warn_once("the graph", f"capture failed: {_first_line(e)}")
         return fn
-    unsupported: set[str] = set()
+    known = known_unsupported if known_unsupported is not None else set()
+    unsupported = {node_op_name(n) for n in captured.graph_module.graph.nodes} & known
     for _ in range(max_rounds):
         try:
             if not unsupported:
                 return compile_captured(captured, options)
             return _partition_and_compile(captured, args, unsupported, options)
         except StageError as e:
-            named = ops_named_in(str(e.cause)) - unsupported
-            graph_ops = {_node_op_name(n) for n in captured.graph_module.graph.nodes}
-            named &= graph_ops
-            if not named:
-                _warn_once("the graph", f"stage '{e.stage}' failed: {_first_line(e.cause)}")
-                return _EagerGraph(captured, captured.graph_module)
-            for op in sorted(named):
-                _warn_once(op, f"rejected by stage '{e.stage}'")
-            unsupported |= named
-    return _EagerGraph(captured, captured.graph_module)
+            rejected = _Rejected(rejected_ops(str(e.cause), captured.graph_module), e.stage, _first_line(e.cause))
+        except _Rejected as e:
+            rejected = e
+        new = rejected.ops - unsupported
+        if not new:
+            _warn_once("the graph", f"stage '{rejected.stage}' failed: {rejected.detail}")
+            return PartitionedGraph(captured, captured.graph_module, set())
+        for op in sorted(new):
+            _warn_once(op, f"rejected by stage '{rejected.stage}': {rejected.detail}")
+        unsupported |= new
+        known |= new
+    _warn_once("the graph", f"still failing after {max_rounds} partitioning rounds")
+    return PartitionedGraph(captured, captured.graph_module, set())

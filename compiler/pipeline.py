@@ -91,6 +91,15 @@ LOWBIT_PASSES = [
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
+    # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
+    # matmul passes: these tile whatever linalg ops are still left at function level.
+    "linalg-fold-unit-extent-dims",
+    "canonicalize",
+    "lowbit-math-approx",
+    "lowbit-fuse-parallel",
+    "lowbit-vectorize",
+    "canonicalize",
+    "cse",
 ]
 
 BUFFERIZE = [
@@ -107,12 +116,20 @@ BUFFERIZE = [
 
 LOWER_TO_LLVM = [
     "func.func(convert-linalg-to-loops)",
+    # scf.forall -> OpenMP (libiomp5 at run time; lowbit.compiler.threads sets the count).
+    "scf-forall-to-parallel",
+    "convert-scf-to-openmp",
+    "func.func(lower-vector-mask)",
+    "func.func(lower-vector-multi-reduction)",
+    "convert-vector-to-scf",
     "expand-strided-metadata",
     "lower-affine",
+    "lowbit-math-approx",
     "func.func(convert-math-to-llvm)",
     "convert-math-to-libm",
     "finalize-memref-to-llvm",
     "convert-scf-to-cf",
+    "convert-vector-to-llvm{reassociate-fp-reductions=1}",
     "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}",
     "convert-to-llvm",
     "reconcile-unrealized-casts",

@@ -1,0 +1,241 @@
+"""Reference Llama-style models used by the tests, the README demo and the benchmarks.
+
+`DecoderBlock` is one pre-norm transformer layer as in Llama 2/3: RMSNorm, rotary
+position embeddings (computed in the graph with sin/cos from the token positions),
+grouped-query attention through `scaled_dot_product_attention`, and a SwiGLU MLP. Keys
+and values go into a static KV cache (registered buffers of shape
+`[batch, n_kv_heads, max_seq_len, head_dim]`) updated in place, so one compiled graph
+serves prefill (`T` tokens) and another serves decode (1 token) without reallocations.
+`TinyLlama` stacks blocks between a token embedding and an output projection.
+
+Weights are initialised deterministically from `seed`; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_UPDATES = ("index_copy", "index_put", "slice")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Dimensions of a Llama-style decoder. `hidden_dim` is the SwiGLU inner width."""
+
+    dim: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    hidden_dim: int = 688
+    max_seq_len: int = 256
+    max_batch: int = 1
+    vocab_size: int = 512
+    n_layers: int = 2
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # How new keys/values enter the cache: `index_copy_` along the sequence dim,
+    # `cache[:, :, pos] = kv` (index_put_), or `cache[:, :, start:start + T] = kv`.
+    cache_update: str = "index_copy"
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.cache_update not in CACHE_UPDATES:
+            raise ValueError(f"cache_update must be one of {CACHE_UPDATES}, got {self.cache_update!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * weight`, computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of `x` `[B, H, T, D]` with `cos`/`sin` `[T, D]` (half-split layout)."""
+    return (x * cos + rotate_half(x) * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value cache written in place at the given positions."""
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype):
+        super().__init__()
+        shape = (cfg.max_batch, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.mode = cfg.cache_update
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        b = k.shape[0]
+        if self.mode == "index_copy":
+            self.k[:b].index_copy_(2, input_pos, k)
+            self.v[:b].index_copy_(2, input_pos, v)
+        elif self.mode == "index_put":
+            self.k[:b, :, input_pos] = k
+            self.v[:b, :, input_pos] = v
+        else:
+            # Slice assignment needs a Python start; dynamo specialises the graph on it.
+            start = int(input_pos[0])
+            self.k[:b, :, start:start + k.shape[2]] = k
+            self.v[:b, :, start:start + k.shape[2]] = v
+        return self.k[:b], self.v[:b]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.cache = KVCache(cfg, dtype)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        causal = torch.tril(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool))
+        self.register_buffer("causal", causal, persistent=False)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = self.wq(x).view(b, t, cfg.n_heads, hd).transpose(1, 2)
+        k = self.wk(x).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        v = self.wv(x).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+
+        angles = input_pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        keys, values = self.cache.update(input_pos, k, v)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        s = keys.shape[2]
+        keys = keys[:, :, None].expand(b, cfg.n_kv_heads, rep, s, hd).reshape(b, cfg.n_heads, s, hd)
+        values = values[:, :, None].expand(b, cfg.n_kv_heads, rep, s, hd).reshape(b, cfg.n_heads, s, hd)
+        mask = self.causal[input_pos]                                  # [T, max_seq_len]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, t, cfg.dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: `w2(silu(w1 x) * w3 x)`."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderBlock(nn.Module):
+    """One Llama layer: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+
+    `forward(x [B, T, dim], input_pos int64 [T])` writes the new keys/values at
+    `input_pos` into the cache; prefill passes `arange(T)`, decode one position.
+    """
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, dtype)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class TinyLlama(nn.Module):
+    """Token embedding, `n_layers` decoder blocks, final RMSNorm and output projection."""
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, dtype) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, input_pos)
+        return self.output(self.norm(h))
+
+
+def init_weights_(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic init: N(0, 1/fan_in) for matrices, N(0, 1) embeddings, 1 +- 0.1 norms."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if p.ndim == 2 and "embeddings" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def make_decoder_block(cfg: LlamaConfig | None = None, dtype: torch.dtype = torch.float32,
+                       seed: int = 0) -> DecoderBlock:
+    """A `DecoderBlock` in eval mode with seeded weights, cast to `dtype`."""
+    cfg = cfg or LlamaConfig()
+    block = init_weights_(DecoderBlock(cfg, dtype), seed)
+    return _finish(block, dtype)
+
+
+def make_tiny_llama(cfg: LlamaConfig | None = None, dtype: torch.dtype = torch.float32,
+                    seed: int = 0) -> TinyLlama:
+    """A `TinyLlama` in eval mode with seeded weights, cast to `dtype`."""
+    cfg = cfg or LlamaConfig()
+    model = init_weights_(TinyLlama(cfg, dtype), seed)
+    return _finish(model, dtype)
+
+
+def _finish(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # Cast parameters only: the rotary inverse frequencies stay fp32 and the mask bool.
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+def reset_caches(module: nn.Module) -> None:
+    """Zero every KV cache in `module` (start a new sequence)."""
+    for m in module.modules():
+        if isinstance(m, KVCache):
+            m.reset()

@@ -1,0 +1,183 @@
+"""`lowbit-fuse-parallel`: fuse producer/consumer chains of elementwise ops and reductions
+into one `scf.forall` over their outer parallel dims, so they run on threads and each
+thread's rows stay in cache from the first op of the chain to the last.
+
+For softmax over rows (max -> sub/exp -> sum -> div) the result is one loop over row
+blocks whose body computes the row max, the exponentials, their sum and the quotient for
+just those rows; RMSNorm (mean of squares -> scale) and SiLU * up likewise.
+
+A fusion group is grown from a root (the last op of a chain, visited in reverse program
+order) by adding a producer P when
+  * P is a codegen op (not a contraction: matmuls belong to the matmul passes),
+  * every use of every result of P is already in the group (no recomputation, no op
+    left outside needing P's full result), and
+  * each tiled dim of the root reaches P through pure-dim indexing maps, identically
+    from every user: the block of rows a task computes needs exactly that block of P
+    (a producer a task would need in full, such as a vector broadcast along the tiled
+    rows, is not fused).
+The root is tiled with `transform.structured.tile_using_forall` over all its parallel
+loops except the innermost, and the group is pulled in with `fuse_into_containing_op`.
+Tile sizes give about `max-tasks` iterations of at least `min-task-elements` iterations
+of work each; a root with less work than two tasks stays sequential. The `scf.forall`
+becomes OpenMP in the lower-to-llvm stage (scf-forall-to-parallel, convert-scf-to-openmp).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from torch_mlir import ir
+
+from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import (
+    PassError, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
+    loop_info, match, operand_dims, run_transform, tag, walk,
+)
+
+_VISITED = "lowbit.cg_visited"
+
+
+@register_pass
+@dataclasses.dataclass
+class FuseParallel(ModulePass):
+    """Tile elementwise/reduction chains with scf.forall over outer parallel dims and fuse.
+
+    Options: `min-task-elements` (iteration-space points per task), `max-tasks` (forall
+    iterations per group), `align` (1-D tiles are a multiple of this many elements).
+    """
+
+    NAME = "lowbit-fuse-parallel"
+    min_task_elements: int = 16384
+    max_tasks: int = 32
+    align: int = 64
+
+    def run(self, module: ir.Operation) -> None:
+        if self.min_task_elements < 1 or self.max_tasks < 1 or self.align < 1:
+            raise PassError(f"{self.NAME}: options must be positive ({self.option_text()})")
+        generalize_named_ops(module, self.NAME)
+        counter = 0
+        for func in func_ops(module):
+            block = func.regions[0].blocks[0]
+            while True:
+                # Fresh handles every round: a transform erases the ops it fuses.
+                ops = [op.operation for op in block.operations]
+                cands = [op for op in ops if _VISITED not in op.attributes
+                         and op.name in ("linalg.generic", "linalg.fill") and is_codegen_op(op)]
+                if not cands:
+                    break
+                root = cands[-1]
+                root.attributes[_VISITED] = ir.UnitAttr.get()
+                plan = self.plan_root(root)
+                if plan is None:
+                    continue
+                tiles, root_dims = plan
+                group = self.grow(root, root_dims, block)
+                order = {op: i for i, op in enumerate(ops)}
+                producers = sorted(group, key=lambda o: -order[o])
+                counter = self._apply(module, root, tiles, producers, counter)
+        for op in walk(module):
+            if _VISITED in op.attributes:
+                del op.attributes[_VISITED]
+        clear_tags(module)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan_root(self, root: ir.Operation) -> tuple[list[int], list[int]] | None:
+        """Tile sizes for the root's forall and the root loop dims it tiles (outer first)."""
+        info = loop_info(root)
+        if info is None or info.rank == 0 or any(r is None for r in info.ranges):
+            return None
+        if info.rank == 1:
+            dims = [0] if info.iterators[0] == "parallel" else []
+        else:
+            dims = [d for d in range(info.rank - 1) if info.iterators[d] == "parallel"]
+        if not dims:
+            return None
+        work = math.prod(info.ranges)
+        tasks = min(self.max_tasks, work // self.min_task_elements, math.prod(info.ranges[d] for d in dims))
+        if tasks < 2:
+            return None
+        tiles = [0] * info.rank
+        remaining = tasks
+        for d in dims:
+            extent = info.ranges[d]
+            if remaining <= 1:
+                break
+            if extent >= remaining:
+                size = math.ceil(extent / remaining)
+                if info.rank == 1:
+                    size = math.ceil(size / self.align) * self.align
+                tiles[d] = min(size, extent)
+                remaining = 1
+            else:
+                tiles[d] = 1
+                remaining = math.ceil(remaining / extent)
+        tiled = [d for d in dims if tiles[d]]
+        return tiles, tiled
+
+    def grow(self, root: ir.Operation, root_dims: list[int], block: ir.Block) -> list[ir.Operation]:
+        """Producers fused with `root`; `root_dims[k]` is the root loop of tiled dim k."""
+        dims_of: dict[ir.Operation, list[int]] = {root: root_dims}
+        worklist = [root]
+        while worklist:
+            consumer = worklist.pop()
+            for operand in consumer.operands:
+                producer = operand.owner
+                if isinstance(producer, ir.Block):
+                    continue
+                producer = producer.operation
+                if (producer in dims_of or _VISITED in producer.attributes or producer.parent != block.owner
+                        or producer.name not in ("linalg.generic", "linalg.fill") or not is_codegen_op(producer)):
+                    continue
+                pdims = self._producer_dims(producer, dims_of)
+                if pdims is not None:
+                    dims_of[producer] = pdims
+                    worklist.append(producer)
+        return [op for op in dims_of if op != root]
+
+    @staticmethod
+    def _producer_dims(producer: ir.Operation, dims_of: dict[ir.Operation, list[int]]) -> list[int] | None:
+        pinfo = loop_info(producer)
+        if pinfo is None:
+            return None
+        found: list[int] | None = None
+        for r_idx, result in enumerate(producer.results):
+            out_dims = operand_dims(pinfo.output_map(r_idx))
+            for use in result.uses:
+                user = use.owner.operation
+                if user not in dims_of:
+                    return None  # a use outside the group would need the full result
+                uinfo = loop_info(user)
+                if uinfo is None:
+                    return None
+                in_dims = operand_dims(uinfo.maps[use.operand_number])
+                mapped = []
+                for u in dims_of[user]:
+                    if u not in in_dims:
+                        return None  # every task would need all of the producer
+                    p = out_dims[in_dims.index(u)]
+                    if p is None or pinfo.iterators[p] != "parallel":
+                        return None
+                    mapped.append(p)
+                if found is None:
+                    found = mapped
+                elif found != mapped:
+                    return None
+        return found
+
+    # -- rewriting ------------------------------------------------------------------------
+
+    def _apply(self, module: ir.Operation, root: ir.Operation, tiles: list[int],
+               producers: list[ir.Operation], counter: int) -> int:
+        root_id = counter
+        tag(root, root_id)
+        lines = [f"    %root_op = {match(root_id)}",
+                 f"    %tiled, %forall0 = transform.structured.tile_using_forall %root_op "
+                 f"tile_sizes {index_list(tiles)} : (!transform.any_op) -> (!transform.any_op, !transform.any_op)"]
+        for i, producer in enumerate(producers, start=1):
+            tag(producer, root_id + i)
+            lines.append(f"    %p{i} = {match(root_id + i)}")
+            lines.append(f"    %f{i}, %forall{i} = transform.structured.fuse_into_containing_op %p{i} into "
+                         f"%forall{i - 1} : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)")
+        run_transform(module, "\n".join(lines), f"{self.NAME} on {root.name}")
+        return root_id + len(producers) + 1

@@ -1,0 +1,196 @@
+"""`lowbit-vectorize`: tile elementwise ops, reductions, copies and fills into vector-sized
+tiles and vectorize them, so no scalar loop is left on a hot path.
+
+Every structured op on tensors that is not a contraction or convolution (see
+`vectorize_support.is_codegen_op`), at function level or inside an `scf.forall` made by
+`lowbit-fuse-parallel`, is handled the same way:
+
+1. named ops (`linalg.transpose`, `linalg.broadcast`, `linalg.reduce`, `linalg.add`, ...)
+   are generalized; all-parallel ops whose operands all use identity maps on a static
+   shape are flattened to one dimension (a `[128, 3]` add becomes one `[384]` loop);
+2. every loop is tiled by 1 except the innermost, which is tiled by
+   `unroll * vector-bits / element-bits` (64 x f32 on AVX-512); a trip count that does not
+   divide is peeled, so the main loop has full static tiles and one remainder tile;
+3. each tile is vectorized with `transform.structured.vectorize` at those vector sizes;
+   the remainder tile and dynamic tiles get masked vectors (AVX-512 masked loads/stores),
+   reductions become `vector.multi_reduction`;
+4. unit vector dims are dropped and masked transfers lowered to masked loads/stores,
+   which bufferize cleanly.
+
+Reductions over the innermost dim reduce a whole vector tile per iteration (one
+horizontal reduction per 64 elements; the LLVM lowering reassociates it into a tree).
+Ops the vectorizer rejects stay as (tiled) scalar loops and are reported in a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+from torch_mlir import ir
+
+from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import (
+    TAG, PassError, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
+    loop_info, match, run_transform, tag, walk,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def host_vector_bits() -> int:
+    """Widest SIMD register of this CPU: 512 (AVX-512F), 256 (AVX2) or 128."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return 128
+    if "avx512f" in flags:
+        return 512
+    if "avx2" in flags:
+        return 256
+    return 128
+
+
+def _element_bits(t: ir.Type) -> int:
+    if isinstance(t, ir.ShapedType):
+        t = t.element_type
+    if isinstance(t, (ir.F16Type, ir.BF16Type)):
+        return 16
+    if isinstance(t, (ir.F64Type, ir.IndexType)):
+        return 64
+    if isinstance(t, ir.IntegerType):
+        return max(8, t.width)
+    return 32
+
+
+@dataclasses.dataclass
+class TilePlan:
+    tile_sizes: list[int]       # 0: loop not tiled
+    vector_sizes: list[int]
+    peel: bool                  # peel the innermost tile loop
+    flatten: bool
+
+
+@register_pass
+@dataclasses.dataclass
+class Vectorize(ModulePass):
+    """Tile non-contraction linalg ops to vector tiles (innermost dim) and vectorize them.
+
+    Options: `vector-bits` (0: this CPU's widest SIMD register), `unroll` (vectors per
+    innermost tile), `flatten` (collapse identity-map elementwise ops to 1-D first).
+    """
+
+    NAME = "lowbit-vectorize"
+    vector_bits: int = 0
+    unroll: int = 4
+    flatten: bool = True
+
+    def run(self, module: ir.Operation) -> None:
+        if self.unroll < 1 or self.vector_bits < 0 or self.vector_bits % 64:
+            raise PassError(f"{self.NAME}: bad options vector-bits={self.vector_bits} unroll={self.unroll}")
+        generalize_named_ops(module, self.NAME)
+        # Plan and tag every op first: each transform below may erase or clone other ops,
+        # so Python handles are not kept across transforms; tags find the ops again.
+        plans: dict[int, tuple[str, TilePlan]] = {}
+        for op in [op for f in func_ops(module) for op in walk(f) if is_codegen_op(op)]:
+            plan = self.plan(op)
+            if plan is not None:
+                tag(op, len(plans))
+                plans[len(plans)] = (op.name, plan)
+        failures = []
+        for i, (name, plan) in plans.items():
+            try:
+                run_transform(module, self._script(i, plan), f"{self.NAME} on {name}")
+            except PassError as e:
+                failures.append(str(e).splitlines()[0])
+        run_transform(module, _CLEANUP, f"{self.NAME} cleanup")
+        clear_tags(module)
+        if failures:
+            warnings.warn(f"{self.NAME}: {len(failures)} op(s) left as scalar loops: " + "; ".join(failures[:3]),
+                          RuntimeWarning, stacklevel=2)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def lanes(self, op: ir.Operation) -> int:
+        bits = self.vector_bits or host_vector_bits()
+        widest = max([_element_bits(v.type) for v in list(op.operands) + list(op.results)
+                      if isinstance(v.type, ir.ShapedType)] or [32])
+        return max(1, bits // widest) * self.unroll
+
+    def plan(self, op: ir.Operation) -> TilePlan | None:
+        info = loop_info(op)
+        if info is None or info.rank == 0:
+            return None
+        lanes = self.lanes(op)
+        flatten = (self.flatten and info.rank > 1 and all(it == "parallel" for it in info.iterators)
+                   and all(r is not None for r in info.ranges)
+                   and all(len(m.results) == 0 or m == ir.AffineMap.get_identity(info.rank) for m in info.maps))
+        ranges = [_prod(info.ranges)] if flatten else list(info.ranges)
+        tiles, vecs = [], []
+        for r in ranges[:-1]:
+            tiles.append(0 if r == 1 else 1)
+            vecs.append(1)
+        last = ranges[-1]
+        if last is not None and last <= lanes:
+            tiles.append(0)
+            vecs.append(last)
+        else:
+            tiles.append(lanes)
+            vecs.append(lanes)
+        peel = tiles[-1] != 0 and (last is None or last % lanes != 0)
+        return TilePlan(tiles, vecs, peel, flatten)
+
+    # -- transform scripts ----------------------------------------------------------------
+
+    @staticmethod
+    def _script(i: int, plan: TilePlan) -> str:
+        lines = [f"    %op = {match(i)}"]
+        if plan.flatten:
+            lines.append("    %flat = transform.structured.flatten_elementwise %op "
+                         ": (!transform.any_op) -> !transform.any_op")
+            lines.append(f"    %id = transform.param.constant {i} : i64 -> !transform.param<i64>")
+            lines.append(f'    transform.annotate %flat "{TAG}" = %id : !transform.any_op, !transform.param<i64>')
+            target = "%flat"
+        else:
+            target = "%op"
+        n_loops = sum(1 for t in plan.tile_sizes if t)
+        if n_loops:
+            loop_types = ", ".join(["!transform.any_op"] * n_loops)
+            lines.append(f"    %tiled, %loops:{n_loops} = transform.structured.tile_using_for {target} "
+                         f"tile_sizes {index_list(plan.tile_sizes)} "
+                         f": (!transform.any_op) -> (!transform.any_op, {loop_types})")
+            if plan.peel:
+                lines.append(f"    %inner = transform.cast %loops#{n_loops - 1} "
+                             ": !transform.any_op to !transform.op<\"scf.for\">")
+                lines.append("    %main, %rest = transform.loop.peel %inner "
+                             ": (!transform.op<\"scf.for\">) -> (!transform.any_op, !transform.any_op)")
+        lines += [
+            '    %funcs = transform.structured.match ops{["func.func"]} in %root '
+            ': (!transform.any_op) -> !transform.any_op',
+            "    transform.apply_patterns to %funcs {",
+            "      transform.apply_patterns.canonicalization",
+            "    } : !transform.any_op",
+            f"    %tiles = {match(i)}",
+            "    transform.foreach %tiles : !transform.any_op {",
+            "    ^bb0(%t: !transform.any_op):",
+            f"      transform.structured.vectorize %t vector_sizes {index_list(plan.vector_sizes)} : !transform.any_op",
+            "    }",
+        ]
+        return "\n".join(lines)
+
+
+_CLEANUP = """    %funcs = transform.structured.match ops{["func.func"]} in %root : (!transform.any_op) -> !transform.any_op
+    transform.apply_patterns to %funcs {
+      transform.apply_patterns.vector.lower_masked_transfers
+      transform.apply_patterns.vector.cast_away_vector_leading_one_dim
+      transform.apply_patterns.vector.drop_unit_dims_with_shape_cast
+      transform.apply_patterns.canonicalization
+    } : !transform.any_op
+    transform.apply_cse to %funcs : !transform.any_op"""
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
