@@ -153,10 +153,49 @@ def _f32_like(t: ir.Type) -> ir.Type | None:
     return ir.VectorType.get(t.shape, f32) if isinstance(t, ir.VectorType) else f32
 
 
+def _constant_int(value: ir.Value) -> int | None:
+    owner = value.owner
+    if isinstance(owner, ir.Block) or owner.operation.name != "arith.constant":
+        return None
+    attr = owner.operation.attributes["value"]
+    if isinstance(attr, ir.DenseIntElementsAttr) and attr.is_splat:
+        attr = attr.get_splat_value()
+    return int(attr.value) if isinstance(attr, ir.IntegerAttr) else None
+
+
+def _expand_constant_fpowi(op: ir.Operation) -> None:
+    """x ** n for a constant integer n (|n| <= 64) by repeated squaring; 1/x^|n| if n < 0.
+
+    `math.fpowi` with an i64 exponent cannot be vectorized into `llvm.intr.powi` (which
+    takes a scalar i32), and x**2 / x**3 are what RMSNorm and GELU-tanh use.
+    """
+    n = _constant_int(op.operands[1])
+    if n is None or abs(n) > 64:
+        return
+    t = op.results[0].type
+    with ir.InsertionPoint(op), op.location:
+        one = arith.ConstantOp(t, ir.FloatAttr.get(t, 1.0)).result if not isinstance(t, ir.VectorType) \
+            else arith.ConstantOp(t, ir.DenseElementsAttr.get_splat(t, ir.FloatAttr.get(t.element_type, 1.0))).result
+        result, base, k = None, op.operands[0], abs(n)
+        while k:
+            if k & 1:
+                result = base if result is None else arith.MulFOp(result, base).result
+            k >>= 1
+            if k:
+                base = arith.MulFOp(base, base).result
+        result = one if result is None else result
+        if n < 0:
+            result = arith.DivFOp(one, result).result
+    op.results[0].replace_all_uses_with(result)
+    op.erase()
+
+
 @register_pass
 @dataclasses.dataclass
 class MathApprox(ModulePass):
     """Expand math.exp/log/tanh/erf (f32, bf16, f16; scalar or vector) into polynomials.
+
+    Also expands `math.fpowi` with a constant exponent into multiplications.
 
     Option `functions`: comma-separated subset of exp,log,tanh,erf to expand.
     """
@@ -173,6 +212,8 @@ class MathApprox(ModulePass):
                    if _FUNCTIONS.get(op.name) in self.functions and _f32_like(op.results[0].type) is not None]
         for op in targets:
             self._expand(op)
+        for op in [op for op in walk(module) if op.name == "math.fpowi"]:
+            _expand_constant_fpowi(op)
 
     @staticmethod
     def _expand(op: ir.Operation) -> None:
