@@ -94,6 +94,7 @@ LOWBIT_PASSES = [
     # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
     # matmul passes: these tile whatever linalg ops are still left at function level.
     "linalg-fold-unit-extent-dims",
+    "lowbit-math-promote-bf16",
     "canonicalize",
     "lowbit-math-approx",
     "lowbit-fuse-parallel",
