@@ -13,19 +13,29 @@ inline __m256i tail_mask(int tail) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), lanes);
 }
 
+// Accumulator arrays must be fully unrolled to stay in registers (else gcc keeps a
+// stack copy and stores it every k step), hence the pragmas on every loop over them.
 template <int MR, int NV>
 inline void load_acc(__m256 (&acc)[MR][NV], const Tile& t, __m256i tm) {
+  if (!t.load_c) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    return;
+  }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      if (!t.load_c) acc[r][v] = _mm256_setzero_ps();
-      else if (v == NV - 1) acc[r][v] = _mm256_maskload_ps(t.c + r * t.ldc + v * 8, tm);
-      else acc[r][v] = _mm256_loadu_ps(t.c + r * t.ldc + v * 8);
-    }
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = v == NV - 1 ? _mm256_maskload_ps(t.c + r * t.ldc + v * 8, tm) : _mm256_loadu_ps(t.c + r * t.ldc + v * 8);
 }
 
 template <int MR, int NV>
 inline void store_acc(const __m256 (&acc)[MR][NV], const Tile& t, __m256i tm) {
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       if (v == NV - 1) _mm256_maskstore_ps(t.c + r * t.ldc + v * 8, tm, acc[r][v]);
       else _mm256_storeu_ps(t.c + r * t.ldc + v * 8, acc[r][v]);
@@ -41,15 +51,18 @@ struct F32Kernel {
     for (int64_t i = t.ib; i < t.ie; ++i) {
       const float* a = static_cast<const float*>(t.a) + i * t.stride_a;
       const float* b[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const float*>(t.bv[v]) + i * t.stride_b;
       const int64_t step = t.b_row_step;
       for (int64_t kk = 0; kk < t.klen; ++kk) {
         __m256 bv[NV];
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v)
           bv[v] = v == NV - 1 ? _mm256_maskload_ps(b[v] + kk * step, tm) : _mm256_loadu_ps(b[v] + kk * step);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const __m256 av = _mm256_broadcast_ss(a + r * t.lda + kk);
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
         }
       }
@@ -69,24 +82,28 @@ struct Bf16PackedKernel {
     for (int64_t i = t.ib; i < t.ie; ++i) {
       const uint16_t* a = static_cast<const uint16_t*>(t.a) + i * t.stride_a;
       const uint16_t* b[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const uint16_t*>(t.bv[v]) + i * t.stride_b;
       const int64_t kpairs = (t.klen + 1) / 2;
       for (int64_t p = 0; p < kpairs; ++p) {
         const int64_t kk = 2 * p;
         const bool pair = kk + 1 < t.klen;
         __m256 b0[NV], b1[NV];
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) {
           const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[v] + p * t.b_row_step));
           b0[v] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
           b1[v] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
         }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const uint16_t* ar = a + r * t.lda + kk;
           const __m256 a0 = _mm256_set1_ps(lowbit_brgemm::bf16_to_f32(ar[0]));
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a0, b0[v], acc[r][v]);
           if (pair) {
             const __m256 a1 = _mm256_set1_ps(lowbit_brgemm::bf16_to_f32(ar[1]));
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a1, b1[v], acc[r][v]);
           }
         }
@@ -118,13 +135,16 @@ struct Bf16RowKernel {
     for (int64_t i = t.ib; i < t.ie; ++i) {
       const uint16_t* a = static_cast<const uint16_t*>(t.a) + i * t.stride_a;
       const uint16_t* b[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const uint16_t*>(t.bv[v]) + i * t.stride_b;
       for (int64_t kk = 0; kk < t.klen; ++kk) {
         __m256 bv[NV];
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) bv[v] = load_row(b[v] + kk * t.ldb, v == NV - 1, t.tail);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const __m256 av = _mm256_set1_ps(lowbit_brgemm::bf16_to_f32(a[r * t.lda + kk]));
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
         }
       }

@@ -12,19 +12,29 @@ namespace {
 
 inline __mmask16 tail_mask(int tail) { return __mmask16((1u << tail) - 1u); }
 
+// Accumulator arrays must be fully unrolled to stay in registers (else gcc keeps a
+// stack copy and stores it every k step), hence the pragmas on every loop over them.
 template <int MR, int NV>
 inline void load_acc(__m512 (&acc)[MR][NV], const Tile& t, __mmask16 tm) {
+  if (!t.load_c) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    return;
+  }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      if (!t.load_c) acc[r][v] = _mm512_setzero_ps();
-      else if (v == NV - 1) acc[r][v] = _mm512_maskz_loadu_ps(tm, t.c + r * t.ldc + v * 16);
-      else acc[r][v] = _mm512_loadu_ps(t.c + r * t.ldc + v * 16);
-    }
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = v == NV - 1 ? _mm512_maskz_loadu_ps(tm, t.c + r * t.ldc + v * 16) : _mm512_loadu_ps(t.c + r * t.ldc + v * 16);
 }
 
 template <int MR, int NV>
 inline void store_acc(const __m512 (&acc)[MR][NV], const Tile& t, __mmask16 tm) {
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       if (v == NV - 1) _mm512_mask_storeu_ps(t.c + r * t.ldc + v * 16, tm, acc[r][v]);
       else _mm512_storeu_ps(t.c + r * t.ldc + v * 16, acc[r][v]);
@@ -40,17 +50,18 @@ struct F32Kernel {
     for (int64_t i = t.ib; i < t.ie; ++i) {
       const float* a = static_cast<const float*>(t.a) + i * t.stride_a;
       const float* b[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const float*>(t.bv[v]) + i * t.stride_b;
       const int64_t step = t.b_row_step;
       for (int64_t kk = 0; kk < t.klen; ++kk) {
         __m512 bv[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v)
           bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(tm, b[v] + kk * step) : _mm512_loadu_ps(b[v] + kk * step);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const __m512 av = _mm512_set1_ps(a[r * t.lda + kk]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
         }
       }
@@ -84,12 +95,13 @@ struct Bf16Kernel {
     for (int64_t i = t.ib; i < t.ie; ++i) {
       const uint16_t* a = static_cast<const uint16_t*>(t.a) + i * t.stride_a;
       const uint16_t* b[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const uint16_t*>(t.bv[v]) + i * t.stride_b;
       const int64_t kpairs = t.klen / 2;
       for (int64_t p = 0; p < kpairs; ++p) {
         const int64_t kk = 2 * p;
         __m512i bv[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v)
           bv[v] = load_b(b[v], kk, t.b_row_step, t.ldb, v == NV - 1, tm, true, idx);
 #pragma GCC unroll 16
@@ -97,7 +109,7 @@ struct Bf16Kernel {
           int32_t pair;
           memcpy(&pair, a + r * t.lda + kk, 4);
           const __m512i av = _mm512_set1_epi32(pair);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v)
             acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
         }
@@ -108,10 +120,13 @@ struct Bf16Kernel {
         const int64_t kk = t.klen - 1;
         const __m512i lo = _mm512_set1_epi32(0xffff);
         __m512i bv[NV];
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v)
           bv[v] = _mm512_and_si512(lo, load_b(b[v], kk, t.b_row_step, t.ldb, v == NV - 1, tm, false, idx));
+#pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const __m512i av = _mm512_set1_epi32(int32_t(a[r * t.lda + kk]));
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v)
             acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
         }

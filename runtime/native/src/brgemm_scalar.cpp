@@ -31,22 +31,30 @@ struct Kernel {
   static void run(const Tile& t) {
     using T = typename Access::T;
     float acc[MR][NV];
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] = t.load_c ? t.c[r * t.ldc + v] : 0.0f;
     for (int64_t i = t.ib; i < t.ie; ++i) {
       const T* a = static_cast<const T*>(t.a) + i * t.stride_a;
       const T* b[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const T*>(t.bv[v]) + i * t.stride_b;
       for (int64_t kk = 0; kk < t.klen; ++kk) {
         float bv[NV];
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) bv[v] = Access::b(b[v], kk, t.b_row_step, t.ldb);
+#pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const float av = Access::a(a + r * t.lda + kk);
+#pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
         }
       }
     }
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) t.c[r * t.ldc + v] = acc[r][v];
   }
 };
