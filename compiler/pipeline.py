@@ -91,6 +91,9 @@ LOWBIT_PASSES = [
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
+    # Recognise low-bit matmuls: constant weights that are exactly low-bit (fp or
+    # dequantized from packed codes) become qlinear calls.
+    "lowbit-recognize-lowbit-weights",
     # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
     # matmul passes: these tile whatever linalg ops are still left at function level.
     "linalg-fold-unit-extent-dims",

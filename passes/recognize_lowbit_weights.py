@@ -1,0 +1,173 @@
+"""lowbit-recognize-lowbit-weights: matmuls whose constant weight is exactly low-bit -> qlinear.
+
+Matches, on linalg on tensors, every matmul-like op (`linalg.matmul`, `linalg.batch_matmul`,
+their `_transpose_b` forms, and `linalg.generic` contractions `out[.., n] += a[.., k] * b`,
+with B read as [K, N], [N, K] or broadcast over a batch dim) whose
+
+* accumulator starts at +0.0 (a zero `linalg.fill`),
+* activation is f32 or bf16 with a static shape,
+* weight operand is a compile-time constant: either a float constant (possibly
+  transposed, e.g. an `nn.Linear` checkpoint saved by quantization-aware training) or a
+  constant subgraph, e.g. the dequantization of packed integer codes (`>>`, `&`, zero-point
+  subtraction, casts, scale multiplies, reshapes, concatenation, transposes), which
+  `lowbit.passes.interp` evaluates bit-exactly at compile time,
+
+and whose evaluated weight W [N, K] equals `q * s` (or `(q - z) * s`) exactly, bit for bit,
+for one of the enabled formats: the search takes the fewest bits first (int1, ternary,
+int2_sym, int2_asym; int4/int8 only when `formats` lists them) and then the coarsest
+scales (per tensor for ternary, per channel, then groups of `group-sizes`).
+
+Produces the canonical form of `lowbit.passes.qlinear`: a call to a private
+`@lowbit_qlinear_<i>` function holding the integer codes, scales and zero points; a bias
+`+ b[n]` applied right after the matmul (f32 output) is absorbed into the function. The
+weight's producers are erased when nothing else uses them.
+
+Every matmul it looks at gets a `lowbit.report` entry (`kind = "matmul"`, `result`,
+`format`, `origin` = "fp-weights" | "dequant-subgraph", `reason` when not recognized). A
+matmul that does not qualify is left exactly as it was. Activations stay fp unless the
+option `activations=int8` opts in to dynamic int8 activation quantization.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+from torch_mlir import ir
+
+from lowbit.passes.interp import (
+    InterpError, Interpreter, affine_maps, defining_op, dim_position, iterator_kinds, static_shape,
+)
+from lowbit.passes.lib_recognize import (
+    DEFAULT_FORMATS, DEFAULT_GROUP_SIZES, Contraction, erase_dead, find_exact_format, is_zero_init,
+    match_contraction, parse_formats, weight_matrix, weight_origin,
+)
+from lowbit.passes.qlinear import QLinearWeights, add_report_entry, build_qlinear_function, emit_qlinear_call
+from lowbit.passes.registry import ModulePass, register_pass
+
+
+@register_pass
+@dataclasses.dataclass
+class RecognizeLowbitWeights(ModulePass):
+    """Rewrite matmuls with constant, exactly low-bit weights into qlinear calls.
+
+    Options: `formats` (weight formats to look for, fewest bits win), `group-sizes`
+    (group widths to try after per-tensor/per-channel scales, coarsest first),
+    `activations` ("none" keeps fp activations; "int8" opts in to int8 activations),
+    `absorb-bias`, `max-elements` (largest weight subgraph the interpreter evaluates).
+    """
+
+    NAME = "lowbit-recognize-lowbit-weights"
+
+    formats: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_FORMATS))
+    group_sizes: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_GROUP_SIZES))
+    activations: str = "none"
+    absorb_bias: bool = True
+    max_elements: int = 1 << 26
+
+    def __post_init__(self) -> None:
+        self.formats = parse_formats(self.formats)
+        if self.activations not in ("none", "int8"):
+            raise ValueError(f"pass '{self.NAME}': activations must be 'none' or 'int8', got {self.activations!r}")
+        for g in self.group_sizes:
+            if g < 8 or g % 8:
+                raise ValueError(f"pass '{self.NAME}': group sizes must be positive multiples of 8, got {g}")
+
+    def run(self, module: ir.Operation) -> None:
+        found: list[Contraction] = []
+
+        def collect(op):
+            c = match_contraction(op)
+            if c is not None:
+                found.append(c)
+            return ir.WalkResult.ADVANCE
+
+        module.walk(collect)
+        for c in found:
+            self._rewrite(module, c)
+
+    def _rewrite(self, module: ir.Operation, c: Contraction) -> None:
+        a_shape = static_shape(c.a.type)
+        where = dict(kind="matmul", pass_name=self.NAME, location=str(c.op.location), op=c.op.name,
+                     shape=f"{'x'.join(map(str, a_shape))} @ {c.n}x{c.k}^T")
+
+        def reject(reason: str, **extra) -> None:
+            add_report_entry(module, **where, result="not recognized", reason=reason, **extra)
+
+        x_elem, y_elem = str(ir.ShapedType(c.a.type).element_type), str(ir.ShapedType(c.init.type).element_type)
+        if x_elem not in ("f32", "bf16") or y_elem not in ("f32", "bf16"):
+            return reject(f"activation/result element types {x_elem}/{y_elem} (need f32 or bf16)")
+        if not is_zero_init(c.init):
+            return reject("the accumulator does not start at zero")
+        interp = Interpreter(max_elements=self.max_elements)
+        try:
+            w = weight_matrix(c, interp)
+        except InterpError as e:
+            return reject(f"the weight is not a foldable constant: {e}")
+        origin = weight_origin(interp)
+        spec, qw, why = find_exact_format(w, self.formats, self.group_sizes, self.activations)
+        if spec is None:
+            return reject(why, origin=origin)
+        m = int(np.prod(a_shape[:-1])) if len(a_shape) > 1 else 1
+        result = c.result
+        bias, bias_op = (None, None)
+        if self.absorb_bias and y_elem == "f32":
+            bias, bias_op = _bias_after(result, c.n)
+        weights = QLinearWeights(
+            qw.q.numpy().astype(np.int8),
+            qw.scales.numpy().astype(np.float32),
+            None if qw.zero_points is None else qw.zero_points.numpy().astype(np.int8),
+            bias)
+        func = build_qlinear_function(module, spec, weights, m, x_elem, y_elem, origin=origin)
+        replaced = bias_op if bias_op is not None else c.op
+        with ir.InsertionPoint(replaced), replaced.location:
+            y = emit_qlinear_call(c.a, func, c.n, ir.ShapedType(c.init.type).element_type)
+        replaced.results[0].replace_all_uses_with(y)
+        erase_dead([replaced, c.op])
+        add_report_entry(module, **where, result="recognized", format=spec.describe(), origin=origin,
+                     function=ir.StringAttr(func.attributes["sym_name"]).value,
+                     bias="absorbed" if bias is not None else "none")
+
+
+def _bias_after(result: ir.Value, n: int) -> tuple[Optional[np.ndarray], Optional[ir.Operation]]:
+    """If the matmul result's only use is `r + b[n]` with a constant b: (b as fp32, that op)."""
+    uses = list(result.uses)
+    if len(uses) != 1:
+        return None, None
+    op = uses[0].owner
+    op = op.operation if hasattr(op, "operation") else op
+    if op.name != "linalg.generic" or len(op.operands) != 3 or len(op.results) != 1:
+        return None, None
+    if op.results[0].type != result.type:
+        return None, None
+    maps, kinds = affine_maps(op), iterator_kinds(op)
+    rank = len(static_shape(result.type))
+    if any(k != "parallel" for k in kinds) or len(kinds) != rank:
+        return None, None
+    ident = list(range(rank))
+    pos = [[dim_position(e) for e in m.results] for m in maps]
+    operands = list(op.operands)
+    if operands[0] == result and pos[0] == ident:
+        bias_idx = 1
+    elif operands[1] == result and pos[1] == ident:
+        bias_idx = 0
+    else:
+        return None, None
+    if pos[2] != ident or pos[bias_idx] != [rank - 1]:
+        return None, None
+    block = op.regions[0].blocks[0]
+    body = [o.operation for o in block.operations]
+    if len(body) != 2 or body[0].name != "arith.addf" or body[1].operands[0] != body[0].results[0]:
+        return None, None
+    args = list(block.arguments)
+    # addf is commutative bit for bit (IEEE), so either operand order is the same sum.
+    if not ((body[0].operands[0] == args[0] and body[0].operands[1] == args[1])
+            or (body[0].operands[0] == args[1] and body[0].operands[1] == args[0])):
+        return None, None
+    try:
+        b = Interpreter().value(operands[bias_idx])
+    except InterpError:
+        return None, None
+    if b.shape != (n,):
+        return None, None
+    return np.asarray(b, dtype=np.float32), op
