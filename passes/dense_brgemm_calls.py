@@ -1,0 +1,205 @@
+"""`lowbit-dense-brgemm-calls`: after bufferization, turn BRGEMM tiles into runtime calls.
+
+Matches the ops `lowbit-dense-tile` tagged `lowbit.brgemm` once they work on memrefs:
+
+  * "packed":   the blocked `linalg.contract` over a packed constant B
+                (f32: A[m, k], P[np, k, 32], C[m, np, 32];
+                 bf16: A[m, k/2, 2], P[np, k/2, 32, 2], C[m, np, 32]);
+  * "rowmajor": `linalg.matmul` A[m, k] x B[k, n] -> C[m, n], or `linalg.batch_matmul`
+                with a unit batch dim (one tile of a bmm).
+
+Produces, in tpp-mlir's xsmm style, one `func.call @lowbit_brgemm_dispatch(...)` per
+distinct kernel description at the top of the function (hoisted out of every loop; the
+handle is pure, so it is also validated here at compile time with the same runtime), and
+in place of each tile a `func.call @lowbit_brgemm_invoke(handle, A, a_off, B, b_off, C,
+c_off, 1)` on the tile's base pointers (`memref.extract_aligned_pointer_as_index`) and
+element offsets (`memref.extract_strided_metadata`). Leading dimensions and panel strides
+come from the memref layouts, which must be static with unit innermost strides; an op
+that does not satisfy that is reported as an error (it was tagged for this pass).
+Tiles accumulate into C (beta = 1), which is linalg's semantics for the `outs` operand.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch_mlir import ir
+
+from lowbit.passes import dense_support as ds
+from lowbit.passes.registry import ModulePass, PassError, register_pass
+
+NB = 32
+DTYPE = {"f32": 1, "bf16": 2}
+FLAG_B_PACKED = 1 << 1
+
+DISPATCH = "lowbit_brgemm_dispatch"
+INVOKE = "lowbit_brgemm_invoke"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Desc:
+    dtype: int
+    m: int
+    n: int
+    k: int
+    lda: int
+    ldb: int
+    ldc: int
+    stride_a: int
+    stride_b: int
+    flags: int
+
+    def args(self) -> list[int]:
+        return [self.m, self.n, self.k, self.lda, self.ldb, self.ldc, self.stride_a, self.stride_b, self.flags]
+
+
+def _layout(value: ir.Value, what: str, op: ir.Operation) -> tuple[list[int], list[int]]:
+    t = ir.MemRefType(value.type)
+    if not t.has_static_shape:
+        raise PassError(f"{op.location}: {what} of a BRGEMM tile has a dynamic shape ({t})")
+    strides, _ = t.get_strides_and_offset()
+    if ir.ShapedType.get_dynamic_stride_or_offset() in strides:
+        raise PassError(f"{op.location}: {what} of a BRGEMM tile has dynamic strides ({t})")
+    return list(t.shape), list(strides)
+
+
+def _describe(op: ir.Operation) -> _Desc:
+    kind = ir.StringAttr(op.attributes[ds.BRGEMM_ATTR]).value
+    a, b, c = op.operands[0], op.operands[1], op.operands[2]
+    dtype = ds.element_name(a.type)
+    if dtype not in DTYPE or ds.element_name(b.type) != dtype or ds.element_name(c.type) != "f32":
+        raise PassError(f"{op.location}: BRGEMM tile with element types {a.type}, {b.type}, {c.type}")
+    (sa, ta), (sb, tb), (sc, tc) = (_layout(v, w, op) for v, w in ((a, "A"), (b, "B"), (c, "C")))
+
+    def require(cond: bool, why: str):
+        if not cond:
+            raise PassError(f"{op.location}: BRGEMM tile layout not supported: {why} "
+                            f"(A {a.type}, B {b.type}, C {c.type})")
+
+    if kind == "packed":
+        require(sc[2] == NB and tc[1:] == [NB, 1], "C must be [m, np, 32] with unit column stride")
+        m, n = sc[0], sc[1] * NB
+        if dtype == "f32":
+            require(ta[1] == 1 and tb[1:] == [NB, 1], "A rows and packed panels must be contiguous")
+            k = sa[1]
+        else:
+            require(ta[1:] == [2, 1] and tb[1:] == [2 * NB, 2, 1], "A pairs and VNNI panels must be contiguous")
+            k = 2 * sa[1]
+        return _Desc(DTYPE[dtype], m, n, k, ta[0], tb[0], tc[0], 0, 0, FLAG_B_PACKED)
+    if kind == "rowmajor":
+        if op.name == "linalg.batch_matmul":
+            require(sa[0] == 1 and sb[0] == 1 and sc[0] == 1, "a bmm tile must have a unit batch dim")
+            sa, ta, sb, tb, sc, tc = sa[1:], ta[1:], sb[1:], tb[1:], sc[1:], tc[1:]
+        require(ta[1] == 1 and tb[1] == 1 and tc[1] == 1, "operands need unit column strides")
+        return _Desc(DTYPE[dtype], sa[0], sc[1], sa[1], ta[0], tb[0], tc[0], 0, 0, 0)
+    raise PassError(f"{op.location}: unknown {ds.BRGEMM_ATTR} kind '{kind}'")
+
+
+def _validate(desc: _Desc, op: ir.Operation) -> None:
+    """Dispatch once now: the runtime's checks are ISA independent, so a description that
+    passes here cannot fail at run time."""
+    from lowbit.runtime import brgemm as bg
+
+    h = bg._lib().lowbit_brgemm_dispatch(desc.dtype, *desc.args())
+    if h < 0:
+        raise PassError(f"{op.location}: the runtime rejects BRGEMM {desc}: {bg._error(h)}")
+
+
+def _i64(v: int) -> ir.Value:
+    i64 = ir.IntegerType.get_signless(64)
+    return ir.Operation.create("arith.constant", results=[i64],
+                               attributes={"value": ir.IntegerAttr.get(i64, v)}).result
+
+
+def _i32(v: int) -> ir.Value:
+    i32 = ir.IntegerType.get_signless(32)
+    return ir.Operation.create("arith.constant", results=[i32],
+                               attributes={"value": ir.IntegerAttr.get(i32, v)}).result
+
+
+def _pointer_and_offset(value: ir.Value) -> tuple[ir.Value, ir.Value]:
+    i64 = ir.IntegerType.get_signless(64)
+    index = ir.IndexType.get()
+    t = ir.MemRefType(value.type)
+    base_type = ir.MemRefType.get([], t.element_type, memory_space=t.memory_space)
+    meta = ir.Operation.create("memref.extract_strided_metadata", results=[base_type] + [index] * (1 + 2 * t.rank),
+                               operands=[value])
+    ptr_index = ir.Operation.create("memref.extract_aligned_pointer_as_index", results=[index],
+                                    operands=[value]).result
+    ptr_int = ir.Operation.create("arith.index_cast", results=[i64], operands=[ptr_index]).result
+    ptr = ir.Operation.create("llvm.inttoptr", results=[ir.Type.parse("!llvm.ptr")], operands=[ptr_int]).result
+    offset = ir.Operation.create("arith.index_cast", results=[i64], operands=[meta.results[1]]).result
+    return ptr, offset
+
+
+def _declare(module: ir.Operation) -> None:
+    body = module.regions[0].blocks[0]
+    have = {ir.StringAttr(op.operation.attributes["sym_name"]).value
+            for op in body.operations if "sym_name" in op.operation.attributes}
+    sigs = {
+        DISPATCH: "(i32, i64, i64, i64, i64, i64, i64, i64, i64, i64) -> i64",
+        INVOKE: "(i64, !llvm.ptr, i64, !llvm.ptr, i64, !llvm.ptr, i64, i64) -> i32",
+    }
+    for name, sig in sigs.items():
+        if name in have:
+            continue
+        with ir.InsertionPoint.at_block_begin(body), ir.Location.unknown():
+            ir.Operation.create("func.func", attributes={
+                "sym_name": ir.StringAttr.get(name),
+                "function_type": ir.TypeAttr.get(ir.Type.parse(sig)),
+                "sym_visibility": ir.StringAttr.get("private")}, regions=1)
+
+
+def _call(name: str, args: list[ir.Value], result: ir.Type) -> ir.Value:
+    return ir.Operation.create("func.call", results=[result], operands=args,
+                               attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
+
+
+@register_pass
+@dataclasses.dataclass
+class DenseBrgemmCalls(ModulePass):
+    """Replace bufferized `lowbit.brgemm` tiles by hoisted dispatch + invoke runtime calls."""
+
+    NAME = "lowbit-dense-brgemm-calls"
+
+    def run(self, module: ir.Operation) -> None:
+        i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        any_tile = False
+        for f in ds.func_ops(module):
+            tiles = [op for op in ds.walk(f) if ds.BRGEMM_ATTR in op.attributes]
+            if not tiles:
+                continue
+            for op in tiles:
+                if any(isinstance(v.type, ir.RankedTensorType) for v in op.operands):
+                    raise PassError(f"{op.location}: {self.NAME} runs after bufferization; "
+                                    f"this BRGEMM tile still works on tensors")
+            any_tile = True
+            descs = [_describe(op) for op in tiles]
+            # Phase 1: constants and one dispatch per description at the top of the
+            # function, in order before its original first op (still alive here).
+            entry = f.regions[0].blocks[0]
+            top = ir.InsertionPoint.at_block_begin(entry)
+            consts: dict[tuple[int, int], ir.Value] = {}
+
+            def const(v: int, width: int = 64) -> ir.Value:
+                if (v, width) not in consts:
+                    with top, ir.Location.unknown():
+                        consts[(v, width)] = _i64(v) if width == 64 else _i32(v)
+                return consts[(v, width)]
+
+            handles: dict[_Desc, ir.Value] = {}
+            for op, desc in zip(tiles, descs):
+                if desc not in handles:
+                    _validate(desc, op)
+                    args = [const(desc.dtype, 32)] + [const(v) for v in desc.args()]
+                    with top, op.location:
+                        handles[desc] = _call(DISPATCH, args, i64)
+            one = const(1)
+            # Phase 2: each tile becomes an invoke on its pointers and offsets.
+            for op, desc in zip(tiles, descs):
+                with ir.InsertionPoint(op), op.location:
+                    (pa, oa), (pb, ob), (pc, oc) = (_pointer_and_offset(v) for v in op.operands[:3])
+                    _call(INVOKE, [handles[desc], pa, oa, pb, ob, pc, oc, one], i32)
+                op.erase()
+        if any_tile:
+            _declare(module)

@@ -1,0 +1,126 @@
+// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-dense-tile{threads=2 min-task-flops=0}, canonicalize)' | filecheck %s
+// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-dense-tile{tile-m=1 tile-n=32 threads=1}, canonicalize)' | filecheck %s --check-prefix=OPT
+// RUN: not lowbit-opt %s --pass-pipeline='builtin.module(lowbit-dense-tile{tile-m=-1})' 2>&1 | filecheck %s --check-prefix=BADOPT
+
+// BADOPT: options must be non-negative
+
+// A Linear weight (torch-mlir: linalg.transpose of a constant [N, K]) is packed at compile
+// time into [N/32, K, 32] panels: row k of panel 0 holds W[0..31, k], so the first packed
+// row is W's first column (0, 2, 4, ...) and the second its second column (1, 3, 5, ...).
+// CHECK-LABEL: func.func @linear_f32
+// CHECK-SAME: (%[[X:.+]]: tensor<4x2xf32>)
+// CHECK-DAG: %[[P:.+]] = arith.constant dense<{{\[\[\[}}0.000000e+00, 2.000000e+00, 4.000000e+00, {{.*}}6.200000e+01], [1.000000e+00, 3.000000e+00, {{.*}}6.300000e+01]]]> : tensor<1x2x32xf32>
+// CHECK-DAG: %[[FILL:.+]] = linalg.fill
+// CHECK-NOT: linalg.transpose
+// CHECK: %[[R:.+]] = scf.forall (%[[I:.+]]) in (4) shared_outs(%[[OUT:.+]] = %[[FILL]]) -> (tensor<4x1x32xf32>)
+// CHECK-DAG: %[[A:.+]] = tensor.extract_slice %[[X]][%[[I]], 0] [1, 2] [1, 1]
+// CHECK-DAG: %[[C:.+]] = tensor.extract_slice %[[OUT]][%[[I]], 0, 0] [1, 1, 32] [1, 1, 1]
+// CHECK: linalg.contract {{.*}}{lowbit.brgemm = "packed", lowbit.brgemm_tile = array<i64: 1, 32>} ins(%[[A]], %[[P]] : tensor<1x2xf32>, tensor<1x2x32xf32>) outs(%[[C]] : tensor<1x1x32xf32>)
+// CHECK: tensor.collapse_shape %[[R]] {{\[\[}}0], [1, 2]] : tensor<4x1x32xf32> into tensor<4x32xf32>
+// OPT-LABEL: func.func @linear_f32
+// OPT: scf.forall ({{.+}}) in (4)
+// OPT: lowbit.brgemm_tile = array<i64: 1, 32>
+func.func @linear_f32(%x: tensor<4x2xf32>) -> tensor<4x32xf32> {
+  %w = arith.constant dense<[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [8.0, 9.0], [10.0, 11.0], [12.0, 13.0], [14.0, 15.0], [16.0, 17.0], [18.0, 19.0], [20.0, 21.0], [22.0, 23.0], [24.0, 25.0], [26.0, 27.0], [28.0, 29.0], [30.0, 31.0], [32.0, 33.0], [34.0, 35.0], [36.0, 37.0], [38.0, 39.0], [40.0, 41.0], [42.0, 43.0], [44.0, 45.0], [46.0, 47.0], [48.0, 49.0], [50.0, 51.0], [52.0, 53.0], [54.0, 55.0], [56.0, 57.0], [58.0, 59.0], [60.0, 61.0], [62.0, 63.0]]> : tensor<32x2xf32>
+  %e = tensor.empty() : tensor<2x32xf32>
+  %wt = linalg.transpose ins(%w : tensor<32x2xf32>) outs(%e : tensor<2x32xf32>) permutation = [1, 0]
+  %zero = arith.constant 0.0 : f32
+  %o = tensor.empty() : tensor<4x32xf32>
+  %c = linalg.fill ins(%zero : f32) outs(%o : tensor<4x32xf32>) -> tensor<4x32xf32>
+  %r = linalg.matmul ins(%x, %wt : tensor<4x2xf32>, tensor<2x32xf32>) outs(%c : tensor<4x32xf32>) -> tensor<4x32xf32>
+  return %r : tensor<4x32xf32>
+}
+
+// -----
+
+// bf16: B is packed in VNNI pairs [N/32, K/2, 32, 2] and A is viewed as [M, K/2, 2].
+// CHECK-LABEL: func.func @bf16_constant_b
+// CHECK-SAME: (%[[X:.+]]: tensor<2x4xbf16>, %[[ACC:.+]]: tensor<2x32xf32>)
+// CHECK-DAG: %[[P:.+]] = arith.constant dense<{{.+}}> : tensor<1x2x32x2xbf16>
+// CHECK-DAG: %[[C3:.+]] = tensor.expand_shape %[[ACC]] {{\[\[}}0], [1, 2]] output_shape [2, 1, 32]
+// CHECK-DAG: %[[A3:.+]] = tensor.expand_shape %[[X]] {{\[\[}}0], [1, 2]] output_shape [2, 2, 2]
+// CHECK: scf.forall (%[[I:.+]]) in (2) shared_outs(%[[OUT:.+]] = %[[C3]])
+// CHECK: %[[A:.+]] = tensor.extract_slice %[[A3]][%[[I]], 0, 0] [1, 2, 2] [1, 1, 1]
+// CHECK: linalg.contract {{.*}}{lowbit.brgemm = "packed", {{.*}}} ins(%[[A]], %[[P]] : tensor<1x2x2xbf16>, tensor<1x2x32x2xbf16>) outs({{.+}} : tensor<1x1x32xf32>)
+func.func @bf16_constant_b(%x: tensor<2x4xbf16>, %acc: tensor<2x32xf32>) -> tensor<2x32xf32> {
+  %w = arith.constant dense<1.5> : tensor<4x32xbf16>
+  %r = linalg.matmul ins(%x, %w : tensor<2x4xbf16>, tensor<4x32xbf16>) outs(%acc : tensor<2x32xf32>) -> tensor<2x32xf32>
+  return %r : tensor<2x32xf32>
+}
+
+// -----
+
+// A matmul-like generic reading a constant B^T [N, K] is packed too (no transpose op).
+// CHECK-LABEL: func.func @generic_b_transposed
+// CHECK-NOT: linalg.generic
+// CHECK: %[[P:.+]] = arith.constant dense<2.000000e+00> : tensor<1x3x32xf32>
+// CHECK: linalg.contract {{.*}}{lowbit.brgemm = "packed", {{.*}}} ins(%{{.+}}, %[[P]] : tensor<1x3xf32>, tensor<1x3x32xf32>)
+// CHECK-NOT: linalg.generic
+func.func @generic_b_transposed(%x: tensor<1x3xf32>, %acc: tensor<1x32xf32>) -> tensor<1x32xf32> {
+  %w = arith.constant dense<2.0> : tensor<32x3xf32>
+  %r = linalg.generic {indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>], iterator_types = ["parallel", "parallel", "reduction"]} ins(%x, %w : tensor<1x3xf32>, tensor<32x3xf32>) outs(%acc : tensor<1x32xf32>) {
+  ^bb0(%a: f32, %b: f32, %c: f32):
+    %p = arith.mulf %a, %b : f32
+    %s = arith.addf %c, %p : f32
+    linalg.yield %s : f32
+  } -> tensor<1x32xf32>
+  return %r : tensor<1x32xf32>
+}
+
+// -----
+
+// Activations x activations (bmm): tiles of the named op over batch, M and N, B row-major.
+// CHECK-LABEL: func.func @bmm_activations
+// CHECK-SAME: (%[[X:.+]]: tensor<2x4x8xf32>, %[[Y:.+]]: tensor<2x8x16xf32>, %[[C:.+]]: tensor<2x4x16xf32>)
+// CHECK: scf.forall (%[[B:.+]], %[[I:.+]]) in (2, 2) shared_outs(%[[OUT:.+]] = %[[C]])
+// CHECK: tensor.extract_slice %[[Y]][%[[B]], 0, 0] [1, 8, 16] [1, 1, 1]
+// CHECK: linalg.batch_matmul {lowbit.brgemm = "rowmajor", lowbit.brgemm_tile = array<i64: 2, 16>} ins({{.+}} : tensor<1x2x8xf32>, tensor<1x8x16xf32>) outs({{.+}} : tensor<1x2x16xf32>)
+func.func @bmm_activations(%x: tensor<2x4x8xf32>, %y: tensor<2x8x16xf32>, %c: tensor<2x4x16xf32>) -> tensor<2x4x16xf32> {
+  %r = linalg.batch_matmul ins(%x, %y : tensor<2x4x8xf32>, tensor<2x8x16xf32>) outs(%c : tensor<2x4x16xf32>) -> tensor<2x4x16xf32>
+  return %r : tensor<2x4x16xf32>
+}
+
+// -----
+
+// Edge: N = 17 is not a multiple of the panel width, so the constant is not packed and
+// the matmul is tiled with B row-major; M = 1 (a GEMV) still becomes one BRGEMM tile.
+// CHECK-LABEL: func.func @odd_n_gemv
+// CHECK-NOT: tensor<1x3x32xf32>
+// CHECK: linalg.matmul {lowbit.brgemm = "rowmajor", lowbit.brgemm_tile = array<i64: 1, 17>}
+// CHECK-SAME: ins({{.+}} : tensor<1x3xf32>, tensor<3x17xf32>) outs({{.+}} : tensor<1x17xf32>)
+func.func @odd_n_gemv(%x: tensor<1x3xf32>, %acc: tensor<1x17xf32>) -> tensor<1x17xf32> {
+  %w = arith.constant dense<1.0> : tensor<3x17xf32>
+  %r = linalg.matmul ins(%x, %w : tensor<1x3xf32>, tensor<3x17xf32>) outs(%acc : tensor<1x17xf32>) -> tensor<1x17xf32>
+  return %r : tensor<1x17xf32>
+}
+
+// -----
+
+// Negative: the pass must not fire on dynamic shapes, f16, integer matmuls, an f32 result
+// of mixed inputs, or a generic whose B^T is not a constant.
+// CHECK-LABEL: func.func @not_matched
+// CHECK-NOT: scf.forall
+// CHECK-NOT: lowbit.brgemm
+// CHECK: linalg.matmul ins({{.+}} : tensor<?x8xf32>, tensor<8x32xf32>)
+// CHECK: linalg.matmul ins({{.+}} : tensor<4x8xf16>, tensor<8x32xf16>)
+// CHECK: linalg.matmul ins({{.+}} : tensor<4x8xi32>, tensor<8x32xi32>)
+// CHECK: linalg.matmul ins({{.+}} : tensor<4x8xbf16>, tensor<8x32xf32>)
+// CHECK: linalg.generic
+func.func @not_matched(%d: tensor<?x8xf32>, %cd: tensor<?x32xf32>, %h: tensor<4x8xf16>, %hb: tensor<8x32xf16>,
+                       %ch: tensor<4x32xf16>, %i: tensor<4x8xi32>, %ib: tensor<8x32xi32>, %ci: tensor<4x32xi32>,
+                       %mx: tensor<4x8xbf16>, %mb: tensor<8x32xf32>, %c: tensor<4x32xf32>, %bt: tensor<32x8xf32>)
+    -> (tensor<?x32xf32>, tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<4x32xf32>) {
+  %w = arith.constant dense<1.0> : tensor<8x32xf32>
+  %0 = linalg.matmul ins(%d, %w : tensor<?x8xf32>, tensor<8x32xf32>) outs(%cd : tensor<?x32xf32>) -> tensor<?x32xf32>
+  %1 = linalg.matmul ins(%h, %hb : tensor<4x8xf16>, tensor<8x32xf16>) outs(%ch : tensor<4x32xf16>) -> tensor<4x32xf16>
+  %2 = linalg.matmul ins(%i, %ib : tensor<4x8xi32>, tensor<8x32xi32>) outs(%ci : tensor<4x32xi32>) -> tensor<4x32xi32>
+  %3 = linalg.matmul ins(%mx, %mb : tensor<4x8xbf16>, tensor<8x32xf32>) outs(%c : tensor<4x32xf32>) -> tensor<4x32xf32>
+  %x = tensor.extract_slice %d[0, 0] [4, 8] [1, 1] : tensor<?x8xf32> to tensor<4x8xf32>
+  %4 = linalg.generic {indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>], iterator_types = ["parallel", "parallel", "reduction"]} ins(%x, %bt : tensor<4x8xf32>, tensor<32x8xf32>) outs(%c : tensor<4x32xf32>) {
+  ^bb0(%a: f32, %b: f32, %o: f32):
+    %p = arith.mulf %a, %b : f32
+    %s = arith.addf %o, %p : f32
+    linalg.yield %s : f32
+  } -> tensor<4x32xf32>
+  return %0, %1, %2, %3, %4 : tensor<?x32xf32>, tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<4x32xf32>
+}
