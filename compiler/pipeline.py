@@ -88,12 +88,15 @@ TORCH_TO_LINALG = [
 # The lowbit stage: passes over linalg on tensors, in order. Each entry is one pipeline
 # element (a lowbit pass with options, or an upstream pass).
 LOWBIT_PASSES = [
+    # Recognise low-bit matmuls: constant weights that are exactly low-bit (fp or
+    # dequantized from packed codes) become qlinear calls, then a verified per-token int8
+    # activation quantization around them is absorbed. Before elementwise fusion, which
+    # would merge the activation quantization into the matmul's body.
+    "lowbit-recognize-lowbit-weights",
+    "lowbit-recognize-act-quant",
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
-    # Recognise low-bit matmuls: constant weights that are exactly low-bit (fp or
-    # dequantized from packed codes) become qlinear calls.
-    "lowbit-recognize-lowbit-weights",
     # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
     # matmul passes: these tile whatever linalg ops are still left at function level.
     "linalg-fold-unit-extent-dims",

@@ -30,17 +30,13 @@ option `activations=int8` opts in to dynamic int8 activation quantization.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 import numpy as np
 from torch_mlir import ir
 
-from lowbit.passes.interp import (
-    InterpError, Interpreter, affine_maps, defining_op, dim_position, iterator_kinds, static_shape,
-)
+from lowbit.passes.interp import InterpError, Interpreter, static_shape
 from lowbit.passes.lib_recognize import (
-    DEFAULT_FORMATS, DEFAULT_GROUP_SIZES, Contraction, erase_dead, find_exact_format, is_zero_init,
-    match_contraction, parse_formats, weight_matrix, weight_origin,
+    DEFAULT_FORMATS, DEFAULT_GROUP_SIZES, Contraction, bias_after, erase_dead, find_exact_format,
+    is_zero_init, match_contraction, parse_formats, weight_matrix, weight_origin,
 )
 from lowbit.passes.qlinear import QLinearWeights, add_report_entry, build_qlinear_function, emit_qlinear_call
 from lowbit.passes.registry import ModulePass, register_pass
@@ -112,7 +108,7 @@ class RecognizeLowbitWeights(ModulePass):
         result = c.result
         bias, bias_op = (None, None)
         if self.absorb_bias and y_elem == "f32":
-            bias, bias_op = _bias_after(result, c.n)
+            bias, bias_op = bias_after(result, c.n)
         weights = QLinearWeights(
             qw.q.numpy().astype(np.int8),
             qw.scales.numpy().astype(np.float32),
@@ -128,46 +124,3 @@ class RecognizeLowbitWeights(ModulePass):
                      function=ir.StringAttr(func.attributes["sym_name"]).value,
                      bias="absorbed" if bias is not None else "none")
 
-
-def _bias_after(result: ir.Value, n: int) -> tuple[Optional[np.ndarray], Optional[ir.Operation]]:
-    """If the matmul result's only use is `r + b[n]` with a constant b: (b as fp32, that op)."""
-    uses = list(result.uses)
-    if len(uses) != 1:
-        return None, None
-    op = uses[0].owner
-    op = op.operation if hasattr(op, "operation") else op
-    if op.name != "linalg.generic" or len(op.operands) != 3 or len(op.results) != 1:
-        return None, None
-    if op.results[0].type != result.type:
-        return None, None
-    maps, kinds = affine_maps(op), iterator_kinds(op)
-    rank = len(static_shape(result.type))
-    if any(k != "parallel" for k in kinds) or len(kinds) != rank:
-        return None, None
-    ident = list(range(rank))
-    pos = [[dim_position(e) for e in m.results] for m in maps]
-    operands = list(op.operands)
-    if operands[0] == result and pos[0] == ident:
-        bias_idx = 1
-    elif operands[1] == result and pos[1] == ident:
-        bias_idx = 0
-    else:
-        return None, None
-    if pos[2] != ident or pos[bias_idx] != [rank - 1]:
-        return None, None
-    block = op.regions[0].blocks[0]
-    body = [o.operation for o in block.operations]
-    if len(body) != 2 or body[0].name != "arith.addf" or body[1].operands[0] != body[0].results[0]:
-        return None, None
-    args = list(block.arguments)
-    # addf is commutative bit for bit (IEEE), so either operand order is the same sum.
-    if not ((body[0].operands[0] == args[0] and body[0].operands[1] == args[1])
-            or (body[0].operands[0] == args[1] and body[0].operands[1] == args[0])):
-        return None, None
-    try:
-        b = Interpreter().value(operands[bias_idx])
-    except InterpError:
-        return None, None
-    if b.shape != (n,):
-        return None, None
-    return np.asarray(b, dtype=np.float32), op
