@@ -134,6 +134,25 @@ def _is_mul_add_body(op: ir.Operation, in_type: str) -> bool:
     return any(v == out_arg for v in add.operation.operands)
 
 
+def bf16_source(value: ir.Value) -> ir.Value | None:
+    """If `value` is an f32 tensor made by an elementwise `extf` of a bf16 tensor (how
+    torch-mlir lowers bf16 addmm), the bf16 tensor; else None."""
+    owner = value.owner
+    if isinstance(owner, ir.Block):
+        return None
+    owner = owner.operation if hasattr(owner, "operation") else owner
+    if owner.name != "linalg.generic" or len(owner.operands) != 2:
+        return None
+    maps = _maps(owner)
+    if not all(m.is_permutation and str(m) == str(ir.AffineMap.get_identity(m.n_dims)) for m in maps):
+        return None
+    names = [o.operation.name for o in owner.regions[0].blocks[0].operations]
+    src = owner.operands[0]
+    if names != ["arith.extf", "linalg.yield"] or element_name(src.type) != "bf16":
+        return None
+    return src
+
+
 def match_matmul(op: ir.Operation) -> Matmul | None:
     """The matmul `op` computes, if it is one the BRGEMM kernels run; else None.
 
@@ -168,6 +187,12 @@ def match_matmul(op: ir.Operation) -> Matmul | None:
     kind = canon.get(tuple(maps))
     if kind is None:
         return None
+    if ta == "f32":
+        # f32 products of bf16 values are exact, so a bf16 kernel on the sources (f32
+        # accumulation) computes the same matmul without materialising f32 copies.
+        sa, sb = bf16_source(a), bf16_source(b)
+        if sa is not None and sb is not None:
+            a, b, ta = sa, sb, "bf16"
     if kind[0] == "bmm":
         (bs, m, k), (_, _, n) = shapes[0], shapes[1]
         return Matmul(op, a, b, c, bs, m, n, k, ta, False)

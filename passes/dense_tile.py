@@ -3,7 +3,9 @@
 Matches (see `dense_support.match_matmul`) `linalg.matmul`, `linalg.batch_matmul` and
 matmul-like `linalg.generic` (C[m, n] += A[m, k] * B[k, n] or * B^T[n, k]) with static
 shapes, A and B both f32 or both bf16, and an f32 accumulator (torch-mlir's form of
-aten.mm / addmm / bmm / linear; bf16 results are truncated by a separate op).
+aten.mm / addmm / bmm / linear; bf16 results are truncated by a separate op). An f32
+matmul of two elementwise `extf`s of bf16 tensors (torch-mlir's bf16 addmm) is treated
+as the bf16 matmul of the sources, which is the same computation.
 
 Produces, for a matmul whose B is a compile-time constant (directly, or through the
 `linalg.transpose` torch-mlir puts on a Linear weight, or as B^T of a generic) with
@@ -160,9 +162,19 @@ class DenseTile(ModulePass):
         mm = plan.mm
         tile_attr = ir.DenseI64ArrayAttr.get([plan.tile_m, plan.tile_n])
         if plan.packed is None:
-            mm.op.attributes[ds.BRGEMM_ATTR] = ir.StringAttr.get("rowmajor")
-            mm.op.attributes["lowbit.brgemm_tile"] = tile_attr
-            return mm.op
+            op = mm.op
+            if mm.a != op.operands[0] or mm.b != op.operands[1]:
+                # Operands were looked through (bf16 -> f32 extf): rebuild the named op
+                # on the bf16 sources; its region extends them to f32.
+                build = linalg.batch_matmul if op.name == "linalg.batch_matmul" else linalg.matmul
+                with ir.InsertionPoint(op), op.location:
+                    new = build(mm.a, mm.b, outs=[mm.c]).owner
+                op.results[0].replace_all_uses_with(new.results[0])
+                op.erase()
+                op = new
+            op.attributes[ds.BRGEMM_ATTR] = ir.StringAttr.get("rowmajor")
+            op.attributes["lowbit.brgemm_tile"] = tile_attr
+            return op
         with ir.InsertionPoint(mm.op), mm.op.location:
             op = _packed_contract(mm, plan.packed)
             op.attributes["lowbit.brgemm_tile"] = tile_attr

@@ -124,3 +124,35 @@ func.func @not_matched(%d: tensor<?x8xf32>, %cd: tensor<?x32xf32>, %h: tensor<4x
   } -> tensor<4x32xf32>
   return %0, %1, %2, %3, %4 : tensor<?x32xf32>, tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<4x32xf32>
 }
+
+// -----
+
+// torch-mlir's bf16 addmm: both operands extended to f32 before an f32 matmul. The pass
+// runs the bf16 matmul of the sources (exact products, f32 accumulation), so the weight
+// is packed as bf16 VNNI pairs and the activation is read as bf16.
+// CHECK-LABEL: func.func @bf16_addmm_form
+// CHECK-SAME: (%[[X:.+]]: tensor<2x4xbf16>, %[[ACC:.+]]: tensor<2x32xf32>)
+// CHECK: %[[P:.+]] = arith.constant dense<{{.+}}> : tensor<1x2x32x2xbf16>
+// CHECK: %[[A3:.+]] = tensor.expand_shape %[[X]]
+// CHECK: linalg.contract {{.*}}ins({{.+}}, %[[P]] : tensor<1x2x2xbf16>, tensor<1x2x32x2xbf16>)
+// CHECK-NOT: arith.extf
+#id = affine_map<(d0, d1) -> (d0, d1)>
+func.func @bf16_addmm_form(%x: tensor<2x4xbf16>, %acc: tensor<2x32xf32>) -> tensor<2x32xf32> {
+  %w = arith.constant dense<0.5> : tensor<32x4xbf16>
+  %e = tensor.empty() : tensor<4x32xbf16>
+  %wt = linalg.transpose ins(%w : tensor<32x4xbf16>) outs(%e : tensor<4x32xbf16>) permutation = [1, 0]
+  %ex = tensor.empty() : tensor<2x4xf32>
+  %xf = linalg.generic {indexing_maps = [#id, #id], iterator_types = ["parallel", "parallel"]} ins(%x : tensor<2x4xbf16>) outs(%ex : tensor<2x4xf32>) {
+  ^bb0(%in: bf16, %out: f32):
+    %v = arith.extf %in : bf16 to f32
+    linalg.yield %v : f32
+  } -> tensor<2x4xf32>
+  %ew = tensor.empty() : tensor<4x32xf32>
+  %wf = linalg.generic {indexing_maps = [#id, #id], iterator_types = ["parallel", "parallel"]} ins(%wt : tensor<4x32xbf16>) outs(%ew : tensor<4x32xf32>) {
+  ^bb0(%in: bf16, %out: f32):
+    %v = arith.extf %in : bf16 to f32
+    linalg.yield %v : f32
+  } -> tensor<4x32xf32>
+  %r = linalg.matmul ins(%xf, %wf : tensor<2x4xf32>, tensor<4x32xf32>) outs(%acc : tensor<2x32xf32>) -> tensor<2x32xf32>
+  return %r : tensor<2x32xf32>
+}
