@@ -221,9 +221,39 @@ def _search(w, formats, group_sizes, act_format):
     wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     for spec in candidate_specs(w.shape[0], w.shape[1], formats, group_sizes, act_format):
         qw = exact_representation(wt, spec)
+        if qw is None and not spec.format.asymmetric:
+            qw = _exact_by_smallest_step(w, spec)
         if qw is not None:
             return spec, qw
     return None
+
+
+def _exact_by_smallest_step(w: np.ndarray, spec: LowBitSpec) -> Optional[QuantizedWeight]:
+    """Symmetric formats: scale = the smallest non-zero |w| of each group.
+
+    Complements `exact_representation`, whose candidates need a group to hold an end
+    value of the format (e.g. -8 or 7 for int4): dequantized codes that never reach the
+    ends still contain the step +-s whenever they contain a +-1 code."""
+    n, k = w.shape
+    width = k * n if spec.granularity == "tensor" else spec.group_width
+    groups = -(-k // width) if spec.granularity != "tensor" else 1
+    flat = w.reshape(1, n * k) if spec.granularity == "tensor" else w
+    rows = flat.shape[0]
+    pad = groups * width - flat.shape[1]
+    padded = np.pad(np.abs(flat), ((0, 0), (0, pad)), constant_values=np.inf).reshape(rows, groups, width)
+    nonzero = np.where(padded > 0, padded, np.inf)
+    s = nonzero.min(axis=-1).astype(np.float32)
+    s[~np.isfinite(s)] = 1.0
+    s_full = np.repeat(s, width, axis=1)[:, : flat.shape[1]]
+    with np.errstate(all="ignore"):
+        q = np.rint(flat / s_full)
+    values = np.array(spec.format.values)
+    if not np.isin(q, values).all():
+        return None
+    if not np.array_equal((q.astype(np.float32) * s_full).astype(np.float32), flat):
+        return None
+    q = q.astype(np.int8).reshape(n, k)
+    return QuantizedWeight(torch.from_numpy(q), torch.from_numpy(s.reshape(spec.scale_shape).copy()), None)
 
 
 def bias_after(result: ir.Value, n: int) -> tuple[Optional[np.ndarray], Optional[ir.Operation]]:
