@@ -57,6 +57,7 @@ _T_TO_DTYPE = {v: k for k, v in _DTYPE_TO_T.items()}
 F_BETA1, F_BIAS, F_ASCALE_PER_BLOCK = 1, 2, 4
 
 E_QRANGE = 32  # LOWBIT_E_QRANGE: only lowbit_qpack returns it
+MAX_INT8_KBLOCK = 65536  # largest K-block int8-activation tiles accept (exact int32 sums)
 
 
 class QGemmError(RuntimeError):
@@ -176,7 +177,8 @@ def default_kblock(fmt: str, k: int, group: int) -> int:
     kg = FORMAT_INFO[fmt].k_granule
     if group < k:
         return group
-    return -(-k // kg) * kg
+    # One K-block per row, up to the int8 kernels' exactness limit on a K-block.
+    return min(-(-k // kg) * kg, MAX_INT8_KBLOCK)
 
 
 def pack_weight(q, scale, fmt: str, *, group: int | None = None, zero=None,

@@ -88,16 +88,22 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     const int8_t* x = static_cast<const int8_t*>(g.a) + m0 * lda + i * d.stride_a;
     const float* scale = reinterpret_cast<const float*>(w + cb);
     const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       __m256i acc[MB][4];
+#pragma GCC unroll 8
       for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
       for (int64_t s = 0; s < steps; ++s)
+#pragma GCC unroll 2
         for (int h = 0; h < kSubSteps<BITS>; ++h) {
           const uint8_t* p = w + s * kStepBytes<BITS>;
           const int64_t k = s * f.kg + 4 * h;
+#pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) {
             const __m256i v = decode<BITS>(p, h, half, j);
+#pragma GCC unroll 8
             for (int r = 0; r < MB; ++r) {
               int32_t xs;
               memcpy(&xs, x + r * lda + k, 4);
@@ -105,10 +111,12 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
             }
           }
         }
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const int64_t c0 = 16 * j + 8 * half;
         const __m256 sc = _mm256_loadu_ps(scale + c0);
         const __m256i of = _mm256_loadu_si256((const __m256i*)(off + c0));
+#pragma GCC unroll 8
         for (int r = 0; r < MB; ++r) {
           __m256i t = acc[r][j];
           if (f.a == 2) t = _mm256_slli_epi32(t, 1);
@@ -122,6 +130,7 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
       }
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r)
     store_row(d, g, m0 + r, n0, per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], tile[r]);
 }
@@ -147,35 +156,45 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     const int64_t x0 = m0 * lda + i * d.stride_a;
     const float* scale = reinterpret_cast<const float*>(w + cb);
     const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       __m256 acc[MB][4];
+#pragma GCC unroll 8
       for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const __m256 corr =
             _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(off + 16 * j + 8 * half)));
         for (int64_t s = 0; s < steps; ++s)
+#pragma GCC unroll 2
           for (int h = 0; h < kSubSteps<BITS>; ++h) {
             const __m256i v = decode<BITS>(w + s * kStepBytes<BITS>, h, half, j);
             const int64_t k = s * f.kg + 4 * h;
+#pragma GCC unroll 4
             for (int t = 0; t < 4; ++t) {
               const __m256i u = _mm256_and_si256(_mm256_srli_epi32(v, 8 * t), m255);
               const __m256 wt = _mm256_fmsub_ps(_mm256_cvtepi32_ps(u), va, corr);
+#pragma GCC unroll 8
               for (int r = 0; r < MB; ++r)
                 acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(act_at<BF16>(g.a, x0 + r * lda + k + t)),
                                             wt, acc[r][j]);
             }
           }
       }
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const int64_t c0 = 16 * j + 8 * half;
         const __m256 sc = _mm256_loadu_ps(scale + c0);
+#pragma GCC unroll 8
         for (int r = 0; r < MB; ++r)
           _mm256_store_ps(&tile[r][c0],
                           _mm256_fmadd_ps(acc[r][j], sc, _mm256_load_ps(&tile[r][c0])));
       }
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) store_row(d, g, m0 + r, n0, 1.0f, tile[r]);
 }
 

@@ -45,8 +45,48 @@ LB_INLINE void decode(const uint8_t* p, int h, __m512i v[4]) {
     v[2] = _mm512_and_si512(x1, m15);
     v[3] = _mm512_and_si512(_mm512_srli_epi16(x1, 4), m15);
   } else {
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_si512(p + 64 * j);
   }
+}
+
+// The int8 path's decode skips the shifts: vector j keeps its codes at their bit position,
+// u * 2^shift, and its accumulators are shifted back (exactly) at the flush. That is 4 ANDs
+// per 4-k sub-step for 2-bit instead of 3 shifts + 4 ANDs, which is what bounds GEMV-shaped
+// tiles. |sum| * 2^shift stays below 2^31 for kblock <= 65536 (dispatch enforces it).
+template <int BITS>
+LB_INLINE void decode_scaled(const uint8_t* p, int h, __m512i v[4]) {
+  if constexpr (BITS == 1) {
+    __m512i x = _mm512_loadu_si512(p);
+    if (h) x = _mm512_srli_epi16(x, 4);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_and_si512(x, _mm512_set1_epi8(char(1 << j)));
+  } else if constexpr (BITS == 2) {
+    const __m512i x = _mm512_loadu_si512(p);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_and_si512(x, _mm512_set1_epi8(char(3 << (2 * j))));
+  } else if constexpr (BITS == 4) {
+    const __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
+    const __m512i lo = _mm512_set1_epi8(0x0f), hi = _mm512_set1_epi8(char(0xf0));
+    v[0] = _mm512_and_si512(x0, lo);
+    v[1] = _mm512_and_si512(x0, hi);
+    v[2] = _mm512_and_si512(x1, lo);
+    v[3] = _mm512_and_si512(x1, hi);
+  } else {
+    decode<BITS>(p, h, v);
+  }
+}
+
+template <int BITS, bool SCALED>
+LB_INLINE void decode_int8(const uint8_t* p, int h, __m512i v[4]) {
+  if constexpr (SCALED) decode_scaled<BITS>(p, h, v);
+  else decode<BITS>(p, h, v);
+}
+
+// Bit position of vector j's codes after decode_scaled.
+template <int BITS>
+constexpr int field_shift(int j) {
+  return BITS == 1 ? j : BITS == 2 ? 2 * j : BITS == 4 ? 4 * (j % 2) : 0;
 }
 
 template <int BITS>
@@ -65,6 +105,7 @@ LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, 
                          const float* tile_row) {
   const int64_t nvalid = std::min<int64_t>(NB, d.n - n0);
   const __m512 vinv = _mm512_set1_ps(inv);
+#pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
     const __mmask16 mk = lane_mask(nvalid - 16 * j);
     if (!mk) break;
@@ -87,64 +128,81 @@ LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, 
 template <int BITS, int MB>
 void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
   constexpr int U = MB <= 2 ? 2 : 1;  // independent accumulator sets to hide vpdpbusd latency
+  // Scaled decode needs a mask register per field; with 6 rows the 24 accumulators leave
+  // no room for them, and GEMM-shaped tiles amortize the decode anyway.
+  constexpr bool kScaled = MB <= 4;
   const Format& f = d.f;
   const int64_t kb = d.kblock, cb = codes_bytes(f, kb), steps = kb / f.kg;
   const int64_t lda = d.lda;
   const bool per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
   const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
   alignas(64) float tile[MB][NB];
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm512_store_ps(&tile[r][16 * j], _mm512_setzero_ps());
 
   for (int64_t i = 0; i < g.count; ++i) {
     const uint8_t* w = nblock + i * d.stride_b;
     const int8_t* x = static_cast<const int8_t*>(g.a) + m0 * lda + i * d.stride_a;
+    // Every loop touching acc is fully unrolled so the accumulators live in registers.
     __m512i acc[U][MB][4];
+#pragma GCC unroll 2
     for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
       for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) acc[u][r][j] = _mm512_setzero_si512();
 
-    auto substep = [&](const __m512i v[4], int64_t k, int u) __attribute__((always_inline)) {
-      for (int r = 0; r < MB; ++r) {
-        int32_t xs;
-        memcpy(&xs, x + r * lda + k, 4);
-        const __m512i xb = _mm512_set1_epi32(xs);
-        for (int j = 0; j < 4; ++j) acc[u][r][j] = _mm512_dpbusd_epi32(acc[u][r][j], v[j], xb);
-      }
-    };
+    // One 4-k sub-step: broadcast 4 activation bytes per row, 4 vpdpbusd per row.
+#define LB_SUBSTEP(V, K, SET)                                                          \
+  _Pragma("GCC unroll 8") for (int r = 0; r < MB; ++r) {                               \
+    int32_t xs;                                                                        \
+    memcpy(&xs, x + r * lda + (K), 4);                                                 \
+    const __m512i xb = _mm512_set1_epi32(xs);                                          \
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[SET][r][j] =               \
+        _mm512_dpbusd_epi32(acc[SET][r][j], V[j], xb);                                 \
+  }
     int64_t s = 0;
     if constexpr (BITS == 1) {
       for (; s < steps; ++s) {
-        __m512i v[4];
+        __m512i v0[4], v1[4];
         const uint8_t* p = w + s * kStepBytes<BITS>;
-        decode<BITS>(p, 0, v);
-        substep(v, s * 8, 0);
-        decode<BITS>(p, 1, v);
-        substep(v, s * 8 + 4, U - 1);
+        decode_int8<BITS, kScaled>(p, 0, v0);
+        decode_int8<BITS, kScaled>(p, 1, v1);
+        LB_SUBSTEP(v0, s * 8, 0)
+        LB_SUBSTEP(v1, s * 8 + 4, U - 1)
       }
-    } else {
-      for (; s + U <= steps; s += U)
-        for (int u = 0; u < U; ++u) {
-          __m512i v[4];
-          decode<BITS>(w + (s + u) * kStepBytes<BITS>, 0, v);
-          substep(v, (s + u) * 4, u);
-        }
-      for (; s < steps; ++s) {
-        __m512i v[4];
-        decode<BITS>(w + s * kStepBytes<BITS>, 0, v);
-        substep(v, s * 4, 0);
+    } else if constexpr (U == 2) {
+      for (; s + 2 <= steps; s += 2) {
+        __m512i v0[4], v1[4];
+        decode_int8<BITS, kScaled>(w + s * kStepBytes<BITS>, 0, v0);
+        decode_int8<BITS, kScaled>(w + (s + 1) * kStepBytes<BITS>, 0, v1);
+        LB_SUBSTEP(v0, s * 4, 0)
+        LB_SUBSTEP(v1, s * 4 + 4, 1)
       }
     }
+    if constexpr (BITS != 1) {
+      for (; s < steps; ++s) {
+        __m512i v0[4];
+        decode_int8<BITS, kScaled>(w + s * kStepBytes<BITS>, 0, v0);
+        LB_SUBSTEP(v0, s * 4, 0)
+      }
+    }
+#undef LB_SUBSTEP
 
     // Flush: t = a*acc - (offset + z)*rowsum exactly in int32, then scale into the fp32 tile.
     const float* scale = reinterpret_cast<const float*>(w + cb);
     const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const __m512 sc = _mm512_loadu_ps(scale + 16 * j);
       const __m512i of = _mm512_loadu_si512(off + 16 * j);
+#pragma GCC unroll 8
       for (int r = 0; r < MB; ++r) {
         __m512i t = acc[0][r][j];
         if constexpr (U == 2) t = _mm512_add_epi32(t, acc[1][r][j]);
+        if (kScaled && field_shift<BITS>(j)) t = _mm512_srai_epi32(t, field_shift<BITS>(j));
         if (f.a == 2) t = _mm512_slli_epi32(t, 1);
         const int64_t ai = (m0 + r) * d.ld_aux + i;
         t = _mm512_sub_epi32(t, _mm512_mullo_epi32(of, _mm512_set1_epi32(g.a_sum[ai])));
@@ -155,6 +213,7 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
       }
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r)
     store_row(d, g, m0 + r, n0, per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], tile[r]);
 }
@@ -176,7 +235,9 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
   const __m512 va = _mm512_set1_ps(float(f.a));
   const __m512i m255 = _mm512_set1_epi32(255);
   alignas(64) float tile[MB][NB];
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm512_store_ps(&tile[r][16 * j], _mm512_setzero_ps());
 
   for (int64_t i = 0; i < g.count; ++i) {
@@ -185,31 +246,41 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     const float* scale = reinterpret_cast<const float*>(w + cb);
     const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
     __m512 corr[4], acc[MB][4];
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) corr[j] = _mm512_cvtepi32_ps(_mm512_loadu_si512(off + 16 * j));
+#pragma GCC unroll 8
     for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
 
     for (int64_t s = 0; s < steps; ++s)
+#pragma GCC unroll 2
       for (int h = 0; h < kSubSteps<BITS>; ++h) {
         __m512i v[4];
         decode<BITS>(w + s * kStepBytes<BITS>, h, v);
         const int64_t k = s * f.kg + 4 * h;
+#pragma GCC unroll 4
         for (int t = 0; t < 4; ++t)
+#pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) {
             const __m512i uj = _mm512_and_si512(_mm512_srli_epi32(v[j], 8 * t), m255);
             const __m512 wj = _mm512_fmsub_ps(_mm512_cvtepi32_ps(uj), va, corr[j]);
+#pragma GCC unroll 8
             for (int r = 0; r < MB; ++r)
               acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(act_at<BF16>(g.a, x0 + r * lda + k + t)),
                                           wj, acc[r][j]);
           }
       }
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const __m512 sc = _mm512_loadu_ps(scale + 16 * j);
+#pragma GCC unroll 8
       for (int r = 0; r < MB; ++r)
         _mm512_store_ps(&tile[r][16 * j],
                         _mm512_fmadd_ps(acc[r][j], sc, _mm512_load_ps(&tile[r][16 * j])));
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) store_row(d, g, m0 + r, n0, 1.0f, tile[r]);
 }
 

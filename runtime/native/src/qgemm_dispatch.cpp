@@ -14,6 +14,7 @@ using namespace lowbit::q;
 namespace {
 
 constexpr int kMaxKernels = 4096;
+constexpr int64_t kMaxInt8KBlock = 65536;
 
 Desc g_table[kMaxKernels];
 std::atomic<int> g_size{0};
@@ -59,6 +60,8 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
     return -LOWBIT_E_UNSUPPORTED;
   if (m <= 0 || n <= 0 || kblock <= 0 || ld_aux <= 0) return -LOWBIT_E_SHAPE;
   if (kblock % d.f.kg != 0) return -LOWBIT_E_ALIGNMENT;
+  // int8 K-block sums must stay exact in int32 with the AVX-512 path's scaled codes.
+  if (atype == LOWBIT_QT_INT8 && kblock > kMaxInt8KBlock) return -LOWBIT_E_SHAPE;
   if (lda < kblock || stride_a < kblock || ldc < n) return -LOWBIT_E_LEADING_DIM;
   if (stride_b < kblock_bytes(d.f, kblock)) return -LOWBIT_E_LEADING_DIM;
   if (n > NB && ldb < stride_b) return -LOWBIT_E_LEADING_DIM;
