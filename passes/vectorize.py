@@ -122,7 +122,8 @@ class Vectorize(ModulePass):
         if info is None or info.rank == 0:
             return None
         lanes = self.lanes(op)
-        flatten = (self.flatten and info.rank > 1 and all(it == "parallel" for it in info.iterators)
+        flatten = (self.flatten and op.name == "linalg.generic" and info.rank > 1
+                   and all(it == "parallel" for it in info.iterators)
                    and all(r is not None for r in info.ranges)
                    and all(len(m.results) == 0 or m == ir.AffineMap.get_identity(info.rank) for m in info.maps))
         ranges = [_prod(info.ranges)] if flatten else list(info.ranges)

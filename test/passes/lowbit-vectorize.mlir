@@ -1,0 +1,82 @@
+// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-vectorize{vector-bits=512 unroll=1}, canonicalize, cse)' | filecheck %s
+
+// An elementwise op with a tail: 17 = 16 + 1 -> one full vector, one masked remainder.
+// CHECK-LABEL: func.func @add_tail
+// CHECK-SAME: (%[[A:.+]]: tensor<3x17xf32>, %[[B:.+]]: tensor<3x17xf32>)
+// CHECK: %[[FLAT_A:.+]] = tensor.collapse_shape %[[A]]
+// CHECK: scf.for
+// CHECK:   %[[VA:.+]] = vector.transfer_read %{{.+}} : tensor<16xf32>, vector<16xf32>
+// CHECK:   %[[VB:.+]] = vector.transfer_read %{{.+}} : tensor<16xf32>, vector<16xf32>
+// CHECK:   %[[S:.+]] = arith.addf %[[VA]], %[[VB]] : vector<16xf32>
+// CHECK:   vector.transfer_write %[[S]]
+// CHECK: %[[M:.+]] = vector.constant_mask [3] : vector<16xi1>
+// CHECK: vector.transfer_read %{{.+}}, %[[M]]
+// CHECK: vector.transfer_write %{{.+}}, %[[M]]
+// CHECK-NOT: linalg.generic
+func.func @add_tail(%a: tensor<3x17xf32>, %b: tensor<3x17xf32>) -> tensor<3x17xf32> {
+  %e = tensor.empty() : tensor<3x17xf32>
+  %r = linalg.add ins(%a, %b : tensor<3x17xf32>, tensor<3x17xf32>) outs(%e : tensor<3x17xf32>) -> tensor<3x17xf32>
+  return %r : tensor<3x17xf32>
+}
+
+// -----
+
+// A row reduction over 4097 elements: 256 full vectors and a masked tail, per row.
+// CHECK-LABEL: func.func @row_max
+// CHECK: scf.for %[[ROW:.+]] = %c0 to %c5 step %c1
+// CHECK:   scf.for %{{.+}} = %c0 to %c4096 step %c16
+// CHECK:     %[[V:.+]] = vector.transfer_read %{{.+}} : tensor<1x16xf32>, vector<16xf32>
+// CHECK:     vector.multi_reduction <maximumf>, %{{.+}} [1] : vector<1x16xf32> to vector<1xf32>
+// CHECK:   vector.mask %{{.+}} { vector.multi_reduction <maximumf>
+// CHECK-NOT: linalg.generic
+#id = affine_map<(d0, d1) -> (d0, d1)>
+#row = affine_map<(d0, d1) -> (d0)>
+func.func @row_max(%x: tensor<5x4097xf32>, %init: tensor<5xf32>) -> tensor<5xf32> {
+  %r = linalg.generic {indexing_maps = [#id, #row], iterator_types = ["parallel", "reduction"]}
+      ins(%x : tensor<5x4097xf32>) outs(%init : tensor<5xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %m = arith.maximumf %in, %out : f32
+    linalg.yield %m : f32
+  } -> tensor<5xf32>
+  return %r : tensor<5xf32>
+}
+
+// -----
+
+// Tiny shapes need no loop at all: a 1x1 fill and a 3-element bf16 op are single vectors.
+// CHECK-LABEL: func.func @tiny
+// CHECK-NOT: scf.for
+// CHECK: vector.transfer_write %{{.+}} : vector<1xf32>, tensor<1x1xf32>
+// CHECK: %[[R:.+]] = vector.transfer_read %{{.+}} : tensor<3xbf16>, vector<3xbf16>
+// CHECK: %[[N:.+]] = arith.negf %[[R]] : vector<3xbf16>
+// CHECK: vector.transfer_write %[[N]]
+func.func @tiny(%x: tensor<3xbf16>) -> (tensor<1x1xf32>, tensor<3xbf16>) {
+  %c = arith.constant 1.0 : f32
+  %e = tensor.empty() : tensor<1x1xf32>
+  %f = linalg.fill ins(%c : f32) outs(%e : tensor<1x1xf32>) -> tensor<1x1xf32>
+  %e3 = tensor.empty() : tensor<3xbf16>
+  %y = linalg.negf ins(%x : tensor<3xbf16>) outs(%e3 : tensor<3xbf16>) -> tensor<3xbf16>
+  return %f, %y : tensor<1x1xf32>, tensor<3xbf16>
+}
+
+// -----
+
+// Negative: matmuls and contraction generics belong to the matmul passes.
+// CHECK-LABEL: func.func @matmul_untouched
+// CHECK: linalg.matmul
+// CHECK: linalg.generic
+// CHECK-NOT: vector.
+#ma = affine_map<(m, n, k) -> (m, k)>
+#mb = affine_map<(m, n, k) -> (k, n)>
+#mc = affine_map<(m, n, k) -> (m, n)>
+func.func @matmul_untouched(%a: tensor<4x8xf32>, %b: tensor<8x4xf32>, %c: tensor<4x4xf32>) -> (tensor<4x4xf32>, tensor<4x4xf32>) {
+  %r = linalg.matmul ins(%a, %b : tensor<4x8xf32>, tensor<8x4xf32>) outs(%c : tensor<4x4xf32>) -> tensor<4x4xf32>
+  %g = linalg.generic {indexing_maps = [#ma, #mb, #mc], iterator_types = ["parallel", "parallel", "reduction"]}
+      ins(%a, %b : tensor<4x8xf32>, tensor<8x4xf32>) outs(%c : tensor<4x4xf32>) {
+  ^bb0(%x: f32, %y: f32, %acc: f32):
+    %p = arith.mulf %x, %y : f32
+    %s = arith.addf %acc, %p : f32
+    linalg.yield %s : f32
+  } -> tensor<4x4xf32>
+  return %r, %g : tensor<4x4xf32>, tensor<4x4xf32>
+}
