@@ -5,6 +5,7 @@
     torch-to-linalg   torch dialect -> linalg on tensors (torch-mlir's backend pipelines)
     lowbit            our passes: recognise, pack, tile and fuse matmuls; vectorize the rest
     bufferize         tensors -> memrefs, results -> out-params, deallocation
+    runtime-calls     microkernel dispatch/invoke calls replace what they implement
     lower-to-llvm     runtime calls, OpenMP, LLVM dialect
 
 Every stage after import is a string that `lowbit-opt --pass-pipeline=...` replays, so any
@@ -97,6 +98,11 @@ LOWBIT_PASSES = [
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
+    # qlinear functions: choose cache tiles, then pack weights for the kernels.
+    "lowbit-tile-qlinear",
+    "lowbit-pack-weights",
+    # dense fp32/bf16 matmuls: pack constant B, tile into BRGEMM tiles (docs/dense.md).
+    "lowbit-dense-tile",
     # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
     # matmul passes: these tile whatever linalg ops are still left at function level.
     "linalg-fold-unit-extent-dims",
@@ -119,6 +125,13 @@ BUFFERIZE = [
     "buffer-deallocation-pipeline",
     "canonicalize",
     "cse",
+]
+
+# After bufferization: linalg ops and qlinear bodies become microkernel calls.
+RUNTIME_CALLS = [
+    "lowbit-lower-qlinear",
+    "lowbit-dense-brgemm-calls",
+    "symbol-dce",
 ]
 
 LOWER_TO_LLVM = [
@@ -149,6 +162,7 @@ def default_stages(options: CompileOptions | None = None) -> list[Stage]:
         Stage("torch-to-linalg", list(TORCH_TO_LINALG)),
         Stage("lowbit", list(LOWBIT_PASSES)),
         Stage("bufferize", list(BUFFERIZE)),
+        Stage("runtime-calls", list(RUNTIME_CALLS)),
         Stage("lower-to-llvm", list(LOWER_TO_LLVM)),
     ]
 

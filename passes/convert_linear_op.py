@@ -26,6 +26,7 @@ from lowbit.passes.qlinear import (
     QLinearWeights,
     add_report_entry,
     build_qlinear_function,
+    dense_array,
     emit_qlinear_call,
 )
 from lowbit.passes.registry import ModulePass, PassError, register_pass
@@ -35,17 +36,6 @@ from lowbit.quant.packing import unpack_codes
 OP_NAME = "torch.lowbit.linear"
 
 
-def dense_to_numpy(attr: ir.Attribute) -> np.ndarray:
-    """A DenseElementsAttr (splat or not) as a numpy array of its full shape."""
-    dense = ir.DenseElementsAttr(attr)
-    shape = list(ir.ShapedType(dense.type).shape)
-    if dense.is_splat:
-        splat = dense.get_splat_value()
-        scalar = ir.FloatAttr(splat).value if isinstance(splat, ir.FloatAttr) else ir.IntegerAttr(splat).value
-        return np.full(shape, scalar)
-    return np.array(dense)
-
-
 def _literal(value: ir.Value) -> np.ndarray | None:
     op = value.owner
     if not isinstance(op, ir.OpView) and not isinstance(op, ir.Operation):
@@ -53,7 +43,7 @@ def _literal(value: ir.Value) -> np.ndarray | None:
     op = op.operation
     if op.name != "torch.vtensor.literal":
         return None
-    return dense_to_numpy(op.attributes["value"])
+    return dense_array(op.attributes["value"])
 
 
 def _is_none(value: ir.Value) -> bool:

@@ -25,6 +25,7 @@ from torch_mlir import ir
 from lowbit.quant.formats import LowBitSpec
 
 QLINEAR_ATTR = "lowbit.qlinear"
+WEIGHTS_ATTR = "lowbit.weights"
 ROLE_ATTR = "lowbit.role"
 REPORT_ATTR = "lowbit.report"
 FUNC_PREFIX = "lowbit_qlinear_"
@@ -91,17 +92,32 @@ def role_constants(func: ir.Operation) -> dict[str, ir.Operation]:
 
 
 def read_weights(func: ir.Operation) -> QLinearWeights:
-    """Read the codes, scales, zero points and bias of a qlinear function as numpy arrays."""
-    consts = role_constants(func)
+    """Read the codes, scales, zero points and bias of a qlinear function as numpy arrays.
+
+    They come from the function's `lowbit.weights` attribute, not from the body, whose
+    constants canonicalization may fold (the attribute and the body constants share
+    storage: MLIR uniques attributes).
+    """
+    weights = ir.DictAttr(func.attributes[WEIGHTS_ATTR])
 
     def arr(role, dtype):
-        op = consts.get(role)
-        if op is None:
+        if role not in weights:
             return None
-        return np.array(ir.DenseElementsAttr(op.attributes["value"])).astype(dtype, copy=False)
+        return dense_array(weights[role]).astype(dtype, copy=False)
 
     return QLinearWeights(arr("codes", np.int8), arr("scales", np.float32),
                           arr("zero_points", np.int8), arr("bias", np.float32))
+
+
+def dense_array(attr: ir.Attribute) -> np.ndarray:
+    """A DenseElementsAttr (splat or not) as a numpy array of its full shape."""
+    dense = ir.DenseElementsAttr(attr)
+    shape = list(ir.ShapedType(dense.type).shape)
+    if dense.is_splat:
+        splat = dense.get_splat_value()
+        scalar = ir.FloatAttr(splat).value if isinstance(splat, ir.FloatAttr) else ir.IntegerAttr(splat).value
+        return np.full(shape, scalar)
+    return np.array(dense)
 
 
 def _dense(array: np.ndarray, element: ir.Type) -> ir.DenseElementsAttr:
@@ -272,12 +288,15 @@ def build_qlinear_function(module: ir.Operation, spec: LowBitSpec, weights: QLin
     func.attributes["no_inline"] = ir.UnitAttr.get()
     consts = role_constants(func)
     i8 = ir.IntegerType.get_signless(8)
-    consts["codes"].attributes["value"] = _dense(weights.q.astype(np.int8, copy=False), i8)
-    consts["scales"].attributes["value"] = _dense(weights.scales.astype(np.float32, copy=False), ir.F32Type.get())
+    attrs = {"codes": _dense(weights.q.astype(np.int8, copy=False), i8),
+             "scales": _dense(weights.scales.astype(np.float32, copy=False), ir.F32Type.get())}
     if weights.zero_points is not None:
-        consts["zero_points"].attributes["value"] = _dense(weights.zero_points.astype(np.int8, copy=False), i8)
+        attrs["zero_points"] = _dense(weights.zero_points.astype(np.int8, copy=False), i8)
     if weights.bias is not None:
-        consts["bias"].attributes["value"] = _dense(weights.bias.astype(np.float32, copy=False), ir.F32Type.get())
+        attrs["bias"] = _dense(weights.bias.astype(np.float32, copy=False), ir.F32Type.get())
+    for role, attr in attrs.items():
+        consts[role].attributes["value"] = attr
+    func.attributes[WEIGHTS_ATTR] = ir.DictAttr.get(attrs)
     func.detach_from_parent()
     _module_body(module).append(func)
     return func

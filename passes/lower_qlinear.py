@@ -1,0 +1,254 @@
+"""lowbit-lower-qlinear: replace bufferized qlinear bodies by microkernel calls.
+
+Matches each `@lowbit_qlinear_*` function after bufferization (signature
+`(memref<MxK>, memref<MxN>)`, attributes `lowbit.tiles` and `lowbit.packed`) and replaces
+its reference body by:
+
+    [int8]  lowbit_qquant_act(x -> xq, per-token scales, per-K-block row sums)
+            h = lowbit_qgemm_dispatch(...)        one per (M tail?, N tail?) tile shape,
+                                                  hoisted out of the loops
+            scf.forall (%nt) in (N tiles) {       output-row tiles run on threads
+              scf.for %mt in M tiles {            the weight panel stays in cache
+                lowbit_qgemm_invoke(h, x/xq, packed weights, y, offsets, K-block count)
+            } }
+
+The kernel arguments are validated at compile time by calling the runtime's dispatch
+with the same values; a combination it rejects leaves the reference body in place (it
+still computes the layer, on the generic path) and records why in `lowbit.report`.
+Pointers cross into the runtime as i64 (`memref.extract_aligned_pointer_as_index`),
+which the x86-64 SysV ABI passes exactly like a pointer.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+from torch_mlir import ir
+
+from lowbit.passes.pack_weights import PACKED_ATTR, dict_attr_values
+from lowbit.passes.qlinear import QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, qlinear_functions, spec_from_attr
+from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.tile_qlinear import KERNEL_NB, TILES_ATTR
+
+T_INT8, T_F32, T_BF16 = 1, 2, 3
+F_BIAS = 2
+_TYPE_CODE = {"f32": T_F32, "bf16": T_BF16}
+_ELEM_BYTES = {"f32": 4, "bf16": 2}
+
+DECLARATIONS = {
+    "lowbit_qquant_act": "(i32, i64, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64) -> i32",
+    "lowbit_qgemm_dispatch": "(i32, i32, i32, i64, i64, i64, i64, i64, i64, i64, i64, i64, i32) -> i64",
+    "lowbit_qgemm_invoke": "(i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64) -> i32",
+}
+
+
+@dataclasses.dataclass
+class _Kernel:
+    m: int
+    n: int
+    args: tuple
+
+
+def _memref_shape_elem(t: ir.Type) -> tuple[list[int], str]:
+    mt = ir.MemRefType(t)
+    return list(mt.shape), str(mt.element_type)
+
+
+def _dispatch_args(wfmt, atype, ctype, m, n, kblock, lda, ldb, ldc, stride_a, stride_b, ld_aux, flags):
+    return (wfmt, atype, ctype, m, n, kblock, lda, ldb, ldc, stride_a, stride_b, ld_aux, flags)
+
+
+def _check_dispatch(args: tuple) -> int:
+    from lowbit.runtime.library import load_runtime
+    lib = load_runtime()
+    fn = lib.lowbit_qgemm_dispatch
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int32] * 3 + [ctypes.c_int64] * 9 + [ctypes.c_int32]
+    return int(fn(*args))
+
+
+@register_pass
+@dataclasses.dataclass
+class LowerQLinear(ModulePass):
+    """Replace tiled, packed qlinear function bodies (on memrefs) by dispatch/invoke calls."""
+
+    NAME = "lowbit-lower-qlinear"
+
+    def run(self, module: ir.Operation) -> None:
+        from lowbit.runtime.qgemm import FORMATS
+
+        body = module.regions[0].blocks[0]
+        lowered = False
+        for func in qlinear_functions(module):
+            if PACKED_ATTR not in func.attributes or TILES_ATTR not in func.attributes:
+                continue
+            fn_type = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
+            if len(fn_type.inputs) != 2 or fn_type.results or not isinstance(fn_type.inputs[0], ir.MemRefType):
+                continue  # not bufferized into (x, y) out-param form yet
+            spec, _ = spec_from_attr(func.attributes[QLINEAR_ATTR])
+            tiles = dict_attr_values(func.attributes[TILES_ATTR])
+            packed = dict_attr_values(func.attributes[PACKED_ATTR])
+            name = ir.StringAttr(func.attributes["sym_name"]).value
+            text, reason = self._lowered_text(name, spec, tiles, packed, fn_type, FORMATS[spec.weight_format])
+            if text is None:
+                add_report_entry(module, kind="lowering", function=name, result="generic path", reason=reason)
+                continue
+            # Parse next to declarations of what the body references, so it verifies alone.
+            context = [f'memref.global "private" @{packed["symbol"]} : memref<{packed["bytes"]}xi8>']
+            if packed["bias"]:
+                context.append(f'memref.global "private" @{packed["bias"]} : memref<{spec.out_features}xf32>')
+            context += [f"func.func private @{n}{sig}" for n, sig in DECLARATIONS.items()]
+            parsed = ir.Module.parse("\n".join(context) + "\n" + text)
+            new_func = parsed.body.operations[len(context)].operation
+            for attr in (QLINEAR_ATTR, TILES_ATTR, PACKED_ATTR, "no_inline"):
+                new_func.attributes[attr] = func.attributes[attr]
+            new_func.attributes["lowbit.lowered"] = ir.UnitAttr.get()
+            new_func.detach_from_parent()
+            ir.InsertionPoint(func).insert(new_func)
+            func.erase()
+            lowered = True
+        if lowered:
+            self._declare_runtime(module)
+
+    def _declare_runtime(self, module: ir.Operation) -> None:
+        body = module.regions[0].blocks[0]
+        existing = {ir.StringAttr(op.operation.attributes["sym_name"]).value
+                    for op in body.operations if "sym_name" in op.operation.attributes}
+        for name, signature in DECLARATIONS.items():
+            if name in existing:
+                continue
+            parsed = ir.Module.parse(f"func.func private @{name}{signature}")  # keep alive until detached
+            decl = parsed.body.operations[0].operation
+            decl.detach_from_parent()
+            body.append(decl)
+
+    def _lowered_text(self, name, spec, tiles, packed, fn_type, wfmt):
+        (m, k), x_elem = _memref_shape_elem(fn_type.inputs[0])
+        (m2, n), y_elem = _memref_shape_elem(fn_type.inputs[1])
+        if x_elem not in _TYPE_CODE or y_elem not in _TYPE_CODE or m != m2 or n != spec.out_features:
+            return None, f"unsupported signature {fn_type}"
+        kblock, nkb = packed["kblock"], packed["num_kblocks"]
+        kp = kblock * nkb
+        m_tile = min(tiles["m_tile"], m)
+        n_tile = min(tiles["n_tile"], -(-n // KERNEL_NB) * KERNEL_NB)
+        num_nt, num_mt = -(-n // n_tile), -(-m // m_tile)
+        n_last, m_last = n - (num_nt - 1) * n_tile, m - (num_mt - 1) * m_tile
+        int8 = spec.act_format == "int8"
+        atype = T_INT8 if int8 else _TYPE_CODE[x_elem]
+        ctype = _TYPE_CODE[y_elem]
+        flags = F_BIAS if packed["bias"] else 0
+        pad = (not int8) and kp != k
+        lda = kp if (int8 or pad) else k
+        ld_aux = nkb
+        shapes = {(mt, nt) for mt in {m_tile, m_last} for nt in {n_tile, n_last}}
+        handles = {}
+        for mt, nt in sorted(shapes):
+            args = _dispatch_args(wfmt, atype, ctype, mt, nt, kblock, lda, packed["nblock_bytes"], n,
+                                  kblock, packed["kblock_bytes"], ld_aux, flags)
+            rc = _check_dispatch(args)
+            if rc < 0:
+                from lowbit.runtime.library import error_string
+                return None, f"kernel rejects tile {mt}x{nt} (kblock {kblock}): {error_string(rc)}"
+            handles[(mt, nt)] = args
+
+        lines = []
+        emit = lines.append
+        xt = f"memref<{m}x{k}x{x_elem}>"
+        yt = f"memref<{m}x{n}x{y_elem}>"
+        emit(f"func.func private @{name}(%x: {xt}, %y: {yt}) {{")
+        emit(f"  %w = memref.get_global @{packed['symbol']} : memref<{packed['bytes']}xi8>")
+        emit(f"  %wp_i = memref.extract_aligned_pointer_as_index %w : memref<{packed['bytes']}xi8> -> index")
+        emit("  %wp = arith.index_cast %wp_i : index to i64")
+        emit(f"  %yp_i = memref.extract_aligned_pointer_as_index %y : {yt} -> index")
+        emit("  %yp = arith.index_cast %yp_i : index to i64")
+        emit("  %zero64 = arith.constant 0 : i64")
+        if packed["bias"]:
+            emit(f"  %b = memref.get_global @{packed['bias']} : memref<{n}xf32>")
+            emit(f"  %bp_i = memref.extract_aligned_pointer_as_index %b : memref<{n}xf32> -> index")
+            emit("  %bp = arith.index_cast %bp_i : index to i64")
+        else:
+            emit("  %bp = arith.constant 0 : i64")
+        deallocs = []
+        if int8:
+            emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %x : {xt} -> index")
+            emit("  %xp = arith.index_cast %xp_i : index to i64")
+            for var, shape, elem in (("xq", m * kp, "i8"), ("sx", m, "f32"), ("rs", m * nkb, "i32")):
+                emit(f"  %{var} = memref.alloc() {{alignment = 64 : i64}} : memref<{shape}x{elem}>")
+                emit(f"  %{var}p_i = memref.extract_aligned_pointer_as_index %{var} : memref<{shape}x{elem}> -> index")
+                emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
+                deallocs.append((var, f"memref<{shape}x{elem}>"))
+            emit(f"  %xtype = arith.constant {_TYPE_CODE[x_elem]} : i32")
+            emit("  %qflags = arith.constant 0 : i32")
+            consts = {"m": m, "k": k, "kb": kblock, "kp": kp, "nkb": nkb}
+            for key, value in consts.items():
+                emit(f"  %q_{key} = arith.constant {value} : i64")
+            emit("  %qrc = func.call @lowbit_qquant_act(%xtype, %xp, %q_m, %q_k, %q_k, %q_kb, %qflags, "
+                 "%xqp, %q_kp, %sxp, %rsp, %q_nkb) : " + DECLARATIONS["lowbit_qquant_act"])
+            a_ptr, as_ptr, sum_ptr = "%xqp", "%sxp", "%rsp"
+        elif pad:
+            emit(f"  %xpad = memref.alloc() {{alignment = 64 : i64}} : memref<{m}x{kp}x{x_elem}>")
+            emit(f"  %padzero = arith.constant 0.0 : {x_elem}")
+            emit(f"  linalg.fill ins(%padzero : {x_elem}) outs(%xpad : memref<{m}x{kp}x{x_elem}>)")
+            emit(f"  %xsub = memref.subview %xpad[0, 0] [{m}, {k}] [1, 1] : memref<{m}x{kp}x{x_elem}> to "
+                 f"memref<{m}x{k}x{x_elem}, strided<[{kp}, 1]>>")
+            emit(f"  memref.copy %x, %xsub : {xt} to memref<{m}x{k}x{x_elem}, strided<[{kp}, 1]>>")
+            emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %xpad : memref<{m}x{kp}x{x_elem}> -> index")
+            emit("  %xp = arith.index_cast %xp_i : index to i64")
+            deallocs.append(("xpad", f"memref<{m}x{kp}x{x_elem}>"))
+            a_ptr, as_ptr, sum_ptr = "%xp", "%zero64", "%zero64"
+        else:
+            emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %x : {xt} -> index")
+            emit("  %xp = arith.index_cast %xp_i : index to i64")
+            a_ptr, as_ptr, sum_ptr = "%xp", "%zero64", "%zero64"
+
+        # Dispatch once per tile shape, outside the loops.
+        for i, ((mt, nt), args) in enumerate(sorted(handles.items())):
+            types = ["i32"] * 3 + ["i64"] * 9 + ["i32"]
+            names = []
+            for j, (value, ty) in enumerate(zip(args, types)):
+                emit(f"  %d{i}_{j} = arith.constant {value} : {ty}")
+                names.append(f"%d{i}_{j}")
+            emit(f"  %h_{mt}_{nt} = func.call @lowbit_qgemm_dispatch({', '.join(names)}) : "
+                 + DECLARATIONS["lowbit_qgemm_dispatch"])
+        emit(f"  %count = arith.constant {nkb} : i64")
+        emit(f"  %lda = arith.constant {lda} : i64")
+        emit(f"  %ldc = arith.constant {n} : i64")
+        emit(f"  %nkb = arith.constant {nkb} : i64")
+        emit(f"  %ldb = arith.constant {packed['nblock_bytes']} : i64")
+        emit(f"  %ntile = arith.constant {n_tile} : i64")
+        emit(f"  %mtile = arith.constant {m_tile} : i64")
+        emit(f"  %blocks_per_tile = arith.constant {n_tile // KERNEL_NB} : i64")
+        emit(f"  %last_nt = arith.constant {num_nt - 1} : i64")
+        emit(f"  %last_mt = arith.constant {num_mt - 1} : i64")
+        emit("  %c0 = arith.constant 0 : index")
+        emit("  %c1 = arith.constant 1 : index")
+        emit(f"  %num_mt = arith.constant {num_mt} : index")
+        emit(f"  scf.forall (%nt_i) in ({num_nt}) {{")
+        emit("    %nt = arith.index_cast %nt_i : index to i64")
+        emit("    %n0 = arith.muli %nt, %ntile : i64")
+        emit("    %nblk = arith.muli %nt, %blocks_per_tile : i64")
+        emit("    %b_off = arith.muli %nblk, %ldb : i64")
+        emit("    %is_ntail = arith.cmpi eq, %nt, %last_nt : i64")
+        emit("    scf.for %mt_i = %c0 to %num_mt step %c1 {")
+        emit("      %mt = arith.index_cast %mt_i : index to i64")
+        emit("      %m0 = arith.muli %mt, %mtile : i64")
+        emit("      %is_mtail = arith.cmpi eq, %mt, %last_mt : i64")
+        # Select the handle for this tile's shape.
+        full_m = f"%h_{m_tile}_{n_tile}", f"%h_{m_tile}_{n_last}"
+        tail_m = f"%h_{m_last}_{n_tile}", f"%h_{m_last}_{n_last}"
+        emit(f"      %hm_full = arith.select %is_ntail, {full_m[1]}, {full_m[0]} : i64")
+        emit(f"      %hm_tail = arith.select %is_ntail, {tail_m[1]}, {tail_m[0]} : i64")
+        emit("      %h = arith.select %is_mtail, %hm_tail, %hm_full : i64")
+        emit("      %a_off = arith.muli %m0, %lda : i64")
+        emit("      %c_row = arith.muli %m0, %ldc : i64")
+        emit("      %c_off = arith.addi %c_row, %n0 : i64")
+        emit("      %sum_off = arith.muli %m0, %nkb : i64")
+        emit(f"      %rc = func.call @lowbit_qgemm_invoke(%h, {a_ptr}, %a_off, %wp, %b_off, %yp, %c_off, "
+             f"{as_ptr}, %m0, {sum_ptr}, %sum_off, %bp, %n0, %count) : " + DECLARATIONS["lowbit_qgemm_invoke"])
+        emit("    }")
+        emit("  }")
+        for var, ty in deallocs:
+            emit(f"  memref.dealloc %{var} : {ty}")
+        emit("  return")
+        emit("}")
+        return "\n".join(lines), ""
