@@ -8,6 +8,8 @@ Graphs that need autograd run in eager: lowbit compiles inference.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -21,6 +23,17 @@ _options_stack: list[CompileOptions] = []
 
 def current_options() -> CompileOptions:
     return _options_stack[-1] if _options_stack else CompileOptions()
+
+
+@contextlib.contextmanager
+def options(**kwargs):
+    """`with lowbit.options(activations="int8"): compiled(x)` -- options for graphs compiled
+    inside the block (see `CompileOptions`). Unknown names raise TypeError."""
+    _options_stack.append(dataclasses.replace(current_options(), **kwargs))
+    try:
+        yield _options_stack[-1]
+    finally:
+        _options_stack.pop()
 
 
 def freezable_positions(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:

@@ -9,6 +9,7 @@ import torch
 from lowbit.compiler.frontend import CapturedGraph, capture, import_graph
 from lowbit.compiler.jit import JitFunction
 from lowbit.compiler.pipeline import CompileOptions, Pipeline
+from lowbit.compiler.report import register as register_report
 
 ENTRY = "forward"
 
@@ -46,6 +47,7 @@ class CompiledGraph:
         self.jit = jit
         self.pipeline = pipeline
         self.frozen_guard = FrozenGuard(captured.frozen)
+        self.report = pipeline.report
         self._n_mut = len(captured.mutated_inputs)
 
     def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
@@ -74,7 +76,9 @@ def compile_captured(captured: CapturedGraph, options: CompileOptions | None = N
     pipeline.dump(module, "import")
     pipeline.run(module)
     jit = JitFunction(module, ENTRY, captured.input_specs, captured.output_specs)
-    return CompiledGraph(captured, jit, pipeline)
+    compiled = CompiledGraph(captured, jit, pipeline)
+    register_report(compiled)
+    return compiled
 
 
 def compile_function(fn, example_inputs: Sequence[Any], freezable: Sequence[int] = (),

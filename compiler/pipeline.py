@@ -177,6 +177,7 @@ class Pipeline:
         dump = dump_dir if dump_dir is not None else os.environ.get("LOWBIT_DUMP_IR")
         self.dump_dir = Path(dump) if dump else None
         self._dump_counter = 0
+        self.report: list[dict] = []
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -201,6 +202,9 @@ class Pipeline:
         except Exception as e:
             raise self._stage_error(stage, before, e) from e
         self.dump(module, stage.name)
+        if stage.name == "runtime-calls":
+            from lowbit.compiler.report import collect_report
+            self.report = collect_report(module)
 
     def run(self, module: ir.Module, start: str | None = None, stop: str | None = None) -> ir.Module:
         """Run stages from `start` through `stop` (inclusive; default: all)."""

@@ -2,3 +2,18 @@
 __version__ = "0.1.0"
 
 from lowbit.quant import LowBitLinear, QuantConfig, quantize_  # noqa: E402  (public API re-exports)
+
+
+def __getattr__(name: str):
+    # `lowbit.backend` is the torch.compile backend (also registered as backend="lowbit");
+    # imported lazily so `import lowbit` does not load torch-mlir.
+    if name == "backend":
+        from lowbit.compiler.backend import lowbit_backend
+        return lowbit_backend
+    if name == "explain":
+        from lowbit.compiler.report import explain
+        return explain
+    if name == "options":
+        from lowbit.compiler.backend import options
+        return options
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
