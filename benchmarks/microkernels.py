@@ -1,0 +1,251 @@
+"""Low-bit microkernel benchmark: efficiency against this machine's measured limits, and
+whole layers against the kernels PyTorch users would pick instead.
+
+Everything runs in one process, single-threaded (torch.set_num_threads(1) for the torch
+kernels too), and reports medians:
+
+1. Limits, measured in the same run: the AVX-512 VNNI int8 peak of one core (a loop of 24
+   independent vpdpbusd chains), and STREAM-like read bandwidth with 1 and 2 threads.
+2. Microkernel tiles on L1/L2-resident operands (int8 activations x packed weights), as
+   GMAC/s, % of the VNNI peak and packed-weight GB/s, for GEMV-shaped (M = 1..4 tokens)
+   and GEMM-shaped (M >= 16) tiles. The GEMV goal compares the packed-weight rate of one
+   core with the bandwidth a 2-thread stream gives one core (bw_2t / 2), see docs/kernels.md.
+3. Whole layers (lowbit.runtime.qgemm.qlinear, dynamic int8 activations) against
+   torch.ops.aten._weight_int4pack_mm_for_cpu, torch.ops.aten._weight_int8pack_mm and bf16
+   F.linear on the issue's shapes, as time ratios (torch / lowbit, > 1 means lowbit is faster).
+
+Times are medians of thread CPU time (see median_time); bandwidth is wall clock (best of 15).
+
+    python benchmarks/microkernels.py [--quick] [--out benchmarks/results/microkernels.json]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.runtime import current_isa, set_isa, supported_isas
+from lowbit.runtime import qgemm
+
+LAYER_SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912), (4096, 4096), (14336, 4096), (4096, 14336)]
+LAYER_MS = [1, 16, 128]
+TILE_FORMATS = ["ternary", "int2_asym", "int1", "int4_sym", "int8"]
+
+
+def native():
+    lib = qgemm._lib()
+    lib.lowbit_qbench_vnni_loop.restype = ctypes.c_int64
+    lib.lowbit_qbench_vnni_loop.argtypes = [ctypes.c_int64]
+    lib.lowbit_qbench_tile.restype = ctypes.c_int32
+    lib.lowbit_qbench_tile.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
+    return lib
+
+
+def median_time(fn, runs: int, min_total: float = 0.0) -> float:
+    """Median thread CPU time of fn() over `runs` calls (more while the total is below
+    min_total). Single-threaded work only: thread CPU time does not count the time the
+    thread is preempted, which on a shared 2-core machine dominates wall-clock medians of
+    millisecond-long calls. `wall_stats` gives the wall-clock view of the same calls."""
+    fn()  # warm up (page faults, caches, lazy init)
+    times, walls = [], []
+    start = time.perf_counter()
+    while len(times) < runs or (time.perf_counter() - start < min_total and len(times) < 200):
+        w0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        times.append(time.thread_time() - c0)
+        walls.append(time.perf_counter() - w0)
+    wall_stats.append((statistics.median(walls), min(walls)))
+    return statistics.median(times)
+
+
+wall_stats: list[tuple[float, float]] = []  # (median, min) wall time of each median_time call
+
+
+# ----------------------------------------------------------------------------- limits
+
+def vnni_peak(lib) -> float:
+    """MAC/s of one core: 24 vpdpbusd zmm (64 int8 MACs each) per iteration, ~1 ms bursts
+    so that preemption on a shared machine hits few samples."""
+    iters = 50_000
+    return iters * 24 * 64 / median_time(lambda: lib.lowbit_qbench_vnni_loop(iters), runs=101)
+
+
+def read_bandwidth(threads: int) -> tuple[float, float]:
+    """(best, median) bytes/s of a streaming reduction over 256 MiB with `threads` threads.
+    Wall clock; the best sample is the capability (preemption only lowers it) and is the
+    conservative denominator for the GEMV goal."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(64 * 2**20, dtype=torch.float32)
+        x.sum()
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - t0)
+        return x.numel() * 4 / min(times), x.numel() * 4 / statistics.median(times)
+    finally:
+        torch.set_num_threads(prev)
+
+
+# ----------------------------------------------------------------------------- tiles
+
+def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: float,
+              bw_core: float, kblock: int | None = None) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    info = qgemm.FORMAT_INFO[fmt]
+    q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+    if fmt == "int1":
+        q[q == 0] = 1
+    ngroups = k // group if group else 1
+    scale = torch.rand(n, ngroups, generator=gen) + 0.1
+    zero = torch.randint(0, info.qmax + 1, (n, ngroups), generator=gen, dtype=torch.int8) \
+        if info.zero_point else None
+    pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
+                           zero=zero if group or zero is None else zero[:, :1], kblock=kblock)
+    kern = qgemm.dispatch_for(pw, m)
+    xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
+    y = torch.empty(m, n)
+    reps = max(1, int(2e7 / (m * n * k)))  # ~0.1-1 ms per sample
+    args = (kern.handle, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
+            rs.data_ptr(), None, pw.num_kblocks, reps)
+    t = median_time(lambda: lib.lowbit_qbench_tile(*args), runs=51) / reps
+    macs = m * n * k / t
+    wbytes = pw.data.numel() / t
+    return {"format": fmt, "bits": info.bits, "m": m, "n": n, "k": k,
+            "group": group or "channel", "kblock": pw.kblock, "isa": kern.isa, "us": t * 1e6,
+            "gmacs": macs / 1e9, "pct_peak": 100 * macs / peak, "weight_gbs": wbytes / 1e9,
+            "x_core_bw": wbytes / bw_core}
+
+
+# ----------------------------------------------------------------------------- layers
+
+def layer_cases(n: int, k: int, ms: list[int]) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    # lowbit: ternary (2-bit, per tensor), int4_sym (per group 128), int8 (per channel).
+    q2 = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+    pw2 = qgemm.pack_weight(q2, torch.tensor(0.02), "ternary")
+    q4 = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    pw4 = qgemm.pack_weight(q4, torch.rand(n, k // 128, generator=gen) * 0.01, "int4_sym", group=128)
+    del q2, q4
+    # torch: int4 (groupsize 128, bf16 activations), int8 weight-only, bf16 dense.
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32), 2)
+    sz = (torch.rand(k // 128, n, 2, generator=gen) * 0.01).to(torch.bfloat16)
+    w8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    s8 = (torch.rand(n, generator=gen) * 0.01).to(torch.bfloat16)
+    wbf = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+    for m in ms:
+        x = torch.randn(m, k, generator=gen)
+        xb = x.to(torch.bfloat16)
+        runs = 5 if m * n * k < 2e9 else 3
+        t = {
+            "lowbit_ternary_a8": median_time(lambda: qgemm.qlinear(x, pw2), runs, 0.3),
+            "lowbit_int4_a8": median_time(lambda: qgemm.qlinear(x, pw4), runs, 0.3),
+            "torch_int4pack_bf16": median_time(
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), runs, 0.3),
+            "torch_int8pack_bf16": median_time(
+                lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8), runs, 0.3),
+            "torch_linear_bf16": median_time(lambda: F.linear(xb, wbf), runs, 0.3),
+        }
+        rows.append({"n": n, "k": k, "m": m, "ms": {key: v * 1e3 for key, v in t.items()},
+                     "ternary_weight_gbs": pw2.data.numel() / t["lowbit_ternary_a8"] / 1e9,
+                     "ratio_vs_ternary": {key: v / t["lowbit_ternary_a8"] for key, v in t.items()
+                                          if key.startswith("torch")},
+                     "ratio_int4_vs_torch_int4": t["torch_int4pack_bf16"] / t["lowbit_int4_a8"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    ap.add_argument("--bw2-floor", type=float, default=28.0,
+                    help="GB/s: the 2-thread read bandwidth used for the GEMV goal is the larger of "
+                         "this and the measured one, so a loaded machine (which measures low) "
+                         "cannot flatter the ratio; default: the idle-machine value of "
+                         "/work/shared/STACK-NOTES.md")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "microkernels.json"))
+    args = ap.parse_args()
+    if "avx512" not in supported_isas():
+        raise SystemExit("this benchmark measures the AVX-512 VNNI path; the CPU lacks it")
+    torch.set_num_threads(1)
+    set_isa("avx512")
+    lib = native()
+
+    (bw1, bw1_med), (bw2, bw2_med) = read_bandwidth(1), read_bandwidth(2)
+    peak = vnni_peak(lib)
+    bw_core = max(bw2, args.bw2_floor * 1e9) / 2
+    env = {"cpu": platform.processor() or platform.machine(), "isa": current_isa(),
+           "threads": 1, "torch": torch.__version__, "loadavg_start": os.getloadavg()}
+    print(f"# threads: 1 (kernels and torch.set_num_threads(1)); ISA {current_isa()}; "
+          f"load average at start {env['loadavg_start'][0]:.1f}")
+    print(f"VNNI int8 peak (1 core, measured): {peak / 1e9:.1f} GMAC/s")
+    print(f"read bandwidth (best of 15; median in parentheses): 1 thread {bw1 / 1e9:.1f} "
+          f"({bw1_med / 1e9:.1f}) GB/s, 2 threads {bw2 / 1e9:.1f} ({bw2_med / 1e9:.1f}) GB/s "
+          f"; GEMV goal uses max(measured, floor {args.bw2_floor:.0f}) / 2 = {bw_core / 1e9:.1f} GB/s "
+          "per core")
+    print("timing: medians of thread CPU time (single-threaded calls; robust to preemption "
+          "on a shared machine); wall-clock medians are in the JSON")
+
+    tiles = []
+    gemv = [(m, 256, 2048) for m in (1, 2, 3, 4)]
+    gemm = [(m, 256, 1024) for m in ((16, 96) if args.quick else (16, 32, 96))]
+    for fmt in (TILE_FORMATS[:1] + TILE_FORMATS[3:4] if args.quick else TILE_FORMATS):
+        for m, n, k in gemv + gemm:
+            tiles.append(tile_case(lib, fmt, m, n, k, None, peak, bw_core))
+    for m, n, k in [(1, 256, 2048), (96, 256, 1024)]:
+        tiles.append(tile_case(lib, "int2_sym", m, n, k, 128, peak, bw_core))
+        # Per-channel scales cut into K-blocks of 256 (as the compiler's tiler may choose).
+        tiles.append(tile_case(lib, "ternary", m, n, k, None, peak, bw_core, kblock=256))
+    print("\n## Microkernel tiles (int8 activations, L1/L2-resident, 1 core, medians)")
+    print(f"{'format':10s} {'group':>7s} {'kblock':>6s} {'M':>3s} {'N':>4s} {'K':>5s} {'GMAC/s':>8s} "
+          f"{'%peak':>6s} {'wGB/s':>7s} {'x(bw2/2)':>8s}")
+    for r in tiles:
+        print(f"{r['format']:10s} {str(r['group']):>7s} {r['kblock']:6d} {r['m']:3d} {r['n']:4d} "
+              f"{r['k']:5d} {r['gmacs']:8.1f} {r['pct_peak']:6.1f} {r['weight_gbs']:7.1f} "
+              f"{r['x_core_bw']:8.2f}")
+
+    layers = []
+    shapes = LAYER_SHAPES[:2] if args.quick else LAYER_SHAPES
+    for n, k in shapes:
+        layers += layer_cases(n, k, LAYER_MS)
+    print("\n## Whole layers, 1 thread, median ms (ratio = torch time / lowbit ternary-a8 time)")
+    print(f"{'N x K':>12s} {'M':>4s} {'tern-a8':>8s} {'int4-a8':>8s} {'t.int4':>8s} "
+          f"{'t.int8':>8s} {'t.bf16':>8s} | {'int4/':>6s} {'int8/':>6s} {'bf16/':>6s} "
+          f"{'i4/i4':>6s} {'tGB/s':>6s}")
+    for r in layers:
+        t, q = r["ms"], r["ratio_vs_ternary"]
+        print(f"{r['n']:>6d}x{r['k']:<5d} {r['m']:4d} {t['lowbit_ternary_a8']:8.3f} "
+              f"{t['lowbit_int4_a8']:8.3f} {t['torch_int4pack_bf16']:8.3f} "
+              f"{t['torch_int8pack_bf16']:8.3f} {t['torch_linear_bf16']:8.3f} | "
+              f"{q['torch_int4pack_bf16']:6.2f} {q['torch_int8pack_bf16']:6.2f} "
+              f"{q['torch_linear_bf16']:6.2f} {r['ratio_int4_vs_torch_int4']:6.2f} "
+              f"{r['ternary_weight_gbs']:6.1f}")
+
+    env["loadavg_end"] = os.getloadavg()
+    result = {"env": env, "timing": "median thread CPU time", "vnni_peak_gmacs": peak / 1e9,
+              "read_bw_gbs": {"1": bw1 / 1e9, "2": bw2 / 1e9, "1_median": bw1_med / 1e9,
+                              "2_median": bw2_med / 1e9, "2_floor": args.bw2_floor,
+                              "per_core_for_goal": bw_core / 1e9},
+              "tiles": tiles, "layers": layers,
+              "wall_clock_median_min_s": wall_stats}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
