@@ -75,16 +75,19 @@ struct Tile {
 };
 
 // Walks one BRGEMM call. Traits gives the element type T, the vector length VL, the
-// register tile MR x (NV * VL), the k chunk KC (B chunk of KC x NR stays in L1 while all
-// m-blocks use it), and `table`, ukernels indexed [mr - 1][nv - 1].
+// register tile MR x (NV * VL), the k chunk KC and `table`, ukernels indexed [mr - 1][nv - 1].
 //
-// Loop order: n-block (outer, so each weight column panel is streamed from memory once),
-// k chunk, m-block. A bf16 C is accumulated in an fp32 scratch tile and rounded once.
+// Loop order (BLIS-like): n-panel of NC columns (C panel m x NC stays in L2), k chunk
+// (A chunk m x KC stays in L2 and is reused by every n-block of the panel), n-block of
+// NR columns (B chunk KC x NR stays in L1 and is reused by every m-block), m-block.
+// Every element of B is read once. Small m (<= MR) reduces the whole batch and k in
+// registers instead. A bf16 C is accumulated in an fp32 scratch panel and rounded once.
 template <class Traits>
 void drive(const Desc& d, const void* a_base, const void* b_base, void* c_base, int64_t batch) {
   using T = typename Traits::T;
   constexpr int VL = Traits::VL, MR = Traits::MR, NV = Traits::NV, NR = VL * NV;
   constexpr int64_t NB = LOWBIT_BRGEMM_NB;
+  constexpr int64_t kPanelBytes = 256 << 10;
   const bool bf16 = d.bf16();
   const T* A = static_cast<const T*>(a_base);
   const T* B = static_cast<const T*>(b_base);
@@ -95,32 +98,30 @@ void drive(const Desc& d, const void* a_base, const void* b_base, void* c_base, 
     return (col / NB) * d.ldb + (col % NB) * (bf16 ? 2 : 1);
   };
 
-  // Small m: A is tiny, so reduce the whole batch and k in registers (no C reloads).
   const bool chunked = d.m > MR;
   const int64_t kc = chunked ? Traits::KC : d.k;
   const int64_t group = (chunked && d.k < kc) ? std::max<int64_t>(1, kc / d.k) : batch;
+  const int64_t nc = std::max<int64_t>(NR, kPanelBytes / (4 * d.m) / NR * NR);
 
   thread_local std::vector<float> scratch;
-  if (d.c_bf16()) scratch.resize(size_t(d.m) * NR);
+  if (d.c_bf16()) scratch.resize(size_t(d.m) * size_t(std::min<int64_t>(nc, d.n)));
 
-  for (int64_t n0 = 0; n0 < d.n; n0 += NR) {
-    const int nw = int(std::min<int64_t>(NR, d.n - n0));
-    const int nv = (nw + VL - 1) / VL;
-    const int tail = nw - (nv - 1) * VL;
-    float* ct;
-    int64_t ldct;
+  for (int64_t p0 = 0; p0 < d.n; p0 += nc) {
+    const int64_t pw = std::min<int64_t>(nc, d.n - p0);
+    float* cp;  // C panel (or its fp32 scratch copy) at column p0
+    int64_t ldcp;
     bool have_c = !d.beta0();
     if (d.c_bf16()) {
-      ct = scratch.data();
-      ldct = NR;
+      cp = scratch.data();
+      ldcp = pw;
       if (have_c) {
         const uint16_t* cb = static_cast<const uint16_t*>(c_base);
         for (int64_t r = 0; r < d.m; ++r)
-          for (int j = 0; j < nw; ++j) ct[r * NR + j] = lowbit_brgemm::bf16_to_f32(cb[r * d.ldc + n0 + j]);
+          for (int64_t j = 0; j < pw; ++j) cp[r * pw + j] = lowbit_brgemm::bf16_to_f32(cb[r * d.ldc + p0 + j]);
       }
     } else {
-      ct = static_cast<float*>(c_base) + n0;
-      ldct = d.ldc;
+      cp = static_cast<float*>(c_base) + p0;
+      ldcp = d.ldc;
     }
 
     auto run_chunk = [&](int64_t ib, int64_t ie, int64_t k0, int64_t klen) {
@@ -133,26 +134,28 @@ void drive(const Desc& d, const void* a_base, const void* b_base, void* c_base, 
       t.ib = ib;
       t.ie = ie;
       t.klen = klen;
-      t.ldc = ldct;
+      t.ldc = ldcp;
       t.load_c = have_c;
-      t.tail = tail;
       const int64_t b_k = d.packed() ? k0 * NB : k0 * d.ldb;
-      for (int v = 0; v < NV; ++v) t.bv[v] = B + b_k + col_offset(n0 + int64_t(std::min(v, nv - 1)) * VL);
-      for (int64_t m0 = 0; m0 < d.m; m0 += MR) {
-        const int mr = int(std::min<int64_t>(MR, d.m - m0));
-        t.a = A + m0 * d.lda + k0;
-        t.c = ct + m0 * ldct;
-        Traits::table[mr - 1][nv - 1](t);
+      for (int64_t n0 = 0; n0 < pw; n0 += NR) {
+        const int nw = int(std::min<int64_t>(NR, pw - n0));
+        const int nv = (nw + VL - 1) / VL;
+        t.tail = nw - (nv - 1) * VL;
+        for (int v = 0; v < NV; ++v)
+          t.bv[v] = B + b_k + col_offset(p0 + n0 + int64_t(std::min(v, nv - 1)) * VL);
+        for (int64_t m0 = 0; m0 < d.m; m0 += MR) {
+          const int mr = int(std::min<int64_t>(MR, d.m - m0));
+          t.a = A + m0 * d.lda + k0;
+          t.c = cp + m0 * ldcp + n0;
+          Traits::table[mr - 1][nv - 1](t);
+        }
       }
       have_c = true;
     };
 
     if (d.k > kc) {
       for (int64_t i = 0; i < batch; ++i)
-        for (int64_t k0 = 0; k0 < d.k; k0 += kc) {
-          // Shift the batch element into the base pointers by running [i, i + 1).
-          run_chunk(i, i + 1, k0, std::min(kc, d.k - k0));
-        }
+        for (int64_t k0 = 0; k0 < d.k; k0 += kc) run_chunk(i, i + 1, k0, std::min(kc, d.k - k0));
     } else {
       for (int64_t i = 0; i < batch; i += group) run_chunk(i, std::min(batch, i + group), 0, d.k);
     }
@@ -160,7 +163,7 @@ void drive(const Desc& d, const void* a_base, const void* b_base, void* c_base, 
     if (d.c_bf16()) {
       uint16_t* cb = static_cast<uint16_t*>(c_base);
       for (int64_t r = 0; r < d.m; ++r)
-        for (int j = 0; j < nw; ++j) cb[r * d.ldc + n0 + j] = lowbit_brgemm::f32_to_bf16(ct[r * NR + j]);
+        for (int64_t j = 0; j < pw; ++j) cb[r * d.ldc + p0 + j] = lowbit_brgemm::f32_to_bf16(cp[r * pw + j]);
     }
   }
 }
