@@ -107,7 +107,7 @@ class ConvertLinearOp(ModulePass):
         try:
             q = unpack_codes(torch.from_numpy(packed_np.astype(np.uint8)), spec.format, spec.in_features)
         except ValueError as e:
-            raise PassError(f"lowbit.linear at {location}: corrupt packed weight: {e}") from None
+            raise PassError(f"lowbit.linear at {location}: {e}") from None
         x_shape, x_elem = _vtensor_shape_dtype(x.type)
         y_shape, y_elem = _vtensor_shape_dtype(op.results[0].type)
         m = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1

@@ -130,7 +130,7 @@ class LowerQLinear(ModulePass):
         kblock, nkb = packed["kblock"], packed["num_kblocks"]
         kp = kblock * nkb
         m_tile = min(tiles["m_tile"], m)
-        n_tile = min(tiles["n_tile"], -(-n // KERNEL_NB) * KERNEL_NB)
+        n_tile = min(tiles["n_tile"], n)  # one tile of all rows when N fits in one
         num_nt, num_mt = -(-n // n_tile), -(-m // m_tile)
         n_last, m_last = n - (num_nt - 1) * n_tile, m - (num_mt - 1) * m_tile
         int8 = spec.act_format == "int8"

@@ -1,0 +1,79 @@
+// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-lower-qlinear)' | filecheck %s
+
+// Weight-only fp32 layer, one tile: dispatch is hoisted above the parallel loop over
+// N tiles, the invoke inside it reads the packed global and adds the bias.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0(%[[X:.+]]: memref<2x8xf32>, %[[Y:.+]]: memref<2x4xf32>)
+// CHECK-SAME: lowbit.lowered
+// CHECK: %[[W:.+]] = memref.get_global @lowbit_qlinear_0_packed : memref<640xi8>
+// CHECK: %[[H:.+]] = call @lowbit_qgemm_dispatch(
+// CHECK: scf.forall (%{{.+}}) in (1) {
+// CHECK: scf.for
+// CHECK: call @lowbit_qgemm_invoke(
+// CHECK-NOT: linalg.generic
+// CHECK: func.func private @lowbit_qquant_act
+// CHECK: func.func private @lowbit_qgemm_dispatch(i32, i32, i32, i64, i64, i64, i64, i64, i64, i64, i64, i64, i32) -> i64
+// CHECK: func.func private @lowbit_qgemm_invoke
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<640xi8> = dense<0> {alignment = 64 : i64}
+memref.global "private" constant @lowbit_qlinear_0_bias : memref<4xf32> = dense<1.0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<2x8xf32>, %arg1: memref<2x4xf32>) attributes {lowbit.packed = {bias = "lowbit_qlinear_0_bias", bytes = 640 : i64, kblock = 8 : i64, kblock_bytes = 640 : i64, nblock_bytes = 640 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "none", act_group_size = 0 : i64, granularity = "tensor", group_size = 0 : i64, in_features = 8 : i64, origin = "test", out_features = 4 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 8 : i64, m_tile = 2 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  %cst = arith.constant 0.0 : f32
+  linalg.fill ins(%cst : f32) outs(%arg1 : memref<2x4xf32>)
+  return
+}
+
+// -----
+
+// int8 activations with M and N tails (M = 6 in tiles of 4, N = 100 in tiles of 64):
+// activations are quantized once, four tile shapes are dispatched, and each tile
+// selects its handle.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0
+// CHECK: call @lowbit_qquant_act(
+// CHECK-COUNT-4: call @lowbit_qgemm_dispatch(
+// CHECK: scf.forall (%{{.+}}) in (2) {
+// CHECK: arith.select
+// CHECK: call @lowbit_qgemm_invoke(
+// CHECK: memref.dealloc
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<2560xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<6x40xf32>, %arg1: memref<6x100xf32>) attributes {lowbit.packed = {bias = "", bytes = 2560 : i64, kblock = 40 : i64, kblock_bytes = 1280 : i64, nblock_bytes = 1280 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "int8", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 40 : i64, origin = "test", out_features = 100 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 40 : i64, m_tile = 4 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}
+
+// -----
+
+// Edge: weight-only with K = 6 < kblock = 8: the kernel reads whole K-blocks, so the
+// activations are copied into a zero-padded buffer first.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0
+// CHECK: %[[P:.+]] = memref.alloc() {alignment = 64 : i64} : memref<3x8xf32>
+// CHECK: linalg.fill
+// CHECK: memref.subview %[[P]][0, 0] [3, 6] [1, 1]
+// CHECK: memref.copy
+// CHECK: call @lowbit_qgemm_invoke(
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<640xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<3x6xf32>, %arg1: memref<3x4xf32>) attributes {lowbit.packed = {bias = "", bytes = 640 : i64, kblock = 8 : i64, kblock_bytes = 640 : i64, nblock_bytes = 640 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "none", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 6 : i64, origin = "test", out_features = 4 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 8 : i64, m_tile = 3 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}
+
+// -----
+
+// Negative: before bufferization (tensor signature) the function is left alone.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0(%{{.+}}: tensor<2x8xf32>) -> tensor<2x8xf32>
+// CHECK-NOT: lowbit.lowered
+// CHECK-NOT: lowbit_qgemm_invoke
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<640xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: tensor<2x8xf32>) -> tensor<2x8xf32> attributes {lowbit.packed = {bias = "", bytes = 640 : i64, kblock = 8 : i64, kblock_bytes = 640 : i64, nblock_bytes = 640 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "none", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 8 : i64, origin = "test", out_features = 8 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 8 : i64, m_tile = 2 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return %arg0 : tensor<2x8xf32>
+}
+
+// -----
+
+// Negative: a K-block the kernel rejects (6 is not a multiple of the ternary granule 4)
+// keeps the reference body (generic path) and says why in the report.
+// CHECK: module attributes {lowbit.report = [{function = "lowbit_qlinear_0", kind = "lowering", reason = "kernel rejects tile 2x4 (kblock 6): size or stride not a multiple of the format's block", result = "generic path"}]}
+// CHECK: linalg.fill
+// CHECK-NOT: lowbit_qgemm_invoke
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<640xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<2x6xf32>, %arg1: memref<2x4xf32>) attributes {lowbit.packed = {bias = "", bytes = 640 : i64, kblock = 6 : i64, kblock_bytes = 640 : i64, nblock_bytes = 640 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "none", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 6 : i64, origin = "test", out_features = 4 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 6 : i64, m_tile = 2 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  %cst = arith.constant 0.0 : f32
+  linalg.fill ins(%cst : f32) outs(%arg1 : memref<2x4xf32>)
+  return
+}
