@@ -257,3 +257,18 @@ def test_pack_rejects_bad_input():
         bg.pack_b(torch.zeros(0, 4))
     with pytest.raises(bg.BrgemmError, match="multiple of the panel"):
         bg.packed_offset(torch.float32, 8, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_matmul_helper(dtype):
+    gen = torch.Generator().manual_seed(11)
+    a, b = _rand((17, 33), dtype, gen), _rand((33, 70), dtype, gen)
+    ref, mag = _reference([a], [b], None)
+    _check_close(bg.matmul(a, b, out_dtype=torch.float32), ref, mag, 33, torch.float32)
+    _check_close(bg.matmul(a, bg.pack_b(b), b_packed=True, n=70, out_dtype=torch.float32), ref, mag, 33,
+                 torch.float32)
+    out = bg.matmul(a, b)
+    assert out.dtype == dtype
+    _check_close(out, ref, mag, 33, dtype)
+    with pytest.raises(bg.BrgemmError, match="do not chain"):
+        bg.matmul(a, b.t())
