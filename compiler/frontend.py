@@ -80,12 +80,13 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module, args, strict=False)
-            ep = ep.run_decompositions({**get_decomposition_table(), **lowbit_decompositions()})
+            ep = ep.run_decompositions(lowbit_decompositions(get_decomposition_table()))
     except Exception as e:  # torch.export raises many exception types
         raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
 
     sig = ep.graph_signature
     gm = ep.graph_module
+    _reject_symbolic_shapes(gm)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     user_phs = [n for n, spec in zip(placeholders, sig.input_specs) if spec.kind == InputKind.USER_INPUT]
@@ -150,6 +151,18 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     gm.recompile()
     return CapturedGraph(gm, input_indices, input_specs, frozen, mutated_inputs, output_specs,
                          constant_outputs)
+
+
+def _reject_symbolic_shapes(gm: torch.fx.GraphModule) -> None:
+    """Compiled code has static shapes; a data-dependent size (e.g. `nonzero`) cannot be
+    specialised to its example value, because the next call may produce another."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        for v in vals:
+            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+                raise FrontendError(f"node {node.name} ({node.target}) has a data-dependent shape "
+                                    f"{tuple(v.shape)}; lowbit compiles static shapes only")
 
 
 def _check_device(t: torch.Tensor, pos: int) -> None:
