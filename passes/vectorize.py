@@ -51,6 +51,11 @@ def host_vector_bits() -> int:
     return 128
 
 
+def _is_i1_shaped(t: ir.Type) -> bool:
+    return isinstance(t, ir.ShapedType) and isinstance(t.element_type, ir.IntegerType) \
+        and t.element_type.width == 1
+
+
 def _element_bits(t: ir.Type) -> int:
     if isinstance(t, ir.ShapedType):
         t = t.element_type
@@ -120,6 +125,10 @@ class Vectorize(ModulePass):
     def plan(self, op: ir.Operation) -> TilePlan | None:
         info = loop_info(op)
         if info is None or info.rank == 0:
+            return None
+        # Vectors of i1 are bit-packed in LLVM while i1 memrefs hold a byte per element,
+        # so a vectorized load of a bool tensor (e.g. an attention mask) reads wrong data.
+        if any(_is_i1_shaped(v.type) for v in list(op.operands) + list(op.results)):
             return None
         lanes = self.lanes(op)
         flatten = (self.flatten and op.name == "linalg.generic" and info.rank > 1
