@@ -4,12 +4,12 @@
 
 // BAD: n-tile must be a multiple of 64, got 100
 
-// GEMV (M = 1), per-channel ternary 4096x4096: K-blocks of 256 divide K; 64 n-blocks over
+// GEMV (M = 1), per-channel ternary 4096x4096: one K-block of all of K; 64 n-blocks over
 // 2 threads x 4 tasks give 8 blocks (512 rows) per task.
 // CHECK-LABEL: func.func private @lowbit_qlinear_0
-// CHECK-SAME: lowbit.tiles = {kblock = 256 : i64, m_tile = 1 : i64, n_tile = 512 : i64, threads = 2 : i64}
+// CHECK-SAME: lowbit.tiles = {kblock = 4096 : i64, m_tile = 1 : i64, n_tile = 512 : i64, threads = 2 : i64}
 // OVERRIDE-LABEL: func.func private @lowbit_qlinear_0
-// OVERRIDE-SAME: lowbit.tiles = {kblock = 256 : i64, m_tile = 8 : i64, n_tile = 128 : i64, threads = 2 : i64}
+// OVERRIDE-SAME: lowbit.tiles = {kblock = 4096 : i64, m_tile = 8 : i64, n_tile = 128 : i64, threads = 2 : i64}
 func.func private @lowbit_qlinear_0(%x: tensor<1x4096xf32>) -> tensor<1x4096xf32> attributes {lowbit.qlinear = {act_format = "int8", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 4096 : i64, origin = "test", out_features = 4096 : i64, weight_format = "ternary"}} {
   %e = tensor.empty() : tensor<1x4096xf32>
   return %e : tensor<1x4096xf32>
@@ -20,7 +20,7 @@ func.func private @lowbit_qlinear_0(%x: tensor<1x4096xf32>) -> tensor<1x4096xf32
 // Prefill (M = 128) with int8 activations: the activation panel 128 x 4096 B fits half
 // of L2, so all rows go to one kernel call.
 // CHECK-LABEL: func.func private @lowbit_qlinear_0
-// CHECK-SAME: lowbit.tiles = {kblock = 256 : i64, m_tile = 128 : i64, n_tile = 512 : i64, threads = 2 : i64}
+// CHECK-SAME: lowbit.tiles = {kblock = 4096 : i64, m_tile = 128 : i64, n_tile = 512 : i64, threads = 2 : i64}
 func.func private @lowbit_qlinear_0(%x: tensor<128x4096xf32>) -> tensor<128x4096xf32> attributes {lowbit.qlinear = {act_format = "int8", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 4096 : i64, origin = "test", out_features = 4096 : i64, weight_format = "ternary"}} {
   %e = tensor.empty() : tensor<128x4096xf32>
   return %e : tensor<128x4096xf32>
