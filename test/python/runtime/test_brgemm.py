@@ -127,6 +127,15 @@ def test_brgemm_edge_shapes(isa, dtype, m, n, k, packed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["rowmajor", "packed"])
+def test_brgemm_aliasing_lda_copies_a(isa, dtype, packed):
+    """lda a multiple of 2 KiB with m > MR and k > KC: the driver copies A chunks to a
+    de-aliased buffer (the batch's second element checks it copies the right A_i)."""
+    _run_case(dtype, dict(m=40, n=70, k=1024, batch=2, pad_a=0, pad_b=1, pad_c=2, off_c=3, beta=1,
+                          packed=packed, c_bf16=dtype == torch.bfloat16, seed=5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 def test_packed_column_and_k_blocks(isa, dtype):
     """The compiler's view of a packed weight: output columns [n0, n0 + w) at
     packed_offset(n0), K split into blocks reduced as a batch with stride_b = kb * NB."""
