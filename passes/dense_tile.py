@@ -91,7 +91,7 @@ class DenseTile(ModulePass):
         for i, plan in enumerate(plans):
             tiled = self._rewrite(plan)
             tiled.attributes[ds.TILE_TAG] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i)
-            sizes = self._tile_sizes(plan, tiled)
+            sizes = self._tile_sizes(plan)
             script.append(
                 f"    %t{i} = {ds.match_tag(i)}\n"
                 f"    %tiled{i}, %forall{i} = transform.structured.tile_using_forall %t{i} "
@@ -135,8 +135,11 @@ class DenseTile(ModulePass):
         tm, tn = tm_opts[-1], tn_opts[-1]
         want = threads * self.min_tasks_per_thread
         batch = mm.batch or 1
+
+        def big_enough(m_: int, n_: int) -> bool:
+            return 2 * m_ * n_ * mm.k >= self.min_task_flops
+
         while batch * (mm.m // tm) * (mm.n // tn) < want:
-            big_enough = lambda m_, n_: 2 * m_ * n_ * mm.k >= self.min_task_flops  # noqa: E731
             smaller_n = [d for d in tn_opts if d < tn and big_enough(tm, d)]
             smaller_m = [d for d in tm_opts if d < tm and big_enough(d, tn)]
             if smaller_n and (tn >= 2 * NB or not smaller_m):
@@ -148,7 +151,7 @@ class DenseTile(ModulePass):
         return _Plan(mm, packed, tm, tn)
 
     @staticmethod
-    def _tile_sizes(plan: _Plan, tiled: ir.Operation) -> list[int]:
+    def _tile_sizes(plan: _Plan) -> list[int]:
         mm = plan.mm
         if plan.packed is not None:
             return [plan.tile_m, plan.tile_n // NB, 0, 0] + ([0] if mm.dtype == "bf16" else [])
