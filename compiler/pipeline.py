@@ -98,7 +98,9 @@ LOWBIT_PASSES = [
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
-    # qlinear functions: choose cache tiles, then pack weights for the kernels.
+    # qlinear functions: merge siblings on one input (q/k/v, gate/up), choose cache
+    # tiles, then pack weights for the kernels.
+    "lowbit-merge-sibling-qlinear",
     "lowbit-tile-qlinear",
     "lowbit-pack-weights",
     # dense fp32/bf16 matmuls: pack constant B, tile into BRGEMM tiles (docs/dense.md).
@@ -149,6 +151,7 @@ LOWER_TO_LLVM = [
     "convert-math-to-libm",
     "finalize-memref-to-llvm",
     "convert-scf-to-cf",
+    "lowbit-lower-scalar-transfers",
     "convert-vector-to-llvm{reassociate-fp-reductions=1}",
     "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}",
     "convert-to-llvm",

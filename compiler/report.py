@@ -28,24 +28,26 @@ def collect_report(module: ir.Module) -> list[dict]:
     from lowbit.runtime import current_isa
 
     entries = read_report(module.operation)
-    by_function = {e.get("function"): e for e in entries if e.get("function")}
     for func in qlinear_functions(module.operation):
         name = ir.StringAttr(func.attributes["sym_name"]).value
-        entry = by_function.get(name)
-        if entry is None:
+        mine = [e for e in entries if e.get("function") == name]
+        if not mine:
             spec, origin = spec_from_attr(func.attributes[QLINEAR_ATTR])
-            entry = {"kind": "matmul", "origin": origin, "result": "recognized",
-                     "format": spec.describe(), "function": name}
-            entries.append(entry)
-        if TILES_ATTR in func.attributes:
-            t = dict_attr_values(func.attributes[TILES_ATTR])
-            entry["tiles"] = f"m{t['m_tile']} n{t['n_tile']} kb{t['kblock']}"
-        if PACKED_ATTR in func.attributes:
-            entry["packed_bytes"] = dict_attr_values(func.attributes[PACKED_ATTR])["bytes"]
+            mine = [{"kind": "matmul", "origin": origin, "result": "recognized",
+                     "format": spec.describe(), "function": name}]
+            entries.extend(mine)
         lowered = "lowbit.lowered" in func.attributes
-        entry["isa"] = current_isa() if lowered else "generic (loops)"
-        if not lowered and entry.get("result") == "recognized":
-            entry["result"] = "recognized, generic path"
+        for entry in mine:
+            if TILES_ATTR in func.attributes:
+                t = dict_attr_values(func.attributes[TILES_ATTR])
+                entry["tiles"] = f"m{t['m_tile']} n{t['n_tile']} kb{t['kblock']}"
+            if PACKED_ATTR in func.attributes:
+                entry["packed_bytes"] = dict_attr_values(func.attributes[PACKED_ATTR])["bytes"]
+            entry["isa"] = current_isa() if lowered else "generic (loops)"
+            if not lowered and entry.get("result") == "recognized":
+                entry["result"] = "recognized, generic path"
+            if entry.get("merged_from"):
+                entry["result"] = f"recognized, merged into {name}"
     for e in entries:
         loc = e.get("location", "")
         if loc.startswith("loc("):

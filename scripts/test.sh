@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m lit -q test/
+"$PY" -c "import lit.main; lit.main.main()" -q test/
 lit_rc=$?
 "$PY" -m pytest -q test/python "$@"
 py_rc=$?

@@ -112,3 +112,29 @@ def test_torch_compile_and_explain():
     assert len(report.matmuls()) == 2
     assert all(e["result"] == "recognized" and e["format"] == "ternary/tensor a=int8" for e in report.matmuls())
     assert "ternary/tensor a=int8" in str(report)
+
+
+class _Siblings(torch.nn.Module):
+    """q/k/v-style projections of one input, mixed biases, then a use of each."""
+
+    def __init__(self, k, widths, act):
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=(i == 1)) for i, n in enumerate(widths))
+        lowbit.quantize_(self, lowbit.QuantConfig(weights="ternary", activations=act))
+
+    def forward(self, x):
+        q, k, v = (p(x) for p in self.proj)
+        return q.sum(-1, keepdim=True) * k[..., :1] + v
+
+
+@pytest.mark.parametrize("act", ["int8", "none"])
+def test_sibling_layers_share_one_kernel_call(act):
+    m = _Siblings(40, [64, 17, 33], act)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        c = compile_function(m, (x,))
+        _check(c, m, x)
+    merged = {e["function"] for e in c.report if e.get("kind") == "matmul"}
+    assert len(merged) == 1, c.report
+    assert all(e["result"].startswith("recognized, merged into") for e in c.report if e.get("kind") == "matmul")
