@@ -107,7 +107,8 @@ class Vectorize(ModulePass):
             try:
                 run_transform(module, self._script(i, plan), f"{self.NAME} on {name}")
             except PassError as e:
-                failures.append(str(e).splitlines()[0])
+                reason = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+                failures.append(f"{name} {plan.vector_sizes}: {reason}"[:300])
         run_transform(module, _CLEANUP, f"{self.NAME} cleanup")
         clear_tags(module)
         if failures:
@@ -183,7 +184,8 @@ class Vectorize(ModulePass):
             f"    %tiles = {match(i)}",
             "    transform.foreach %tiles : !transform.any_op {",
             "    ^bb0(%t: !transform.any_op):",
-            f"      transform.structured.vectorize %t vector_sizes {index_list(plan.vector_sizes)} : !transform.any_op",
+            f"      transform.structured.vectorize %t vector_sizes {index_list(plan.vector_sizes)} "
+            "{vectorize_nd_extract} : !transform.any_op",
             "    }",
         ]
         return "\n".join(lines)
