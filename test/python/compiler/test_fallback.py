@@ -125,9 +125,8 @@ def test_capture_failure_runs_whole_graph_in_eager_with_one_warning():
     assert len(ours) == 1 and "cannot compile the graph (capture failed" in ours[0], ours
 
 
-@pytest.mark.xfail(reason="codegen (lowbit-vectorize) stores vector<Nxi1> bit-packed into bool "
-                          "memrefs; torch bools are one byte each", strict=False)
 def test_bool_output_of_compiled_comparison():
+    """Regression: vectorized code once stored vector<Nxi1> bit-packed into torch bools."""
     from lowbit.compiler.compile import compile_function
     x = torch.randn(37)
     compiled = compile_function(lambda x: x > 0, (x,))

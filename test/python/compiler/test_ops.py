@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lowbit.compiler.compile import compile_function
 
 DTYPES = [torch.float32, torch.bfloat16]
+
 _EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8}
 _ATOL = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -10}
 
@@ -315,3 +316,19 @@ def test_view_reshape_transpose_permute_expand_cat(dtype):
     check_op(shapes, cases, dtype, "views", lambda x, y: 2 * x.shape[-1])
     # A graph whose result is a view of the input (no arithmetic at all).
     check_op(lambda x, y: x.permute(2, 0, 1).reshape(-1, x.shape[0]), cases, dtype, "pure-view")
+
+
+_BF16_RELU = """
+import torch
+from lowbit.compiler.compile import compile_function
+x = torch.randn(3, 3).bfloat16()
+assert torch.equal(compile_function(torch.relu, (x,))(x)[0], torch.relu(x))
+"""
+
+
+def test_bf16_elementwise_codegen_does_not_abort():
+    """Regression: LLVM once aborted the process on vectorized bf16 relu of shape [3, 3]."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _BF16_RELU], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit code {done.returncode}: {done.stderr.strip()[-300:]}"
