@@ -43,13 +43,14 @@ func.func @row_max(%x: tensor<5x4097xf32>, %init: tensor<5xf32>) -> tensor<5xf32
 
 // -----
 
-// Tiny shapes need no loop at all: a 1x1 fill and a 3-element bf16 op are single vectors.
+// Tiny shapes need no loop at all: a 1x1 fill is a single vector. Ops on bf16 tensors
+// stay scalar (LLVM's x86 backend aborts on some 16-bit float vectors).
 // CHECK-LABEL: func.func @tiny
 // CHECK-NOT: scf.for
 // CHECK: vector.transfer_write %{{.+}} : vector<1xf32>, tensor<1x1xf32>
-// CHECK: %[[R:.+]] = vector.transfer_read %{{.+}} : tensor<3xbf16>, vector<3xbf16>
-// CHECK: %[[N:.+]] = arith.negf %[[R]] : vector<3xbf16>
-// CHECK: vector.transfer_write %[[N]]
+// CHECK-NOT: vector<3xbf16>
+// CHECK: linalg.generic
+// CHECK: arith.negf %{{.+}} : bf16
 func.func @tiny(%x: tensor<3xbf16>) -> (tensor<1x1xf32>, tensor<3xbf16>) {
   %c = arith.constant 1.0 : f32
   %e = tensor.empty() : tensor<1x1xf32>
