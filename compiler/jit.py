@@ -16,6 +16,7 @@ from torch_mlir import ir
 from torch_mlir.execution_engine import ExecutionEngine
 
 from lowbit.compiler.frontend import TensorSpec
+from lowbit.compiler.threads import configure as configure_threads
 from lowbit.runtime.library import load_openmp, load_runtime, openmp_library_path, runtime_library_path
 
 
@@ -96,6 +97,7 @@ class JitFunction:
         for t in outputs:
             storage[i] = t.data_ptr()
             i += 1
+        configure_threads()  # compiled parallel loops run on libiomp5 with torch's thread count
         self._fn(self._packed)
         return outputs
 

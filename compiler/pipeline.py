@@ -160,10 +160,18 @@ LOWER_TO_LLVM = [
 
 
 def default_stages(options: CompileOptions | None = None) -> list[Stage]:
+    options = options or CompileOptions()
+    lowbit_passes = list(LOWBIT_PASSES)
+    if options.activations not in ("none", "int8"):
+        raise ValueError(f"activations must be 'none' or 'int8', got {options.activations!r}")
+    if options.activations == "int8":
+        # The user opted in: low-bit layers found with fp activations quantize them to int8.
+        lowbit_passes = [p + "{activations=int8}" if p == "lowbit-recognize-lowbit-weights" else p
+                         for p in lowbit_passes]
     return [
         Stage("lowbit-torch", list(LOWBIT_TORCH)),
         Stage("torch-to-linalg", list(TORCH_TO_LINALG)),
-        Stage("lowbit", list(LOWBIT_PASSES)),
+        Stage("lowbit", lowbit_passes),
         Stage("bufferize", list(BUFFERIZE)),
         Stage("runtime-calls", list(RUNTIME_CALLS)),
         Stage("lower-to-llvm", list(LOWER_TO_LLVM)),

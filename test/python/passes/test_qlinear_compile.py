@@ -138,3 +138,25 @@ def test_sibling_layers_share_one_kernel_call(act):
     merged = {e["function"] for e in c.report if e.get("kind") == "matmul"}
     assert len(merged) == 1, c.report
     assert all(e["result"].startswith("recognized, merged into") for e in c.report if e.get("kind") == "matmul")
+
+
+def test_int8_activations_only_when_the_user_opts_in():
+    """fp activations stay fp (exact up to fp32 rounding) unless lowbit.options(activations="int8")."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        w = m[0].weight
+        s = w.abs().mean()
+        w.copy_(torch.clamp(torch.round(w / s), -1, 1) * s)  # a QAT-style ternary fp weight
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        default = compile_function(m, (x,))
+        torch.testing.assert_close(default(x)[0], m(x), rtol=1e-5, atol=1e-5)
+        assert default.report[0]["format"] == "ternary/tensor a=none"
+        with lowbit.options(activations="int8"):
+            from lowbit.compiler.backend import current_options
+            opted = compile_function(m, (x,), options=current_options())
+        assert opted.report[0]["format"] == "ternary/tensor a=int8"
+        assert opted.report[0]["isa"] == current_isa()
+    with pytest.raises(ValueError, match="activations must be"):
+        Pipeline(options=lowbit.compiler.pipeline.CompileOptions(activations="int4"))
