@@ -18,6 +18,7 @@ import numpy as np
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func
 from torch_mlir.passmanager import PassManager
+from lowbit.passes.transform_script import run_transform
 
 # On a tile: "packed" (B is a packed constant, blocked generic) or "rowmajor" (B row-major).
 BRGEMM_ATTR = "lowbit.brgemm"
@@ -277,31 +278,6 @@ def largest_divisor_at_most(n: int, limit: int, multiple_of: int = 1) -> int | N
         if d <= limit and d % multiple_of == 0:
             best = d
     return best
-
-
-_SCRIPT = """module attributes {{transform.with_named_sequence}} {{
-  transform.named_sequence @__transform_main(%root: !transform.any_op {{transform.readonly}}) {{
-{body}
-    transform.yield
-  }}
-}}"""
-
-
-def run_transform(module: ir.Operation, body: str, what: str) -> None:
-    """Apply a transform script (the body of `__transform_main`, root handle `%root`)."""
-    from torch_mlir.dialects.transform import interpreter
-
-    from lowbit.passes.registry import PassError
-
-    text = _SCRIPT.format(body=body)
-    try:
-        script = ir.Module.parse(text, context=module.context)
-    except ir.MLIRError as e:  # a bug in the pass that wrote the script
-        raise PassError(f"{what}: invalid transform script: {e}\n{text}") from None
-    try:
-        interpreter.apply_named_sequence(module, script.body.operations[0], script)
-    except (ir.MLIRError, ValueError) as e:
-        raise PassError(f"{what}: transform failed: {e}") from None
 
 
 def match_tag(value: int) -> str:

@@ -28,9 +28,9 @@ import math
 
 from torch_mlir import ir
 
-from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.vectorize_support import (
-    PassError, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
+    clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
     loop_info, match, operand_dims, run_transform, tag, walk,
 )
 

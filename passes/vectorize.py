@@ -29,9 +29,9 @@ import warnings
 
 from torch_mlir import ir
 
-from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.vectorize_support import (
-    TAG, PassError, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
+    TAG, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
     loop_info, match, run_transform, tag, walk,
 )
 
