@@ -57,7 +57,7 @@ class CompiledGraph:
     def __call__(self, *args: Any) -> list[Any]:
         cap = self.captured
         inputs = [args[i] for i in cap.input_indices]
-        outs = self.jit(*inputs)
+        outs = cap.expand_outputs(self.jit(*inputs))
         for pos, new in zip(cap.mutated_inputs, outs[: self._n_mut]):
             args[pos].copy_(new)
         user = outs[self._n_mut:]
@@ -75,7 +75,7 @@ def compile_captured(captured: CapturedGraph, options: CompileOptions | None = N
     module = import_graph(captured, func_name=ENTRY)
     pipeline.dump(module, "import")
     pipeline.run(module)
-    jit = JitFunction(module, ENTRY, captured.input_specs, captured.output_specs)
+    jit = JitFunction(module, ENTRY, captured.input_specs, captured.unique_output_specs())
     compiled = CompiledGraph(captured, jit, pipeline)
     register_report(compiled)
     return compiled

@@ -55,10 +55,26 @@ class CapturedGraph:
     mutated_inputs: list[int]         # caller positions written back, in output order
     output_specs: list[TensorSpec]
     constant_outputs: dict[int, Any]  # user-output position -> non-tensor value
+    # Output position -> earlier position of the same value. The graph returns each value
+    # once (a function returning one buffer twice crashes bufferization); the runtime
+    # fills repeats in with copies, so callers still get distinct tensors.
+    repeated_outputs: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_user_outputs(self) -> int:
         return len(self.output_specs) - len(self.mutated_inputs) + len(self.constant_outputs)
+
+    def unique_output_specs(self) -> list[TensorSpec]:
+        return [s for i, s in enumerate(self.output_specs) if i not in self.repeated_outputs]
+
+    def expand_outputs(self, outs: list) -> list:
+        """The graph's unique outputs -> all outputs, repeats as copies of their first."""
+        if not self.repeated_outputs:
+            return list(outs)
+        full, it = [], iter(outs)
+        for i in range(len(self.output_specs)):
+            full.append(full[self.repeated_outputs[i]].clone() if i in self.repeated_outputs else next(it))
+        return full
 
 
 class _Wrapped(torch.nn.Module):
@@ -131,16 +147,26 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     placeholder_pos = {n.name: pos for pos, n in enumerate(user_phs)}
     mutated_inputs, output_specs, constant_outputs = [], [], {}
     new_outs = []
+    first_position: dict[torch.fx.Node, int] = {}
+    repeated: dict[int, int] = {}
+
+    def add_output(node: torch.fx.Node) -> None:
+        position = len(output_specs)
+        if node in first_position:
+            repeated[position] = first_position[node]
+        else:
+            first_position[node] = position
+            new_outs.append(node)
+        output_specs.append(_spec_of_node(node))
+
     user_idx = 0
     for out, ospec in zip(outs, sig.output_specs):
         if ospec.kind == OutputKind.USER_INPUT_MUTATION:
             mutated_inputs.append(placeholder_pos[ospec.target])
-            new_outs.append(out)
-            output_specs.append(_spec_of_node(out))
+            add_output(out)
         elif ospec.kind == OutputKind.USER_OUTPUT:
             if isinstance(out, torch.fx.Node):
-                new_outs.append(out)
-                output_specs.append(_spec_of_node(out))
+                add_output(out)
             else:
                 constant_outputs[user_idx] = out
             user_idx += 1
@@ -150,7 +176,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     graph.eliminate_dead_code()
     gm.recompile()
     return CapturedGraph(gm, input_indices, input_specs, frozen, mutated_inputs, output_specs,
-                         constant_outputs)
+                         constant_outputs, repeated)
 
 
 def _reject_symbolic_shapes(gm: torch.fx.GraphModule) -> None:

@@ -116,7 +116,7 @@ class PartitionedGraph:
     def __call__(self, *args):
         cap = self.captured
         outs = self.gm(*[args[i] for i in cap.input_indices])
-        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        outs = cap.expand_outputs(list(outs) if isinstance(outs, (tuple, list)) else [outs])
         n_mut = len(cap.mutated_inputs)
         for pos, new in zip(cap.mutated_inputs, outs[:n_mut]):
             args[pos].copy_(new)

@@ -118,6 +118,7 @@ LOWBIT_PASSES = [
 ]
 
 BUFFERIZE = [
+    "lowbit-unique-returns",
     "one-shot-bufferize{bufferize-function-boundaries=1 function-boundary-type-conversion=identity-layout-map}",
     "canonicalize",
     "cse",
