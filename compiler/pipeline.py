@@ -95,6 +95,11 @@ LOWBIT_PASSES = [
     # would merge the activation quantization into the matmul's body.
     "lowbit-recognize-lowbit-weights",
     "lowbit-recognize-act-quant",
+    # dense fp32/bf16 matmuls: pack constant B, tile into BRGEMM tiles (docs/dense.md).
+    # Before elementwise fusion, which otherwise folds transposes, reshapes and even
+    # whole activation functions (SiLU, exp) into the matmul's body, so that the body
+    # recomputes them per multiply-add and no kernel matches it any more.
+    "lowbit-dense-tile",
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
@@ -103,8 +108,6 @@ LOWBIT_PASSES = [
     "lowbit-merge-sibling-qlinear",
     "lowbit-tile-qlinear",
     "lowbit-pack-weights",
-    # dense fp32/bf16 matmuls: pack constant B, tile into BRGEMM tiles (docs/dense.md).
-    "lowbit-dense-tile",
     # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
     # matmul passes: these tile whatever linalg ops are still left at function level.
     "linalg-fold-unit-extent-dims",
