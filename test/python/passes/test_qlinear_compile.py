@@ -160,3 +160,26 @@ def test_int8_activations_only_when_the_user_opts_in():
         assert opted.report[0]["isa"] == current_isa()
     with pytest.raises(ValueError, match="activations must be"):
         Pipeline(options=lowbit.compiler.pipeline.CompileOptions(activations="int4"))
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(FORMATS), act=st.sampled_from(["none", "int8"]),
+       m=st.integers(1, 9), k=st.integers(1, 80), n=st.integers(1, 70), hidden=st.integers(1, 40),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_differential_mlp(fmt, act, m, k, n, hidden, bias, seed):
+    """Hypothesis: a two-layer low-bit MLP with arbitrary (tail) sizes equals eager."""
+    weight_format, group = fmt
+    if group is not None and group > min(k, hidden):
+        group = None
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(k, hidden, bias=bias), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, n, bias=bias))
+    lowbit.quantize_(mlp, lowbit.QuantConfig(weights=weight_format, activations=act, group_size=group))
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        c = compile_function(mlp, (x,))
+        _check(c, mlp, x, rtol=1e-4)
+    assert all(e["isa"] == current_isa() for e in c.report if e.get("kind") == "matmul"), c.report
