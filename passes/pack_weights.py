@@ -70,7 +70,7 @@ class PackWeights(ModulePass):
                 scales = np.broadcast_to(scales.reshape(1, 1), (spec.out_features, 1))
             try:
                 pw = pack_weight(torch.from_numpy(np.ascontiguousarray(w.q)),
-                                 torch.from_numpy(np.array(scales, dtype=np.float32))  # a writable copy (scales are small), spec.weight_format,
+                                 torch.from_numpy(np.array(scales, dtype=np.float32)), spec.weight_format,  # writable copy
                                  group=spec.group_width,
                                  zero=None if w.zero_points is None else torch.from_numpy(w.zero_points),
                                  kblock=tiles["kblock"])
