@@ -12,34 +12,18 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func
 from torch_mlir.passmanager import PassManager
 from lowbit.passes.transform_script import run_transform
+from lowbit.passes.vectorize_support import func_ops, walk  # shared IR walkers
 
 # On a tile: "packed" (B is a packed constant, blocked generic) or "rowmajor" (B row-major).
 BRGEMM_ATTR = "lowbit.brgemm"
 # Temporary tag for addressing one payload op from a transform script.
 TILE_TAG = "lowbit.dense_tile"
-
-
-def func_ops(module: ir.Operation) -> Iterator[ir.Operation]:
-    for op in module.regions[0].blocks[0].operations:
-        op = op.operation
-        if op.name == "func.func" and len(op.regions[0].blocks) > 0:
-            yield op
-
-
-def walk(op: ir.Operation) -> Iterator[ir.Operation]:
-    """Pre-order walk of every op nested in `op` (not `op` itself)."""
-    for region in op.regions:
-        for block in region.blocks:
-            for inner in block.operations:
-                yield inner.operation
-                yield from walk(inner.operation)
 
 
 def inside(op: ir.Operation, names: set[str]) -> bool:
