@@ -48,7 +48,6 @@ class CompiledGraph:
         self.pipeline = pipeline
         self.frozen_guard = FrozenGuard(captured.frozen)
         self.report = pipeline.report
-        self._n_mut = len(captured.mutated_inputs)
 
     def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
         """Caller positions of frozen tensors changed since compilation."""
@@ -57,16 +56,7 @@ class CompiledGraph:
     def __call__(self, *args: Any) -> list[Any]:
         cap = self.captured
         inputs = [args[i] for i in cap.input_indices]
-        outs = cap.expand_outputs(self.jit(*inputs))
-        for pos, new in zip(cap.mutated_inputs, outs[: self._n_mut]):
-            args[pos].copy_(new)
-        user = outs[self._n_mut:]
-        if not cap.constant_outputs:
-            return user
-        result, it = [], iter(user)
-        for i in range(cap.num_user_outputs):
-            result.append(cap.constant_outputs[i] if i in cap.constant_outputs else next(it))
-        return result
+        return cap.finish_call(args, self.jit(*inputs))
 
 
 def compile_captured(captured: CapturedGraph, options: CompileOptions | None = None,

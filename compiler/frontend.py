@@ -67,6 +67,21 @@ class CapturedGraph:
     def unique_output_specs(self) -> list[TensorSpec]:
         return [s for i, s in enumerate(self.output_specs) if i not in self.repeated_outputs]
 
+    def finish_call(self, args, outs: list) -> list:
+        """Graph outputs -> the caller's results: repeats expanded, new values of mutated
+        inputs written back into them, non-tensor outputs put back in place."""
+        outs = self.expand_outputs(outs)
+        n_mut = len(self.mutated_inputs)
+        for pos, new in zip(self.mutated_inputs, outs[:n_mut]):
+            args[pos].copy_(new)
+        user = outs[n_mut:]
+        if not self.constant_outputs:
+            return user
+        result, it = [], iter(user)
+        for i in range(self.num_user_outputs):
+            result.append(self.constant_outputs[i] if i in self.constant_outputs else next(it))
+        return result
+
     def expand_outputs(self, outs: list) -> list:
         """The graph's unique outputs -> all outputs, repeats as copies of their first."""
         if not self.repeated_outputs:

@@ -116,14 +116,7 @@ class PartitionedGraph:
     def __call__(self, *args):
         cap = self.captured
         outs = self.gm(*[args[i] for i in cap.input_indices])
-        outs = cap.expand_outputs(list(outs) if isinstance(outs, (tuple, list)) else [outs])
-        n_mut = len(cap.mutated_inputs)
-        for pos, new in zip(cap.mutated_inputs, outs[:n_mut]):
-            args[pos].copy_(new)
-        result, it = [], iter(outs[n_mut:])
-        for i in range(cap.num_user_outputs):
-            result.append(cap.constant_outputs[i] if i in cap.constant_outputs else next(it))
-        return result
+        return cap.finish_call(args, list(outs) if isinstance(outs, (tuple, list)) else [outs])
 
 
 def _partition_and_compile(captured: CapturedGraph, args: Sequence[Any], unsupported: set[str],
