@@ -7,6 +7,7 @@
 #ifndef LOWBIT_BRGEMM_INTERNAL_H
 #define LOWBIT_BRGEMM_INTERNAL_H
 
+#include "bf16.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -36,20 +37,8 @@ KernelFn select_scalar(const Desc& d);
 KernelFn select_avx2(const Desc& d);
 KernelFn select_avx512(const Desc& d);  // needs AVX512_BF16 for bf16 (caller checks)
 
-// bf16 <-> fp32 with round-to-nearest-even (NaN stays a quiet NaN), as torch does.
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
+using lowbit_bf16::bf16_to_f32;
+using lowbit_bf16::f32_to_bf16;
 
 }  // namespace lowbit_brgemm
 

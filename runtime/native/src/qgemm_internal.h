@@ -3,6 +3,7 @@
 #ifndef LOWBIT_QGEMM_INTERNAL_H
 #define LOWBIT_QGEMM_INTERNAL_H
 
+#include "bf16.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -115,21 +116,8 @@ struct QuantArgs {
 void quant_act_scalar(const QuantArgs& qa);
 void quant_act_avx512(const QuantArgs& qa);
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even (NaN stays NaN), as torch's fp32 -> bf16 conversion.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
+using lowbit_bf16::bf16_to_f32;
+using lowbit_bf16::f32_to_bf16;
 
 }  // namespace q
 }  // namespace lowbit
