@@ -55,6 +55,19 @@ _T_TO_DTYPE = {v: k for k, v in _DTYPE_TO_T.items()}
 
 # LOWBIT_QF_*
 F_BETA1, F_BIAS, F_ASCALE_PER_BLOCK = 1, 2, 4
+F_ACT_RELU, F_ACT_SILU, F_ACT_RELU2 = 8, 16, 32
+# Epilogue activations (applied after scales, zero points and bias, before the beta add).
+ACTIVATIONS = {"relu": F_ACT_RELU, "silu": F_ACT_SILU, "relu2": F_ACT_RELU2}
+
+
+def activation_flag(activation: str | None) -> int:
+    """LOWBIT_QF_ACT_* for an epilogue activation name (None: no activation)."""
+    if activation is None:
+        return 0
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown epilogue activation {activation!r}; expected one of "
+                         f"{sorted(ACTIVATIONS)} or None")
+    return ACTIVATIONS[activation]
 
 E_QRANGE = 32  # LOWBIT_E_QRANGE: only lowbit_qpack returns it
 MAX_INT8_KBLOCK = 65536  # largest K-block int8-activation tiles accept (exact int32 sums)
@@ -311,16 +324,21 @@ def quantize_activations(x, kblock: int, *, per_block: bool = False):
 # ----------------------------------------------------------------------------- tiles
 
 class QGemmKernel:
-    """A dispatched BRGEMM tile: C[m, n] (+)= sum over `count` K-blocks (see lowbit/qgemm.h).
+    """A dispatched BRGEMM tile (see lowbit/qgemm.h):
+
+        C[m, n] = [C_in +] act(sum over `count` K-blocks * scales + bias), rounded once
 
     Strides lda/ldc/stride_a are in elements, ldb/stride_b in bytes, ld_aux is the row stride
-    of the per-block activation scale and row-sum arrays.
+    of the per-block activation scale and row-sum arrays. `beta=True` adds C's previous
+    contents (fp32 or bf16 C: a residual, or a K-split partial sum for fp32);
+    `activation` is None, "relu", "silu" or "relu2" and is only correct when one call
+    covers all K-blocks of the layer.
     """
 
     def __init__(self, fmt: str, a_dtype: torch.dtype, c_dtype: torch.dtype, m: int, n: int,
                  kblock: int, *, lda: int, ldb: int, ldc: int, stride_a: int, stride_b: int,
                  ld_aux: int = 1, beta: bool = False, bias: bool = False,
-                 per_block_act_scale: bool = False):
+                 per_block_act_scale: bool = False, activation: str | None = None):
         if a_dtype not in _DTYPE_TO_T:
             raise TypeError(f"activation dtype must be int8, float32 or bfloat16, got {a_dtype}")
         if c_dtype not in (torch.float32, torch.bfloat16):
@@ -330,8 +348,10 @@ class QGemmKernel:
         self.lda, self.ldb, self.ldc = lda, ldb, ldc
         self.stride_a, self.stride_b, self.ld_aux = stride_a, stride_b, ld_aux
         self.beta, self.bias, self.per_block = beta, bias, per_block_act_scale
+        self.activation = activation
         self.flags = ((F_BETA1 if beta else 0) | (F_BIAS if bias else 0)
-                      | (F_ASCALE_PER_BLOCK if per_block_act_scale else 0))
+                      | (F_ASCALE_PER_BLOCK if per_block_act_scale else 0)
+                      | activation_flag(activation))
         h = _lib().lowbit_qgemm_dispatch(_format(fmt), _DTYPE_TO_T[a_dtype], _DTYPE_TO_T[c_dtype],
                                          m, n, kblock, lda, ldb, ldc, stride_a, stride_b, ld_aux,
                                          self.flags)
@@ -388,12 +408,14 @@ class QGemmKernel:
 
 
 def dispatch_for(pw: PackedWeight, m: int, *, a_dtype=torch.int8, c_dtype=torch.float32,
-                 bias: bool = False, per_block_act_scale: bool = False) -> QGemmKernel:
+                 bias: bool = False, per_block_act_scale: bool = False, beta: bool = False,
+                 activation: str | None = None) -> QGemmKernel:
     """The tile that covers a whole packed weight for m rows of K-padded activations."""
     return QGemmKernel(pw.fmt, a_dtype, c_dtype, m, pw.n, pw.kblock, lda=pw.k_padded,
                        ldb=pw.nblock_bytes, ldc=pw.n, stride_a=pw.kblock,
                        stride_b=pw.kblock_bytes, ld_aux=pw.num_kblocks, bias=bias,
-                       per_block_act_scale=per_block_act_scale)
+                       per_block_act_scale=per_block_act_scale, beta=beta,
+                       activation=activation)
 
 
 # ----------------------------------------------------------------------------- whole layer

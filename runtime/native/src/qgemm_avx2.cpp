@@ -58,19 +58,72 @@ LB_INLINE __m256i dot(__m256i acc, __m256i u, __m256i x) {
   }
 }
 
+// exp(x) for the SiLU epilogue, ~1 ulp: x = n*ln2 + r (Cody-Waite, |r| <= ln2/2), Cephes'
+// minimax polynomial for exp(r), times 2^n built as two normal powers of two
+// 2^(n/2) * 2^(n - n/2), so that overflow gives inf and underflow rounds gradually to 0.
+LB_INLINE __m256 exp_ps(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);  // NaN -> INT_MIN: p is NaN anyway
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+// The epilogue's activation (order and definitions in lowbit/qgemm.h).
+LB_INLINE __m256 apply_act(int32_t flags, __m256 v) {
+  if (flags & LOWBIT_QF_ACT_RELU) return _mm256_max_ps(v, _mm256_setzero_ps());
+  if (flags & LOWBIT_QF_ACT_RELU2) {
+    const __m256 r = _mm256_max_ps(v, _mm256_setzero_ps());
+    return _mm256_mul_ps(r, r);
+  }
+  if (flags & LOWBIT_QF_ACT_SILU) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v));
+    return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  }
+  return v;
+}
+
+// Final store of one row: scale, bias, activation, beta (C_in + v), type conversion
+// (rounded once), 8 columns at a time; a partial chunk goes through a stack buffer so
+// that every column takes the same vector arithmetic.
 void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, float inv,
                const float* tile_row) {
   const int64_t nvalid = std::min<int64_t>(NB, d.n - n0);
-  for (int64_t nl = 0; nl < nvalid; ++nl) {
-    float v = tile_row[nl] * inv;
-    if (d.flags & LOWBIT_QF_BIAS) v += g.bias[n0 + nl];
-    const int64_t ci = row * d.ldc + n0 + nl;
-    if (d.ctype == LOWBIT_QT_F32) {
-      float* c = static_cast<float*>(g.c);
-      c[ci] = (d.flags & LOWBIT_QF_BETA1) ? c[ci] + v : v;
-    } else {
-      static_cast<uint16_t*>(g.c)[ci] = f32_to_bf16(v);
+  const bool beta = d.flags & LOWBIT_QF_BETA1, f32 = d.ctype == LOWBIT_QT_F32;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (int64_t c0 = 0; c0 < nvalid; c0 += 8) {
+    const int w = int(std::min<int64_t>(8, nvalid - c0));
+    const int64_t ci = row * d.ldc + n0 + c0;
+    alignas(32) float bias[8] = {}, cin[8] = {}, out[8];
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(tile_row + c0), vinv);
+    if (d.flags & LOWBIT_QF_BIAS) {
+      memcpy(bias, g.bias + n0 + c0, size_t(w) * 4);
+      v = _mm256_add_ps(v, _mm256_load_ps(bias));
     }
+    if (d.flags & LOWBIT_QF_ACT_MASK) v = apply_act(d.flags, v);
+    if (beta) {
+      if (f32) memcpy(cin, static_cast<const float*>(g.c) + ci, size_t(w) * 4);
+      else
+        for (int t = 0; t < w; ++t) cin[t] = bf16_to_f32(static_cast<const uint16_t*>(g.c)[ci + t]);
+      v = _mm256_add_ps(v, _mm256_load_ps(cin));
+    }
+    _mm256_store_ps(out, v);
+    if (f32) memcpy(static_cast<float*>(g.c) + ci, out, size_t(w) * 4);
+    else
+      for (int t = 0; t < w; ++t) static_cast<uint16_t*>(g.c)[ci + t] = f32_to_bf16(out[t]);
   }
 }
 

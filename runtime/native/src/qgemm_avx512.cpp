@@ -100,7 +100,41 @@ LB_INLINE __mmask16 lane_mask(int64_t valid) {
   return __mmask16((1u << valid) - 1);
 }
 
-// Final store of an fp32 register tile row: scale, bias, beta, type conversion, n tail.
+// exp(x) for the SiLU epilogue, ~1 ulp: x = n*ln2 + r (Cody-Waite, |r| <= ln2/2), Cephes'
+// minimax polynomial for exp(r), and 2^n by vscalefps, which gives inf / 0 (gradual
+// underflow) at the ends. The clamp keeps r finite for +-inf inputs; NaN stays NaN.
+LB_INLINE __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The epilogue's activation (order and definitions in lowbit/qgemm.h).
+LB_INLINE __m512 apply_act(int32_t flags, __m512 v) {
+  if (flags & LOWBIT_QF_ACT_RELU) return _mm512_max_ps(v, _mm512_setzero_ps());
+  if (flags & LOWBIT_QF_ACT_RELU2) {
+    const __m512 r = _mm512_max_ps(v, _mm512_setzero_ps());
+    return _mm512_mul_ps(r, r);
+  }
+  if (flags & LOWBIT_QF_ACT_SILU) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  }
+  return v;
+}
+
+// Final store of an fp32 register tile row: scale, bias, activation, beta (C_in + v),
+// type conversion (rounded once), n tail.
 LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, float inv,
                          const float* tile_row) {
   const int64_t nvalid = std::min<int64_t>(NB, d.n - n0);
@@ -112,14 +146,20 @@ LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, 
     __m512 v = _mm512_mul_ps(_mm512_loadu_ps(tile_row + 16 * j), vinv);
     if (d.flags & LOWBIT_QF_BIAS)
       v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, g.bias + n0 + 16 * j));
+    if (d.flags & LOWBIT_QF_ACT_MASK) v = apply_act(d.flags, v);
     const int64_t ci = row * d.ldc + n0 + 16 * j;
     if (d.ctype == LOWBIT_QT_F32) {
       float* c = static_cast<float*>(g.c) + ci;
       if (d.flags & LOWBIT_QF_BETA1) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, c));
       _mm512_mask_storeu_ps(c, mk, v);
     } else {
+      uint16_t* c = static_cast<uint16_t*>(g.c) + ci;
+      if (d.flags & LOWBIT_QF_BETA1) {
+        const __m512i cin = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, c));
+        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(cin, 16)));
+      }
       const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.c) + ci, mk, h);
+      _mm256_mask_storeu_epi16(c, mk, h);
     }
   }
 }

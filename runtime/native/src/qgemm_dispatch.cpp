@@ -21,7 +21,7 @@ std::atomic<int> g_size{0};
 std::mutex g_mutex;
 
 constexpr int32_t kKnownFlags =
-    LOWBIT_QF_BETA1 | LOWBIT_QF_BIAS | LOWBIT_QF_ASCALE_PER_BLOCK;
+    LOWBIT_QF_BETA1 | LOWBIT_QF_BIAS | LOWBIT_QF_ASCALE_PER_BLOCK | LOWBIT_QF_ACT_MASK;
 
 bool same(const Desc& x, const Desc& y) {
   return x.wfmt == y.wfmt && x.atype == y.atype && x.ctype == y.ctype && x.flags == y.flags &&
@@ -54,8 +54,9 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
     return -LOWBIT_E_UNSUPPORTED;
   if (ctype != LOWBIT_QT_F32 && ctype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
   if (flags & ~kKnownFlags) return -LOWBIT_E_UNSUPPORTED;
-  // bf16 C would round every partial sum; BETA1 accumulation needs an fp32 C.
-  if ((flags & LOWBIT_QF_BETA1) && ctype == LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
+  // One activation at most (they do not compose in the epilogue's fixed order).
+  const int32_t act = flags & LOWBIT_QF_ACT_MASK;
+  if (act & (act - 1)) return -LOWBIT_E_UNSUPPORTED;
   if ((flags & LOWBIT_QF_ASCALE_PER_BLOCK) && atype != LOWBIT_QT_INT8)
     return -LOWBIT_E_UNSUPPORTED;
   if (m <= 0 || n <= 0 || kblock <= 0 || ld_aux <= 0) return -LOWBIT_E_SHAPE;

@@ -33,6 +33,17 @@ float load_act(int32_t t, const void* base, int64_t i) {
 
 }  // namespace
 
+// The epilogue's activation (docs in lowbit/qgemm.h), in fp32; libm expf (< 1 ulp).
+float apply_act_scalar(int32_t flags, float v) {
+  if (flags & LOWBIT_QF_ACT_RELU) return v > 0.0f ? v : 0.0f;
+  if (flags & LOWBIT_QF_ACT_RELU2) {
+    const float r = v > 0.0f ? v : 0.0f;
+    return r * r;
+  }
+  if (flags & LOWBIT_QF_ACT_SILU) return v / (1.0f + expf(-v));
+  return v;
+}
+
 void tile_scalar(const Desc& d, const Args& g) {
   const Format& f = d.f;
   const int64_t kb = d.kblock, cb = codes_bytes(f, kb);
@@ -81,12 +92,15 @@ void tile_scalar(const Desc& d, const Args& g) {
       for (int64_t nl = 0; nl < nvalid; ++nl) {
         float v = acc[size_t(r * NB + nl)] * inv;
         if (d.flags & LOWBIT_QF_BIAS) v += g.bias[n0 + nl];
+        v = apply_act_scalar(d.flags, v);
         const int64_t ci = r * d.ldc + n0 + nl;
         if (d.ctype == LOWBIT_QT_F32) {
           float* c = static_cast<float*>(g.c);
           c[ci] = (d.flags & LOWBIT_QF_BETA1) ? c[ci] + v : v;
         } else {
-          static_cast<uint16_t*>(g.c)[ci] = f32_to_bf16(v);
+          uint16_t* c = static_cast<uint16_t*>(g.c);
+          if (d.flags & LOWBIT_QF_BETA1) v += bf16_to_f32(c[ci]);
+          c[ci] = f32_to_bf16(v);
         }
       }
     }

@@ -286,6 +286,174 @@ def test_weight_only_matches_reference(isa, fmt, m, n, k, grouped, x_dtype, bf16
     assert bool((err <= tol).all()), float((err - tol).max())
 
 
+# ----------------------------------------------------------------------------- fused epilogue
+
+def act64(name, v: torch.Tensor) -> torch.Tensor:
+    """The epilogue activations in fp64 (the definitions of lowbit/qgemm.h)."""
+    if name is None:
+        return v
+    if name == "relu":
+        return v.clamp(min=0)
+    if name == "relu2":
+        return v.clamp(min=0) ** 2
+    return v * torch.sigmoid(v)  # silu
+
+
+def act_tolerance(name, v: torch.Tensor, tol_v: torch.Tensor) -> torch.Tensor:
+    """How far act(v +- tol_v) can move from act(v), plus a few fp32 ulp of act itself."""
+    if name is None or name == "relu":
+        grow = tol_v
+    elif name == "relu2":
+        grow = 2 * v.clamp(min=0) * tol_v + tol_v ** 2
+    else:
+        grow = 1.1 * tol_v  # |silu'| <= 1.0998
+    return grow + 4 * 2.0 ** -24 * act64(name, v).abs() + 1e-30
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=60, **SETTINGS)
+@given(fmt=st.sampled_from(FMTS), m=st.sampled_from([1, 2, 3, 5, 6, 7, 13]),
+       n=st.sampled_from([1, 3, 17, 64, 65, 100, 130]), k=st.sampled_from([4, 17, 64, 127, 300]),
+       mode=st.sampled_from(["int8", "f32", "bf16"]), act=st.sampled_from([None, "relu", "silu", "relu2"]),
+       residual=st.booleans(), use_bias=st.booleans(), bf16_out=st.booleans(),
+       grouped=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_epilogue_matches_fp64(isa, fmt, m, n, k, mode, act, residual, use_bias, bf16_out,
+                                     grouped, seed):
+    """C = [C_in +] act(sum * scales + bias) on every ISA, fp32 and bf16 C, N and M tails,
+    int8 and weight-only activations, against an fp64 evaluation."""
+    gen = torch.Generator().manual_seed(seed)
+    q = random_codes(gen, fmt, n, k)
+    group = 32 if grouped and k > 32 else None
+    ngroups = -(-k // group) if group else 1
+    scale = torch.rand(n, ngroups, generator=gen) * 0.2 + 0.01
+    zero = random_zero(gen, fmt, n, ngroups)
+    pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group, zero=zero)
+    x = torch.randn(m, k, generator=gen) * 2
+    bias = torch.randn(n, generator=gen) if use_bias else None
+    out_dtype = torch.bfloat16 if bf16_out else torch.float32
+    c_in = (torch.randn(m, n, generator=gen) * 3).to(out_dtype)
+    y = c_in.clone() if residual else torch.full((m, n), float("nan")).to(out_dtype)
+
+    gsize = group or k
+    w = q.to(torch.float64)
+    if zero is not None:
+        w = w - zero.to(torch.float64).repeat_interleave(gsize, dim=1)[:, :k]
+    w = w * scale.to(torch.float64).repeat_interleave(gsize, dim=1)[:, :k]
+    with use_isa(isa):
+        if mode == "int8":
+            xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
+            kern = qgemm.dispatch_for(pw, m, c_dtype=out_dtype, bias=use_bias, beta=residual,
+                                      activation=act)
+            kern(xq, pw.data, y, count=pw.num_kblocks, a_scale=sx, a_sum=rs, bias=bias)
+            xa = xq[:, :k].to(torch.float64) / sx.to(torch.float64)[:, None]
+        else:
+            xa_t = x.to(torch.bfloat16) if mode == "bf16" else x
+            a = torch.zeros(m, pw.k_padded, dtype=xa_t.dtype)
+            a[:, :k] = xa_t
+            kern = qgemm.dispatch_for(pw, m, a_dtype=a.dtype, c_dtype=out_dtype, bias=use_bias,
+                                      beta=residual, activation=act)
+            kern(a, pw.data, y, count=pw.num_kblocks, bias=bias)
+            xa = xa_t.to(torch.float64)
+    assert kern.isa == isa
+    v = xa @ w.T
+    tol_v = 4e-6 * (xa.abs() @ w.abs().T) + 1e-6
+    if bias is not None:
+        v = v + bias.to(torch.float64)
+        tol_v = tol_v + 1e-7 * bias.abs().to(torch.float64)
+    ref = act64(act, v)
+    tol = act_tolerance(act, v, tol_v)
+    if residual:
+        ref = ref + c_in.to(torch.float64)
+    tol = tol + ref.abs() * (2.0 ** -8 if bf16_out else 2.0 ** -23)
+    err = (y.to(torch.float64) - ref).abs()
+    assert not torch.isnan(y).any()
+    assert bool((err <= tol).all()), (float((err - tol).max()), act, residual)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in fp32 ulps (on the integer line of ordered floats; -0 == +0)."""
+    def ordered(t):
+        i = t.contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("act", ["silu", "relu", "relu2"])
+def test_activation_is_accurate_to_few_ulp(isa, act):
+    """Exact pre-activation values v = x * step (x = -128..127, power-of-two steps, so
+    v covers [-256, 254] finely near 0): the fused activation is within 3 fp32 ulp of
+    torch's op and of the fp64 value (down to v = -88.7, where exp(-v) overflows fp32 and
+    both torch and the kernel compute v / (1 + inf) = -0 for a true value below 1e-36)."""
+    n, k, m = 16, 8, 64
+    q = torch.zeros(n, k, dtype=torch.int8)
+    q[:, 0] = 1
+    ys, vs = [], []
+    for step in (2.0 ** -7, 2.0 ** -4, 2.0 ** -1, 2.0):
+        pw = qgemm.pack_weight(q, torch.full((n,), step), "int8")
+        for half in range(4):  # 64 rows per call, each row a distinct x[m, 0]
+            x = torch.arange(-128 + 64 * half, -64 + 64 * half, dtype=torch.int32).to(torch.int8)
+            xq = torch.zeros(m, pw.k_padded, dtype=torch.int8)
+            xq[:, 0] = x
+            rs = xq.to(torch.int32).sum(1, keepdim=True, dtype=torch.int32)
+            y = torch.empty(m, n)
+            with use_isa(isa):
+                qgemm.dispatch_for(pw, m, activation=act)(xq, pw.data, y, count=1,
+                                                         a_scale=torch.ones(m), a_sum=rs)
+            ys.append(y)
+            vs.append((x.to(torch.float32) * step)[:, None].expand(-1, n))
+    y, v = torch.cat(ys), torch.cat(vs)
+    expect = {"silu": torch.nn.functional.silu, "relu": torch.relu,
+              "relu2": lambda t: torch.relu(t) ** 2}[act](v)
+    assert int(_ulps(y, expect).max()) <= 3, float((y - expect).abs().max())
+    exact = act64(act, v.to(torch.float64))
+    # exp(-v) overflows fp32 below v = -88.72 (torch: the same formula, the same -0)
+    ok = (v > -88.7) & (exact.abs() >= 2.0 ** -126)
+    assert int(_ulps(y[ok], exact[ok].to(torch.float32)).max()) <= 3
+    assert float(torch.cat([(y[~ok].double() - exact[~ok]).abs(), torch.zeros(1, dtype=torch.float64)]).max()) < 1e-36
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_silu_extreme_inputs(isa):
+    """Pre-activations far past exp's range: silu(-big) -> -0 / tiny, silu(big) -> big."""
+    n, k, m = 16, 4, 6
+    q = torch.zeros(n, k, dtype=torch.int8)
+    q[:, 0] = 1
+    vals = torch.tensor([-127, -100, -90, 88, 100, 127], dtype=torch.int8)
+    for step in (1.0, 2.0 ** 20):  # v up to 127 * 2^20 (exp(-v) -> 0, exp(v) -> inf)
+        pw = qgemm.pack_weight(q, torch.full((n,), step), "int8")
+        xq = torch.zeros(m, pw.k_padded, dtype=torch.int8)
+        xq[:, 0] = vals
+        rs = xq.to(torch.int32).sum(1, keepdim=True, dtype=torch.int32)
+        for c_dtype in (torch.float32, torch.bfloat16):
+            y = torch.empty(m, n, dtype=c_dtype)
+            with use_isa(isa):
+                qgemm.dispatch_for(pw, m, c_dtype=c_dtype, activation="silu")(
+                    xq, pw.data, y, count=1, a_scale=torch.ones(m), a_sum=rs)
+            v = vals.to(torch.float32)[:, None].expand(-1, n) * step
+            ref = torch.nn.functional.silu(v).to(c_dtype)
+            assert torch.allclose(y.float(), ref.float(), rtol=2e-6 if c_dtype == torch.float32 else 1e-2,
+                                  atol=1e-30), (y, ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_residual_rounds_once(isa):
+    """bf16 C with BETA1: C_in + v is formed in fp32 and rounded once (not round(v) + C_in)."""
+    n, k, m = 8, 4, 1
+    q = torch.zeros(n, k, dtype=torch.int8)
+    q[:, 0] = 1
+    pw = qgemm.pack_weight(q, torch.full((n,), 2.0 ** -9), "int8")  # v = 2^-9 + 2^-10 per unit
+    xq = torch.zeros(m, pw.k_padded, dtype=torch.int8)
+    xq[0, 0] = 3  # v = 3 * 2^-9 = 0.005859375
+    rs = xq.to(torch.int32).sum(1, keepdim=True, dtype=torch.int32)
+    c = torch.ones(m, n, dtype=torch.bfloat16)  # C_in = 1: 1 + v rounds to 1 + 2^-7 only if v
+    with use_isa(isa):                           # is not first rounded to bf16 on its own
+        qgemm.dispatch_for(pw, m, c_dtype=torch.bfloat16, beta=True)(
+            xq, pw.data, c, count=1, a_scale=torch.ones(m), a_sum=rs)
+    expect = (torch.ones(m, n, dtype=torch.float64) + 3 * 2.0 ** -9).to(torch.bfloat16)
+    assert torch.equal(c, expect)
+
+
 # ----------------------------------------------------------------------------- tiling ABI
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -408,8 +576,16 @@ def test_dispatch_errors_are_exceptions():
         kern(ldc=10)
     with pytest.raises(QGemmError, match="leading dimension"):
         kern(stride_b=100)
-    with pytest.raises(QGemmError, match="unsupported"):
-        kern(c_dtype=torch.bfloat16, beta=True)
+    kern(c_dtype=torch.bfloat16, beta=True)  # residual into a bf16 C
+    kern(activation="silu", beta=True, bias=True)
+    with pytest.raises(ValueError, match="unknown epilogue activation"):
+        kern(activation="gelu")
+    with pytest.raises(QGemmError, match="unsupported"):  # one activation at most (native check)
+        QGemmKernel("ternary", torch.int8, torch.float32, 4, 64, 64, lda=64, ldb=1536, ldc=64,
+                    stride_a=64, stride_b=1536, ld_aux=1, activation="relu").__class__  # baseline
+        h = qgemm._lib().lowbit_qgemm_dispatch(1, 1, 2, 4, 64, 64, 64, 1536, 64, 64, 1536, 1,
+                                               qgemm.F_ACT_RELU | qgemm.F_ACT_SILU)
+        qgemm._raise("dispatch", h)
     with pytest.raises(QGemmError, match="unsupported"):
         kern(a_dtype=torch.float32, per_block_act_scale=True)
     with pytest.raises(ValueError, match="unknown weight format"):
@@ -562,6 +738,9 @@ def test_kernels_stay_in_bounds(isa, at_end):
                 for c_dtype in (torch.float32, torch.bfloat16):
                     y = arena.place(torch.zeros(m, n, dtype=c_dtype), at_end)
                     qgemm.dispatch_for(pw, m, c_dtype=c_dtype, bias=True)(
+                        xq, packed, y, count=1, a_scale=sx, a_sum=rs, bias=bias)
+                    # the fused epilogue reads C (residual) and runs the activation on tails
+                    qgemm.dispatch_for(pw, m, c_dtype=c_dtype, bias=True, beta=True, activation="silu")(
                         xq, packed, y, count=1, a_scale=sx, a_sum=rs, bias=bias)
                 for x_dtype in (torch.float32, torch.bfloat16):
                     xa = arena.place(torch.zeros(m, pw.k_padded, dtype=x_dtype), at_end)

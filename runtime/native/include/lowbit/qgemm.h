@@ -4,8 +4,9 @@
  * fp32 scale per (output row n, K-block) and, for the asymmetric formats, an integer zero
  * point z[n][K-block]:  W[n][k] = (q[n][k] - z[n][kb]) * s[n][kb].  The tile computes
  *
- *   C[m][n] (= or +=)  sum over batch i (one K-block each) of
- *                      s_i[n] * as_i[m] * sum_k A_i[m][k] * (q_i[n][k] - z_i[n])   + bias[n]
+ *   v[m][n] = sum over batch i (one K-block each) of
+ *               s_i[n] * as_i[m] * sum_k A_i[m][k] * (q_i[n][k] - z_i[n])   + bias[n]
+ *   C[m][n] = [C_in[m][n] +] act(v[m][n])          (fp32, rounded once to C's type)
  *
  * with exact int32 integer sums for int8 activations (as = 1 / activation scale) and fp32
  * accumulation for fp32 / bf16 activations (weight-only quantization, as = 1).
@@ -57,12 +58,32 @@ enum {
   LOWBIT_QT_BF16 = 3,
 };
 
-/* Dispatch flags. */
+/* Dispatch flags.
+ *
+ * Epilogue order, per output element, all in fp32 and rounded once to C's type at the end:
+ *
+ *   v = sum_i (t_i * s_i[n] * as_i[m]) * as[m]     (scales and zero points, see above)
+ *   v = v + bias[n]                                 LOWBIT_QF_BIAS
+ *   v = act(v)                                      at most one LOWBIT_QF_ACT_*
+ *   C = C_in + v   (LOWBIT_QF_BETA1)   or   C = v
+ *
+ * BETA1 reads C before writing it: for a residual add the caller first places the residual
+ * in C (tpp/libxsmm beta = 1; the compiler makes the output buffer hold it). With a bf16 C,
+ * C_in is widened to fp32 and the sum is rounded once, so BETA1 on a bf16 C is exact for a
+ * residual but rounds per invoke when a K range is split over several BETA1 invokes.
+ * The activations are non-linear: they are only correct when one invoke covers all
+ * K-blocks of the layer (count = all of K); the kernel cannot check that (it does not know
+ * the layer's K), so a caller that splits K must not request them.
+ */
 enum {
-  LOWBIT_QF_BETA1 = 1 << 0,          /* C += result (fp32 C only); default C = result */
+  LOWBIT_QF_BETA1 = 1 << 0,          /* C = C_in + result (fp32 or bf16 C); default C = result */
   LOWBIT_QF_BIAS = 1 << 1,           /* add bias[n] */
   LOWBIT_QF_ASCALE_PER_BLOCK = 1 << 2, /* int8 A: activation scale per (m, K-block), else per m */
+  LOWBIT_QF_ACT_RELU = 1 << 3,       /* act(v) = max(v, 0) */
+  LOWBIT_QF_ACT_SILU = 1 << 4,       /* act(v) = v * sigmoid(v) = v / (1 + exp(-v)), fp32 */
+  LOWBIT_QF_ACT_RELU2 = 1 << 5,      /* act(v) = max(v, 0)^2 (squared ReLU) */
 };
+#define LOWBIT_QF_ACT_MASK (LOWBIT_QF_ACT_RELU | LOWBIT_QF_ACT_SILU | LOWBIT_QF_ACT_RELU2)
 
 /* Packed size/geometry of an [n x k] weight in `kblock`-sized K-blocks.
  * Returns total bytes (> 0) or -LOWBIT_E*; fills the optional outputs. */
@@ -105,7 +126,8 @@ LOWBIT_API int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ct
                                          int64_t ld_aux, int32_t flags);
 
 /* Run a dispatched tile. Offsets are in elements of each array's type (bytes for b).
- * a_scale / a_sum are only read for int8 A; bias only with LOWBIT_QF_BIAS.
+ * a_scale / a_sum are only read for int8 A; bias only with LOWBIT_QF_BIAS; C is read
+ * (C_in) only with LOWBIT_QF_BETA1.
  * Returns 0, or -LOWBIT_E_UNSUPPORTED for an unknown handle, -LOWBIT_E_SHAPE for count < 1. */
 LOWBIT_API int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off,
                                        const void* b, int64_t b_off, void* c, int64_t c_off,
