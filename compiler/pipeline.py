@@ -103,9 +103,13 @@ LOWBIT_PASSES = [
     "linalg-fuse-elementwise-ops",
     "canonicalize",
     "cse",
-    # qlinear functions: merge siblings on one input (q/k/v, gate/up), choose cache
-    # tiles, then pack weights for the kernels.
+    # qlinear functions: merge siblings on one input (q/k/v, gate/up), fold a residual
+    # add / activation that directly follows a layer into its kernel epilogue, choose
+    # cache tiles, then pack weights for the kernels. Merging goes first: SwiGLU's
+    # silu(gate) * up is no epilogue of either, and one call for both matters more; after
+    # elementwise fusion, so that what follows a layer is one generic to read.
     "lowbit-merge-sibling-qlinear",
+    "lowbit-fuse-qlinear-epilogue",
     "lowbit-tile-qlinear",
     "lowbit-pack-weights",
     # Codegen for everything that is not a matmul (docs/codegen.md); keep after the
@@ -157,27 +161,43 @@ LOWER_TO_LLVM = [
     "convert-scf-to-cf",
     "lowbit-lower-scalar-transfers",
     "convert-vector-to-llvm{reassociate-fp-reductions=1}",
+    "lowbit-legalize-half-vectors",
     "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}",
     "convert-to-llvm",
     "reconcile-unrealized-casts",
 ]
 
 
+def disabled_passes() -> set[str]:
+    """Passes named in `LOWBIT_DISABLE_PASSES` (comma separated), left out of the default
+    stages -- for measuring what one pass buys (e.g. lowbit-fuse-qlinear-epilogue)."""
+    names = {p.strip() for p in os.environ.get("LOWBIT_DISABLE_PASSES", "").split(",") if p.strip()}
+    from lowbit.passes.registry import lookup_pass
+    unknown = sorted(n for n in names if lookup_pass(n) is None)
+    if unknown:
+        raise ValueError(f"LOWBIT_DISABLE_PASSES names unknown lowbit passes: {', '.join(unknown)}")
+    return names
+
+
 def default_stages(options: CompileOptions | None = None) -> list[Stage]:
     options = options or CompileOptions()
-    lowbit_passes = list(LOWBIT_PASSES)
+    skip = disabled_passes()
+    lowbit_passes = [p for p in LOWBIT_PASSES if p not in skip]
     if options.activations not in ("none", "int8"):
         raise ValueError(f"activations must be 'none' or 'int8', got {options.activations!r}")
     if options.activations == "int8":
         # The user opted in: low-bit layers found with fp activations quantize them to int8.
         lowbit_passes = [p + "{activations=int8}" if p == "lowbit-recognize-lowbit-weights" else p
                          for p in lowbit_passes]
+    def keep(passes):
+        return [p for p in passes if p.split("{")[0] not in skip]
+
     return [
-        Stage("lowbit-torch", list(LOWBIT_TORCH)),
+        Stage("lowbit-torch", keep(LOWBIT_TORCH)),
         Stage("torch-to-linalg", list(TORCH_TO_LINALG)),
-        Stage("lowbit", lowbit_passes),
+        Stage("lowbit", keep(lowbit_passes)),
         Stage("bufferize", list(BUFFERIZE)),
-        Stage("runtime-calls", list(RUNTIME_CALLS)),
+        Stage("runtime-calls", keep(RUNTIME_CALLS)),
         Stage("lower-to-llvm", list(LOWER_TO_LLVM)),
     ]
 

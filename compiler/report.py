@@ -2,7 +2,8 @@
 
 Passes record decisions in the module attribute `lowbit.report` (recognised or not, and
 why); after the runtime-calls stage this module adds, for each qlinear function, the
-tiles, packed bytes and the ISA its kernels run with. Compiled graphs are kept in a weak
+tiles, packed bytes, the fused epilogue (residual add / activation folded into the kernel)
+and the ISA its kernels run with. Compiled graphs are kept in a weak
 registry so that `explain(model)` finds the graphs whose frozen weights belong to `model`.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from torch_mlir import ir
 
 from lowbit.passes.pack_weights import PACKED_ATTR, dict_attr_values
-from lowbit.passes.qlinear import QLINEAR_ATTR, qlinear_functions, read_report, spec_from_attr
+from lowbit.passes.qlinear import QLINEAR_ATTR, epilogue_from_attr, qlinear_functions, read_report, spec_from_attr
 from lowbit.passes.tile_qlinear import TILES_ATTR
 
-_COLUMNS = ("kind", "origin", "result", "format", "tiles", "packed_bytes", "isa", "reason", "location")
+_COLUMNS = ("kind", "origin", "result", "format", "epilogue", "tiles", "packed_bytes", "isa", "reason",
+            "location")
 
 
 def collect_report(module: ir.Module) -> list[dict]:
@@ -37,7 +39,12 @@ def collect_report(module: ir.Module) -> list[dict]:
                      "format": spec.describe(), "function": name}]
             entries.extend(mine)
         lowered = "lowbit.lowered" in func.attributes
+        epilogue = epilogue_from_attr(func.attributes[QLINEAR_ATTR]).describe()
         for entry in mine:
+            if entry.get("kind") == "matmul":
+                # what the kernel's epilogue does after scales/bias (fused residual add,
+                # activation); "none" when nothing was folded into it
+                entry["epilogue"] = epilogue
             if TILES_ATTR in func.attributes:
                 t = dict_attr_values(func.attributes[TILES_ATTR])
                 entry["tiles"] = f"m{t['m_tile']} n{t['n_tile']} kb{t['kblock']}"

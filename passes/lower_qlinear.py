@@ -9,8 +9,16 @@ its reference body by:
                                                   hoisted out of the loops
             scf.forall (%nt) in (N tiles) {       output-row tiles run on threads
               scf.for %mt in M tiles {            the weight panel stays in cache
+                [residual] copy r's tile into y's tile (then hot in cache)
                 lowbit_qgemm_invoke(h, x/xq, packed weights, y, offsets, K-block count)
             } }
+
+A fused epilogue (`epilogue` in the spec, lowbit-fuse-qlinear-epilogue) becomes dispatch
+flags: the activation (LOWBIT_QF_ACT_*) and, for a residual, LOWBIT_QF_BETA1 on an output
+tile that the copy above made hold the residual: y = r + act(...), rounded once. Such a
+function is `(x, r, y)` after bufferization. Every invoke covers all K-blocks of the
+layer (count = number of K-blocks), which the activations need: they are not linear and
+must never see a partial K sum.
 
 The kernel arguments are validated at compile time by calling the runtime's dispatch
 with the same values; a combination it rejects leaves the reference body in place (it
@@ -26,12 +34,14 @@ import dataclasses
 from torch_mlir import ir
 
 from lowbit.passes.pack_weights import PACKED_ATTR, dict_attr_values
-from lowbit.passes.qlinear import QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, qlinear_functions, spec_from_attr
+from lowbit.passes.qlinear import (QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, epilogue_from_attr,
+                                   qlinear_functions, spec_from_attr)
 from lowbit.passes.registry import ModulePass, register_pass
 from lowbit.passes.tile_qlinear import KERNEL_NB, TILES_ATTR
 
 T_INT8, T_F32, T_BF16 = 1, 2, 3
-F_BIAS = 2
+F_BETA1, F_BIAS = 1, 2
+F_ACT = {"relu": 8, "silu": 16, "relu2": 32}  # LOWBIT_QF_ACT_*
 _TYPE_CODE = {"f32": T_F32, "bf16": T_BF16}
 _ELEM_BYTES = {"f32": 4, "bf16": 2}
 
@@ -83,13 +93,16 @@ class LowerQLinear(ModulePass):
             if PACKED_ATTR not in func.attributes or TILES_ATTR not in func.attributes:
                 continue
             fn_type = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
-            if len(fn_type.inputs) != 2 or fn_type.results or not isinstance(fn_type.inputs[0], ir.MemRefType):
-                continue  # not bufferized into (x, y) out-param form yet
+            epilogue = epilogue_from_attr(func.attributes[QLINEAR_ATTR])
+            arity = 3 if epilogue.residual else 2
+            if len(fn_type.inputs) != arity or fn_type.results or not isinstance(fn_type.inputs[0], ir.MemRefType):
+                continue  # not bufferized into (x, [r,] y) out-param form yet
             spec, _ = spec_from_attr(func.attributes[QLINEAR_ATTR])
             tiles = dict_attr_values(func.attributes[TILES_ATTR])
             packed = dict_attr_values(func.attributes[PACKED_ATTR])
             name = ir.StringAttr(func.attributes["sym_name"]).value
-            text, reason = self._lowered_text(name, spec, tiles, packed, fn_type, FORMATS[spec.weight_format])
+            text, reason = self._lowered_text(name, spec, tiles, packed, fn_type, FORMATS[spec.weight_format],
+                                              epilogue)
             if text is None:
                 add_report_entry(module, kind="lowering", function=name, result="generic path", reason=reason)
                 continue
@@ -122,11 +135,14 @@ class LowerQLinear(ModulePass):
             decl.detach_from_parent()
             body.append(decl)
 
-    def _lowered_text(self, name, spec, tiles, packed, fn_type, wfmt):
+    def _lowered_text(self, name, spec, tiles, packed, fn_type, wfmt, epilogue):
         (m, k), x_elem = _memref_shape_elem(fn_type.inputs[0])
-        (m2, n), y_elem = _memref_shape_elem(fn_type.inputs[1])
+        (m2, n), y_elem = _memref_shape_elem(fn_type.inputs[-1])
         if x_elem not in _TYPE_CODE or y_elem not in _TYPE_CODE or m != m2 or n != spec.out_features:
             return None, f"unsupported signature {fn_type}"
+        residual = epilogue.residual
+        if residual and _memref_shape_elem(fn_type.inputs[1]) != ([m, n], y_elem):
+            return None, f"residual {fn_type.inputs[1]} does not match the output"
         kblock, nkb = packed["kblock"], packed["num_kblocks"]
         kp = kblock * nkb
         m_tile = min(tiles["m_tile"], m)
@@ -137,6 +153,10 @@ class LowerQLinear(ModulePass):
         atype = T_INT8 if int8 else _TYPE_CODE[x_elem]
         ctype = _TYPE_CODE[y_elem]
         flags = F_BIAS if packed["bias"] else 0
+        if epilogue.activation:
+            flags |= F_ACT[epilogue.activation]
+        if residual:
+            flags |= F_BETA1
         pad = (not int8) and kp != k
         lda = kp if (int8 or pad) else k
         ld_aux = nkb
@@ -155,7 +175,8 @@ class LowerQLinear(ModulePass):
         emit = lines.append
         xt = f"memref<{m}x{k}x{x_elem}>"
         yt = f"memref<{m}x{n}x{y_elem}>"
-        emit(f"func.func private @{name}(%x: {xt}, %y: {yt}) {{")
+        r_arg = f"%r: {yt}, " if residual else ""
+        emit(f"func.func private @{name}(%x: {xt}, {r_arg}%y: {yt}) {{")
         emit(f"  %w = memref.get_global @{packed['symbol']} : memref<{packed['bytes']}xi8>")
         emit(f"  %wp_i = memref.extract_aligned_pointer_as_index %w : memref<{packed['bytes']}xi8> -> index")
         emit("  %wp = arith.index_cast %wp_i : index to i64")
@@ -223,6 +244,9 @@ class LowerQLinear(ModulePass):
         emit("  %c0 = arith.constant 0 : index")
         emit("  %c1 = arith.constant 1 : index")
         emit(f"  %num_mt = arith.constant {num_mt} : index")
+        if residual:
+            for cname, value in (("m_last", m_last), ("m_tile", m_tile), ("n_last", n_last), ("n_tile", n_tile)):
+                emit(f"  %c_{cname} = arith.constant {value} : index")
         emit(f"  scf.forall (%nt_i) in ({num_nt}) {{")
         emit("    %nt = arith.index_cast %nt_i : index to i64")
         emit("    %n0 = arith.muli %nt, %ntile : i64")
@@ -243,6 +267,16 @@ class LowerQLinear(ModulePass):
         emit("      %c_row = arith.muli %m0, %ldc : i64")
         emit("      %c_off = arith.addi %c_row, %n0 : i64")
         emit("      %sum_off = arith.muli %m0, %nkb : i64")
+        if residual:
+            # y's tile first holds r's tile; the kernel then adds into it (BETA1).
+            tile_t = f"memref<?x?x{y_elem}, strided<[{n}, 1], offset: ?>>"
+            emit(f"      %mt_rows = arith.select %is_mtail, %c_m_last, %c_m_tile : index")
+            emit(f"      %nt_cols = arith.select %is_ntail, %c_n_last, %c_n_tile : index")
+            emit("      %m0_i = arith.index_cast %m0 : i64 to index")
+            emit("      %n0_i = arith.index_cast %n0 : i64 to index")
+            emit(f"      %r_tile = memref.subview %r[%m0_i, %n0_i] [%mt_rows, %nt_cols] [1, 1] : {yt} to {tile_t}")
+            emit(f"      %y_tile = memref.subview %y[%m0_i, %n0_i] [%mt_rows, %nt_cols] [1, 1] : {yt} to {tile_t}")
+            emit(f"      memref.copy %r_tile, %y_tile : {tile_t} to {tile_t}")
         emit(f"      %rc = func.call @lowbit_qgemm_invoke(%h, {a_ptr}, %a_off, %wp, %b_off, %yp, %c_off, "
              f"{as_ptr}, %m0, {sum_ptr}, %sum_off, %bp, %n0, %count) : " + DECLARATIONS["lowbit_qgemm_invoke"])
         emit("    }")

@@ -43,12 +43,58 @@ class QLinearWeights:
     bias: Optional[np.ndarray]         # fp32 [N]
 
 
-def spec_to_attr(spec: LowBitSpec, origin: str) -> ir.Attribute:
+# Epilogue activations the kernels fuse (lowbit/qgemm.h LOWBIT_QF_ACT_*).
+EPILOGUE_ACTIVATIONS = ("relu", "silu", "relu2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """What a qlinear function computes after scales, zero points and bias:
+
+        y = [r +] act(x W^T + bias)      in fp32, rounded once to y's type
+
+    `activation` is None or one of EPILOGUE_ACTIVATIONS; `residual` adds the function's
+    second argument r (same shape and type as y). Recorded in the spec attribute as
+    `epilogue = "silu+residual"` (absent: no epilogue)."""
+
+    activation: Optional[str] = None
+    residual: bool = False
+
+    def __post_init__(self):
+        if self.activation is not None and self.activation not in EPILOGUE_ACTIVATIONS:
+            raise ValueError(f"unknown epilogue activation {self.activation!r}")
+
+    def __bool__(self) -> bool:
+        return self.activation is not None or self.residual
+
+    def describe(self) -> str:
+        parts = ([self.activation] if self.activation else []) + (["residual"] if self.residual else [])
+        return "+".join(parts) if parts else "none"
+
+    @staticmethod
+    def parse(text: str) -> "Epilogue":
+        parts = [p for p in text.split("+") if p and p != "none"]
+        residual = "residual" in parts
+        acts = [p for p in parts if p != "residual"]
+        if len(acts) > 1:
+            raise ValueError(f"epilogue {text!r} has more than one activation")
+        return Epilogue(acts[0] if acts else None, residual)
+
+
+def spec_to_attr(spec: LowBitSpec, origin: str, epilogue: Optional[Epilogue] = None) -> ir.Attribute:
     fields = {k: (ir.StringAttr.get(v) if isinstance(v, str) else
                   ir.IntegerAttr.get(ir.IntegerType.get_signless(64), v))
               for k, v in spec.to_dict().items()}
     fields["origin"] = ir.StringAttr.get(origin)
+    if epilogue:
+        fields["epilogue"] = ir.StringAttr.get(epilogue.describe())
     return ir.DictAttr.get(fields)
+
+
+def epilogue_from_attr(attr: ir.Attribute) -> Epilogue:
+    """The epilogue recorded in a `lowbit.qlinear` attribute (none if absent)."""
+    d = ir.DictAttr(attr)
+    return Epilogue.parse(ir.StringAttr(d["epilogue"]).value) if "epilogue" in d else Epilogue()
 
 
 def spec_from_attr(attr: ir.Attribute) -> tuple[LowBitSpec, str]:
@@ -126,7 +172,7 @@ def _dense(array: np.ndarray, element: ir.Type) -> ir.DenseElementsAttr:
 
 
 def _reference_body(spec: LowBitSpec, m: int, xt: str, yt: str, has_zp: bool, has_bias: bool,
-                    scale_shape: tuple[int, int]) -> str:
+                    scale_shape: tuple[int, int], epilogue: Optional[Epilogue] = None) -> str:
     """MLIR text of the reference computation (constants are placeholders, filled later)."""
     n, k = spec.out_features, spec.in_features
     g = spec.group_width
@@ -239,10 +285,35 @@ def _reference_body(spec: LowBitSpec, m: int, xt: str, yt: str, has_zp: bool, ha
         maps.append("affine_map<(m, n) -> (n)>")
         body.append(f"      %bb = arith.addf {val}, %bv : f32")
         val = "%bb"
+    epilogue = epilogue or Epilogue()
+    if epilogue.activation in ("relu", "relu2"):
+        body.append(f"      %relu = arith.maximumf {val}, %zero : f32")
+        val = "%relu"
+        if epilogue.activation == "relu2":
+            body.append(f"      %relu2 = arith.mulf {val}, {val} : f32")
+            val = "%relu2"
+    elif epilogue.activation == "silu":
+        body += [f"      %sneg = arith.negf {val} : f32",
+                 "      %sexp = math.exp %sneg : f32",
+                 "      %sone = arith.constant 1.0 : f32",
+                 "      %sden = arith.addf %sexp, %sone : f32",
+                 f"      %silu = arith.divf {val}, %sden : f32"]
+        val = "%silu"
+    if epilogue.residual:
+        ins.append("%resid")
+        types.append(f"tensor<{m}x{n}x{yt}>")
+        args.append(f"%rv: {yt}")
+        maps.append("affine_map<(m, n) -> (m, n)>")
+        rv = "%rv"
+        if yt != "f32":
+            body.append(f"      %rf = arith.extf %rv : {yt} to f32")
+            rv = "%rf"
+        body.append(f"      %res = arith.addf {rv}, {val} : f32")
+        val = "%res"
     if yt != "f32":
         body.append(f"      %tr = arith.truncf {val} : f32 to {yt}")
         val = "%tr"
-    if len(ins) == 1 and yt == "f32":
+    if len(ins) == 1 and yt == "f32" and not epilogue:
         lines.append(f"  return {result} : tensor<{m}x{n}xf32>")
         return "\n".join(line for line in lines if line)
     maps.append("affine_map<(m, n) -> (m, n)>")
@@ -267,24 +338,28 @@ def element_name(t: ir.Type) -> str:
 
 
 def build_qlinear_function(module: ir.Operation, spec: LowBitSpec, weights: QLinearWeights,
-                           m: int, x_elem: str, y_elem: str, origin: str) -> ir.Operation:
+                           m: int, x_elem: str, y_elem: str, origin: str,
+                           epilogue: Optional[Epilogue] = None) -> ir.Operation:
     """Create `func.func private @lowbit_qlinear_<i>` for `spec` with these weights.
 
     `m` is the static number of rows of the (2-D) activation; `x_elem`/`y_elem` are
-    "f32" or "bf16". The function is appended to the module body and returned.
+    "f32" or "bf16". With an epilogue that has a residual the function takes it as a second
+    argument `%resid: tensor<MxNx(y_elem)>`. The function is appended to the module body and
+    returned.
     """
     n, k = spec.out_features, spec.in_features
     if weights.q.shape != (n, k):
         raise ValueError(f"codes have shape {weights.q.shape}, expected {(n, k)}")
     scale_shape = tuple(weights.scales.shape)
     name = unique_symbol(module, FUNC_PREFIX)
-    text = (f"func.func private @{name}(%x: tensor<{m}x{k}x{x_elem}>) -> tensor<{m}x{n}x{y_elem}> {{\n"
+    residual_arg = f", %resid: tensor<{m}x{n}x{y_elem}>" if epilogue and epilogue.residual else ""
+    text = (f"func.func private @{name}(%x: tensor<{m}x{k}x{x_elem}>{residual_arg}) -> tensor<{m}x{n}x{y_elem}> {{\n"
             + _reference_body(spec, m, x_elem, y_elem, weights.zero_points is not None,
-                              weights.bias is not None, scale_shape)
+                              weights.bias is not None, scale_shape, epilogue)
             + "\n}\n")
     parsed = ir.Module.parse(text)
     func = parsed.body.operations[0].operation
-    func.attributes[QLINEAR_ATTR] = spec_to_attr(spec, origin)
+    func.attributes[QLINEAR_ATTR] = spec_to_attr(spec, origin, epilogue)
     func.attributes["no_inline"] = ir.UnitAttr.get()
     consts = role_constants(func)
     i8 = ir.IntegerType.get_signless(8)
