@@ -50,10 +50,16 @@ LB_INLINE void decode(const uint8_t* p, int h, __m512i v[4]) {
   }
 }
 
-// The int8 path's decode skips the shifts: vector j keeps its codes at their bit position,
-// u * 2^shift, and its accumulators are shifted back (exactly) at the flush. That is 4 ANDs
-// per 4-k sub-step for 2-bit instead of 3 shifts + 4 ANDs, which is what bounds GEMV-shaped
-// tiles. |sum| * 2^shift stays below 2^31 for kblock <= 65536 (dispatch enforces it).
+// The int8 path's GEMV-shaped decode skips the shifts: vector j keeps its codes at their
+// bit position, u * 2^shift, and its accumulators are shifted back (exactly) at the flush.
+// One vector per 64 packed bytes is not decoded at all: the raw bytes are fed to vpdpbusd
+// and that accumulator, holding the sum of all fields of those bytes, has the others
+// subtracted at the flush (`derive_fields`). Zen 4 issues two zmm vector ops per cycle and
+// vpdpbusd takes one of them, so a 2-bit step of 4 vpdpbusd + 4 ANDs filled every slot
+// (measured: 16 vpdpbusd + 16 vpandd still run at 1 vpdpbusd/cycle, + 32 vpandd at 2/3 of
+// it); 3 ANDs leave a spare slot per step for the broadcast, flush and loop work.
+// |sum| stays below 2^31 for kblock <= 65536 (255 * 128 * 65536 < 2^31; dispatch enforces
+// the K-block bound), and the subtraction is exact in wrapping int32 anyway.
 template <int BITS>
 LB_INLINE void decode_scaled(const uint8_t* p, int h, __m512i v[4]) {
   if constexpr (BITS == 1) {
@@ -63,17 +69,29 @@ LB_INLINE void decode_scaled(const uint8_t* p, int h, __m512i v[4]) {
     for (int j = 0; j < 4; ++j) v[j] = _mm512_and_si512(x, _mm512_set1_epi8(char(1 << j)));
   } else if constexpr (BITS == 2) {
     const __m512i x = _mm512_loadu_si512(p);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) v[j] = _mm512_and_si512(x, _mm512_set1_epi8(char(3 << (2 * j))));
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) v[j] = _mm512_and_si512(x, _mm512_set1_epi8(char(3 << (2 * j))));
+    v[3] = x;  // all four fields: derive_fields subtracts v0..v2's sums
   } else if constexpr (BITS == 4) {
     const __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
-    const __m512i lo = _mm512_set1_epi8(0x0f), hi = _mm512_set1_epi8(char(0xf0));
+    const __m512i lo = _mm512_set1_epi8(0x0f);
     v[0] = _mm512_and_si512(x0, lo);
-    v[1] = _mm512_and_si512(x0, hi);
+    v[1] = x0;  // low + high nibble: derive_fields subtracts v0's sum
     v[2] = _mm512_and_si512(x1, lo);
-    v[3] = _mm512_and_si512(x1, hi);
+    v[3] = x1;
   } else {
     decode<BITS>(p, h, v);
+  }
+}
+
+// Turns the accumulators of decode_scaled's raw vectors into their own field's sum.
+template <int BITS>
+LB_INLINE void derive_fields(__m512i t[4]) {
+  if constexpr (BITS == 2) {
+    t[3] = _mm512_sub_epi32(t[3], _mm512_add_epi32(_mm512_add_epi32(t[0], t[1]), t[2]));
+  } else if constexpr (BITS == 4) {
+    t[1] = _mm512_sub_epi32(t[1], t[0]);
+    t[3] = _mm512_sub_epi32(t[3], t[2]);
   }
 }
 
@@ -164,6 +182,50 @@ LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, 
   }
 }
 
+// The GEMV tile's 2-bit inner loop (one activation row, 2 x 4 accumulators as decode_scaled
+// lays them out), `pairs` >= 1 pairs of 64-byte steps. Written in asm because the order
+// matters on Zen 4 and gcc does not keep it: with the 3 ANDs of a step issued together,
+// the raw-byte vpdpbusd first and the next step's load in between, the loop runs at
+// ~98-99% of the vpdpbusd peak from L1/L2; gcc's interleaving of the same instructions
+// (plus register copies of the second accumulator set) ran at 83-95%, varying between runs.
+// Reads 64 bytes past the last pair: the next step or the K-block's scales.
+LB_INLINE void gemv_2bit_pairs(const uint8_t* w, const int8_t* x, int64_t pairs,
+                               __m512i (&a)[2][1][4]) {
+  const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c),
+                m2 = _mm512_set1_epi8(0x30);
+  // zmm26/27: current and next step's bytes, zmm28: broadcast activations, zmm29-31: fields.
+  __asm__(
+      "vmovdqu64 (%[w]), %%zmm26\n\t"
+      "1:\n\t"
+      "vpbroadcastd (%[x]), %%zmm28\n\t"
+      "vpandd %[m0], %%zmm26, %%zmm29\n\t"
+      "vpandd %[m1], %%zmm26, %%zmm30\n\t"
+      "vpandd %[m2], %%zmm26, %%zmm31\n\t"
+      "vpdpbusd %%zmm28, %%zmm26, %[a3]\n\t"
+      "vmovdqu64 64(%[w]), %%zmm27\n\t"
+      "vpdpbusd %%zmm28, %%zmm29, %[a0]\n\t"
+      "vpdpbusd %%zmm28, %%zmm30, %[a1]\n\t"
+      "vpdpbusd %%zmm28, %%zmm31, %[a2]\n\t"
+      "vpbroadcastd 4(%[x]), %%zmm28\n\t"
+      "vpandd %[m0], %%zmm27, %%zmm29\n\t"
+      "vpandd %[m1], %%zmm27, %%zmm30\n\t"
+      "vpandd %[m2], %%zmm27, %%zmm31\n\t"
+      "vpdpbusd %%zmm28, %%zmm27, %[a7]\n\t"
+      "vmovdqu64 128(%[w]), %%zmm26\n\t"
+      "vpdpbusd %%zmm28, %%zmm29, %[a4]\n\t"
+      "vpdpbusd %%zmm28, %%zmm30, %[a5]\n\t"
+      "vpdpbusd %%zmm28, %%zmm31, %[a6]\n\t"
+      "add $128, %[w]\n\t"
+      "add $8, %[x]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [w] "+r"(w), [x] "+r"(x), [n] "+r"(pairs), [a0] "+v"(a[0][0][0]), [a1] "+v"(a[0][0][1]),
+        [a2] "+v"(a[0][0][2]), [a3] "+v"(a[0][0][3]), [a4] "+v"(a[1][0][0]),
+        [a5] "+v"(a[1][0][1]), [a6] "+v"(a[1][0][2]), [a7] "+v"(a[1][0][3])
+      : [m0] "v"(m0), [m1] "v"(m1), [m2] "v"(m2)
+      : "cc", "memory", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
+}
+
 // int8 activations: MB rows x 64 columns of one n-block, all `count` K-blocks.
 template <int BITS, int MB>
 void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
@@ -213,6 +275,9 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
         LB_SUBSTEP(v0, s * 8, 0)
         LB_SUBSTEP(v1, s * 8 + 4, U - 1)
       }
+    } else if constexpr (BITS == 2 && MB == 1) {
+      if (steps >= 2) gemv_2bit_pairs(w, x, steps / 2, acc);
+      s = steps / 2 * 2;
     } else if constexpr (U == 2) {
       for (; s + 2 <= steps; s += 2) {
         __m512i v0[4], v1[4];
@@ -234,22 +299,27 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     // Flush: t = a*acc - (offset + z)*rowsum exactly in int32, then scale into the fp32 tile.
     const float* scale = reinterpret_cast<const float*>(w + cb);
     const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512 sc = _mm512_loadu_ps(scale + 16 * j);
-      const __m512i of = _mm512_loadu_si512(off + 16 * j);
 #pragma GCC unroll 8
-      for (int r = 0; r < MB; ++r) {
-        __m512i t = acc[0][r][j];
-        if constexpr (U == 2) t = _mm512_add_epi32(t, acc[1][r][j]);
-        if (kScaled && field_shift<BITS>(j)) t = _mm512_srai_epi32(t, field_shift<BITS>(j));
-        if (f.a == 2) t = _mm512_slli_epi32(t, 1);
-        const int64_t ai = (m0 + r) * d.ld_aux + i;
-        t = _mm512_sub_epi32(t, _mm512_mullo_epi32(of, _mm512_set1_epi32(g.a_sum[ai])));
-        __m512 sr = sc;
-        if (per_block) sr = _mm512_mul_ps(sc, _mm512_set1_ps(1.0f / g.a_scale[ai]));
+    for (int r = 0; r < MB; ++r) {
+      __m512i t[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        t[j] = acc[0][r][j];
+        if constexpr (U == 2) t[j] = _mm512_add_epi32(t[j], acc[1][r][j]);
+      }
+      if constexpr (kScaled) derive_fields<BITS>(t);
+      const int64_t ai = (m0 + r) * d.ld_aux + i;
+      const __m512i rsum = _mm512_set1_epi32(g.a_sum[ai]);
+      const __m512 ascale = _mm512_set1_ps(per_block ? 1.0f / g.a_scale[ai] : 1.0f);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        if (kScaled && field_shift<BITS>(j)) t[j] = _mm512_srai_epi32(t[j], field_shift<BITS>(j));
+        if (f.a == 2) t[j] = _mm512_slli_epi32(t[j], 1);
+        t[j] = _mm512_sub_epi32(t[j], _mm512_mullo_epi32(_mm512_loadu_si512(off + 16 * j), rsum));
+        __m512 sr = _mm512_loadu_ps(scale + 16 * j);
+        if (per_block) sr = _mm512_mul_ps(sr, ascale);
         _mm512_store_ps(&tile[r][16 * j],
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sr, _mm512_load_ps(&tile[r][16 * j])));
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[j]), sr, _mm512_load_ps(&tile[r][16 * j])));
       }
     }
   }
