@@ -95,14 +95,16 @@ void drive(const Desc& d, const void* a_base, const void* b_base, void* c_base, 
   thread_local std::vector<float> scratch;
   if (d.c_bf16()) scratch.resize(size_t(d.m) * size_t(std::min<int64_t>(nc, d.n)));
 
-  // Rows of A whose stride is a multiple of 2 KiB fall into the same few L1 sets, and an
-  // MR-row tile then misses L1 on every broadcast (measured ~30% at K = 4096). For such
-  // A, each k chunk of A is copied once into a buffer whose row stride breaks the aliasing
-  // and is read from there by every n-block of the panel.
-  const bool pack_a = chunked && d.k > kc && (d.lda * int64_t(sizeof(T))) % 2048 == 0;
-  const int64_t ldp = kc + 64 / int64_t(sizeof(T));
-  thread_local std::vector<T> a_buf;
-  if (pack_a) a_buf.resize(size_t(d.m) * size_t(ldp));
+  // A is read in place. Rows of A whose stride is a multiple of 4 KiB (2 KiB) map to one
+  // (two) L1 sets, so a register tile must not need more rows at once than that set has ways (8 on
+  // Zen 4 and current Intel cores) minus one for the B stream: with MR <= 7 they all stay
+  // in L1. (A 14-row tile missed L1 on every broadcast, and copying A chunks to a
+  // de-aliased buffer cost a serial pass over A, ~13% of a 128x32x4096 tile.)
+  static_assert(MR <= 7, "register tiles of more than 7 rows thrash an L1 set on aliasing lda");
+  // Rows are split into balanced m-blocks (e.g. 128 = 14 x 7 + 5 x 6, not 18 x 7 + 2) so
+  // no block runs with too few accumulators to cover the dot-product latency.
+  const int64_t mblocks = (d.m + MR - 1) / MR;
+  const int64_t mbase = d.m / mblocks, mextra = d.m % mblocks;
 
   for (int64_t p0 = 0; p0 < d.n; p0 += nc) {
     const int64_t pw = std::min<int64_t>(nc, d.n - p0);
@@ -136,27 +138,18 @@ void drive(const Desc& d, const void* a_base, const void* b_base, void* c_base, 
       t.load_c = have_c;
       const int64_t b_k = d.packed() ? k0 * NB : k0 * d.ldb;
       const T* a_chunk = A + k0;  // A_0 at column k0, rows lda apart
-      int64_t lda = d.lda;
-      if (pack_a) {  // a single batch element ib: copy A_ib[:, k0 : k0 + klen]
-        const T* src = A + ib * d.stride_a + k0;
-        for (int64_t r = 0; r < d.m; ++r)
-          memcpy(a_buf.data() + r * ldp, src + r * d.lda, size_t(klen) * sizeof(T));
-        a_chunk = a_buf.data();
-        lda = ldp;
-        t.stride_a = 0;  // the buffer already holds A_ib
-      }
-      t.lda = lda;
       for (int64_t n0 = 0; n0 < pw; n0 += NR) {
         const int nw = int(std::min<int64_t>(NR, pw - n0));
         const int nv = (nw + VL - 1) / VL;
         t.tail = nw - (nv - 1) * VL;
         for (int v = 0; v < NV; ++v)
           t.bv[v] = B + b_k + col_offset(p0 + n0 + int64_t(std::min(v, nv - 1)) * VL);
-        for (int64_t m0 = 0; m0 < d.m; m0 += MR) {
-          const int mr = int(std::min<int64_t>(MR, d.m - m0));
-          t.a = a_chunk + m0 * lda;
+        for (int64_t mb = 0, m0 = 0; mb < mblocks; ++mb) {
+          const int mr = int(mbase + (mb < mextra ? 1 : 0));
+          t.a = a_chunk + m0 * d.lda;
           t.c = cp + m0 * ldcp + n0;
           Traits::table[mr - 1][nv - 1](t);
+          m0 += mr;
         }
       }
       have_c = true;

@@ -128,9 +128,9 @@ def test_brgemm_edge_shapes(isa, dtype, m, n, k, packed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("packed", [False, True], ids=["rowmajor", "packed"])
-def test_brgemm_aliasing_lda_copies_a(isa, dtype, packed):
-    """lda a multiple of 2 KiB with m > MR and k > KC: the driver copies A chunks to a
-    de-aliased buffer (the batch's second element checks it copies the right A_i)."""
+def test_brgemm_aliasing_lda_k_chunks(isa, dtype, packed):
+    """lda a multiple of 2 KiB (rows in one L1 set) with m > MR and k > KC: balanced m-blocks
+    over k chunks of each batch element (the second element checks A_i is offset right)."""
     _run_case(dtype, dict(m=40, n=70, k=1024, batch=2, pad_a=0, pad_b=1, pad_c=2, off_c=3, beta=1,
                           packed=packed, c_bf16=dtype == torch.bfloat16, seed=5))
 
