@@ -196,6 +196,7 @@ LB_INLINE void gemv_2bit_pairs(const uint8_t* w, const int8_t* x, int64_t pairs,
   // zmm26/27: current and next step's bytes, zmm28: broadcast activations, zmm29-31: fields.
   __asm__(
       "vmovdqu64 (%[w]), %%zmm26\n\t"
+      ".p2align 6\n\t"
       "1:\n\t"
       "vpbroadcastd (%[x]), %%zmm28\n\t"
       "vpandd %[m0], %%zmm26, %%zmm29\n\t"
