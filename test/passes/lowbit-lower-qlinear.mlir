@@ -77,3 +77,32 @@ func.func private @lowbit_qlinear_0(%arg0: memref<2x6xf32>, %arg1: memref<2x4xf3
   linalg.fill ins(%cst : f32) outs(%arg1 : memref<2x4xf32>)
   return
 }
+
+// -----
+
+// Fused epilogue (lowbit-fuse-qlinear-epilogue): silu + residual on a bf16 output with
+// M and N tails. Flags = SiLU (16) | BETA1 (1) = 17 in every dispatch; each task first
+// copies its tile of the residual into the output tile, then the kernel adds into it.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0(%{{[a-z0-9]+}}: memref<6x40xbf16>
+// CHECK-SAME: , %[[R:[a-z0-9]+]]: memref<6x100xbf16>, %[[Y:[a-z0-9]+]]: memref<6x100xbf16>)
+// CHECK-COUNT-4: %{{.+}} = arith.constant 17 : i32
+// CHECK: scf.forall
+// CHECK: %[[RT:.+]] = memref.subview %[[R]][%{{.+}}, %{{.+}}] [%{{.+}}, %{{.+}}] [1, 1] : memref<6x100xbf16> to memref<?x?xbf16, strided<[100, 1], offset: ?>>
+// CHECK: %[[YT:.+]] = memref.subview %[[Y]][%{{.+}}, %{{.+}}] [%{{.+}}, %{{.+}}] [1, 1]
+// CHECK: memref.copy %[[RT]], %[[YT]]
+// CHECK: call @lowbit_qgemm_invoke(
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<2560xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<6x40xbf16>, %arg1: memref<6x100xbf16>, %arg2: memref<6x100xbf16>) attributes {lowbit.packed = {bias = "", bytes = 2560 : i64, kblock = 40 : i64, kblock_bytes = 1280 : i64, nblock_bytes = 1280 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "int8", act_group_size = 0 : i64, epilogue = "silu+residual", granularity = "channel", group_size = 0 : i64, in_features = 40 : i64, origin = "test", out_features = 100 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 40 : i64, m_tile = 4 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}
+
+// -----
+
+// Negative: a residual epilogue whose function is still (x, y) (the residual argument
+// missing) is not the bufferized form the lowering expects: left alone.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0(%{{.+}}: memref<3x8xf32>, %{{.+}}: memref<3x4xf32>)
+// CHECK-NOT: lowbit.lowered
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<640xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<3x8xf32>, %arg1: memref<3x4xf32>) attributes {lowbit.packed = {bias = "", bytes = 640 : i64, kblock = 8 : i64, kblock_bytes = 640 : i64, nblock_bytes = 640 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "none", act_group_size = 0 : i64, epilogue = "residual", granularity = "channel", group_size = 0 : i64, in_features = 8 : i64, origin = "test", out_features = 4 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 8 : i64, m_tile = 3 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}
