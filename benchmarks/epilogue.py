@@ -7,9 +7,9 @@ separate elementwise loop the rest of the pipeline generates), side by side in o
 
 Ternary weights, int8 activations, 2 threads, M = 1, 16, 128, fp32 and bf16 activations.
 The unfused variant is compiled with LOWBIT_DISABLE_PASSES=lowbit-fuse-qlinear-epilogue.
-Timing: wall clock (the kernels run on 2 OpenMP threads); the two variants are measured in
-alternating rounds and each reports the minimum over rounds of the per-round median, which
-is what survives a shared machine best.
+Timing: wall clock (the kernels run on 2 OpenMP threads); the two variants are called
+alternately (so both see the same machine state) and each reports the minimum over rounds
+of the per-round median, which is what survives a shared machine best.
 
     python benchmarks/epilogue.py                     # writes benchmarks/results/epilogue.json
     python benchmarks/epilogue.py --ms 1 --dtypes f32 --rounds 3
@@ -71,14 +71,18 @@ def compile_variant(model, args, fused: bool):
             os.environ["LOWBIT_DISABLE_PASSES"] = old
 
 
-def median_wall(fn, runs: int, min_seconds: float) -> float:
-    times = []
+def paired_medians(fa, fb, runs: int, min_seconds: float) -> tuple[float, float]:
+    """Median wall times of fa and fb, called alternately, so that both see the same
+    machine state (on a shared 2-core machine a 2-thread call takes ~3x longer whenever
+    the second core is busy, which would otherwise dominate the comparison)."""
+    ta, tb = [], []
     start = time.perf_counter()
-    while len(times) < runs or (time.perf_counter() - start < min_seconds and len(times) < 2000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    while len(ta) < runs or (time.perf_counter() - start < min_seconds and len(ta) < 2000):
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
@@ -93,7 +97,7 @@ def main() -> None:
     load = os.getloadavg()
     print(f"# threads {THREADS}, ISA {lowbit.runtime.current_isa()}, ternary weights, int8 activations; "
           f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print("# ms: min over rounds of the per-round median wall time; x = unfused / fused")
+    print("# ms: min over rounds of the per-round median wall time (variants called alternately); x = unfused / fused")
     header = f"{'case':<16} {'dtype':<5} {'M':>4} {'fused ms':>9} {'unfused ms':>11} {'x':>6} {'max |diff|':>11} epilogue"
     print(header)
     rows = []
@@ -116,8 +120,9 @@ def main() -> None:
                     runs = 200 if m == 1 else 30
                     t_f, t_p = [], []
                     for _ in range(opts.rounds):
-                        t_f.append(median_wall(lambda: fused(x, r), runs, 0.2))
-                        t_p.append(median_wall(lambda: plain(x, r), runs, 0.2))
+                        a, b = paired_medians(lambda: fused(x, r), lambda: plain(x, r), runs, 0.2)
+                        t_f.append(a)
+                        t_p.append(b)
                 row = dict(case=name, dtype=dname, m=m, n=n, k=k, fused_ms=min(t_f) * 1e3,
                            unfused_ms=min(t_p) * 1e3, fused_rounds_ms=[t * 1e3 for t in t_f],
                            unfused_rounds_ms=[t * 1e3 for t in t_p], max_abs_diff=diff,
