@@ -161,6 +161,7 @@ LOWER_TO_LLVM = [
     "convert-scf-to-cf",
     "lowbit-lower-scalar-transfers",
     "convert-vector-to-llvm{reassociate-fp-reductions=1}",
+    "lowbit-legalize-half-vectors",
     "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}",
     "convert-to-llvm",
     "reconcile-unrealized-casts",
