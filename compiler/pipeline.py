@@ -194,11 +194,11 @@ def default_stages(options: CompileOptions | None = None) -> list[Stage]:
 
     return [
         Stage("lowbit-torch", keep(LOWBIT_TORCH)),
-        Stage("torch-to-linalg", list(TORCH_TO_LINALG)),
+        Stage("torch-to-linalg", keep(TORCH_TO_LINALG)),
         Stage("lowbit", keep(lowbit_passes)),
-        Stage("bufferize", list(BUFFERIZE)),
+        Stage("bufferize", keep(BUFFERIZE)),
         Stage("runtime-calls", keep(RUNTIME_CALLS)),
-        Stage("lower-to-llvm", list(LOWER_TO_LLVM)),
+        Stage("lower-to-llvm", keep(LOWER_TO_LLVM)),
     ]
 
 
