@@ -78,6 +78,34 @@ class TilePlan:
     vector_sizes: list[int]
     peel: bool                  # peel the innermost tile loop
     flatten: bool
+    split_reduction: bool = False  # innermost reduction accumulates in a vector
+
+
+# Combiners `transform.structured.tile_reduction_using_for` can split (it needs the
+# neutral element of the yielded op).
+_SPLITTABLE_COMBINERS = {
+    "arith.addf", "arith.mulf", "arith.maximumf", "arith.minimumf", "arith.maxnumf",
+    "arith.minnumf", "arith.addi", "arith.muli", "arith.maxsi", "arith.minsi", "arith.maxui",
+    "arith.minui", "arith.andi", "arith.ori", "arith.xori",
+}
+
+
+def _innermost_reduction_combiner(op: ir.Operation, info) -> bool:
+    """A single-output generic whose only reduction loop is the innermost one and whose body
+    combines the accumulator with one splittable op (`acc = combine(f(inputs), acc)`)."""
+    if op.name != "linalg.generic" or len(op.results) != 1 or info.iterators[-1] != "reduction":
+        return False
+    if any(it != "parallel" for it in info.iterators[:-1]):
+        return False
+    block = op.regions[0].blocks[0]
+    acc = block.arguments[len(block.arguments) - 1]
+    ops = [o.operation for o in block.operations]
+    yielded = ops[-1].operands[0]
+    combiner = yielded.owner
+    if isinstance(combiner, ir.Block) or combiner.name not in _SPLITTABLE_COMBINERS:
+        return False
+    uses = [u for o in ops for u in o.operands if u == acc]
+    return len(uses) == 1 and any(v == acc for v in combiner.operands)
 
 
 @register_pass
@@ -109,7 +137,8 @@ class Vectorize(ModulePass):
         failures = []
         for i, (name, plan) in plans.items():
             try:
-                run_transform(module, self._script(i, plan), f"{self.NAME} on {name}")
+                for script in self._scripts(i, plan):
+                    run_transform(module, script, f"{self.NAME} on {name}")
             except PassError as e:
                 reason = " ".join(line.strip() for line in str(e).splitlines()[1:3])
                 failures.append(f"{name} {plan.vector_sizes}: {reason}"[:300])
@@ -156,9 +185,78 @@ class Vectorize(ModulePass):
             tiles.append(lanes)
             vecs.append(lanes)
         peel = tiles[-1] != 0 and (last is None or last % lanes != 0)
-        return TilePlan(tiles, vecs, peel, flatten)
+        # A long innermost reduction keeps a vector of partial results across the loop
+        # and reduces it horizontally once per row, not once per vector tile.
+        split = (not flatten and tiles[-1] != 0 and last is not None
+                 and _innermost_reduction_combiner(op, info))
+        return TilePlan(tiles, vecs, peel, flatten, split)
 
     # -- transform scripts ----------------------------------------------------------------
+
+    @staticmethod
+    def _split_reduction_scripts(i: int, plan: TilePlan) -> list[str]:
+        """Tile the parallel loops by 1, split the innermost reduction into a loop that
+        combines vector-wide partials (then one `vector.multi_reduction`), peel its tail,
+        and keep the partials in registers (hoisted out of the tensor round trip).
+
+        Two scripts: canonicalization may fold a one-trip main loop away, which a live
+        loop handle would not survive, so the loop is found again by its tag."""
+        lines = [f"    %op = {match(i)}"]
+        outer = list(plan.tile_sizes[:-1]) + [0]
+        n_loops = sum(1 for t in outer if t)
+        target = "%op"
+        if n_loops:
+            loop_types = ", ".join(["!transform.any_op"] * n_loops)
+            lines.append(f"    %tiled, %loops:{n_loops} = transform.structured.tile_using_for %op "
+                         f"tile_sizes {index_list(outer)} : (!transform.any_op) -> (!transform.any_op, {loop_types})")
+            target = "%tiled"
+        lanes = plan.vector_sizes[-1]
+        split_sizes = [0] * (len(plan.tile_sizes) - 1) + [lanes]
+        vec_sizes = [1] * (len(plan.tile_sizes) - 1) + [lanes]
+        lines += [
+            f"    %fill, %split, %comb, %for = transform.structured.tile_reduction_using_for {target} "
+            f"by tile_sizes = {index_list(split_sizes)} : (!transform.any_op) -> "
+            "(!transform.any_op, !transform.any_op, !transform.any_op, !transform.any_op)",
+            "    transform.structured.vectorize %fill : !transform.any_op",
+            "    transform.structured.vectorize %comb : !transform.any_op",
+            f"    transform.structured.vectorize %split vector_sizes {index_list(vec_sizes)} : !transform.any_op",
+        ]
+        loop = "%for"
+        if plan.peel:
+            lines += [
+                '    %forc = transform.cast %for : !transform.any_op to !transform.op<"scf.for">',
+                '    %main, %rest = transform.loop.peel %forc : (!transform.op<"scf.for">) '
+                "-> (!transform.any_op, !transform.any_op)",
+            ]
+            loop = "%main"
+        loop_tag = -1000 - i
+        lines += [
+            f"    %lt = transform.param.constant {loop_tag} : i64 -> !transform.param<i64>",
+            f'    transform.annotate {loop} "{TAG}" = %lt : !transform.any_op, !transform.param<i64>',
+        ]
+        funcs = ('    %funcs = transform.structured.match ops{["func.func"]} in %root '
+                 ': (!transform.any_op) -> !transform.any_op')
+        second = [
+            funcs,
+            "    transform.apply_patterns to %funcs {",
+            "      transform.apply_patterns.vector.lower_masked_transfers",
+            "    } : !transform.any_op",
+            "    transform.apply_patterns to %funcs {",
+            "      transform.apply_patterns.canonicalization",
+            "    } : !transform.any_op",
+            f"    %loops = {match(loop_tag)}",
+            "    transform.foreach %loops : !transform.any_op {",
+            "    ^bb0(%l: !transform.any_op):",
+            "      transform.loop.hoist_loop_invariant_subsets %l : !transform.any_op",
+            "    }",
+        ]
+        return ["\n".join(lines), "\n".join(second)]
+
+    @classmethod
+    def _scripts(cls, i: int, plan: TilePlan) -> list[str]:
+        if plan.split_reduction:
+            return cls._split_reduction_scripts(i, plan)
+        return [cls._script(i, plan)]
 
     @staticmethod
     def _script(i: int, plan: TilePlan) -> str:

@@ -21,13 +21,22 @@ func.func @add_tail(%a: tensor<3x17xf32>, %b: tensor<3x17xf32>) -> tensor<3x17xf
 
 // -----
 
-// A row reduction over 4097 elements: 256 full vectors and a masked tail, per row.
+// A row reduction over 4097 elements: per row, 256 full vectors combined lane-wise into a
+// vector of partial maxima carried in registers (no horizontal reduction in the loop),
+// a masked tail folded into the partials, then one horizontal reduction.
 // CHECK-LABEL: func.func @row_max
+// CHECK-DAG: %[[NEG_INF:.+]] = arith.constant dense<0xFF800000> : vector<16xf32>
 // CHECK: scf.for %[[ROW:.+]] = %c0 to %c5 step %c1
-// CHECK:   scf.for %{{.+}} = %c0 to %c4096 step %c16
+// CHECK:   %[[PART:.+]] = scf.for %{{.+}} = %c0 to %c4096 step %c16 iter_args(%[[ACC:.+]] = %[[NEG_INF]]) -> (vector<16xf32>)
 // CHECK:     %[[V:.+]] = vector.transfer_read %{{.+}} : tensor<1x16xf32>, vector<16xf32>
-// CHECK:     vector.multi_reduction <maximumf>, %{{.+}} [1] : vector<1x16xf32> to vector<1xf32>
-// CHECK:   vector.mask %{{.+}} { vector.multi_reduction <maximumf>
+// CHECK-NOT: vector.multi_reduction
+// CHECK:     %[[M:.+]] = arith.maximumf %[[V]], %[[ACC]] : vector<16xf32>
+// CHECK:     scf.yield %[[M]] : vector<16xf32>
+// CHECK:   vector.transfer_write %[[PART]]
+// CHECK:   %[[TAIL_MASK:.+]] = vector.constant_mask [1] : vector<16xi1>
+// CHECK:   vector.transfer_read %{{.+}}, %[[TAIL_MASK]]
+// CHECK:   arith.maximumf
+// CHECK:   vector.multi_reduction <maximumf>, %{{.+}} [1] : vector<1x16xf32> to vector<1xf32>
 // CHECK-NOT: linalg.generic
 #id = affine_map<(d0, d1) -> (d0, d1)>
 #row = affine_map<(d0, d1) -> (d0)>
@@ -83,4 +92,26 @@ func.func @matmul_untouched(%a: tensor<4x8xf32>, %b: tensor<8x4xf32>, %c: tensor
     linalg.yield %s : f32
   } -> tensor<4x4xf32>
   return %r, %g : tensor<4x4xf32>, tensor<4x4xf32>
+}
+
+// -----
+
+// Negative for the split: a reduction over the outer dim (column sums) is not an
+// innermost reduction; each row tile is added into a vector of column sums.
+// CHECK-LABEL: func.func @col_sum
+// CHECK-NOT: vector.multi_reduction <add>, %{{.+}} [1]
+// CHECK: scf.for %{{.+}} = %c0 to %c300 step %c1
+// CHECK:   scf.for %{{.+}} = %c0 to %c48 step %c16
+// CHECK:     arith.addf %{{.+}} : vector<16xf32>
+// CHECK-NOT: linalg.generic
+#cs_id = affine_map<(d0, d1) -> (d0, d1)>
+#cs_col = affine_map<(d0, d1) -> (d1)>
+func.func @col_sum(%x: tensor<300x48xf32>, %init: tensor<48xf32>) -> tensor<48xf32> {
+  %r = linalg.generic {indexing_maps = [#cs_id, #cs_col], iterator_types = ["reduction", "parallel"]}
+      ins(%x : tensor<300x48xf32>) outs(%init : tensor<48xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %s = arith.addf %in, %out : f32
+    linalg.yield %s : f32
+  } -> tensor<48xf32>
+  return %r : tensor<48xf32>
 }
