@@ -55,11 +55,6 @@ def _is_half_float(t: ir.Type) -> bool:
     return isinstance(t, ir.ShapedType) and isinstance(t.element_type, (ir.BF16Type, ir.F16Type))
 
 
-def _is_i1_shaped(t: ir.Type) -> bool:
-    return isinstance(t, ir.ShapedType) and isinstance(t.element_type, ir.IntegerType) \
-        and t.element_type.width == 1
-
-
 def _element_bits(t: ir.Type) -> int:
     if isinstance(t, ir.ShapedType):
         t = t.element_type
@@ -159,10 +154,6 @@ class Vectorize(ModulePass):
     def plan(self, op: ir.Operation) -> TilePlan | None:
         info = loop_info(op)
         if info is None or info.rank == 0:
-            return None
-        # Vectors of i1 are bit-packed in LLVM while i1 memrefs hold a byte per element,
-        # so a vectorized load of a bool tensor (e.g. an attention mask) reads wrong data.
-        if any(_is_i1_shaped(v.type) for v in list(op.operands) + list(op.results)):
             return None
         half = any(_is_half_float(v.type) for v in list(op.operands) + list(op.results))
         lanes = self.lanes(op)

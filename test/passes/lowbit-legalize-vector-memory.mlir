@@ -1,4 +1,4 @@
-// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-legalize-half-vectors)' | filecheck %s
+// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-legalize-vector-memory)' | filecheck %s
 
 // A masked bf16 store moves its data as i16 (LLVM's x86 ISel aborts on the bf16 form).
 // CHECK-LABEL: llvm.func @store_bf16
@@ -38,13 +38,45 @@ llvm.func @gather_bf16(%p: vector<1x!llvm.ptr>, %m: vector<1xi1>, %pt: vector<1x
 
 // -----
 
-// Negative: f32 data and unmasked bf16 loads are left alone.
+// Bool vectors: memory holds a byte per element, so loads read i8 lanes and truncate,
+// stores extend to i8 (LLVM would pack <64 x i1> into 8 bytes).
+// CHECK-LABEL: llvm.func @bool_load_store
+// CHECK-SAME: (%[[P:.+]]: !llvm.ptr, %[[Q:.+]]: !llvm.ptr)
+// CHECK: %[[B:.+]] = llvm.load %[[P]] {alignment = 1 : i64} : !llvm.ptr -> vector<64xi8>
+// CHECK: %[[M:.+]] = llvm.trunc %[[B]] : vector<64xi8> to vector<64xi1>
+// CHECK: %[[W:.+]] = llvm.zext %[[M]] : vector<64xi1> to vector<64xi8>
+// CHECK: llvm.store %[[W]], %[[Q]] {alignment = 1 : i64} : vector<64xi8>, !llvm.ptr
+// CHECK: llvm.return %[[M]] : vector<64xi1>
+llvm.func @bool_load_store(%p: !llvm.ptr, %q: !llvm.ptr) -> vector<64xi1> {
+  %m = llvm.load %p {alignment = 1 : i64} : !llvm.ptr -> vector<64xi1>
+  llvm.store %m, %q {alignment = 1 : i64} : vector<64xi1>, !llvm.ptr
+  llvm.return %m : vector<64xi1>
+}
+
+// -----
+
+// A masked bool load: the i1 *mask* operand stays i1, the data goes through i8.
+// CHECK-LABEL: llvm.func @bool_masked_load
+// CHECK: %[[PT:.+]] = llvm.zext %{{.+}} : vector<16xi1> to vector<16xi8>
+// CHECK: %[[L:.+]] = llvm.intr.masked.load %{{.+}}, %{{.+}}, %[[PT]] {alignment = 1 : i32} : (!llvm.ptr, vector<16xi1>, vector<16xi8>) -> vector<16xi8>
+// CHECK: llvm.trunc %[[L]] : vector<16xi8> to vector<16xi1>
+llvm.func @bool_masked_load(%p: !llvm.ptr, %m: vector<16xi1>, %pt: vector<16xi1>) -> vector<16xi1> {
+  %r = llvm.intr.masked.load %p, %m, %pt {alignment = 1 : i32} : (!llvm.ptr, vector<16xi1>, vector<16xi1>) -> vector<16xi1>
+  llvm.return %r : vector<16xi1>
+}
+
+// -----
+
+// Negative: f32 data, scalar bools and scalar bf16 are left alone.
 // CHECK-LABEL: llvm.func @untouched
 // CHECK-NOT: llvm.bitcast
+// CHECK-NOT: llvm.zext
 // CHECK: llvm.intr.masked.store %{{.+}} : vector<16xf32>, vector<16xi1> into !llvm.ptr
-// CHECK: llvm.load %{{.+}} : !llvm.ptr -> vector<32xbf16>
-llvm.func @untouched(%v: vector<16xf32>, %p: !llvm.ptr, %m: vector<16xi1>) -> vector<32xbf16> {
+// CHECK: llvm.load %{{.+}} : !llvm.ptr -> bf16
+// CHECK: llvm.load %{{.+}} : !llvm.ptr -> i1
+llvm.func @untouched(%v: vector<16xf32>, %p: !llvm.ptr, %m: vector<16xi1>) -> bf16 {
   llvm.intr.masked.store %v, %p, %m {alignment = 4 : i32} : vector<16xf32>, vector<16xi1> into !llvm.ptr
-  %l = llvm.load %p {alignment = 2 : i64} : !llvm.ptr -> vector<32xbf16>
-  llvm.return %l : vector<32xbf16>
+  %l = llvm.load %p {alignment = 2 : i64} : !llvm.ptr -> bf16
+  %b = llvm.load %p : !llvm.ptr -> i1
+  llvm.return %l : bf16
 }
