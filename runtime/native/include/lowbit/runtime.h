@@ -46,6 +46,11 @@ LOWBIT_API int32_t lowbit_rt_isa_error(void);
 LOWBIT_API const char* lowbit_rt_error_string(int64_t code);
 LOWBIT_API int32_t lowbit_rt_abi_version(void);
 
+/* Buffers of compiled code (memref.alloc) come from a bounded cache of large blocks
+ * (memref_alloc.cpp, LOWBIT_ALLOC_CACHE_MB). Bytes held in it, and release them all. */
+LOWBIT_API int64_t lowbit_rt_cached_memory(void);
+LOWBIT_API void lowbit_rt_release_cached_memory(void);
+
 #ifdef __cplusplus
 }
 #endif
