@@ -9,6 +9,7 @@ version counters on each call and recompiles when one changed.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import warnings
 from typing import Any, Sequence
@@ -73,7 +74,7 @@ class CapturedGraph:
         outs = self.expand_outputs(outs)
         n_mut = len(self.mutated_inputs)
         for pos, new in zip(self.mutated_inputs, outs[:n_mut]):
-            args[pos].copy_(new)
+            write_back(args[pos], new)
         user = outs[n_mut:]
         if not self.constant_outputs:
             return user
@@ -90,6 +91,18 @@ class CapturedGraph:
         for i in range(len(self.output_specs)):
             full.append(full[self.repeated_outputs[i]].clone() if i in self.repeated_outputs else next(it))
         return full
+
+
+def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a mutated input (a KV cache), without torch's thread pool when
+    both are contiguous and alike: a parallel `copy_` leaves torch's OpenMP workers
+    spinning into the next compiled call, where they compete with lowbit's own threads
+    (a third of a 2-thread decode step's CPU time went to libgomp's spin)."""
+    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.device.type == "cpu"
+            and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()):
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
+    else:
+        dst.copy_(src)
 
 
 class _Wrapped(torch.nn.Module):

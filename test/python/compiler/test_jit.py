@@ -133,3 +133,19 @@ def test_training_graphs_run_in_eager():
     out.sum().backward()
     assert model.weight.grad is not None
     assert any("requires autograd" in str(w.message) for w in caught)
+
+
+def test_write_back_of_mutated_inputs():
+    from lowbit.compiler.frontend import write_back
+
+    src = torch.randn(4, 8, 16)
+    dst = torch.zeros(4, 8, 16)
+    write_back(dst, src)  # contiguous: a plain memmove, no torch thread pool
+    assert torch.equal(dst, src)
+    wide = torch.zeros(4, 16, 16)
+    view = wide[:, ::2]  # non-contiguous destination: falls back to copy_
+    write_back(view, src)
+    assert torch.equal(wide[:, ::2], src) and torch.count_nonzero(wide[:, 1::2]) == 0
+    half = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
+    write_back(half, src)  # dtype differs: copy_ converts
+    assert torch.equal(half, src.bfloat16())
