@@ -16,7 +16,10 @@ c_off, 1)` on the tile's base pointers (`memref.extract_aligned_pointer_as_index
 element offsets (`memref.extract_strided_metadata`). Leading dimensions and panel strides
 come from the memref layouts, which must be static with unit innermost strides; an op
 that does not satisfy that is reported as an error (it was tagged for this pass).
-Tiles accumulate into C (beta = 1), which is linalg's semantics for the `outs` operand.
+Tiles accumulate into C (beta = 1), which is linalg's semantics for the `outs` operand,
+except packed tiles that lowbit-dense-tile marked `lowbit.brgemm_beta0` (their init was a
+zero fill, dropped): those overwrite C (BETA_0), and store it as bf16 (C_BF16) when C is
+bf16 (the f32 -> bf16 rounding was folded into the tile).
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ from lowbit.passes.registry import ModulePass, PassError, register_pass
 
 NB = 32
 DTYPE = {"f32": 1, "bf16": 2}
+FLAG_BETA_0 = 1 << 0
 FLAG_B_PACKED = 1 << 1
+FLAG_C_BF16 = 1 << 2
+BETA0_ATTR = "lowbit.brgemm_beta0"  # set by lowbit-dense-tile when the init was a zero fill
 
 DISPATCH = "lowbit_brgemm_dispatch"
 INVOKE = "lowbit_brgemm_invoke"
@@ -66,8 +72,10 @@ def _describe(op: ir.Operation) -> _Desc:
     kind = ir.StringAttr(op.attributes[ds.BRGEMM_ATTR]).value
     a, b, c = op.operands[0], op.operands[1], op.operands[2]
     dtype = ds.element_name(a.type)
-    if dtype not in DTYPE or ds.element_name(b.type) != dtype or ds.element_name(c.type) != "f32":
+    c_bf16 = ds.element_name(c.type) == "bf16" and dtype == "bf16" and BETA0_ATTR in op.attributes
+    if dtype not in DTYPE or ds.element_name(b.type) != dtype or (ds.element_name(c.type) != "f32" and not c_bf16):
         raise PassError(f"{op.location}: BRGEMM tile with element types {a.type}, {b.type}, {c.type}")
+    flags = (FLAG_BETA_0 if BETA0_ATTR in op.attributes else 0) | (FLAG_C_BF16 if c_bf16 else 0)
     (sa, ta), (sb, tb), (sc, tc) = (_layout(v, w, op) for v, w in ((a, "A"), (b, "B"), (c, "C")))
 
     def require(cond: bool, why: str):
@@ -84,7 +92,7 @@ def _describe(op: ir.Operation) -> _Desc:
         else:
             require(ta[1:] == [2, 1] and tb[1:] == [2 * NB, 2, 1], "A pairs and VNNI panels must be contiguous")
             k = 2 * sa[1]
-        return _Desc(DTYPE[dtype], m, n, k, ta[0], tb[0], tc[0], 0, 0, FLAG_B_PACKED)
+        return _Desc(DTYPE[dtype], m, n, k, ta[0], tb[0], tc[0], 0, 0, FLAG_B_PACKED | flags)
     if kind == "rowmajor":
         if op.name == "linalg.batch_matmul":
             require(sa[0] == 1 and sb[0] == 1 and sc[0] == 1, "a bmm tile must have a unit batch dim")

@@ -184,6 +184,9 @@ class DenseTile(ModulePass):
         return op
 
 
+BETA0_ATTR = "lowbit.brgemm_beta0"  # the tile writes C; its init is not read
+
+
 def _pack(array: np.ndarray, dtype: str, transposed: bool, k: int, n: int) -> np.ndarray:
     """Pack B with the runtime (one source of truth for the layout) into its blocked shape."""
     import torch
@@ -219,7 +222,20 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
                 "reassociation": ir.Attribute.parse(reassoc),
                 "static_output_shape": ir.DenseI64ArrayAttr.get(shape)}).result
 
-    c3 = expand(mm.c, [m, np_, NB], "[[0], [1, 2]]")
+    # tpp-mlir's beta = 0 folding, on tensors: a zero-filled init is not read (the kernel
+    # writes C), and a bf16 rounding that only rounds this product is done by the kernel
+    # as it stores (C in bf16, accumulated in f32). Both save a pass over C.
+    c_init = mm.c
+    zero_init = _zero_fill_init(mm.c)
+    round_op = None
+    if zero_init is not None:
+        c_init = zero_init
+        if mm.dtype == "bf16":
+            round_op = _only_bf16_rounding(mm.op.results[0])
+            if round_op is not None:
+                c_init = ir.Operation.create(
+                    "tensor.empty", results=[round_op.results[0].type], operands=[]).result
+    c3 = expand(c_init, [m, np_, NB], "[[0], [1, 2]]")
     if mm.dtype == "f32":
         a_in = mm.a
         maps = ["(d0, d1, d2, d3) -> (d0, d3)", "(d0, d1, d2, d3) -> (d1, d3, d2)",
@@ -234,9 +250,53 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
                                indexing_maps=[ds._map(x) for x in maps])
     op = contract.owner
     op.attributes[ds.BRGEMM_ATTR] = ir.StringAttr.get("packed")
+    if zero_init is not None:
+        op.attributes[BETA0_ATTR] = ir.UnitAttr.get()
     result = ir.Operation.create(
-        "tensor.collapse_shape", results=[mm.c.type], operands=[op.result],
+        "tensor.collapse_shape", results=[c_init.type], operands=[op.result],
         attributes={"reassociation": ir.Attribute.parse("[[0], [1, 2]]")}).result
-    mm.op.results[0].replace_all_uses_with(result)
+    if round_op is not None:
+        round_op.results[0].replace_all_uses_with(result)
+        round_op.erase()
+    else:
+        mm.op.results[0].replace_all_uses_with(result)
     mm.op.erase()
     return op
+
+
+def _zero_fill_init(c: ir.Value) -> ir.Value | None:
+    """The tensor a `linalg.fill` of +0.0 writes into, when `c` is that fill's result."""
+    owner = c.owner
+    if isinstance(owner, ir.Block) or owner.name != "linalg.fill":
+        return None
+    value = owner.operands[0].owner
+    if isinstance(value, ir.Block) or value.name != "arith.constant":
+        return None
+    attr = value.attributes["value"]
+    if not isinstance(attr, ir.FloatAttr) or ir.FloatAttr(attr).value != 0.0 \
+            or str(attr).startswith("-"):
+        return None
+    return owner.operands[1]
+
+
+def _only_bf16_rounding(product: ir.Value) -> ir.Operation | None:
+    """The elementwise generic that only rounds `product` (f32) to bf16, if it is the
+    product's one use."""
+    uses = list(product.uses)
+    if len(uses) != 1:
+        return None
+    user = uses[0].owner
+    if user.name != "linalg.generic" or len(user.operands) != 2 or user.operands[0] != product:
+        return None
+    out = ir.RankedTensorType(user.results[0].type)
+    if str(out.element_type) != "bf16" or out.shape != ir.RankedTensorType(product.type).shape:
+        return None
+    maps = [ir.AffineMapAttr(a).value for a in user.attributes["indexing_maps"]]
+    if any(m != ir.AffineMap.get_identity(out.rank) for m in maps):
+        return None
+    body = [o.operation for o in user.regions[0].blocks[0].operations]
+    block_args = user.regions[0].blocks[0].arguments
+    if len(body) != 2 or body[0].name != "arith.truncf" or body[0].operands[0] != block_args[0] \
+            or body[1].operands[0] != body[0].results[0]:
+        return None
+    return user

@@ -89,6 +89,28 @@ func.func @bf16_and_bmm(%x: memref<2x4x2xbf16>, %p: memref<1x4x32x2xbf16>, %y: m
 
 // -----
 
+// A tile marked beta0 by lowbit-dense-tile overwrites C (BETA_0 = 1): with a bf16 C it also
+// stores bf16 (C_BF16 = 4), so flags = 1 | 2 | 4 = 7; with f32 C, flags = 1 | 2 = 3.
+// CHECK-LABEL: func.func @beta0_tiles
+// CHECK-DAG: %[[F3:.+]] = arith.constant 3 : i64
+// CHECK-DAG: %[[F7:.+]] = arith.constant 7 : i64
+// CHECK-DAG: call @lowbit_brgemm_dispatch(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %[[F7]])
+// CHECK-DAG: call @lowbit_brgemm_dispatch(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %[[F3]])
+// CHECK-COUNT-2: call @lowbit_brgemm_invoke
+#a = affine_map<(d0, d1, d2, d3, d4) -> (d0, d3, d4)>
+#b = affine_map<(d0, d1, d2, d3, d4) -> (d1, d3, d2, d4)>
+#c = affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2)>
+func.func @beta0_tiles(%x: memref<2x4x2xbf16>, %p: memref<1x4x32x2xbf16>, %y: memref<2x1x32xbf16>,
+                       %z: memref<2x1x32xf32>) {
+  linalg.contract indexing_maps = [#a, #b, #c] {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+    ins(%x, %p : memref<2x4x2xbf16>, memref<1x4x32x2xbf16>) outs(%y : memref<2x1x32xbf16>)
+  linalg.contract indexing_maps = [#a, #b, #c] {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+    ins(%x, %p : memref<2x4x2xbf16>, memref<1x4x32x2xbf16>) outs(%z : memref<2x1x32xf32>)
+  return
+}
+
+// -----
+
 // Negative: untagged matmuls are left alone and nothing is declared.
 // CHECK-LABEL: func.func @untagged
 // CHECK: linalg.matmul

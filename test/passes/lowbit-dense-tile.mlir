@@ -10,12 +10,15 @@
 // CHECK-LABEL: func.func @linear_f32
 // CHECK-SAME: (%[[X:.+]]: tensor<4x2xf32>)
 // CHECK-DAG: %[[P:.+]] = arith.constant dense<{{\[\[\[}}0.000000e+00, 2.000000e+00, 4.000000e+00, {{.*}}6.200000e+01], [1.000000e+00, 3.000000e+00, {{.*}}6.300000e+01]]]> : tensor<1x2x32xf32>
-// CHECK-DAG: %[[FILL:.+]] = linalg.fill
+// The zero-filled init is not read: the fill is dropped and the tile overwrites C (beta 0).
+// CHECK-DAG: %[[E:.+]] = tensor.empty() : tensor<4x32xf32>
+// CHECK-DAG: %[[EMPTY:.+]] = tensor.expand_shape %[[E]] {{\[\[}}0], [1, 2]] output_shape [4, 1, 32]
+// CHECK-NOT: linalg.fill
 // CHECK-NOT: linalg.transpose
-// CHECK: %[[R:.+]] = scf.forall (%[[I:.+]]) in (4) shared_outs(%[[OUT:.+]] = %[[FILL]]) -> (tensor<4x1x32xf32>)
+// CHECK: %[[R:.+]] = scf.forall (%[[I:.+]]) in (4) shared_outs(%[[OUT:.+]] = %[[EMPTY]]) -> (tensor<4x1x32xf32>)
 // CHECK-DAG: %[[A:.+]] = tensor.extract_slice %[[X]][%[[I]], 0] [1, 2] [1, 1]
 // CHECK-DAG: %[[C:.+]] = tensor.extract_slice %[[OUT]][%[[I]], 0, 0] [1, 1, 32] [1, 1, 1]
-// CHECK: linalg.contract {{.*}}{lowbit.brgemm = "packed", lowbit.brgemm_tile = array<i64: 1, 32>} ins(%[[A]], %[[P]] : tensor<1x2xf32>, tensor<1x2x32xf32>) outs(%[[C]] : tensor<1x1x32xf32>)
+// CHECK: linalg.contract {{.*}}{lowbit.brgemm = "packed", lowbit.brgemm_beta0, lowbit.brgemm_tile = array<i64: 1, 32>} ins(%[[A]], %[[P]] : tensor<1x2xf32>, tensor<1x2x32xf32>) outs(%[[C]] : tensor<1x1x32xf32>)
 // CHECK: tensor.collapse_shape %[[R]] {{\[\[}}0], [1, 2]] : tensor<4x1x32xf32> into tensor<4x32xf32>
 // OPT-LABEL: func.func @linear_f32
 // OPT: scf.forall ({{.+}}) in (4)
@@ -46,6 +49,57 @@ func.func @bf16_constant_b(%x: tensor<2x4xbf16>, %acc: tensor<2x32xf32>) -> tens
   %w = arith.constant dense<1.5> : tensor<4x32xbf16>
   %r = linalg.matmul ins(%x, %w : tensor<2x4xbf16>, tensor<4x32xbf16>) outs(%acc : tensor<2x32xf32>) -> tensor<2x32xf32>
   return %r : tensor<2x32xf32>
+}
+
+// -----
+
+// bf16 Linear with a zero init whose f32 product is only rounded to bf16: the tile writes
+// bf16 C directly (beta 0); neither the fill nor the rounding generic is left.
+// CHECK-LABEL: func.func @bf16_rounded
+// CHECK-NOT: linalg.fill
+// CHECK: scf.forall {{.+}} -> (tensor<3x1x32xbf16>)
+// CHECK: linalg.contract {{.*}}lowbit.brgemm_beta0{{.*}} outs({{.+}} : tensor<1x1x32xbf16>)
+// CHECK-NOT: linalg.generic
+// CHECK: return {{.+}} : tensor<3x32xbf16>
+func.func @bf16_rounded(%x: tensor<3x4xbf16>) -> tensor<3x32xbf16> {
+  %w = arith.constant dense<1.5> : tensor<4x32xbf16>
+  %zero = arith.constant 0.0 : f32
+  %o = tensor.empty() : tensor<3x32xf32>
+  %c = linalg.fill ins(%zero : f32) outs(%o : tensor<3x32xf32>) -> tensor<3x32xf32>
+  %r = linalg.matmul ins(%x, %w : tensor<3x4xbf16>, tensor<4x32xbf16>) outs(%c : tensor<3x32xf32>) -> tensor<3x32xf32>
+  %e = tensor.empty() : tensor<3x32xbf16>
+  %b = linalg.generic {indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]} ins(%r : tensor<3x32xf32>) outs(%e : tensor<3x32xbf16>) {
+  ^bb0(%in: f32, %out: bf16):
+    %t = arith.truncf %in : f32 to bf16
+    linalg.yield %t : bf16
+  } -> tensor<3x32xbf16>
+  return %b : tensor<3x32xbf16>
+}
+
+// -----
+
+// Negative for both folds: a non-zero init is read (beta 1), and a product that is also
+// used in f32 keeps its f32 C and the separate rounding.
+// CHECK-LABEL: func.func @bf16_not_folded
+// CHECK: %[[ONE:.+]] = linalg.fill
+// CHECK: linalg.contract
+// CHECK-NOT: lowbit.brgemm_beta0
+// CHECK-SAME: outs({{.+}} : tensor<1x1x32xf32>)
+// CHECK: linalg.generic
+// CHECK: arith.truncf
+func.func @bf16_not_folded(%x: tensor<3x4xbf16>) -> (tensor<3x32xbf16>, tensor<3x32xf32>) {
+  %w = arith.constant dense<1.5> : tensor<4x32xbf16>
+  %one = arith.constant 1.0 : f32
+  %o = tensor.empty() : tensor<3x32xf32>
+  %c = linalg.fill ins(%one : f32) outs(%o : tensor<3x32xf32>) -> tensor<3x32xf32>
+  %r = linalg.matmul ins(%x, %w : tensor<3x4xbf16>, tensor<4x32xbf16>) outs(%c : tensor<3x32xf32>) -> tensor<3x32xf32>
+  %e = tensor.empty() : tensor<3x32xbf16>
+  %b = linalg.generic {indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]} ins(%r : tensor<3x32xf32>) outs(%e : tensor<3x32xbf16>) {
+  ^bb0(%in: f32, %out: bf16):
+    %t = arith.truncf %in : f32 to bf16
+    linalg.yield %t : bf16
+  } -> tensor<3x32xbf16>
+  return %b, %r : tensor<3x32xbf16>, tensor<3x32xf32>
 }
 
 // -----
