@@ -217,15 +217,35 @@ def find_exact_format(w: np.ndarray, formats: Sequence[str], group_sizes: Sequen
     return None, None, reason
 
 
+SAMPLE_ROWS = 8
+
+
 def _search(w, formats, group_sizes, act_format):
+    n, k = w.shape
     wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-    for spec in candidate_specs(w.shape[0], w.shape[1], formats, group_sizes, act_format):
-        qw = exact_representation(wt, spec)
-        if qw is None and not spec.format.asymmetric:
-            qw = _exact_by_smallest_step(w, spec)
+    # Per-channel and per-group scales make every row its own problem, so a spec that fails
+    # on a few rows fails on all of them: rejecting on a row sample first turns the proof
+    # that a large fp weight is not low-bit from a minute of full-matrix passes into
+    # milliseconds. (Per-tensor scales couple the rows; those specs go to the full check.)
+    rows = np.unique(np.linspace(0, n - 1, SAMPLE_ROWS).astype(np.int64)) if n > 2 * SAMPLE_ROWS else None
+    sample = w[rows] if rows is not None else None
+    sample_t = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)) if rows is not None else None
+    for spec in candidate_specs(n, k, formats, group_sizes, act_format):
+        if sample is not None and spec.granularity != "tensor":
+            small = dataclasses.replace(spec, out_features=len(rows))
+            if _exact(sample, sample_t, small) is None:
+                continue
+        qw = _exact(w, wt, spec)
         if qw is not None:
             return spec, qw
     return None
+
+
+def _exact(w: np.ndarray, wt: torch.Tensor, spec: LowBitSpec) -> Optional[QuantizedWeight]:
+    qw = exact_representation(wt, spec)
+    if qw is None and not spec.format.asymmetric:
+        qw = _exact_by_smallest_step(w, spec)
+    return qw
 
 
 def _exact_by_smallest_step(w: np.ndarray, spec: LowBitSpec) -> Optional[QuantizedWeight]:

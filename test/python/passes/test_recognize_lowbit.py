@@ -233,3 +233,36 @@ def test_act_quant_not_absorbed_when_it_differs(variant, why):
     assert why in entry["reason"]
     assert matmul_entries(report)[0]["result"] == "recognized"  # the weight still is
     assert_close(compiled(x)[0], model(x))
+
+
+def _ternary_rows(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-1, 2, (n, k), generator=g).float()
+    s = torch.rand(n, 1, generator=g) + 0.5
+    return q * s
+
+
+def test_row_sample_prefilter_is_exact():
+    # The recognizer rejects specs on a sample of rows first (per-channel / per-group rows
+    # are independent). A row outside the sample that breaks the format must still be
+    # caught by the full check, and zero rows in the sample must not reject a fitting weight.
+    import numpy as np
+
+    from lowbit.passes.lib_recognize import SAMPLE_ROWS, find_exact_format
+
+    n, k = 64, 96
+    sampled = set(np.unique(np.linspace(0, n - 1, SAMPLE_ROWS).astype(np.int64)).tolist())
+    outside = next(r for r in range(n) if r not in sampled)
+    w = _ternary_rows(n, k)
+    spec, qw, _ = find_exact_format(w.numpy(), ["ternary"], [32])
+    assert spec is not None and spec.granularity == "channel"
+    bad = w.clone()
+    bad[outside, 5] = 0.123
+    spec, qw, reason = find_exact_format(bad.numpy(), ["ternary"], [32])
+    assert spec is None and "not exactly" in reason
+    zeros = w.clone()
+    zeros[sorted(sampled)] = 0.0
+    spec, qw, _ = find_exact_format(zeros.numpy(), ["ternary"], [32])
+    assert spec is not None and spec.granularity == "channel"
+    deq = qw.q.float() * qw.scales.reshape(n, 1)
+    assert torch.equal(deq, zeros)
