@@ -53,6 +53,18 @@ class LowBitLinear(nn.Module):
     def config(self) -> QuantConfig:
         return QuantConfig.from_spec(self._spec)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` must not cast the quantized state: scales
+        # and bias are fp32 by the format (a bf16 round trip would change the weights), and
+        # the layer already takes and returns any float activation dtype. Device moves apply.
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype != torch.float32:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_spec(cls, spec: LowBitSpec, bias: bool = True) -> "LowBitLinear":

@@ -193,3 +193,24 @@ def test_config_validation():
         QuantConfig(act_group_size=32)
     with pytest.raises(ValueError, match="only defined for ternary"):
         QuantConfig("int1", granularity="tensor")
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "double"])
+def test_dtype_casts_keep_the_quantized_state(cast):
+    # A quantized model cast with .to(dtype) / .half() keeps its fp32 scales and bias bit
+    # for bit (a bf16 round trip would change the weights) and still runs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    lowbit.quantize_(model, QuantConfig(weights="int2_asym", group_size=32))
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.randn(3, 64)
+    want = model(x)
+    dtype = {"to_bf16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+    model = model.half() if cast == "half" else model.to(dtype)
+    after = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+    if dtype is torch.bfloat16:
+        got = model(x.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
