@@ -30,6 +30,7 @@ from lowbit.passes.qlinear import (
     emit_qlinear_call,
 )
 from lowbit.passes.registry import ModulePass, PassError, register_pass
+from lowbit.passes.vectorize_support import walk
 from lowbit.quant.formats import LowBitSpec
 from lowbit.quant.packing import unpack_codes
 
@@ -76,14 +77,8 @@ class ConvertLinearOp(ModulePass):
     NAME = "lowbit-convert-linear-op"
 
     def run(self, module: ir.Operation) -> None:
-        ops = []
-
-        def collect(op):
-            if op.name == "torch.operator" and ir.StringAttr(op.attributes["name"]).value == OP_NAME:
-                ops.append(op)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(collect)
+        ops = [op for op in walk(module)
+               if op.name == "torch.operator" and ir.StringAttr(op.attributes["name"]).value == OP_NAME]
         for op in ops:
             self._convert(module, op)
 

@@ -26,6 +26,7 @@ from lowbit.passes.interp import InterpError, Interpreter, defining_op, element_
 from lowbit.passes.lib_recognize import erase_dead, match_contraction
 from lowbit.passes.qlinear import add_report_entry
 from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import walk
 
 FOLDED_ATTR = "lowbit.folded"
 
@@ -43,15 +44,7 @@ class FoldConstants(ModulePass):
     max_elements: int = 1 << 26
 
     def run(self, module: ir.Operation) -> None:
-        found = []
-
-        def collect(op):
-            c = match_contraction(op)
-            if c is not None:
-                found.append(c)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(collect)
+        found = [c for c in map(match_contraction, walk(module)) if c is not None]
         for c in found:
             producer = defining_op(c.b)
             if producer is None or producer.name == "arith.constant":

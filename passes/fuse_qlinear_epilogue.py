@@ -52,6 +52,7 @@ from lowbit.passes.qlinear import (
     Epilogue,
     build_qlinear_function,
     epilogue_from_attr,
+    qlinear_calls,
     qlinear_functions,
     read_weights,
     spec_from_attr,
@@ -293,15 +294,8 @@ class FuseQLinearEpilogue(ModulePass):
         if not functions:
             return
         calls = {}
-
-        def visit(op):
-            if op.name == "func.call":
-                callee = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
-                if callee in functions:
-                    calls.setdefault(callee, []).append(op)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(visit)
+        for op, callee in qlinear_calls(module, functions):
+            calls.setdefault(callee, []).append(op)
         for name, sites in calls.items():
             func = functions[name]
             if len(sites) != 1 or len(sites[0].operands) != 1:

@@ -23,6 +23,7 @@ import dataclasses
 from torch_mlir import ir
 
 from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import attribute_dict, walk
 
 # Op -> (index of the data operand, or None when only the result is data; whether the
 # result is data). Pass-through operands of masked loads/gathers are data too (index 2).
@@ -49,15 +50,8 @@ def _memory_type(t: ir.Type) -> ir.Type | None:
     return None
 
 
-def _to_memory(value: ir.Value, to: ir.Type) -> ir.Value:
-    op = "llvm.zext" if ir.VectorType(to).element_type == ir.IntegerType.get_signless(8) else "llvm.bitcast"
-    return ir.Operation.create(op, results=[to], operands=[value]).result
-
-
-def _from_memory(value: ir.Value, to: ir.Type) -> ir.Value:
-    is_bool = isinstance(ir.VectorType(to).element_type, ir.IntegerType)
-    return ir.Operation.create("llvm.trunc" if is_bool else "llvm.bitcast", results=[to],
-                               operands=[value]).result
+def _convert(op_name: str, value: ir.Value, to: ir.Type) -> ir.Value:
+    return ir.Operation.create(op_name, results=[to], operands=[value]).result
 
 
 @register_pass
@@ -68,15 +62,7 @@ class LegalizeVectorMemory(ModulePass):
     NAME = "lowbit-legalize-vector-memory"
 
     def run(self, module: ir.Operation) -> None:
-        found = []
-
-        def visit(op):
-            if op.name in _ACCESSES:
-                found.append(op.operation)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(visit)
-        for op in found:
+        for op in [op for op in walk(module) if op.name in _ACCESSES]:
             self._rewrite(op)
 
     @staticmethod
@@ -87,13 +73,13 @@ class LegalizeVectorMemory(ModulePass):
         memory_type = _memory_type(data_type)
         if memory_type is None:
             return
-        names = [a if isinstance(a, str) else a.name for a in op.attributes]
-        attrs = {name: op.attributes[name] for name in names}
+        is_bool = isinstance(ir.VectorType(data_type).element_type, ir.IntegerType)
+        to_memory, from_memory = ("llvm.zext", "llvm.trunc") if is_bool else ("llvm.bitcast", "llvm.bitcast")
         with ir.InsertionPoint(op), op.location:
             if data_index is not None and data_index < len(operands):
-                operands[data_index] = _to_memory(operands[data_index], memory_type)
+                operands[data_index] = _convert(to_memory, operands[data_index], memory_type)
             new = ir.Operation.create(op.name, results=[memory_type] if returns_data else [],
-                                      operands=operands, attributes=attrs)
+                                      operands=operands, attributes=attribute_dict(op))
             if returns_data:
-                op.results[0].replace_all_uses_with(_from_memory(new.results[0], data_type))
+                op.results[0].replace_all_uses_with(_convert(from_memory, new.results[0], data_type))
         op.erase()

@@ -15,6 +15,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import memref, vector
 
 from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import walk
 
 
 def _is_0d_vector(t: ir.Type) -> bool:
@@ -29,14 +30,7 @@ class LowerScalarTransfers(ModulePass):
     NAME = "lowbit-lower-scalar-transfers"
 
     def run(self, module: ir.Operation) -> None:
-        found = []
-
-        def visit(op):
-            if op.name in ("vector.transfer_read", "vector.transfer_write"):
-                found.append(op)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(visit)
+        found = [op for op in walk(module) if op.name in ("vector.transfer_read", "vector.transfer_write")]
         for op in found:
             if op.name == "vector.transfer_read":
                 self._read(op)

@@ -18,7 +18,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import arith
 
 from lowbit.passes.registry import ModulePass, register_pass
-from lowbit.passes.vectorize_support import walk
+from lowbit.passes.vectorize_support import attribute_dict, walk
 
 _PROMOTED = {
     "arith.addf", "arith.subf", "arith.mulf", "arith.divf", "arith.remf", "arith.negf",
@@ -29,10 +29,6 @@ _PROMOTED = {
     "math.sin", "math.cos", "math.atan", "math.atan2", "math.floor", "math.ceil", "math.round",
     "math.roundeven", "math.trunc", "math.fma", "math.copysign",
 }
-
-
-def _attribute_names(op: ir.Operation) -> list[str]:
-    return [a if isinstance(a, str) else a.name for a in op.attributes]
 
 
 def _is_narrow_float(t: ir.Type) -> bool:
@@ -74,8 +70,8 @@ class PromoteBF16(ModulePass):
                 else:
                     operands.append(arith.ExtFOp(f32, v).result)
             result_types = [f32 if _is_narrow_float(r.type) else r.type for r in op.results]
-            attrs = {name: op.attributes[name] for name in _attribute_names(op)}
-            new = ir.Operation.create(op.name, results=result_types, operands=operands, attributes=attrs)
+            new = ir.Operation.create(op.name, results=result_types, operands=operands,
+                                      attributes=attribute_dict(op))
             for old, res, t in zip(op.results, new.results, [r.type for r in op.results]):
                 value = arith.TruncFOp(t, res).result if _is_narrow_float(t) else res
                 old.replace_all_uses_with(value)

@@ -24,6 +24,7 @@ from lowbit.passes.qlinear import (
     REPORT_ATTR,
     QLinearWeights,
     build_qlinear_function,
+    qlinear_calls,
     qlinear_functions,
     read_weights,
     spec_from_attr,
@@ -65,16 +66,10 @@ class MergeSiblingQLinear(ModulePass):
         if not functions:
             return
         groups = defaultdict(list)
-
-        def visit(op):
-            if op.name == "func.call":
-                callee = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
-                if callee in functions and len(op.operands) == 1:
-                    spec, _ = spec_from_attr(functions[callee].attributes[QLINEAR_ATTR])
-                    groups[_merge_key(spec, op.operands[0], op)].append((op, callee))
-            return ir.WalkResult.ADVANCE
-
-        module.walk(visit)
+        for op, callee in qlinear_calls(module, functions):
+            if len(op.operands) == 1:
+                spec, _ = spec_from_attr(functions[callee].attributes[QLINEAR_ATTR])
+                groups[_merge_key(spec, op.operands[0], op)].append((op, callee))
         erased = set()
         for calls in groups.values():
             if len(calls) < max(2, self.min_group):

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 from torch_mlir import ir
 
+from lowbit.passes.vectorize_support import walk
 from lowbit.quant.formats import LowBitSpec
 
 QLINEAR_ATTR = "lowbit.qlinear"
@@ -111,6 +112,17 @@ def qlinear_functions(module: ir.Operation) -> list[ir.Operation]:
     body = _module_body(module)
     return [op.operation for op in body.operations
             if op.operation.name == "func.func" and QLINEAR_ATTR in op.operation.attributes]
+
+
+def qlinear_calls(module: ir.Operation, functions: dict[str, ir.Operation]) -> list[tuple[ir.Operation, str]]:
+    """(call, callee name) for every `func.call` of one of `functions`, in program order."""
+    calls = []
+    for op in walk(module):
+        if op.name == "func.call":
+            callee = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
+            if callee in functions:
+                calls.append((op, callee))
+    return calls
 
 
 def _module_body(module: ir.Operation) -> ir.Block:

@@ -38,7 +38,7 @@ from lowbit.passes.interp import InterpError, Interpreter, defining_op, is_float
 from lowbit.passes.lib_recognize import bias_after, erase_dead
 from lowbit.passes.qlinear import (
     QLINEAR_ATTR, QLinearWeights, add_report_entry, build_qlinear_function, emit_qlinear_call,
-    read_weights, spec_from_attr,
+    qlinear_calls, qlinear_functions, read_weights, spec_from_attr,
 )
 from lowbit.passes.registry import ModulePass, register_pass
 from lowbit.quant.formats import ACT_ABSMAX_EPS
@@ -122,23 +122,9 @@ class RecognizeActQuant(ModulePass):
     seed: int = 0
 
     def run(self, module: ir.Operation) -> None:
-        calls = []
-
-        def collect(op):
-            if op.name == "func.call":
-                calls.append(op)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(collect)
-        funcs = {}
-        for f in module.regions[0].blocks[0].operations:
-            f = f.operation
-            if f.name == "func.func" and QLINEAR_ATTR in f.attributes:
-                funcs[ir.StringAttr(f.attributes["sym_name"]).value] = f
-        for call in calls:
-            callee = ir.FlatSymbolRefAttr(call.attributes["callee"]).value
-            if callee in funcs:
-                self._absorb(module, call, funcs[callee])
+        funcs = {ir.StringAttr(f.attributes["sym_name"]).value: f for f in qlinear_functions(module)}
+        for call, callee in qlinear_calls(module, funcs):
+            self._absorb(module, call, funcs[callee])
         self._drop_unused(module, funcs)
 
     def _absorb(self, module: ir.Operation, call: ir.Operation, func: ir.Operation) -> None:
@@ -279,14 +265,7 @@ class RecognizeActQuant(ModulePass):
         return "the matmul result is not rescaled by exactly r / s (per-token division)"
 
     def _drop_unused(self, module: ir.Operation, funcs: dict) -> None:
-        used = set()
-
-        def collect(op):
-            if op.name == "func.call":
-                used.add(ir.FlatSymbolRefAttr(op.attributes["callee"]).value)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(collect)
+        used = {callee for _, callee in qlinear_calls(module, funcs)}
         for name, f in funcs.items():
             if name not in used:
                 f.erase()

@@ -40,6 +40,7 @@ from lowbit.passes.lib_recognize import (
 )
 from lowbit.passes.qlinear import QLinearWeights, add_report_entry, build_qlinear_function, emit_qlinear_call
 from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import walk
 
 
 @register_pass
@@ -70,15 +71,7 @@ class RecognizeLowbitWeights(ModulePass):
                 raise ValueError(f"pass '{self.NAME}': group sizes must be positive multiples of 8, got {g}")
 
     def run(self, module: ir.Operation) -> None:
-        found: list[Contraction] = []
-
-        def collect(op):
-            c = match_contraction(op)
-            if c is not None:
-                found.append(c)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(collect)
+        found: list[Contraction] = [c for c in map(match_contraction, walk(module)) if c is not None]
         for c in found:
             self._rewrite(module, c)
 

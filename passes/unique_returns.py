@@ -15,6 +15,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import bufferization
 
 from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.vectorize_support import walk
 
 
 @register_pass
@@ -25,15 +26,7 @@ class UniqueReturns(ModulePass):
     NAME = "lowbit-unique-returns"
 
     def run(self, module: ir.Operation) -> None:
-        returns = []
-
-        def visit(op):
-            if op.name == "func.return":
-                returns.append(op)
-            return ir.WalkResult.ADVANCE
-
-        module.walk(visit)
-        for ret in returns:
+        for ret in [op for op in walk(module) if op.name == "func.return"]:
             args = set()
             block = ret.block
             for i in range(len(block.arguments)):
