@@ -119,6 +119,16 @@ def _is_mul_add_body(op: ir.Operation, in_type: str) -> bool:
     return any(v == out_arg for v in add.operation.operands)
 
 
+def is_elementwise_cast(op: ir.Operation, cast: str) -> bool:
+    """`op` is a one-input `linalg.generic` with identity maps whose body only applies
+    `cast` (e.g. `arith.extf`, `arith.truncf`) to its input."""
+    if op.name != "linalg.generic" or len(op.operands) != 2:
+        return False
+    if not all(str(m) == str(ir.AffineMap.get_identity(m.n_dims)) for m in _maps(op)):
+        return False
+    return [o.operation.name for o in op.regions[0].blocks[0].operations] == [cast, "linalg.yield"]
+
+
 def bf16_source(value: ir.Value) -> ir.Value | None:
     """If `value` is an f32 tensor made by an elementwise `extf` of a bf16 tensor (how
     torch-mlir lowers bf16 addmm), the bf16 tensor; else None."""
@@ -126,16 +136,9 @@ def bf16_source(value: ir.Value) -> ir.Value | None:
     if isinstance(owner, ir.Block):
         return None
     owner = owner.operation if hasattr(owner, "operation") else owner
-    if owner.name != "linalg.generic" or len(owner.operands) != 2:
+    if not is_elementwise_cast(owner, "arith.extf") or element_name(owner.operands[0].type) != "bf16":
         return None
-    maps = _maps(owner)
-    if not all(m.is_permutation and str(m) == str(ir.AffineMap.get_identity(m.n_dims)) for m in maps):
-        return None
-    names = [o.operation.name for o in owner.regions[0].blocks[0].operations]
-    src = owner.operands[0]
-    if names != ["arith.extf", "linalg.yield"] or element_name(src.type) != "bf16":
-        return None
-    return src
+    return owner.operands[0]
 
 
 def match_matmul(op: ir.Operation) -> Matmul | None:

@@ -40,6 +40,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import linalg
 
 from lowbit.passes import dense_support as ds
+from lowbit.passes.lib_recognize import is_zero_init
 from lowbit.passes.registry import ModulePass, PassError, register_pass
 
 NB = 32  # LOWBIT_BRGEMM_NB
@@ -207,7 +208,7 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
     """Replace `mm.op` by the blocked contraction over the packed constant; returns it."""
     f32 = ir.F32Type.get()
     in_elem = f32 if mm.dtype == "f32" else ir.BF16Type.get()
-    m, n, k, np_ = mm.m, mm.n, mm.k, mm.n // NB
+    m, k, np_ = mm.m, mm.k, mm.n // NB
     if mm.dtype == "f32":
         attr = ir.DenseElementsAttr.get(packed, type=f32, shape=list(packed.shape))
     else:
@@ -267,14 +268,7 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
 def _zero_fill_init(c: ir.Value) -> ir.Value | None:
     """The tensor a `linalg.fill` of +0.0 writes into, when `c` is that fill's result."""
     owner = c.owner
-    if isinstance(owner, ir.Block) or owner.name != "linalg.fill":
-        return None
-    value = owner.operands[0].owner
-    if isinstance(value, ir.Block) or value.name != "arith.constant":
-        return None
-    attr = value.attributes["value"]
-    if not isinstance(attr, ir.FloatAttr) or ir.FloatAttr(attr).value != 0.0 \
-            or str(attr).startswith("-"):
+    if isinstance(owner, ir.Block) or owner.name != "linalg.fill" or not is_zero_init(owner.operands[0]):
         return None
     return owner.operands[1]
 
@@ -286,17 +280,6 @@ def _only_bf16_rounding(product: ir.Value) -> ir.Operation | None:
     if len(uses) != 1:
         return None
     user = uses[0].owner
-    if user.name != "linalg.generic" or len(user.operands) != 2 or user.operands[0] != product:
-        return None
-    out = ir.RankedTensorType(user.results[0].type)
-    if str(out.element_type) != "bf16" or out.shape != ir.RankedTensorType(product.type).shape:
-        return None
-    maps = [ir.AffineMapAttr(a).value for a in user.attributes["indexing_maps"]]
-    if any(m != ir.AffineMap.get_identity(out.rank) for m in maps):
-        return None
-    body = [o.operation for o in user.regions[0].blocks[0].operations]
-    block_args = user.regions[0].blocks[0].arguments
-    if len(body) != 2 or body[0].name != "arith.truncf" or body[0].operands[0] != block_args[0] \
-            or body[1].operands[0] != body[0].results[0]:
+    if not ds.is_elementwise_cast(user, "arith.truncf") or ds.element_name(user.results[0].type) != "bf16":
         return None
     return user
