@@ -55,17 +55,23 @@ Cache& cache() {
 
 Header* header_of(void* user) { return reinterpret_cast<Header*>(static_cast<char*>(user) - sizeof(Header)); }
 
-void* fresh(size_t size_class, size_t align) {
+// `cacheable`: the block returns to the free lists when freed (else straight to the system).
+void* fresh(size_t size_class, size_t align, bool cacheable) {
   // The header sits in the `align` bytes before the user pointer (align >= sizeof(Header)).
   void* raw = aligned_alloc(align, align + size_class);
   if (!raw) return nullptr;
   void* user = static_cast<char*>(raw) + align;
   Header* h = header_of(user);
   h->raw = raw;
-  h->size_class = size_class;
+  h->size_class = cacheable ? size_class : 0;
   h->align = align;
   h->magic = kMagic;
   return user;
+}
+
+void release(Header* h) {
+  h->magic = 0;
+  free(h->raw);
 }
 
 void* allocate(size_t align, size_t size) {
@@ -85,9 +91,7 @@ void* allocate(size_t align, size_t size) {
       return user;
     }
   }
-  void* user = fresh(size_class, align);
-  if (user && !cacheable) header_of(user)->size_class = 0;
-  return user;
+  return fresh(size_class, align, cacheable);
 }
 
 }  // namespace
@@ -113,8 +117,7 @@ LOWBIT_API void _mlir_memref_to_llvm_free(void* user) {
       return;
     }
   }
-  h->magic = 0;
-  free(h->raw);
+  release(h);
 }
 
 LOWBIT_API int64_t lowbit_rt_cached_memory(void) {
@@ -127,11 +130,7 @@ LOWBIT_API void lowbit_rt_release_cached_memory(void) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   for (auto& entry : c.free_lists)
-    for (void* user : entry.second) {
-      Header* h = header_of(user);
-      h->magic = 0;
-      free(h->raw);
-    }
+    for (void* user : entry.second) release(header_of(user));
   c.free_lists.clear();
   c.cached_bytes = 0;
 }
