@@ -87,7 +87,6 @@ class LowerQLinear(ModulePass):
     def run(self, module: ir.Operation) -> None:
         from lowbit.runtime.qgemm import FORMATS
 
-        body = module.regions[0].blocks[0]
         lowered = False
         for func in qlinear_functions(module):
             if PACKED_ATTR not in func.attributes or TILES_ATTR not in func.attributes:
@@ -270,8 +269,8 @@ class LowerQLinear(ModulePass):
         if residual:
             # y's tile first holds r's tile; the kernel then adds into it (BETA1).
             tile_t = f"memref<?x?x{y_elem}, strided<[{n}, 1], offset: ?>>"
-            emit(f"      %mt_rows = arith.select %is_mtail, %c_m_last, %c_m_tile : index")
-            emit(f"      %nt_cols = arith.select %is_ntail, %c_n_last, %c_n_tile : index")
+            emit("      %mt_rows = arith.select %is_mtail, %c_m_last, %c_m_tile : index")
+            emit("      %nt_cols = arith.select %is_ntail, %c_n_last, %c_n_tile : index")
             emit("      %m0_i = arith.index_cast %m0 : i64 to index")
             emit("      %n0_i = arith.index_cast %n0 : i64 to index")
             emit(f"      %r_tile = memref.subview %r[%m0_i, %n0_i] [%mt_rows, %nt_cols] [1, 1] : {yt} to {tile_t}")
