@@ -37,6 +37,34 @@ class CMakeBuild(build_ext):
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel"], check=True)
 
+    def copy_extensions_to_source(self) -> None:
+        # Editable installs copy the built library into the source tree. setuptools writes the
+        # destination in place, which corrupts the library under any process that has it
+        # mapped; copy to a temporary name in the same directory and rename it over instead.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            atomic_copy(Path(regular_file), Path(inplace_file))
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` so that `dst` is replaced by one rename(2): readers and processes
+    that mapped the old file keep its (unchanged) inode."""
+    import shutil
+    import tempfile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+        shutil.copymode(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
 
 setup(
     ext_modules=[CMakeExtension("lowbit.runtime._lowbit_rt")],
