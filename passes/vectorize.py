@@ -19,13 +19,19 @@ Every structured op on tensors that is not a contraction or convolution (see
 
 Reductions over the innermost dim reduce a whole vector tile per iteration (one
 horizontal reduction per 64 elements; the LLVM lowering reassociates it into a tree).
-Ops the vectorizer rejects stay as (tiled) scalar loops and are reported in a warning.
+Ops the vectorizer rejects stay as (tiled) scalar loops and are reported through
+`logging.getLogger("lowbit.vectorize")` (an internal diagnostic, not a user warning).
+
+Integer division and remainder (`arith.divsi/divui/remsi/remui/ceildiv*/floordivsi`) are
+never vectorized: x86 has no SIMD integer division, so LLVM would scalarize them anyway,
+and the padding lanes of a masked or peeled vector tile would divide by zero (SIGFPE; a
+`torch.fmod` on int32 tensors killed the process this way). Such ops stay scalar loops.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
+import logging
 
 from torch_mlir import ir
 
@@ -34,6 +40,19 @@ from lowbit.passes.vectorize_support import (
     TAG, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
     loop_info, match, run_transform, tag, walk,
 )
+
+log = logging.getLogger("lowbit.vectorize")
+
+# Integer division/remainder: no SIMD form on x86, and a zero in a padding lane traps.
+_INT_DIVISIONS = {
+    "arith.divsi", "arith.divui", "arith.remsi", "arith.remui", "arith.ceildivsi",
+    "arith.ceildivui", "arith.floordivsi",
+}
+
+
+def has_integer_division(op: ir.Operation) -> bool:
+    """`op`'s body divides integers (kept scalar: see the module docstring)."""
+    return any(inner.name in _INT_DIVISIONS for inner in walk(op))
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,8 +159,7 @@ class Vectorize(ModulePass):
         run_transform(module, _CLEANUP, f"{self.NAME} cleanup")
         clear_tags(module)
         if failures:
-            warnings.warn(f"{self.NAME}: {len(failures)} op(s) left as scalar loops: " + "; ".join(failures[:3]),
-                          RuntimeWarning, stacklevel=2)
+            log.info("%s: %d op(s) left as scalar loops: %s", self.NAME, len(failures), "; ".join(failures))
 
     # -- planning -------------------------------------------------------------------------
 
@@ -153,7 +171,7 @@ class Vectorize(ModulePass):
 
     def plan(self, op: ir.Operation) -> TilePlan | None:
         info = loop_info(op)
-        if info is None or info.rank == 0:
+        if info is None or info.rank == 0 or has_integer_division(op):
             return None
         half = any(_is_half_float(v.type) for v in list(op.operands) + list(op.results))
         lanes = self.lanes(op)

@@ -115,3 +115,34 @@ func.func @col_sum(%x: tensor<300x48xf32>, %init: tensor<48xf32>) -> tensor<48xf
   } -> tensor<48xf32>
   return %r : tensor<48xf32>
 }
+
+// -----
+
+// Integer remainder is kept scalar: x86 has no SIMD integer division, and the padding
+// lanes of the masked tail (17 = 16 + 1) would divide by zero (SIGFPE at run time).
+// CHECK-LABEL: func.func @int_rem_scalar
+// CHECK: linalg.generic
+// CHECK:   arith.remsi %{{.+}}, %{{.+}} : i32
+// CHECK-NOT: vector.transfer_read
+func.func @int_rem_scalar(%a: tensor<3x17xi32>, %b: tensor<3x17xi32>) -> tensor<3x17xi32> {
+  %e = tensor.empty() : tensor<3x17xi32>
+  %r = linalg.generic {indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]} ins(%a, %b : tensor<3x17xi32>, tensor<3x17xi32>) outs(%e : tensor<3x17xi32>) {
+  ^bb0(%x: i32, %y: i32, %o: i32):
+    %q = arith.remsi %x, %y : i32
+    linalg.yield %q : i32
+  } -> tensor<3x17xi32>
+  return %r : tensor<3x17xi32>
+}
+
+// -----
+
+// Integer addition next to it still vectorizes (only division is kept scalar).
+// CHECK-LABEL: func.func @int_add_vector
+// CHECK: vector.transfer_read {{.+}} vector<16xi32>
+// CHECK: arith.addi {{.+}} : vector<16xi32>
+// CHECK-NOT: linalg.generic
+func.func @int_add_vector(%a: tensor<3x17xi32>, %b: tensor<3x17xi32>) -> tensor<3x17xi32> {
+  %e = tensor.empty() : tensor<3x17xi32>
+  %r = linalg.add ins(%a, %b : tensor<3x17xi32>, tensor<3x17xi32>) outs(%e : tensor<3x17xi32>) -> tensor<3x17xi32>
+  return %r : tensor<3x17xi32>
+}
