@@ -103,6 +103,7 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qgemm_handle_isa": (ctypes.c_char_p, [_I64]),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
+        "lowbit_qbench_dispatch": (_I64, [_I32, _P, _I64, _I64, _P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

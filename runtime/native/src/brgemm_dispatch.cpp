@@ -1,29 +1,25 @@
 // BRGEMM dispatch (validate a description, pick the ISA's kernel, hand out a handle) and
-// invoke (look the handle up and run it). Handles index an append-only table: entries are
-// immutable once published, so invoke reads them without a lock.
+// invoke (look the handle up and run it). Handles index the kernel table of handle_table.h:
+// entries are immutable once published, so invoke and repeated dispatches read without a lock.
 #include <cpuid.h>
 
-#include <array>
-#include <atomic>
-#include <map>
-#include <mutex>
+#include <string.h>
 
 #include "brgemm_internal.h"
+#include "handle_table.h"
 
 namespace {
 
 using lowbit_brgemm::Desc;
 using lowbit_brgemm::KernelFn;
 
+constexpr int kKeyWords = 11;
 struct Entry {
+  int64_t key[kKeyWords];  // the requested description (ISA before any bf16 fallback)
   Desc desc;
   KernelFn fn;
 };
-
-constexpr int64_t kChunkBits = 8, kChunkSize = int64_t(1) << kChunkBits, kChunks = 256;
-std::atomic<Entry*> g_chunks[kChunks];
-std::atomic<int64_t> g_count{0};
-std::mutex g_mutex;
+lowbit::HandleTable<Entry, kKeyWords> g_table;
 
 bool cpu_has_avx512_bf16() {
   unsigned a, b, c, d;
@@ -32,18 +28,7 @@ bool cpu_has_avx512_bf16() {
   return a & (1u << 5);
 }
 
-using Key = std::array<int64_t, 11>;
-std::map<Key, int64_t>* g_index;  // description -> handle, guarded by g_mutex
-
-Key key_of(const Desc& d) {
-  return {d.dtype, d.m, d.n, d.k, d.lda, d.ldb, d.ldc, d.stride_a, d.stride_b, d.flags, d.isa};
-}
-
-const Entry* lookup(int64_t handle) {
-  if (handle < 1 || handle > g_count.load(std::memory_order_acquire)) return nullptr;
-  const int64_t i = handle - 1;
-  return &g_chunks[i >> kChunkBits].load(std::memory_order_acquire)[i & (kChunkSize - 1)];
-}
+const Entry* lookup(int64_t handle) { return g_table.get(handle); }
 
 int64_t validate(const Desc& d) {
   if (d.dtype != LOWBIT_DTYPE_F32 && d.dtype != LOWBIT_DTYPE_BF16) return -LOWBIT_E_UNSUPPORTED;
@@ -74,7 +59,11 @@ int32_t lowbit_brgemm_has_native_bf16(void) {
 
 int64_t lowbit_brgemm_dispatch(int32_t dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                                int64_t ldc, int64_t stride_a, int64_t stride_b, int64_t flags) {
-  Desc d{dtype, m, n, k, lda, ldb, ldc, stride_a, stride_b, flags, lowbit_rt_isa()};
+  const int32_t isa = lowbit_rt_isa();
+  const int64_t key[kKeyWords] = {dtype, m, n, k, lda, ldb, ldc, stride_a, stride_b, flags, isa};
+  // Repeated descriptions (compiled code dispatching per call) are a lock-free hash probe.
+  if (const int64_t h = g_table.find(key)) return h;
+  Desc d{dtype, m, n, k, lda, ldb, ldc, stride_a, stride_b, flags, isa};
   if (const int64_t err = validate(d)) return err;
   // bf16 on an AVX-512 CPU without vdpbf16ps: widen to fp32 on the AVX2 path.
   if (d.isa == LOWBIT_ISA_AVX512 && d.bf16() && !lowbit_brgemm_has_native_bf16()) d.isa = LOWBIT_ISA_AVX2;
@@ -82,22 +71,13 @@ int64_t lowbit_brgemm_dispatch(int32_t dtype, int64_t m, int64_t n, int64_t k, i
               : d.isa == LOWBIT_ISA_AVX2   ? lowbit_brgemm::select_avx2(d)
                                            : lowbit_brgemm::select_scalar(d);
   if (!fn) return -LOWBIT_E_UNSUPPORTED;
-
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (!g_index) g_index = new std::map<Key, int64_t>();
-  const Key key = key_of(d);
-  if (auto it = g_index->find(key); it != g_index->end()) return it->second;
-  const int64_t count = g_count.load(std::memory_order_relaxed);
-  if (count >= kChunkSize * kChunks) return -LOWBIT_E_TABLE_FULL;
-  Entry* chunk = g_chunks[count >> kChunkBits].load(std::memory_order_relaxed);
-  if (!chunk) {
-    chunk = new Entry[kChunkSize];
-    g_chunks[count >> kChunkBits].store(chunk, std::memory_order_release);
-  }
-  chunk[count & (kChunkSize - 1)] = Entry{d, fn};
-  g_count.store(count + 1, std::memory_order_release);
-  (*g_index)[key] = count + 1;
-  return count + 1;
+  return g_table.find_or_insert(key, [&] {
+    Entry e;
+    memcpy(e.key, key, sizeof(key));
+    e.desc = d;
+    e.fn = fn;
+    return e;
+  }, LOWBIT_E_TABLE_FULL);
 }
 
 int32_t lowbit_brgemm_invoke(int64_t handle, const void* a, int64_t a_offset, const void* b, int64_t b_offset,

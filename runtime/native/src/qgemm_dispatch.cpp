@@ -1,34 +1,29 @@
 // Dispatch / invoke for the low-bit BRGEMM tiles, the activation quantizer entry point and
 // the whole-layer convenience entry. Dispatch validates a tile description once and
-// publishes it in an append-only table; invoke only looks the handle up.
+// publishes it in the kernel table (handle_table.h: a repeated description is a lock-free
+// hash probe); invoke only looks the handle up.
 #include <stdlib.h>
 #include <string.h>
 
-#include <atomic>
-#include <mutex>
-
+#include "handle_table.h"
 #include "qgemm_internal.h"
 
 using namespace lowbit::q;
 
 namespace {
 
-constexpr int kMaxKernels = 4096;
 constexpr int64_t kMaxInt8KBlock = 65536;
 
-Desc g_table[kMaxKernels];
-std::atomic<int> g_size{0};
-std::mutex g_mutex;
+// Everything a tile depends on; equal keys get equal handles.
+constexpr int kKeyWords = 14;
+struct Entry {
+  int64_t key[kKeyWords];
+  Desc desc;
+};
+lowbit::HandleTable<Entry, kKeyWords> g_table;
 
 constexpr int32_t kKnownFlags =
     LOWBIT_QF_BETA1 | LOWBIT_QF_BIAS | LOWBIT_QF_ASCALE_PER_BLOCK | LOWBIT_QF_ACT_MASK;
-
-bool same(const Desc& x, const Desc& y) {
-  return x.wfmt == y.wfmt && x.atype == y.atype && x.ctype == y.ctype && x.flags == y.flags &&
-         x.isa == y.isa && x.m == y.m && x.n == y.n && x.kblock == y.kblock && x.lda == y.lda &&
-         x.ldb == y.ldb && x.ldc == y.ldc && x.stride_a == y.stride_a &&
-         x.stride_b == y.stride_b && x.ld_aux == y.ld_aux;
-}
 
 TileFn tile_for(int32_t isa) {
   switch (isa) {
@@ -48,6 +43,13 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
                               int64_t kblock, int64_t lda, int64_t ldb, int64_t ldc,
                               int64_t stride_a, int64_t stride_b, int64_t ld_aux,
                               int32_t flags) {
+  const int32_t isa = lowbit_rt_isa();
+  const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
+                                  ldc, stride_a, stride_b, ld_aux, flags, isa};
+  // A repeated description (the common case: compiled code dispatches per call) is one
+  // lock-free hash probe; only invalid descriptions are never in the table.
+  if (const int64_t h = g_table.find(key)) return h;
+
   Desc d{};
   if (!format_of(wfmt, &d.f)) return -LOWBIT_E_UNSUPPORTED;
   if (atype != LOWBIT_QT_INT8 && atype != LOWBIT_QT_F32 && atype != LOWBIT_QT_BF16)
@@ -71,7 +73,7 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
   d.atype = atype;
   d.ctype = ctype;
   d.flags = flags;
-  d.isa = lowbit_rt_isa();
+  d.isa = isa;
   d.m = m;
   d.n = n;
   d.kblock = kblock;
@@ -81,23 +83,21 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
   d.stride_a = stride_a;
   d.stride_b = stride_b;
   d.ld_aux = ld_aux;
-
-  std::lock_guard<std::mutex> lock(g_mutex);
-  const int size = g_size.load(std::memory_order_relaxed);
-  for (int i = 0; i < size; ++i)
-    if (same(g_table[i], d)) return i + 1;
-  if (size == kMaxKernels) return -LOWBIT_E_TABLE_FULL;
-  g_table[size] = d;
-  g_size.store(size + 1, std::memory_order_release);
-  return size + 1;
+  return g_table.find_or_insert(key, [&] {
+    Entry e;
+    memcpy(e.key, key, sizeof(key));
+    e.desc = d;
+    return e;
+  }, LOWBIT_E_TABLE_FULL);
 }
 
 int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const void* b,
                             int64_t b_off, void* c, int64_t c_off, const float* a_scale,
                             int64_t as_off, const int32_t* a_sum, int64_t sum_off,
                             const float* bias, int64_t bias_off, int64_t count) {
-  if (handle < 1 || handle > g_size.load(std::memory_order_acquire)) return -LOWBIT_E_UNSUPPORTED;
-  const Desc& d = g_table[handle - 1];
+  const Entry* e = g_table.get(handle);
+  if (!e) return -LOWBIT_E_UNSUPPORTED;
+  const Desc& d = e->desc;
   if (count < 1 || (d.atype == LOWBIT_QT_INT8 && count > d.ld_aux)) return -LOWBIT_E_SHAPE;
   if ((count - 1) * d.stride_a + d.kblock > d.lda) return -LOWBIT_E_LEADING_DIM;
   if (!a || !b || !c) return -LOWBIT_E_UNSUPPORTED;
@@ -116,8 +116,8 @@ int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const 
 }
 
 const char* lowbit_qgemm_handle_isa(int64_t handle) {
-  if (handle < 1 || handle > g_size.load(std::memory_order_acquire)) return "invalid";
-  return lowbit_rt_isa_name(g_table[handle - 1].isa);
+  const Entry* e = g_table.get(handle);
+  return e ? lowbit_rt_isa_name(e->desc.isa) : "invalid";
 }
 
 int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k, int64_t ldx,
