@@ -20,6 +20,15 @@ loops except the innermost, and the group is pulled in with `fuse_into_containin
 Tile sizes give about `max-tasks` iterations of at least `min-task-elements` iterations
 of work each; a root with less work than two tasks stays sequential. The `scf.forall`
 becomes OpenMP in the lower-to-llvm stage (scf-forall-to-parallel, convert-scf-to-openmp).
+
+Dynamic dims (a token count `?` of a shape-generic compile) are planned as if their extent
+were `dynamic-extent` (default 128, a prefill-sized chunk): the tile size found for that
+extent is kept as a fixed block of rows, so the forall has `ceil(T / block)` iterations at
+run time (the last one a partial tile; `tile_using_forall` bounds it with `affine.min`).
+A fixed block rather than `num_threads`-style sizes computed at run time: every task keeps
+at least `min-task-elements` of work at any T, and a long prompt simply gets more tasks,
+which the OpenMP static schedule hands out without per-task cost. A group whose static
+part is too small to split even at `dynamic-extent` stays sequential.
 """
 from __future__ import annotations
 
@@ -43,16 +52,18 @@ class FuseParallel(ModulePass):
     """Tile elementwise/reduction chains with scf.forall over outer parallel dims and fuse.
 
     Options: `min-task-elements` (iteration-space points per task), `max-tasks` (forall
-    iterations per group), `align` (1-D tiles are a multiple of this many elements).
+    iterations per group), `align` (1-D tiles are a multiple of this many elements),
+    `dynamic-extent` (the extent a dynamic dim is planned for; its tile stays fixed).
     """
 
     NAME = "lowbit-fuse-parallel"
     min_task_elements: int = 16384
     max_tasks: int = 32
     align: int = 64
+    dynamic_extent: int = 128
 
     def run(self, module: ir.Operation) -> None:
-        if self.min_task_elements < 1 or self.max_tasks < 1 or self.align < 1:
+        if min(self.min_task_elements, self.max_tasks, self.align, self.dynamic_extent) < 1:
             raise PassError(f"{self.NAME}: options must be positive ({self.option_text()})")
         generalize_named_ops(module, self.NAME)
         counter = 0
@@ -85,29 +96,31 @@ class FuseParallel(ModulePass):
     def plan_root(self, root: ir.Operation) -> tuple[list[int], list[int]] | None:
         """Tile sizes for the root's forall and the root loop dims it tiles (outer first)."""
         info = loop_info(root)
-        if info is None or info.rank == 0 or any(r is None for r in info.ranges):
+        if info is None or info.rank == 0:
             return None
+        # A dynamic extent is planned at `dynamic-extent`; its tile size is then a fixed block.
+        ranges = [self.dynamic_extent if r is None else r for r in info.ranges]
         if info.rank == 1:
             dims = [0] if info.iterators[0] == "parallel" else []
         else:
             dims = [d for d in range(info.rank - 1) if info.iterators[d] == "parallel"]
         if not dims:
             return None
-        work = math.prod(info.ranges)
-        tasks = min(self.max_tasks, work // self.min_task_elements, math.prod(info.ranges[d] for d in dims))
+        work = math.prod(ranges)
+        tasks = min(self.max_tasks, work // self.min_task_elements, math.prod(ranges[d] for d in dims))
         if tasks < 2:
             return None
         tiles = [0] * info.rank
         remaining = tasks
         for d in dims:
-            extent = info.ranges[d]
+            extent = ranges[d]
             if remaining <= 1:
                 break
             if extent >= remaining:
                 size = math.ceil(extent / remaining)
                 if info.rank == 1:
                     size = math.ceil(size / self.align) * self.align
-                tiles[d] = min(size, extent)
+                tiles[d] = min(size, extent) if info.ranges[d] is not None else size
                 remaining = 1
             else:
                 tiles[d] = 1

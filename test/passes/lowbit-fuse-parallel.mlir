@@ -122,3 +122,91 @@ func.func @broadcast_producer(%x: tensor<64x4096xf32>, %w: tensor<4096xbf16>) ->
   } -> tensor<64x4096xf32>
   return %y : tensor<64x4096xf32>
 }
+
+// -----
+
+// Dynamic rows (a shape-generic token count): planned as if T = dynamic-extent (128):
+// 128 * 1024 / 4096 -> 8 tasks of 16 rows; the block of 16 rows stays fixed, so the forall
+// runs ceil(T / 16) tasks at run time and the last one takes the tail (affine.min).
+// CHECK-LABEL: func.func @softmax_dyn
+// CHECK-SAME: (%[[X:.+]]: tensor<?x1024xf32>)
+// CHECK: %[[T:.+]] = tensor.dim %[[X]], %c0
+// CHECK: %[[N:.+]] = affine.apply #{{.+}}()[%[[T]]]
+// CHECK: scf.forall (%[[I:.+]]) in (%[[N]]) shared_outs(%{{.+}} = %{{.+}}) -> (tensor<?x1024xf32>)
+// CHECK:   %[[OFF:.+]] = affine.apply #{{.+}}(%[[I]])
+// CHECK:   %[[SZ:.+]] = affine.min #{{.+}}(%[[I]])[%[[T]]]
+// CHECK:   tensor.extract_slice %[[X]][%[[OFF]], 0] [%[[SZ]], 1024] [1, 1]
+// CHECK:   linalg.fill
+// CHECK:   arith.maximumf
+// CHECK:   math.exp
+// CHECK:   scf.forall.in_parallel
+// CHECK-NOT: linalg.generic
+// CHECK: return
+#id = affine_map<(d0, d1) -> (d0, d1)>
+#row = affine_map<(d0, d1) -> (d0)>
+func.func @softmax_dyn(%x: tensor<?x1024xf32>) -> tensor<?x1024xf32> {
+  %c0 = arith.constant 0 : index
+  %t = tensor.dim %x, %c0 : tensor<?x1024xf32>
+  %ninf = arith.constant 0xFF800000 : f32
+  %e1 = tensor.empty(%t) : tensor<?xf32>
+  %m0 = linalg.fill ins(%ninf : f32) outs(%e1 : tensor<?xf32>) -> tensor<?xf32>
+  %m = linalg.generic {indexing_maps = [#id, #row], iterator_types = ["parallel", "reduction"]}
+      ins(%x : tensor<?x1024xf32>) outs(%m0 : tensor<?xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %r = arith.maximumf %in, %out : f32
+    linalg.yield %r : f32
+  } -> tensor<?xf32>
+  %e2 = tensor.empty(%t) : tensor<?x1024xf32>
+  %y = linalg.generic {indexing_maps = [#id, #row, #id], iterator_types = ["parallel", "parallel"]}
+      ins(%x, %m : tensor<?x1024xf32>, tensor<?xf32>) outs(%e2 : tensor<?x1024xf32>) {
+  ^bb0(%in: f32, %mx: f32, %out: f32):
+    %d = arith.subf %in, %mx : f32
+    %r = math.exp %d : f32
+    linalg.yield %r : f32
+  } -> tensor<?x1024xf32>
+  return %y : tensor<?x1024xf32>
+}
+
+// -----
+
+// Attention scores [heads, T, S] with T dynamic: heads are split first (tile 1), then the
+// dynamic rows in fixed blocks: 4 * 128 * 256 / 4096 -> 8 tasks = 4 heads x 2 -> 64 rows.
+// CHECK-LABEL: func.func @heads_dyn
+// CHECK: scf.forall (%{{.+}}, %{{.+}}) in (4, %{{.+}}) shared_outs
+// CHECK:   affine.min
+// CHECK:   tensor.extract_slice %{{.+}}[%{{.+}}, %{{.+}}, 0] [1, %{{.+}}, 256] [1, 1, 1] : tensor<4x?x256xf32> to tensor<1x?x256xf32>
+// CHECK:   arith.mulf
+#id3 = affine_map<(d0, d1, d2) -> (d0, d1, d2)>
+func.func @heads_dyn(%x: tensor<4x?x256xf32>) -> tensor<4x?x256xf32> {
+  %c1 = arith.constant 1 : index
+  %t = tensor.dim %x, %c1 : tensor<4x?x256xf32>
+  %e = tensor.empty(%t) : tensor<4x?x256xf32>
+  %y = linalg.generic {indexing_maps = [#id3, #id3], iterator_types = ["parallel", "parallel", "parallel"]}
+      ins(%x : tensor<4x?x256xf32>) outs(%e : tensor<4x?x256xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %r = arith.mulf %in, %in : f32
+    linalg.yield %r : f32
+  } -> tensor<4x?x256xf32>
+  return %y : tensor<4x?x256xf32>
+}
+
+// -----
+
+// Negative: a dynamic dim with a tiny static row (16 elements): even at T = 128 there is
+// not enough work for two tasks, so the op stays sequential.
+// CHECK-LABEL: func.func @narrow_dyn
+// CHECK-NOT: scf.forall
+// CHECK: linalg.generic
+#n2 = affine_map<(d0, d1) -> (d0, d1)>
+func.func @narrow_dyn(%x: tensor<?x16xf32>) -> tensor<?x16xf32> {
+  %c0 = arith.constant 0 : index
+  %t = tensor.dim %x, %c0 : tensor<?x16xf32>
+  %e = tensor.empty(%t) : tensor<?x16xf32>
+  %y = linalg.generic {indexing_maps = [#n2, #n2], iterator_types = ["parallel", "parallel"]}
+      ins(%x : tensor<?x16xf32>) outs(%e : tensor<?x16xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %r = arith.negf %in : f32
+    linalg.yield %r : f32
+  } -> tensor<?x16xf32>
+  return %y : tensor<?x16xf32>
+}
