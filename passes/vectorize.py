@@ -177,9 +177,9 @@ class Vectorize(ModulePass):
         lanes = self.lanes(op)
         flatten = (self.flatten and op.name == "linalg.generic" and info.rank > 1
                    and all(it == "parallel" for it in info.iterators)
-                   and all(r is not None for r in info.ranges)
                    and all(len(m.results) == 0 or m == ir.AffineMap.get_identity(info.rank) for m in info.maps))
-        ranges = [_prod(info.ranges)] if flatten else list(info.ranges)
+        # A dynamic extent anywhere makes the flattened extent dynamic (peeled below).
+        ranges = [None if None in info.ranges else _prod(info.ranges)] if flatten else list(info.ranges)
         tiles, vecs = [], []
         for r in ranges[:-1]:
             tiles.append(0 if r == 1 else 1)
@@ -196,8 +196,7 @@ class Vectorize(ModulePass):
         peel = tiles[-1] != 0 and (last is None or last % lanes != 0)
         # A long innermost reduction keeps a vector of partial results across the loop
         # and reduces it horizontally once per row, not once per vector tile.
-        split = (not flatten and tiles[-1] != 0 and last is not None
-                 and _innermost_reduction_combiner(op, info))
+        split = not flatten and tiles[-1] != 0 and _innermost_reduction_combiner(op, info)
         return TilePlan(tiles, vecs, peel, flatten, split)
 
     # -- transform scripts ----------------------------------------------------------------

@@ -146,3 +146,80 @@ func.func @int_add_vector(%a: tensor<3x17xi32>, %b: tensor<3x17xi32>) -> tensor<
   %r = linalg.add ins(%a, %b : tensor<3x17xi32>, tensor<3x17xi32>) outs(%e : tensor<3x17xi32>) -> tensor<3x17xi32>
   return %r : tensor<3x17xi32>
 }
+
+// -----
+
+// A dynamic row length (softmax over the KV length): the split reduction keeps a vector of
+// partial maxima over the full vectors (loop bound rounded down to 16 at run time), then
+// the masked tail (create_mask of the remaining count), then one horizontal reduction.
+// CHECK-LABEL: func.func @rowmax_dyn_inner
+// CHECK: %[[DIM:.+]] = tensor.dim %{{.+}}, %c1 : tensor<4x?xf32>
+// CHECK: scf.for %{{.+}} = %c0 to %c4 step %c1
+// CHECK:   %[[FULL:.+]] = affine.apply #{{.+}}()[%[[DIM]]]
+// CHECK:   %[[PART:.+]] = scf.for %{{.+}} = %c0 to %[[FULL]] step %c16 iter_args(%{{.+}} = %{{.+}}) -> (vector<16xf32>)
+// CHECK:     vector.transfer_read {{.+}} : tensor<1x16xf32>, vector<16xf32>
+// CHECK:     arith.maximumf {{.+}} : vector<16xf32>
+// CHECK-NOT:   vector.multi_reduction
+// CHECK:   scf.for %{{.+}} = %[[FULL]] to %[[DIM]] step %c16
+// CHECK:     vector.create_mask
+// CHECK:   vector.multi_reduction <maximumf>, {{.+}} [1] : vector<1x16xf32> to vector<1xf32>
+// CHECK-NOT: linalg.generic
+#idd = affine_map<(d0, d1) -> (d0, d1)>
+#rowd = affine_map<(d0, d1) -> (d0)>
+func.func @rowmax_dyn_inner(%x: tensor<4x?xf32>) -> tensor<4xf32> {
+  %ninf = arith.constant 0xFF800000 : f32
+  %e1 = tensor.empty() : tensor<4xf32>
+  %m0 = linalg.fill ins(%ninf : f32) outs(%e1 : tensor<4xf32>) -> tensor<4xf32>
+  %m = linalg.generic {indexing_maps = [#idd, #rowd], iterator_types = ["parallel", "reduction"]}
+      ins(%x : tensor<4x?xf32>) outs(%m0 : tensor<4xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %r = arith.maximumf %in, %out : f32
+    linalg.yield %r : f32
+  } -> tensor<4xf32>
+  return %m : tensor<4xf32>
+}
+
+// -----
+
+// Dynamic rows of an identity-map elementwise op: flattened to one dynamic loop, full
+// vectors up to the rounded-down bound, one masked remainder.
+// CHECK-LABEL: func.func @add_dyn_rows
+// CHECK: tensor.collapse_shape %{{.+}} {{\[\[}}0, 1]] : tensor<?x33xf32> into tensor<?xf32>
+// CHECK: %[[N:.+]] = tensor.dim %{{.+}}, %c0 : tensor<?xf32>
+// CHECK: %[[FULL:.+]] = affine.apply #{{.+}}()[%[[N]]]
+// CHECK: scf.for %{{.+}} = %c0 to %[[FULL]] step %c16
+// CHECK:   arith.addf {{.+}} : vector<16xf32>
+// CHECK: scf.for %{{.+}} = %[[FULL]] to %[[N]] step %c16
+// CHECK:   vector.create_mask
+// CHECK:   arith.addf {{.+}} : vector<16xf32>
+// CHECK: tensor.expand_shape
+// CHECK-NOT: linalg.generic
+func.func @add_dyn_rows(%a: tensor<?x33xf32>, %b: tensor<?x33xf32>) -> tensor<?x33xf32> {
+  %c0 = arith.constant 0 : index
+  %t = tensor.dim %a, %c0 : tensor<?x33xf32>
+  %e = tensor.empty(%t) : tensor<?x33xf32>
+  %r = linalg.add ins(%a, %b : tensor<?x33xf32>, tensor<?x33xf32>) outs(%e : tensor<?x33xf32>) -> tensor<?x33xf32>
+  return %r : tensor<?x33xf32>
+}
+
+// -----
+
+// Dynamic rows broadcast against a static column vector (not identity maps: no flatten):
+// rows one by one, columns in vectors with a peeled masked tail.
+// CHECK-LABEL: func.func @scale_dyn_rows
+// CHECK: scf.for %{{.+}} = %c0 to %{{.+}} step %c1
+// CHECK:   scf.for %{{.+}} = %c0 to %c32 step %c16
+// CHECK:     arith.mulf {{.+}} : vector<16xf32>
+// CHECK:   vector.constant_mask [4] : vector<16xi1>
+// CHECK-NOT: linalg.generic
+func.func @scale_dyn_rows(%a: tensor<?x36xf32>, %w: tensor<36xf32>) -> tensor<?x36xf32> {
+  %c0 = arith.constant 0 : index
+  %t = tensor.dim %a, %c0 : tensor<?x36xf32>
+  %e = tensor.empty(%t) : tensor<?x36xf32>
+  %r = linalg.generic {indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (j)>, affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]} ins(%a, %w : tensor<?x36xf32>, tensor<36xf32>) outs(%e : tensor<?x36xf32>) {
+  ^bb0(%x: f32, %y: f32, %o: f32):
+    %q = arith.mulf %x, %y : f32
+    linalg.yield %q : f32
+  } -> tensor<?x36xf32>
+  return %r : tensor<?x36xf32>
+}
