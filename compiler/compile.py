@@ -1,6 +1,14 @@
-"""Compile a captured graph end to end and call it like the original function."""
+"""Compile a captured graph end to end and call it like the original function.
+
+Static graphs keep the bare-pointer calling convention (one data pointer per tensor).
+Graphs with dynamic dims (`capture(..., dynamic_dims=...)`) are lowered with MLIR's
+default memref convention instead -- each tensor is passed as its descriptor's fields
+(allocated and aligned pointer, offset, sizes, strides) -- because the bare-pointer
+convention only handles static shapes; `JitFunction` fills those fields per call.
+"""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Sequence
 
@@ -8,7 +16,7 @@ import torch
 
 from lowbit.compiler.frontend import CapturedGraph, capture, import_graph
 from lowbit.compiler.jit import JitFunction
-from lowbit.compiler.pipeline import CompileOptions, Pipeline
+from lowbit.compiler.pipeline import CompileOptions, Pipeline, Stage
 from lowbit.compiler.report import register as register_report
 
 ENTRY = "forward"
@@ -62,19 +70,37 @@ class CompiledGraph:
 def compile_captured(captured: CapturedGraph, options: CompileOptions | None = None,
                      pipeline: Pipeline | None = None) -> CompiledGraph:
     pipeline = pipeline or Pipeline(options=options)
+    if captured.is_dynamic:
+        pipeline.stages = descriptor_calling_convention(pipeline.stages)
     module = import_graph(captured, func_name=ENTRY)
     pipeline.dump(module, "import")
     pipeline.run(module)
-    jit = JitFunction(module, ENTRY, captured.input_specs, captured.unique_output_specs())
+    jit = JitFunction(module, ENTRY, captured.input_specs, captured.unique_output_specs(),
+                      symbol_ranges=captured.symbol_ranges)
     compiled = CompiledGraph(captured, jit, pipeline)
     register_report(compiled)
     return compiled
 
 
+BARE_POINTER_FUNC_TO_LLVM = "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}"
+
+
+def descriptor_calling_convention(stages: list[Stage]) -> list[Stage]:
+    """`stages` with functions lowered to LLVM with memref descriptors (MLIR's default
+    convention), which dynamic shapes need, instead of bare pointers."""
+    out = []
+    for stage in stages:
+        passes = ["convert-func-to-llvm" if p == BARE_POINTER_FUNC_TO_LLVM else p for p in stage.passes]
+        out.append(dataclasses.replace(stage, passes=passes))
+    return out
+
+
 def compile_function(fn, example_inputs: Sequence[Any], freezable: Sequence[int] = (),
-                     options: CompileOptions | None = None) -> CompiledGraph:
-    """Capture and compile `fn(*example_inputs)` for exactly these input shapes and dtypes."""
+                     options: CompileOptions | None = None,
+                     dynamic_dims: dict[int, dict[int, Any]] | None = None) -> CompiledGraph:
+    """Capture and compile `fn(*example_inputs)` for these input dtypes and shapes; dims
+    named in `dynamic_dims` (see `capture`) take any size in their exported range."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        captured = capture(fn, example_inputs, freezable)
+        captured = capture(fn, example_inputs, freezable, dynamic_dims=dynamic_dims)
     return compile_captured(captured, options)

@@ -6,14 +6,29 @@ input mutations (KV-cache updates) become extra outputs that the runtime writes 
 parameters and unmutated buffers are frozen into constants, as inductor's freezing does.
 Changing a frozen tensor afterwards needs a recompile; the runtime checks the tensors'
 version counters on each call and recompiles when one changed.
+
+Dynamic sizes (`dynamic_dims`): chosen input dims become `torch.export.Dim`s, so one graph
+serves every size in the exported range. `TensorSpec` dims are then sympy expressions over
+the size symbols (named as the caller named them); the runtime binds the symbols from the
+input sizes per call and evaluates output shapes. 0/1 specialization: torch specializes
+size-1 dims, but a `Dim(min=1)` exported from an example of size >= 2 keeps size 1 in the
+range whenever the traced code never branches on `size == 1` (export checks every guard
+against the range), so decode (T=1) and prefill (T>1) share one compile. An example of size
+0 or 1 is exported with `backed_size_oblivious` (the general answer at torch's size-oblivious
+sites, no specialization). Where the code does specialize, export's suggested fixes are
+applied (the range narrows, e.g. to min=2, or the dim becomes static) and logged.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import logging
+import threading
 import warnings
 from typing import Any, Sequence
 
+import sympy
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch_mlir import ir
@@ -24,6 +39,11 @@ from lowbit.compiler.decompositions import lowbit_decompositions
 from lowbit.compiler.literals import LiteralHooks, split_shared_get_attrs
 from lowbit.compiler.passmanager import new_context
 
+log = logging.getLogger("lowbit.compiler.frontend")
+
+# position -> {dim index: symbol name or torch.export.Dim}; one name is one symbol.
+DynamicDims = dict[int, dict[int, Any]]
+
 
 class FrontendError(RuntimeError):
     """The PyTorch program could not be captured as a static ATen graph."""
@@ -31,15 +51,26 @@ class FrontendError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    shape: tuple[int, ...]
+    """Shape and dtype of a graph input or output. A dim is an int, or (dynamic graphs) a
+    sympy expression over the graph's size symbols, e.g. `T` or `2*T`."""
+
+    shape: tuple
     dtype: torch.dtype
 
     @staticmethod
     def of(t: torch.Tensor) -> "TensorSpec":
         return TensorSpec(tuple(t.shape), t.dtype)
 
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    @property
+    def symbols(self) -> set[str]:
+        return {str(x) for d in self.shape if not isinstance(d, int) for x in d.free_symbols}
+
     def __str__(self) -> str:
-        return f"{str(self.dtype).replace('torch.', '')}{list(self.shape)}"
+        return f"{str(self.dtype).replace('torch.', '')}[{', '.join(str(d) for d in self.shape)}]"
 
 
 @dataclasses.dataclass
@@ -60,6 +91,12 @@ class CapturedGraph:
     # once (a function returning one buffer twice crashes bufferization); the runtime
     # fills repeats in with copies, so callers still get distinct tensors.
     repeated_outputs: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Dynamic graphs: size symbol -> (min, max or None) that every call must satisfy.
+    symbol_ranges: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_dynamic(self) -> bool:
+        return not all(s.is_static for s in self.input_specs + self.output_specs)
 
     @property
     def num_user_outputs(self) -> int:
@@ -115,27 +152,42 @@ class _Wrapped(torch.nn.Module):
 
 
 def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence[Any],
-            freezable: Sequence[int] = ()) -> CapturedGraph:
+            freezable: Sequence[int] = (), dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export `fn(*example_inputs)` and freeze the inputs at `freezable` positions that the
-    graph does not mutate. Non-tensor inputs are specialised to their example values."""
-    module = fn if isinstance(fn, torch.nn.Module) else _Wrapped(fn)
+    graph does not mutate. Non-tensor inputs are specialised to their example values.
+
+    `dynamic_dims` maps an input position to `{dim index: symbol}`, a symbol being a name
+    (the same name in two places is one size) or a `torch.export.Dim` (for a range); those
+    dims stay symbolic in the graph (see the module docstring)."""
     args = tuple(example_inputs)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(module, args, strict=False)
-            ep = ep.run_decompositions(lowbit_decompositions(get_decomposition_table()))
-    except Exception as e:  # torch.export raises many exception types
-        raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
+    dims = _normalize_dynamic_dims(dynamic_dims, args)
+    if dims and isinstance(fn, torch.fx.GraphModule):
+        fn = _sizes_for_symint_inputs(fn, dims)
+    module = fn if isinstance(fn, torch.nn.Module) and not dims else _Wrapped(fn)
+    with CAPTURE_LOCK, _export_isolated():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = _export(module, args, dims)
+        except Exception as e:  # torch.export raises many exception types
+            raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
+        check_operand_dtypes(ep.graph_module)  # eager's dtype errors, which fake tensors skip
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = ep.run_decompositions(lowbit_decompositions(get_decomposition_table()))
+        except Exception as e:
+            raise FrontendError(f"torch.export could not decompose the graph: {type(e).__name__}: {e}") from e
 
     sig = ep.graph_signature
     gm = ep.graph_module
-    _reject_symbolic_shapes(gm)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     user_phs = [n for n, spec in zip(placeholders, sig.input_specs) if spec.kind == InputKind.USER_INPUT]
     if len(user_phs) != len(args):
         raise FrontendError(f"export produced {len(user_phs)} inputs for {len(args)} arguments")
+    rename, ranges = _symbols_of(ep, user_phs, dims)
+    _reject_symbolic_shapes(gm, set(rename))
     mutated_names = dict(sig.user_inputs_to_mutate.items()) if hasattr(sig, "user_inputs_to_mutate") else {}
     mutated_phs = set(mutated_names.values())
     freezable = set(freezable)
@@ -157,18 +209,21 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
             if node.users:
                 if not isinstance(value, (int, float, bool)):
                     raise FrontendError(f"non-tensor input {pos} ({type(value).__name__}) is used by the graph")
-                # A scalar (e.g. a SymInt of dynamo's automatic dynamic shapes): the
-                # compiled graph is specialised to its value, which is part of the cache key.
+                # A scalar (e.g. a SymInt of dynamo's automatic dynamic shapes that is no
+                # tensor's size): the compiled graph is specialised to its value, which is
+                # part of the cache key.
                 node.replace_all_uses_with(value)
             graph.erase_node(node)
             continue
         if pos in freezable and node.name not in mutated_phs:
+            if pos in dims:
+                raise FrontendError(f"input {pos} is frozen (a constant) and cannot have dynamic dims")
             frozen[pos] = value
             const_id = _freeze_placeholder(gm, node, value.detach(), const_id)
         else:
             _check_device(value, pos)
             input_indices.append(pos)
-            input_specs.append(TensorSpec.of(value))
+            input_specs.append(_spec_of_node(node, rename, "input"))
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     outs = list(output_node.args[0])
@@ -185,7 +240,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
         else:
             first_position[node] = position
             new_outs.append(node)
-        output_specs.append(_spec_of_node(node))
+        output_specs.append(_spec_of_node(node, rename, "output"))
 
     user_idx = 0
     for out, ospec in zip(outs, sig.output_specs):
@@ -203,20 +258,318 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     output_node.args = (tuple(new_outs),)
     graph.eliminate_dead_code()
     gm.recompile()
+    used = set().union(*(s.symbols for s in input_specs)) if input_specs else set()
     return CapturedGraph(gm, input_indices, input_specs, frozen, mutated_inputs, output_specs,
-                         constant_outputs, repeated)
+                         constant_outputs, repeated, {k: v for k, v in ranges.items() if k in used})
 
 
-def _reject_symbolic_shapes(gm: torch.fx.GraphModule) -> None:
-    """Compiled code has static shapes; a data-dependent size (e.g. `nonzero`) cannot be
-    specialised to its example value, because the next call may produce another."""
+def _dim_symbol_name(symbol: Any) -> str:
+    return symbol if isinstance(symbol, str) else symbol.__name__
+
+
+def _normalize_dynamic_dims(dynamic_dims: DynamicDims | None, args: tuple) -> DynamicDims:
+    """Validate `dynamic_dims` against the example inputs; dims become non-negative."""
+    out: DynamicDims = {}
+    for pos, dims in (dynamic_dims or {}).items():
+        if not isinstance(pos, int) or not 0 <= pos < len(args):
+            raise ValueError(f"dynamic_dims: input position {pos!r} is out of range for {len(args)} inputs")
+        value = args[pos]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"dynamic_dims: input {pos} is a {type(value).__name__}, not a tensor")
+        fixed = {}
+        for d, symbol in dims.items():
+            if not isinstance(d, int) or not -value.dim() <= d < value.dim():
+                raise ValueError(f"dynamic_dims: input {pos} has rank {value.dim()}, no dim {d!r}")
+            if isinstance(symbol, str):
+                if not symbol.isidentifier():
+                    raise ValueError(f"dynamic_dims: symbol name {symbol!r} of input {pos} dim {d} "
+                                     "is not a Python identifier")
+            elif not hasattr(symbol, "__name__") or not hasattr(symbol, "min"):
+                raise ValueError(f"dynamic_dims: input {pos} dim {d}: expected a name or a "
+                                 f"torch.export.Dim, got {type(symbol).__name__}")
+            fixed[d % value.dim()] = symbol
+        if fixed:
+            out[pos] = fixed
+    return out
+
+
+def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
+    if not dims:
+        return torch.export.export(module, args, strict=False)
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    made: dict[str, Any] = {}
+
+    def dim(symbol):
+        if not isinstance(symbol, str):
+            return symbol
+        if symbol not in made:
+            made[symbol] = torch.export.Dim(symbol, min=1)
+        return made[symbol]
+
+    per_input = tuple({d: dim(sym) for d, sym in dims[p].items()} if p in dims else
+                      (None if isinstance(a, torch.Tensor) else None) for p, a in enumerate(args))
+    shapes: Any = (per_input,)  # `_Wrapped.forward(*args)`: one parameter holding every input
+    # Export specializes an example size of 0 or 1; size-oblivious tracing keeps it symbolic.
+    small = any(args[p].shape[d] < 2 for p, ds in dims.items() for d in ds)
+    oblivious = (torch.fx.experimental._config.patch(backed_size_oblivious=True) if small
+                 else contextlib.nullcontext())
+    for attempt in range(4):
+        try:
+            with oblivious:
+                return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        except torch._dynamo.exc.UserError as e:
+            if "Suggested fixes" not in str(e) or attempt == 3:
+                raise
+            fixes = str(e)[str(e).index("Suggested fixes"):].strip()
+            log.info("dynamic dims: applying torch.export's suggested fixes: %s", " ".join(fixes.split()))
+            shapes = refine_dynamic_shapes_from_suggested_fixes(str(e), shapes)
+    raise AssertionError("unreachable")
+
+
+def _symbols_of(ep, user_phs: list[torch.fx.Node], dims: DynamicDims):
+    """Export's size symbols -> the caller's names, and each symbol's (min, max)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    rename: dict[sympy.Symbol, sympy.Symbol] = {}
+    for node in user_phs:  # every symbol of an input size, under export's name first
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for s in val.shape:
+                if isinstance(s, torch.SymInt):
+                    for x in s.node.expr.free_symbols:
+                        rename.setdefault(x, sympy.Symbol(str(x), integer=True, positive=True))
+    for pos, ds in dims.items():
+        val = user_phs[pos].meta.get("val")
+        for d, symbol in ds.items():
+            size = val.shape[d]
+            name = _dim_symbol_name(symbol)
+            if not isinstance(size, torch.SymInt) or not isinstance(size.node.expr, sympy.Symbol):
+                log.info("dynamic dims: input %d dim %d (%s) was specialized to %s by torch.export",
+                         pos, d, name, size)
+                continue
+            rename[size.node.expr] = sympy.Symbol(name, integer=True, positive=True)
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for sym, new in rename.items():
+        vr = ep.range_constraints.get(sym)
+        lo = int(vr.lower) if vr is not None and vr.lower != -int_oo else 0
+        hi = None if vr is None or vr.upper == int_oo else int(vr.upper)
+        ranges[str(new)] = (max(lo, 0), hi)
+    return rename, ranges
+
+
+def _sizes_for_symint_inputs(gm: torch.fx.GraphModule, dims: DynamicDims) -> torch.fx.GraphModule:
+    """Dynamo passes a symbolic size also as an int input (`s0`); where a tensor input
+    carries the same symbol in a dynamic dim, the int's uses read that size instead
+    (`aten.sym_size`), so the size stays symbolic and the int input becomes unused (it is
+    dropped at capture). Other SymInt inputs stay specialised to their values."""
+    phs = gm.graph.find_nodes(op="placeholder")
+    where = {}
+    for pos, ds in dims.items():
+        for d, symbol in ds.items():
+            if pos < len(phs):
+                where.setdefault(_dim_symbol_name(symbol), (pos, d))
+    todo = []
+    for node in phs:
+        ev = node.meta.get("example_value")
+        if isinstance(ev, torch.SymInt) and isinstance(ev.node.expr, sympy.Symbol) and node.users:
+            hit = where.get(str(ev.node.expr))
+            if hit is not None:
+                todo.append((node.name, hit))
+    if not todo:
+        return gm
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)  # shallow-copies node meta: no tensor copies
+    graph.output(out)
+    new_phs = graph.find_nodes(op="placeholder")
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for name, (pos, d) in todo:
+        node = next(n for n in new_phs if n.name == name)
+        with graph.inserting_before(first_op):
+            size = graph.call_function(torch.ops.aten.sym_size.int, (new_phs[pos], d))
+        size.meta = dict(node.meta)
+        node.replace_all_uses_with(size)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def dynamic_dims_from_dynamo(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> DynamicDims:
+    """The dims dynamo made symbolic (`mark_dynamic`, automatic dynamic shapes), read from
+    the placeholders' FakeTensor `example_value`s, named by dynamo's symbols (`s0`, ...).
+
+    A dim whose size is an expression rather than a plain symbol (e.g. `2*s0`) is left to
+    torch.export, which ties it to the symbol. SymInt scalar inputs are handled by
+    `capture` (see `_sizes_for_symint_inputs`)."""
+    phs = gm.graph.find_nodes(op="placeholder")
+    out: DynamicDims = {}
+    for pos, (node, value) in enumerate(zip(phs, example_inputs)):
+        ev = node.meta.get("example_value")
+        if isinstance(ev, torch.Tensor) and isinstance(value, torch.Tensor):
+            ds = _symbolic_dims(ev)
+            if ds:
+                out[pos] = ds
+    return out
+
+
+def dynamic_dims_from_meta(placeholder_nodes: Sequence[torch.fx.Node]) -> DynamicDims:
+    """The symbolic dims of an exported graph's placeholders (`meta['val']`), by position in
+    `placeholder_nodes`, named by their symbols -- e.g. for re-capturing part of a graph."""
+    out: DynamicDims = {}
+    for pos, node in enumerate(placeholder_nodes):
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(val, torch.Tensor):
+            ds = _symbolic_dims(val)
+            if ds:
+                out[pos] = ds
+    return out
+
+
+def _symbolic_dims(val: torch.Tensor) -> dict[int, str]:
+    return {d: str(s.node.expr) for d, s in enumerate(val.shape)
+            if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)}
+
+
+def _reject_symbolic_shapes(gm: torch.fx.GraphModule, input_symbols: set) -> None:
+    """Sizes must be functions of the input sizes: a data-dependent size (e.g. `nonzero`)
+    cannot be computed before the call, because the next call may produce another."""
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         vals = val if isinstance(val, (tuple, list)) else [val]
         for v in vals:
-            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+            if not isinstance(v, torch.Tensor):
+                continue
+            free = set()
+            for d in v.shape:
+                if isinstance(d, torch.SymInt):
+                    free |= d.node.expr.free_symbols
+            if free - input_symbols:
                 raise FrontendError(f"node {node.name} ({node.target}) has a data-dependent shape "
-                                    f"{tuple(v.shape)}; lowbit compiles static shapes only")
+                                    f"{tuple(v.shape)}; lowbit compiles shapes that follow from the "
+                                    "input sizes only")
+
+
+# Ops whose eager CPU kernels require their operands to share a dtype but whose fake-tensor
+# (meta) implementations do not check it: export would trace `linear(fp16 x, fp32 w)` as
+# if x were fp32, and compiled code would silently compute `m(x.float())`. Value: the
+# positions of the operands that must agree.
+_SAME_DTYPE_OPERANDS = {
+    "linear": (0, 1, 2), "mm": (0, 1), "addmm": (0, 1, 2), "bmm": (0, 1), "baddbmm": (0, 1, 2),
+    "addbmm": (0, 1, 2), "matmul": (0, 1), "mv": (0, 1), "addmv": (0, 1, 2), "dot": (0, 1),
+    "vdot": (0, 1), "conv1d": (0, 1, 2), "conv2d": (0, 1, 2), "conv3d": (0, 1, 2),
+    "convolution": (0, 1, 2), "conv_transpose1d": (0, 1, 2), "conv_transpose2d": (0, 1, 2),
+    "scaled_dot_product_attention": (0, 1, 2),
+}
+
+
+def check_operand_dtypes(gm: torch.fx.GraphModule) -> None:
+    """Raise the error eager PyTorch raises for a matmul-like op whose operands' dtypes
+    differ. The op is run once for real on zero tensors of the traced shapes and dtypes
+    (only when the dtypes differ), so the exception is eager's own."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "overloadpacket", None)
+        if getattr(node.target, "namespace", None) != "aten":
+            continue  # e.g. lowbit.linear: its own checks, and its operands differ by design
+        positions = _SAME_DTYPE_OPERANDS.get(getattr(packet, "__name__", ""))
+        if positions is None:
+            continue
+        vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
+        dtypes = {vals[i].dtype for i in positions if i < len(vals) and isinstance(vals[i], torch.Tensor)}
+        if len(dtypes) < 2:
+            continue
+
+        def real(v):
+            if isinstance(v, torch.Tensor):
+                return torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype)
+            return v
+
+        kwargs = {k: real(v.meta.get("val") if isinstance(v, torch.fx.Node) else v) for k, v in node.kwargs.items()}
+        node.target(*[real(v) for v in vals], **kwargs)  # raises eager's error, if eager has one
+
+
+def _hint(d) -> int:
+    return int(d) if isinstance(d, int) else int(d.node.hint)
+
+
+# --- captures under threads -------------------------------------------------------
+# torch.export raises process-global flags while it traces: `torch.fx._symbolic_trace.
+# _is_fx_tracing_flag` and `torch.compiler._is_exporting_flag`. Another thread that calls a
+# dynamo-compiled function meanwhile reads them as its own: dynamo's entry wrapper raises
+# "Detected that you are using FX to symbolically trace a dynamo-optimized function", and
+# `torch._dynamo.disable`d functions enter `fx.traceback.annotate`, which edits the global
+# `fx.traceback.current_meta` concurrently with the export ("KeyError: 'custom'"). So:
+#  - captures run one at a time under dynamo's own compile lock (an RLock), so that they
+#    never overlap a dynamo compile either (both edit fx.traceback's globals);
+#  - the two readers answer False in a thread other than the one lowbit's capture runs in.
+#    They are patched in place (their code object), because dynamo binds
+#    `is_fx_symbolic_tracing` into each compiled function's wrapper when it is created.
+
+def _compile_lock():
+    try:
+        from torch._dynamo.convert_frame import compile_lock
+        return compile_lock
+    except ImportError:  # pragma: no cover - older/newer torch layouts
+        return threading.RLock()
+
+
+CAPTURE_LOCK = _compile_lock()
+_capturing_thread: int | None = None
+_readers_patched = False
+
+
+def _foreign_export() -> bool:
+    """A lowbit capture is tracing in another thread (so the global flags are not ours)."""
+    owner = _capturing_thread
+    return owner is not None and owner != threading.get_ident()
+
+
+_READER_TEMPLATE = """
+def _lowbit_reader():
+    return {original}() and not _lowbit_foreign_export()
+"""
+
+
+def _patch_reader(function) -> None:
+    if getattr(function, "_lowbit_thread_aware", False):
+        return
+    import types
+    if function.__code__.co_freevars or function.__code__.co_argcount:
+        return  # not the zero-argument reader we know: leave torch alone
+    namespace = function.__globals__
+    original = f"_lowbit_original_{function.__name__}"
+    namespace[original] = types.FunctionType(function.__code__, namespace, function.__name__,
+                                             function.__defaults__, function.__closure__)
+    namespace["_lowbit_foreign_export"] = _foreign_export
+    scratch: dict = {}
+    exec(compile(_READER_TEMPLATE.format(original=original), "<lowbit>", "exec"), namespace, scratch)
+    function.__code__ = scratch["_lowbit_reader"].__code__
+    function._lowbit_thread_aware = True
+
+
+def _install_thread_aware_readers() -> None:
+    global _readers_patched
+    if _readers_patched:
+        return
+    import torch.fx._symbolic_trace as symbolic_trace
+    for reader in (getattr(symbolic_trace, "is_fx_symbolic_tracing", None),
+                   getattr(torch.compiler, "is_exporting", None)):
+        if reader is not None:
+            _patch_reader(reader)
+    _readers_patched = True
+
+
+@contextlib.contextmanager
+def _export_isolated():
+    """Mark this thread as the one whose capture owns torch's global tracing flags."""
+    global _capturing_thread
+    _install_thread_aware_readers()
+    previous = _capturing_thread
+    _capturing_thread = threading.get_ident()
+    try:
+        yield
+    finally:
+        _capturing_thread = previous
 
 
 def _check_device(t: torch.Tensor, pos: int) -> None:
@@ -224,15 +577,23 @@ def _check_device(t: torch.Tensor, pos: int) -> None:
         raise FrontendError(f"input {pos} is on device '{t.device}'; lowbit compiles for the CPU only")
 
 
-def _spec_of_node(node: torch.fx.Node) -> TensorSpec:
+def _spec_of_node(node: torch.fx.Node, rename: dict | None = None, what: str = "output") -> TensorSpec:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
-        raise FrontendError(f"graph output {node.name} is not a tensor ({type(val).__name__})")
-    try:
-        shape = tuple(int(s) for s in val.shape)
-    except TypeError as e:
-        raise FrontendError(f"graph output {node.name} has a symbolic shape {tuple(val.shape)}") from e
-    return TensorSpec(shape, val.dtype)
+        raise FrontendError(f"graph {what} {node.name} is not a tensor ({type(val).__name__})")
+    shape = []
+    for s in val.shape:
+        if isinstance(s, torch.SymInt):
+            expr = s.node.expr
+            if expr.is_number:
+                shape.append(int(expr))
+                continue
+            if rename is None or expr.free_symbols - set(rename):
+                raise FrontendError(f"graph {what} {node.name} has a data-dependent shape {tuple(val.shape)}")
+            shape.append(expr.xreplace(rename))
+        else:
+            shape.append(int(s))
+    return TensorSpec(tuple(shape), val.dtype)
 
 
 def _freeze_placeholder(gm: torch.fx.GraphModule, node: torch.fx.Node, value, const_id: int) -> int:

@@ -1,17 +1,32 @@
 """JIT execution of a lowered module through the MLIR ExecutionEngine.
 
-The entry point is compiled with the bare-pointer memref calling convention (shapes are
-static), so a call is: check the inputs against the compiled signature, allocate the
-outputs with torch, write data pointers into a preallocated argument array, and make one
-ctypes call. Inputs and outputs are shared with torch, never copied, except that a
-non-contiguous input is made contiguous first (compiled code assumes identity layout).
+A call is: check the inputs against the compiled signature, allocate the outputs with
+torch, write the arguments into this thread's argument array, and make one ctypes call of
+the packed entry `_mlir_<name>(void **args)`. Inputs and outputs are shared with torch,
+never copied, except that a non-contiguous input is made contiguous first (compiled code
+assumes identity layout).
+
+Two calling conventions:
+- static shapes: the entry was lowered with bare pointers, one data pointer per tensor;
+- dynamic shapes: MLIR's default convention, each tensor passed as its memref
+  descriptor's fields `allocated, aligned, offset, sizes[r], strides[r]`. Per call the
+  size symbols are bound from the input sizes (`TensorSpec` dims are sympy expressions),
+  checked (equal symbols agree, every symbol within its compiled range), and the output
+  shapes are evaluated. The checks and the argument list are one generated Python
+  function per compiled signature (no sympy at call time).
+
+Thread safety: argument arrays are per thread (`threading.local`); nothing a call writes
+is shared with a concurrent call of the same function.
 """
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Sequence
 
+import sympy
 import torch
+from torch.utils._sympy.printers import PythonPrinter
 from torch_mlir import ir
 from torch_mlir.execution_engine import ExecutionEngine
 
@@ -34,27 +49,49 @@ def _shared_libs() -> list[str]:
     return libs
 
 
+class _ArgumentArray:
+    """`slots` int64 cells and the `void *args[]` array pointing at them (one thread's)."""
+
+    __slots__ = ("storage", "packed")
+
+    def __init__(self, slots: int):
+        self.storage = (ctypes.c_int64 * max(slots, 1))()
+        base = ctypes.addressof(self.storage)
+        self.packed = (ctypes.c_void_p * max(slots, 1))(*[base + 8 * i for i in range(slots)])
+
+
 class JitFunction:
-    """A JIT-compiled entry `func(inputs..., outputs...)` over bare data pointers."""
+    """A JIT-compiled entry `func(inputs..., outputs...)` (see the module docstring)."""
 
     def __init__(self, module: ir.Module, func_name: str, input_specs: Sequence[TensorSpec],
-                 output_specs: Sequence[TensorSpec], opt_level: int = 3):
+                 output_specs: Sequence[TensorSpec], opt_level: int = 3,
+                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None):
         self.func_name = func_name
         self.input_specs = list(input_specs)
         self.output_specs = list(output_specs)
+        self.symbol_ranges = dict(symbol_ranges or {})
+        self.dynamic = not all(s.is_static for s in self.input_specs + self.output_specs)
         self.engine = ExecutionEngine(module, opt_level=opt_level, shared_libs=_shared_libs())
         self.engine.initialize()
-        n = len(self.input_specs) + len(self.output_specs)
-        # `_mlir_<name>(void **args)`: args[i] points at the i-th argument's storage.
-        self._storage = (ctypes.c_void_p * max(n, 1))()
-        base = ctypes.addressof(self._storage)
-        size = ctypes.sizeof(ctypes.c_void_p)
-        self._packed = (ctypes.c_void_p * max(n, 1))(*[base + i * size for i in range(n)])
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self.engine.raw_lookup(func_name))
-        self._expected = [(torch.Size(s.shape), s.dtype) for s in self.input_specs]
-        self._outputs = [(torch.Size(s.shape), s.dtype) for s in self.output_specs]
         self._n_in = len(self.input_specs)
+        self._local = threading.local()
+        if self.dynamic:
+            self._slots = sum(3 + 2 * len(s.shape) for s in self.input_specs + self.output_specs)
+            self._signature = _DynamicSignature(self.input_specs, self.output_specs, self.symbol_ranges)
+        else:
+            self._slots = len(self.input_specs) + len(self.output_specs)
+            self._expected = [(torch.Size(s.shape), s.dtype) for s in self.input_specs]
+            self._outputs = [(torch.Size(s.shape), s.dtype) for s in self.output_specs]
 
+    def _arguments(self) -> _ArgumentArray:
+        try:
+            return self._local.args
+        except AttributeError:
+            args = self._local.args = _ArgumentArray(self._slots)
+            return args
+
+    # -- checking ---------------------------------------------------------------------
     def _mismatch(self, i: int, t) -> InputError:
         spec = self.input_specs[i]
         if not isinstance(t, torch.Tensor):
@@ -64,42 +101,228 @@ class JitFunction:
         if t.dtype != spec.dtype:
             return InputError(f"input {i}: expected dtype {spec.dtype}, got {t.dtype} "
                               "(a new dtype needs a new compilation)")
+        shape = [str(d) for d in spec.shape]
         if t.dim() != len(spec.shape):
-            return InputError(f"input {i}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), "
+            return InputError(f"input {i}: expected rank {len(spec.shape)} (shape [{', '.join(shape)}]), "
                               f"got rank {t.dim()} (shape {list(t.shape)})")
+        if self.dynamic:
+            return self._signature.explain(i, t)
         return InputError(f"input {i}: expected shape {list(spec.shape)}, got {list(t.shape)}")
+
+    def _diagnose(self, inputs: Sequence) -> InputError:
+        if len(inputs) != self._n_in:
+            return InputError(f"expected {self._n_in} tensor inputs, got {len(inputs)}")
+        for i, t in enumerate(inputs):
+            if (not isinstance(t, torch.Tensor) or not t.is_cpu or t.dtype != self.input_specs[i].dtype
+                    or t.dim() != len(self.input_specs[i].shape)):
+                return self._mismatch(i, t)
+        if self.dynamic:
+            return self._signature.explain_all(inputs)
+        for i, t in enumerate(inputs):
+            if t.shape != self._expected[i][0]:
+                return self._mismatch(i, t)
+        return InputError("inputs do not match the compiled signature")
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The inputs as the compiled code reads them (contiguous), or `InputError`."""
         if len(inputs) != self._n_in:
             raise InputError(f"expected {self._n_in} tensor inputs, got {len(inputs)}")
+        if self.dynamic:
+            if self._signature.bind(inputs) is None:
+                raise self._diagnose(inputs)
+        else:
+            for i, (t, (shape, dtype)) in enumerate(zip(inputs, self._expected)):
+                if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_cpu:
+                    raise self._mismatch(i, t)
         fixed = list(inputs)
-        for i, (t, (shape, dtype)) in enumerate(zip(inputs, self._expected)):
-            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_cpu:
-                raise self._mismatch(i, t)
+        for i, t in enumerate(inputs):
             if not t.is_contiguous():
                 # Compiled code assumes the identity layout; a strided view is copied once.
                 fixed[i] = t.contiguous()
         return fixed
 
+    # -- calling ----------------------------------------------------------------------
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        if self.dynamic:
+            return self._call_dynamic(inputs)
         inputs = self.check_inputs(inputs)
         outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in self._outputs]
         return self.call_unchecked(inputs, outputs)
 
+    def _call_dynamic(self, inputs) -> list[torch.Tensor]:
+        sig = self._signature
+        if len(inputs) != self._n_in:
+            raise InputError(f"expected {self._n_in} tensor inputs, got {len(inputs)}")
+        symbols = sig.bind(inputs)
+        if symbols is None:
+            raise self._diagnose(inputs)
+        inputs = [t if t.is_contiguous() else t.contiguous() for t in inputs]
+        outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(sig.output_shapes(symbols), sig.out_dtypes)]
+        args = self._arguments()
+        args.storage[:] = sig.fields(inputs, outputs, symbols)
+        configure_threads()
+        self._fn(args.packed)
+        return outputs
+
     def call_unchecked(self, inputs: Sequence[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Call with inputs already checked; `outputs` are written in place."""
-        storage = self._storage
-        i = 0
-        for t in inputs:
-            storage[i] = t.data_ptr()
-            i += 1
-        for t in outputs:
-            storage[i] = t.data_ptr()
-            i += 1
+        """Call with inputs already checked (and contiguous); `outputs` (of the shapes the
+        signature gives for these inputs) are written in place."""
+        args = self._arguments()
+        if self.dynamic:
+            args.storage[:] = _descriptor_fields(list(inputs) + list(outputs))
+        else:
+            storage = args.storage
+            i = 0
+            for t in inputs:
+                storage[i] = t.data_ptr()
+                i += 1
+            for t in outputs:
+                storage[i] = t.data_ptr()
+                i += 1
         configure_threads()  # compiled parallel loops run on libiomp5 with torch's thread count
-        self._fn(self._packed)
+        self._fn(args.packed)
         return outputs
 
     def dump_object(self, path: str) -> None:
         self.engine.dump_to_object_file(path)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return strides[::-1]
+
+
+def _descriptor_fields(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Memref descriptor fields of contiguous tensors, concatenated (generic, slower path)."""
+    out = []
+    for t in tensors:
+        p = t.data_ptr()
+        out += [p, p, 0, *t.shape, *_contiguous_strides(t.shape)]
+    return out
+
+
+class _DynamicSignature:
+    """The per-call work of a dynamic signature, generated as Python code once.
+
+    `bind(inputs)` returns the symbols' values (a tuple in `self.names` order) or None when
+    anything does not match (then `explain*` says what); `output_shapes(values)` and
+    `fields(inputs, outputs, values)` give the outputs' shapes and the flat argument list.
+    """
+
+    def __init__(self, input_specs: list[TensorSpec], output_specs: list[TensorSpec],
+                 ranges: dict[str, tuple[int, int | None]]):
+        self.input_specs, self.output_specs, self.ranges = input_specs, output_specs, ranges
+        self.out_dtypes = [s.dtype for s in output_specs]
+        # Where each symbol is first read: (input, dim) of its first plain occurrence.
+        self.sources: dict[str, tuple[int, int]] = {}
+        for i, spec in enumerate(input_specs):
+            for d, dim in enumerate(spec.shape):
+                if isinstance(dim, sympy.Symbol) and str(dim) not in self.sources:
+                    self.sources[str(dim)] = (i, d)
+        every = set().union(*(s.symbols for s in input_specs + output_specs))
+        unbound = every - set(self.sources)
+        if unbound:
+            raise ValueError(f"size symbols {sorted(unbound)} are not the size of any input dim; "
+                             "cannot bind them at call time")
+        self.names = sorted(self.sources)
+        var = {n: f"_s{k}" for k, n in enumerate(self.names)}
+        printer = PythonPrinter()
+
+        def expr(dim) -> str:
+            if isinstance(dim, int):
+                return str(dim)
+            return "(" + printer.doprint(dim.xreplace({s: sympy.Symbol(var[str(s)]) for s in dim.free_symbols})) + ")"
+
+        lines = ["def bind(inputs):"]
+        lines.append(f"    {', '.join(f'_x{i}' for i in range(len(input_specs)))}{',' if len(input_specs) == 1 else ''} = inputs")
+        conditions = []
+        for i, spec in enumerate(input_specs):
+            lines.append(f"    _t = _x{i}")
+            lines.append(f"    if _t.__class__ is not _Tensor and not isinstance(_t, _Tensor): return None")
+            lines.append(f"    if _t.dtype is not _dt{i} or not _t.is_cpu: return None")
+            lines.append(f"    _z{i} = _t.shape")
+            lines.append(f"    if len(_z{i}) != {len(spec.shape)}: return None")
+            for d, dim in enumerate(spec.shape):
+                if isinstance(dim, sympy.Symbol) and self.sources[str(dim)] == (i, d):
+                    lines.append(f"    {var[str(dim)]} = _z{i}[{d}]")
+                else:
+                    conditions.append(f"_z{i}[{d}] == {expr(dim)}")
+        for n in self.names:
+            lo, hi = ranges.get(n, (0, None))
+            conditions.append(f"{var[n]} >= {lo}" + (f" and {var[n]} <= {hi}" if hi is not None else ""))
+        if conditions:
+            lines.append(f"    if not ({' and '.join(conditions)}): return None")
+        lines.append(f"    return ({''.join(var[n] + ', ' for n in self.names)})")
+
+        unpack = f"    {''.join(var[n] + ', ' for n in self.names)}= values" if self.names else "    pass"
+        lines.append("def output_shapes(values):")
+        lines.append(unpack)
+        lines.append("    return (" + "".join("(" + "".join(expr(d) + ", " for d in s.shape) + "), "
+                                          for s in output_specs) + ")")
+        lines.append("def fields(inputs, outputs, values):")
+        lines.append(unpack)
+        items = []
+        for group, specs in (("inputs", input_specs), ("outputs", output_specs)):
+            for k, spec in enumerate(specs):
+                p = f"_p_{group}_{k}"
+                lines.append(f"    {p} = {group}[{k}].data_ptr()")
+                strides, step = [], sympy.Integer(1)
+                for d in reversed(spec.shape):
+                    strides.append(step)
+                    step = step * d
+                items += [p, p, "0", *(expr(d) for d in spec.shape),
+                          *(expr(int(x)) if x.is_number else expr(x) for x in reversed(strides))]
+        lines.append("    return (" + "".join(x + ", " for x in items) + ")")
+        self.source = "\n".join(lines) + "\n"
+        namespace = {"_Tensor": torch.Tensor, **{f"_dt{i}": s.dtype for i, s in enumerate(input_specs)}}
+        exec(compile(self.source, f"<lowbit dynamic signature {id(self):x}>", "exec"), namespace)
+        self.bind = namespace["bind"]
+        self.output_shapes = namespace["output_shapes"]
+        self.fields = namespace["fields"]
+
+    def _where(self, name: str) -> str:
+        i, d = self.sources[name]
+        return f"input {i} dim {d}"
+
+    def explain(self, i: int, t: torch.Tensor) -> InputError:
+        """Why input `i` (right type, dtype and rank) does not fit, given earlier inputs'
+        bindings are not known: checks what input `i` alone can violate."""
+        return self.explain_all(None, only=(i, t))
+
+    def explain_all(self, inputs, only=None) -> InputError:
+        values: dict[str, int] = {}
+        items = [only] if only is not None else list(enumerate(inputs))
+        # Bind first (from the sources), then check every dim against its expression.
+        for name, (i, d) in self.sources.items():
+            for k, t in items:
+                if k == i:
+                    values[name] = int(t.shape[d])
+        for name, value in values.items():
+            lo, hi = self.ranges.get(name, (0, None))
+            if value < lo or (hi is not None and value > hi):
+                bound = f"{lo} <= {name}" + (f" <= {hi}" if hi is not None else "")
+                return InputError(f"{self._where(name)}: {name} = {value} is outside the compiled range "
+                                  f"{bound}")
+        for k, t in items:
+            spec = self.input_specs[k]
+            shape = "[" + ", ".join(str(x) for x in spec.shape) + "]"
+            for d, dim in enumerate(spec.shape):
+                got = int(t.shape[d])
+                if isinstance(dim, int):
+                    if got != dim:
+                        return InputError(f"input {k}: expected shape {shape}, got {list(t.shape)} "
+                                          f"(dim {d} must be {dim})")
+                    continue
+                if not {str(s) for s in dim.free_symbols} <= set(values):
+                    continue
+                want = int(dim.xreplace({s: values[str(s)] for s in dim.free_symbols}))
+                if got != want:
+                    sources = ", ".join(f"{n} = {values[n]} from {self._where(n)}"
+                                        for n in sorted(str(s) for s in dim.free_symbols))
+                    return InputError(f"input {k} dim {d}: expected {dim} = {want} ({sources}) "
+                                      f"for shape {shape}, got {got} (shape {list(t.shape)})")
+        return InputError("inputs do not match the compiled signature "
+                          f"{', '.join(str(s) for s in self.input_specs)}")
