@@ -13,6 +13,11 @@ def __getattr__(name: str):
     if name == "explain":
         from lowbit.compiler.report import explain
         return explain
+    if name == "generate":
+        # `lowbit.generate(...)`; importing the submodule binds it here too, and the module
+        # itself is callable (forwards to the function), so both spellings work.
+        import lowbit.generate as _generate_module
+        return _generate_module
     if name == "options":
         from lowbit.compiler.backend import options
         return options

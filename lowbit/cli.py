@@ -1,0 +1,135 @@
+"""The ``lowbit`` console script.
+
+    lowbit generate --preset demo                       # README demo model, random ternary weights
+    lowbit generate --preset tiny --max-new-tokens 16 --backend eager
+    lowbit generate --model path/to/hf-dir --prompt "Hello" --cache static
+    lowbit generate --preset 1b --set n_layers=2 --json out.json
+
+Subcommands: ``generate`` (greedy generation with llama.cpp-style timings; see lowbit.generate).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+
+def _parse_prompt(text: str | None, length: int):
+    if text is None:
+        return length
+    parts = [p for p in text.replace(",", " ").split()]
+    if parts and all(p.lstrip("-").isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return text  # free text: needs the model directory's tokenizer
+
+
+def _config_overrides(cfg, items: list[str]):
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"lowbit generate: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if key not in fields:
+            raise SystemExit(f"lowbit generate: unknown config field {key!r} (fields: {', '.join(fields)})")
+        current = getattr(cfg, key)
+        try:
+            changes[key] = type(current)(value) if not isinstance(current, str) else value
+        except ValueError:
+            raise SystemExit(f"lowbit generate: {key}={value!r} is not a valid {type(current).__name__}") from None
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as e:
+        raise SystemExit(f"lowbit generate: {e}") from None
+
+
+def _add_generate(sub) -> None:
+    from lowbit.generate import ACTIVATION_CHOICES, BACKENDS, PRESETS, WEIGHT_CHOICES
+    p = sub.add_parser("generate", help="greedy generation with prefill/decode tok/s, compile time, peak RSS",
+                       description="Greedy generation with a compiled low-bit model; prints tokens as they "
+                                   "come and llama.cpp-style timings.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="built-in Llama-style model with random "
+                     "deterministic ternary weights (default: demo)")
+    src.add_argument("--model", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset's LlamaConfig field (e.g. --set n_layers=4)")
+    p.add_argument("--prompt", help="token ids ('1,2,3') or text (needs the model directory's tokenizer)")
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompt length when --prompt is not given")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=32)
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, help="decoder linears' format (presets: ternary; "
+                   "HF models: none = as they are)")
+    p.add_argument("--activations", choices=ACTIVATION_CHOICES, help="int8 (BitNet a8) or none")
+    p.add_argument("--backend", choices=BACKENDS, default="lowbit")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", "-t", type=int, default=None, help="threads (default: torch's)")
+    p.add_argument("--cache", choices=["static", "dynamic"], default="static",
+                   help="KV cache for Hugging Face models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="do not stream tokens")
+    p.add_argument("--verbose", "-v", action="store_true", help="log lowbit's diagnostics")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import torch  # noqa: F401  (import cost belongs to load time, not to parsing)
+    from lowbit.generate import PRESETS, GenerationError, generate
+    if args.model:
+        target = args.model
+        if args.set:
+            raise SystemExit("lowbit generate: --set applies to presets, not to --model directories")
+    else:
+        target = _config_overrides(PRESETS[args.preset or "demo"], args.set)
+    prompt = _parse_prompt(args.prompt, args.prompt_len)
+    out = sys.stdout
+    streamed = []
+
+    def on_token(tok: int) -> None:
+        streamed.append(tok)
+        if not args.quiet:
+            out.write(f"{tok} ")
+            out.flush()
+
+    if not args.quiet:
+        name = args.model or args.preset or "demo"
+        out.write(f"lowbit generate: {name}, backend {args.backend}; building, quantizing and compiling "
+                  f"(first run compiles, this can take a while)...\n")
+        out.flush()
+    try:
+        result = generate(target, prompt, args.max_new_tokens, weights=args.weights,
+                          activations=args.activations, backend=args.backend, dtype=args.dtype,
+                          threads=args.threads, seed=args.seed, cache=args.cache, on_token=on_token)
+    except (GenerationError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        if not args.quiet and streamed:
+            out.write("\n")
+        print(f"lowbit generate: error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        out.write("\n")
+        if result.text is not None:
+            out.write(f"text: {result.text}\n")
+    out.write(result.summary() + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.as_dict(), f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit", description="lowbit: low-bit LLMs compiled for the CPU")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

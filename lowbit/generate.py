@@ -1,0 +1,596 @@
+"""`lowbit.generate`: greedy text generation with a compiled low-bit model, with llama.cpp-style figures.
+
+    import lowbit
+    result = lowbit.generate("demo", prompt_tokens=32, max_new_tokens=32)   # a preset, random weights
+    print(result.summary())
+    result = lowbit.generate("path/to/hf-model-dir", [1, 15043, 29892], 64)  # a Hugging Face directory
+
+What it takes (``model_or_config``):
+- a preset name (`PRESETS`: ``tiny``, ``demo``, ``1b``, ``2b4t``) or a `lowbit.models.LlamaConfig`:
+  a Llama-style model (`lowbit.models.TinyLlama`, static KV cache) with deterministic
+  QAT-style weights: every decoder linear is exactly ternary times one power-of-two scale,
+  embedding and head are seeded floats. It is built one layer at a time and each layer is
+  quantized (``lowbit.quantize_``) before the next is made, so the fp32 model never exists
+  whole in memory;
+- a Hugging Face model directory (``config.json`` + ``*.safetensors``; needs transformers),
+  BitNet checkpoints included (see `lowbit.hf.load_pretrained`);
+- an ``nn.Module`` already built: a `TinyLlama` or a transformers causal LM.
+
+Then: quantize (``weights``/``activations``, through `lowbit.quantize_`), compile
+(``backend="lowbit"``; ``"inductor"`` or ``"eager"`` for comparisons; a callable backend is
+used as is), run one warm-up prefill + decode step (this is where compiling happens; its
+time is reported as the compile time), then the timed greedy generation: one prefill of
+the prompt and ``max_new_tokens - 1`` decode steps. Each new token is passed to
+``on_token`` as soon as it is known.
+
+Figures (`GenerationResult`): load, quantize and compile seconds, prefill and decode
+tokens per second (llama.cpp's "prompt eval" and "eval": the prefill call produces the first
+new token, each decode step one more), peak RSS of the process, and the compile counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import resource
+import time
+import zlib
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lowbit.models import DecoderBlock, LlamaConfig, TinyLlama, reset_caches
+
+log = logging.getLogger("lowbit.generate")
+
+#: Built-in Llama-style configurations (``max_seq_len`` is set per run to prompt + new tokens).
+PRESETS: dict[str, LlamaConfig] = {
+    # the tests' size: compiles in seconds
+    "tiny": LlamaConfig(dim=256, n_heads=8, n_kv_heads=2, hidden_dim=688, vocab_size=512, n_layers=2),
+    # the README demo's model (examples/demo.py defaults)
+    "demo": LlamaConfig(dim=1024, n_heads=16, n_kv_heads=4, hidden_dim=2688, vocab_size=4096, n_layers=2),
+    # the 953M ternary Llama of issues 9 and 10
+    "1b": LlamaConfig(dim=2048, n_heads=16, n_kv_heads=16, hidden_dim=5632, vocab_size=32000, n_layers=16),
+    # BitNet-b1.58-2B4T's sizes in a Llama (SwiGLU) architecture
+    "2b4t": LlamaConfig(dim=2560, n_heads=20, n_kv_heads=5, hidden_dim=6912, vocab_size=128256, n_layers=30,
+                        rope_theta=500000.0),
+}
+
+BACKENDS = ("lowbit", "inductor", "eager")
+WEIGHT_CHOICES = ("none", "ternary", "int1", "int2", "int2_sym", "int4", "int4_asym", "int8")
+ACTIVATION_CHOICES = ("none", "int8")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class GenerationError(RuntimeError):
+    """Generation could not run (bad model input, a failing backend, ...)."""
+
+
+# ----------------------------------------------------------------------------- weights
+def _generator(seed: int, name: str) -> torch.Generator:
+    """One generator per tensor name: weights do not depend on build order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+
+
+def ternary_scale(fan_in: int) -> float:
+    """The per-tensor scale of a preset's ternary linear: a power of two near 1/sqrt(fan_in).
+
+    A power of two is exact in fp32/bf16/fp16, so the same tensor is exact in every dtype and
+    in llama.cpp's TQ1_0/TQ2_0 (one fp16 scale per 256-block).
+    """
+    return 2.0 ** -round(math.log2(math.sqrt(fan_in)))
+
+
+def block_linear_names(cfg: LlamaConfig, layer: int) -> dict[str, tuple[int, int]]:
+    """``layers.{i}.<path>.weight`` -> (out, in) for the seven linears of a decoder block."""
+    hd, kv = cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    p = f"layers.{layer}."
+    return {
+        p + "attention.wq.weight": (cfg.n_heads * hd, cfg.dim),
+        p + "attention.wk.weight": (kv, cfg.dim),
+        p + "attention.wv.weight": (kv, cfg.dim),
+        p + "attention.wo.weight": (cfg.dim, cfg.n_heads * hd),
+        p + "feed_forward.w1.weight": (cfg.hidden_dim, cfg.dim),
+        p + "feed_forward.w3.weight": (cfg.hidden_dim, cfg.dim),
+        p + "feed_forward.w2.weight": (cfg.dim, cfg.hidden_dim),
+    }
+
+
+def ternary_codes(name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """The int8 ternary codes of one preset linear (uniform over -1, 0, 1)."""
+    return torch.randint(-1, 2, shape, generator=_generator(seed, name), dtype=torch.int8)
+
+
+def float_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded fp32 tensors: N(0, 1) embedding, N(0, 1/dim) head, 1 +- 0.1 norm weights."""
+    gen = _generator(seed, name)
+    if len(shape) == 1:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    std = 1.0 if "embeddings" in name else 1.0 / math.sqrt(shape[1])
+    return torch.randn(shape, generator=gen) * std
+
+
+def block_tensors(cfg: LlamaConfig, layer: int, seed: int) -> dict[str, tuple[torch.Tensor, float] | torch.Tensor]:
+    """One decoder block's weights: linears as (int8 codes, scale), norms as fp32 tensors."""
+    out: dict[str, Any] = {}
+    for name, shape in block_linear_names(cfg, layer).items():
+        out[name] = (ternary_codes(name, shape, seed), ternary_scale(shape[1]))
+    for norm in ("attention_norm", "ffn_norm"):
+        name = f"layers.{layer}.{norm}.weight"
+        out[name] = float_tensor(name, (cfg.dim,), seed)
+    return out
+
+
+def outer_tensors(cfg: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and output head (fp32)."""
+    return {
+        "tok_embeddings.weight": float_tensor("tok_embeddings.weight", (cfg.vocab_size, cfg.dim), seed),
+        "norm.weight": float_tensor("norm.weight", (cfg.dim,), seed),
+        "output.weight": float_tensor("output.weight", (cfg.vocab_size, cfg.dim), seed),
+    }
+
+
+def _quant_config(weights: str, activations: str):
+    import lowbit
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    if activations not in ACTIVATION_CHOICES:
+        raise ValueError(f"activations must be one of {ACTIVATION_CHOICES}, got {activations!r}")
+    if weights == "none":
+        if activations != "none":
+            raise ValueError("activations='int8' needs low-bit weights (weights='none' keeps fp layers)")
+        return None
+    return lowbit.QuantConfig(weights=weights, activations=activations)
+
+
+def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activations: str = "int8",
+                dtype: torch.dtype = torch.float32) -> tuple[TinyLlama, float]:
+    """The preset model with `block_tensors` weights; returns (model, seconds spent in quantize_).
+
+    Layers are made and quantized one at a time (peak memory: the quantized model plus one
+    fp layer). ``weights="none"`` keeps the exact-ternary fp weights (QAT-style) in ``dtype``.
+    """
+    import lowbit
+    qconfig = _quant_config(weights, activations)
+    model = TinyLlama(dataclasses.replace(cfg, n_layers=0), dtype)
+    model.cfg = cfg
+    quantize_s = 0.0
+    with torch.no_grad():
+        for name, t in outer_tensors(cfg, seed).items():
+            model.get_parameter(name).copy_(t)
+        for i in range(cfg.n_layers):
+            block = DecoderBlock(cfg, dtype)
+            for name, value in block_tensors(cfg, i, seed).items():
+                local = name[len(f"layers.{i}."):]
+                if isinstance(value, tuple):
+                    codes, scale = value
+                    block.get_parameter(local).copy_(codes.to(torch.float32) * scale)
+                else:
+                    block.get_parameter(local).copy_(value)
+            if qconfig is not None:
+                t = time.perf_counter()
+                lowbit.quantize_(block, qconfig)
+                quantize_s += time.perf_counter() - t
+            _cast_float_params_(block, dtype)
+            model.layers.append(block)
+        for m in (model.tok_embeddings, model.norm, model.output):
+            _cast_float_params_(m, dtype)
+    return model.eval().requires_grad_(False), quantize_s
+
+
+def _cast_float_params_(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast float parameters (not buffers: rotary tables stay fp32) except LowBitLinear's scales."""
+    import lowbit
+    for m in module.modules():
+        if isinstance(m, lowbit.LowBitLinear):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dtype.is_floating_point and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+# ----------------------------------------------------------------------------- compile counting
+class CompileCounter:
+    """A dynamo backend that counts what it compiles and delegates to ``backend``.
+
+    ``graphs``: graphs dynamo handed to the backend (one per traced frame / recompile).
+    ``compiles``: compilations the backend itself ran; for lowbit's per-signature callable
+    each new input signature is one (counted at its compile entry), for other backends
+    one per graph. ``seconds``: time spent inside those compilations (lowbit compiles
+    lazily on a graph's first call, so this includes that first run).
+    """
+
+    def __init__(self, backend: str | Callable = "lowbit"):
+        self.backend = resolve_backend(backend)
+        self.graphs = 0
+        self.compiles = 0
+        self.seconds = 0.0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs):
+        self.graphs += 1
+        t = time.perf_counter()
+        compiled = self.backend(gm, example_inputs, **kwargs)
+        entry = getattr(compiled, "_compile_entry", None)
+        if callable(entry):
+            def counted(*a, _entry=entry, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _entry(*a, **kw)
+                finally:
+                    self.compiles += 1
+                    self.seconds += time.perf_counter() - t0
+            compiled._compile_entry = counted
+        else:
+            self.compiles += 1
+        self.seconds += time.perf_counter() - t
+        return compiled
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"graphs": self.graphs, "compiles": self.compiles, "seconds": round(self.seconds, 3)}
+
+
+def resolve_backend(backend: str | Callable) -> Callable:
+    if callable(backend):
+        return backend
+    if backend == "lowbit":
+        from lowbit.compiler.backend import lowbit_backend
+        return lowbit_backend
+    import torch._dynamo
+    return torch._dynamo.lookup_backend(backend)
+
+
+# ----------------------------------------------------------------------------- runners
+class _LlamaRunner:
+    """`lowbit.models.TinyLlama`: ``forward(tokens, input_pos)`` with its static KV cache."""
+
+    kind = "lowbit.models.TinyLlama"
+
+    def __init__(self, model: TinyLlama, fn: Callable):
+        self.model, self.fn = model, fn
+        self.max_len = model.cfg.max_seq_len
+        self.vocab = model.cfg.vocab_size
+
+    def reset(self) -> None:
+        reset_caches(self.model)
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fn(tokens.view(1, -1), torch.arange(tokens.numel()))[0, -1]
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        return self.fn(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+
+
+class _HFRunner:
+    """A transformers causal LM called as ``generate()`` calls it: ``past_key_values`` + ``cache_position``."""
+
+    kind = "transformers"
+
+    def __init__(self, model: nn.Module, fn: Callable, cache: str, max_len: int):
+        if cache not in ("static", "dynamic"):
+            raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+        self.model, self.fn, self.cache_kind, self.max_len = model, fn, cache, max_len
+        self.vocab = model.config.get_text_config().vocab_size
+        self.cache = None
+        import inspect
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x renamed `past_key_values` to `cache` (the old name warns)
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep_arg = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.reset()
+
+    def reset(self) -> None:
+        from transformers import DynamicCache, StaticCache
+        if self.cache_kind == "static":
+            if self.cache is None:
+                self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+            else:
+                self.cache.reset()
+        else:
+            self.cache = DynamicCache(config=self.model.config)
+
+    def _call(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        pos = torch.arange(start, start + ids.shape[1])
+        out = self.fn(input_ids=ids, cache_position=pos, position_ids=pos.view(1, -1), use_cache=True,
+                      **{self.cache_arg: self.cache}, **self.keep_arg)
+        return out.logits[0, -1]
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._call(tokens.view(1, -1), 0)
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        return self._call(torch.tensor([[token]]), pos)
+
+
+# ----------------------------------------------------------------------------- results
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[int]                  # the new tokens, in order
+    prompt_tokens: list[int]
+    model: str                         # what ran (preset / directory / class and sizes)
+    backend: str
+    weights: str
+    activations: str
+    dtype: str
+    threads: int
+    load_s: float                      # building or reading the model (without quantize)
+    quantize_s: float
+    compile_s: float | None            # warm-up prefill + decode step incl. compiling (None: eager)
+    prefill_s: float                   # the timed prefill call (prompt -> first new token)
+    decode_s: float                    # the timed decode steps (len(tokens) - 1 of them)
+    peak_rss_bytes: int
+    compile_counts: dict[str, Any] | None = None
+    text: str | None = None            # decoded new tokens when a tokenizer is known
+    isa: str | None = None
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_tokens) / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_steps(self) -> int:
+        return max(0, len(self.tokens) - 1)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 and self.decode_steps else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s, decode_steps=self.decode_steps)
+        return d
+
+    def summary(self) -> str:
+        """llama.cpp-style timing lines."""
+        comp = "eager, nothing compiled" if self.compile_s is None else f"{self.compile_s:8.2f} s"
+        counts = ""
+        if self.compile_counts:
+            counts = f" ({self.compile_counts['graphs']} graph(s), {self.compile_counts['compiles']} compile(s))"
+        n_p, n_d = len(self.prompt_tokens), self.decode_steps
+        lines = [
+            f"model: {self.model}; weights {self.weights}, activations {self.activations}, {self.dtype}; "
+            f"backend {self.backend}; {self.threads} threads" + (f"; ISA {self.isa}" if self.isa else ""),
+            f"load time     = {self.load_s:8.2f} s",
+            f"quantize time = {self.quantize_s:8.2f} s",
+            f"compile time  = {comp}{counts}  (warm-up prefill + 1 decode step included)",
+            f"prompt eval   = {self.prefill_s * 1e3:10.2f} ms / {n_p:4d} tokens "
+            f"({self.prefill_s * 1e3 / max(n_p, 1):8.2f} ms per token, {self.prefill_tok_s:9.2f} tokens per second)",
+            f"eval time     = {self.decode_s * 1e3:10.2f} ms / {n_d:4d} runs   "
+            f"({self.decode_s * 1e3 / max(n_d, 1):8.2f} ms per token, {self.decode_tok_s:9.2f} tokens per second)",
+            f"peak RSS      = {self.peak_rss_bytes / 2 ** 20:8.1f} MiB",
+        ]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _as_prompt(prompt_tokens, vocab: int, seed: int, tokenizer=None) -> torch.Tensor:
+    if isinstance(prompt_tokens, bool):
+        raise TypeError("prompt_tokens must be token ids, a length or text, not a bool")
+    if isinstance(prompt_tokens, int):
+        if prompt_tokens < 1:
+            raise ValueError(f"prompt length must be >= 1, got {prompt_tokens}")
+        gen = torch.Generator().manual_seed(seed + 1)
+        return torch.randint(0, vocab, (prompt_tokens,), generator=gen)
+    if isinstance(prompt_tokens, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (a Hugging Face directory that has one); "
+                             "pass token ids or a prompt length instead")
+        ids = tokenizer(prompt_tokens, return_tensors="pt")["input_ids"][0]
+        return ids.to(torch.int64)
+    t = torch.as_tensor(prompt_tokens)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"prompt_tokens must be integer token ids, got {t.dtype}")
+    t = t.reshape(-1).to(torch.int64)
+    if t.numel() == 0:
+        raise ValueError("prompt_tokens is empty")
+    if int(t.min()) < 0 or int(t.max()) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got min {int(t.min())} max {int(t.max())}")
+    return t
+
+
+def _describe_cfg(cfg: LlamaConfig) -> str:
+    return (f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads, ffn {cfg.hidden_dim}, "
+            f"vocab {cfg.vocab_size}")
+
+
+def _compile(fn: Callable, backend: str | Callable, counter: CompileCounter | None) -> Callable:
+    if backend == "eager":
+        return fn
+    if counter is not None:
+        return torch.compile(fn, backend=counter)
+    if backend == "inductor":
+        # inductor's best case: static shapes, one specialization per shape (prefill, decode)
+        return torch.compile(fn, backend="inductor", dynamic=False)
+    return torch.compile(fn, backend=backend)
+
+
+def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
+             prompt_tokens: Sequence[int] | torch.Tensor | int | str = 32,
+             max_new_tokens: int = 32, *,
+             weights: str | None = None, activations: str | None = None,
+             backend: str | Callable = "lowbit", dtype: str | torch.dtype = torch.float32,
+             threads: int | None = None, seed: int = 0, cache: str = "static",
+             on_token: Callable[[int], None] | None = None,
+             count_compiles: bool = True) -> GenerationResult:
+    """Greedy generation with figures; see the module docstring.
+
+    Args:
+        model_or_config: preset name, `LlamaConfig`, Hugging Face directory or module.
+        prompt_tokens: token ids, or a length (seeded random ids), or text (needs a tokenizer).
+        max_new_tokens: new tokens to produce (>= 1).
+        weights / activations: what ``lowbit.quantize_`` applies to the decoder linears
+            (defaults: ``ternary`` / ``int8`` for presets and configs; ``none`` / ``none`` for
+            Hugging Face models and modules, which run with the weights they have:
+            BitNet's BitLinear is compiled as it is).
+        backend: ``"lowbit"``, ``"inductor"``, ``"eager"`` (no torch.compile) or a backend callable.
+        dtype: of the model's float weights and activations (``float32`` / ``bfloat16``).
+        threads: torch and compiled-code threads (None: leave as is).
+        cache: for Hugging Face models, ``"static"`` (``StaticCache``) or ``"dynamic"``.
+        on_token: called with each new token id as soon as it is produced.
+        count_compiles: wrap the backend in a `CompileCounter` (reported in the result).
+    """
+    import lowbit
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    if isinstance(backend, str) and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or a callable, got {backend!r}")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        torch.set_num_threads(threads)
+
+    tokenizer = None
+    t_load = time.perf_counter()
+    quantize_s = 0.0
+    hf_model = None
+    if isinstance(model_or_config, (str, os.PathLike)) and str(model_or_config) in PRESETS:
+        model_or_config = PRESETS[str(model_or_config)]
+    if isinstance(model_or_config, (str, os.PathLike)):
+        from lowbit import hf
+        if not hf.is_model_dir(model_or_config):
+            raise ValueError(f"{str(model_or_config)!r} is neither a preset ({', '.join(PRESETS)}) "
+                             "nor a Hugging Face model directory (with config.json)")
+        hf_model = hf.load_pretrained(model_or_config, dtype=dtype)
+        tokenizer = hf.load_tokenizer(model_or_config)
+        described = f"{model_or_config} ({type(hf_model).__name__})"
+    elif isinstance(model_or_config, LlamaConfig):
+        cfg = model_or_config
+        weights = "ternary" if weights is None else weights
+        activations = ("int8" if weights == "ternary" else "none") if activations is None else activations
+        _quant_config(weights, activations)  # validate before building
+        vocab = cfg.vocab_size
+        prompt = _as_prompt(prompt_tokens, vocab, seed)
+        cfg = dataclasses.replace(cfg, max_seq_len=prompt.numel() + max_new_tokens, max_batch=1)
+        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype)
+        described = _describe_cfg(cfg)
+    elif isinstance(model_or_config, TinyLlama):
+        model = model_or_config
+        described = f"TinyLlama ({_describe_cfg(model.cfg)})"
+    elif isinstance(model_or_config, nn.Module) and hasattr(model_or_config, "config"):
+        hf_model = model_or_config
+        described = type(hf_model).__name__
+    else:
+        raise TypeError("model_or_config must be a preset name, a LlamaConfig, a Hugging Face model directory "
+                        f"or an nn.Module, got {type(model_or_config).__name__}")
+
+    if hf_model is not None or isinstance(model_or_config, TinyLlama):
+        weights = "none" if weights is None else weights
+        activations = "none" if activations is None else activations
+        qconfig = _quant_config(weights, activations)
+        target = hf_model if hf_model is not None else model_or_config
+        if qconfig is not None:
+            t = time.perf_counter()
+            prefix = "model.layers." if hf_model is not None else "layers."
+            lowbit.quantize_(target, qconfig, filter_fn=lambda m, fqn: fqn.startswith(prefix))
+            quantize_s = time.perf_counter() - t
+    load_s = time.perf_counter() - t_load - quantize_s
+
+    counter = CompileCounter(backend) if count_compiles and backend != "eager" else None
+    if hf_model is not None:
+        from lowbit import hf
+        hf.prepare(hf_model)
+        hf_model.eval().requires_grad_(False)
+        vocab = hf_model.config.get_text_config().vocab_size
+        prompt = _as_prompt(prompt_tokens, vocab, seed, tokenizer)
+        fn = _compile(hf_model.forward, backend, counter)
+        runner: Any = _HFRunner(hf_model, fn, cache, prompt.numel() + max_new_tokens)
+    else:
+        model = model_or_config if isinstance(model_or_config, TinyLlama) else model
+        prompt = _as_prompt(prompt_tokens, model.cfg.vocab_size, seed)
+        if prompt.numel() + max_new_tokens > model.cfg.max_seq_len:
+            raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"KV cache (max_seq_len {model.cfg.max_seq_len})")
+        runner = _LlamaRunner(model, _compile(model, backend, counter))
+
+    n_prompt = prompt.numel()
+    try:
+        with torch.no_grad():
+            compile_s = None
+            t = time.perf_counter()
+            runner.reset()
+            first = int(runner.prefill(prompt).argmax())
+            if max_new_tokens > 1:
+                runner.step(first, n_prompt)
+            warm = time.perf_counter() - t
+            if backend != "eager":
+                compile_s = warm
+            log.info("warm-up (compile) %.2f s", warm)
+
+            runner.reset()
+            tokens: list[int] = []
+            t = time.perf_counter()
+            logits = runner.prefill(prompt)
+            nxt = int(logits.argmax())
+            prefill_s = time.perf_counter() - t
+            tokens.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            decode_s = 0.0
+            for i in range(max_new_tokens - 1):
+                t = time.perf_counter()
+                logits = runner.step(nxt, n_prompt + i)
+                nxt = int(logits.argmax())
+                decode_s += time.perf_counter() - t
+                tokens.append(nxt)
+                if on_token is not None:
+                    on_token(nxt)
+    except Exception as e:
+        raise GenerationError(f"generation with backend {backend!r} failed: {type(e).__name__}: {e}") from e
+
+    isa = None
+    if backend == "lowbit":
+        try:
+            import lowbit.runtime
+            isa = lowbit.runtime.current_isa()
+        except Exception:  # the figure is informative only
+            isa = None
+    text = tokenizer.decode(tokens) if tokenizer is not None else None
+    return GenerationResult(
+        tokens=tokens, prompt_tokens=prompt.tolist(), model=described,
+        backend=backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend)),
+        weights=weights, activations=activations, dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(), load_s=load_s, quantize_s=quantize_s, compile_s=compile_s,
+        prefill_s=prefill_s, decode_s=decode_s, peak_rss_bytes=peak_rss_bytes(),
+        compile_counts=counter.as_dict() if counter is not None else None, text=text, isa=isa)
+
+
+def greedy_reference(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
+    """Eager greedy tokens of a `TinyLlama` (for tests and benchmarks)."""
+    runner = _LlamaRunner(model, model)
+    with torch.no_grad():
+        runner.reset()
+        nxt = int(runner.prefill(prompt).argmax())
+        out = [nxt]
+        for i in range(n - 1):
+            nxt = int(runner.step(nxt, prompt.numel() + i).argmax())
+            out.append(nxt)
+    return out
+
+
+def iter_presets() -> Iterable[tuple[str, LlamaConfig]]:
+    return PRESETS.items()
+
+
+class _CallableModule(type(os)):
+    """``lowbit.generate`` is both this module and the function: importing the submodule
+    rebinds the package attribute to the module, so the module forwards calls to `generate`."""
+
+    def __call__(self, *args, **kwargs) -> GenerationResult:
+        return generate(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
