@@ -20,9 +20,11 @@ import torch
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
+from lowbit.compiler.bind import Binding, bind_weights
 from lowbit.compiler.compile import CompiledGraph, FrozenGuard, compile_captured
 from lowbit.compiler.frontend import NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture
 from lowbit.compiler.pipeline import CompileOptions, StageError
+from lowbit.compiler.report import register as register_report
 
 _warned: set[str] = set()
 _NODE_IN_DIAGNOSTIC = re.compile(re.escape(NODE_LOCATION_PREFIX) + r"([A-Za-z0-9_]+)")
@@ -170,23 +172,107 @@ def _first_line(e: BaseException) -> str:
     return line[:300]
 
 
+class BoundGraph:
+    """A compiled graph whose low-bit weights were bound as packed runtime buffers.
+
+    Called with the caller's arguments; appends the derived buffers (`bind.Binding`) and
+    runs the inner `CompiledGraph` / `PartitionedGraph`. Module state is read at run time,
+    so only the tensors the packed buffers were made from are guarded: a change to one of
+    them (version counter or rebinding) makes the backend compile again.
+    """
+
+    def __init__(self, inner: Callable, binding: Binding, args: Sequence[Any]):
+        self.inner = inner
+        self.binding = binding
+        self.captured = getattr(inner, "captured", None)
+        self.frozen_guard = FrozenGuard({p: args[p] for p in binding.sources if isinstance(args[p], torch.Tensor)})
+        self.state_ids = {id(args[p]) for p in binding.state_positions if isinstance(args[p], torch.Tensor)}
+
+    def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
+        return self.frozen_guard.changed(args)
+
+    @property
+    def report(self) -> list[dict]:
+        return merge_reports(self.binding.report, inner_reports(self.inner))
+
+    def __call__(self, *args):
+        return self.inner(*args, *self.binding.derived)
+
+
+def inner_reports(compiled: Any) -> list[dict]:
+    """Pipeline report entries of a compiled graph and of every compiled part of a partitioned one."""
+    if isinstance(compiled, CompiledGraph):
+        return list(compiled.report)
+    if isinstance(compiled, PartitionedGraph):
+        out = []
+        for sub in compiled.gm.children():
+            if isinstance(sub, _CompiledPart):
+                out += inner_reports(sub.compiled)
+        return out
+    return []
+
+
+def merge_reports(bound: list[dict], pipeline: list[dict]) -> list[dict]:
+    """Binding's entries (what was recognised, from where) completed with what the pipeline
+    did with each bound layer (tiles, epilogue, ISA), matched by the FX node name."""
+    by_node = {}
+    rest = []
+    for e in pipeline:
+        names = _NODE_IN_DIAGNOSTIC.findall(str(e.get("location", ""))) + [str(e.get("location", "")).split(" @")[0]]
+        if e.get("origin") == "bound":
+            for name in names:
+                by_node.setdefault(name, e)
+        else:
+            rest.append(e)
+    out = []
+    for e in bound:
+        merged = dict(e)
+        p = by_node.get(e.get("node", ""))
+        if p is not None:
+            for key in ("tiles", "epilogue", "isa", "function"):
+                if key in p:
+                    merged[key] = p[key]
+            if p.get("result", "").startswith("recognized,"):
+                merged["result"] = p["result"]
+        merged.pop("node", None)
+        out.append(merged)
+    return out + rest
+
+
 def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
                           options: CompileOptions, known_unsupported: set[str] | None = None,
                           max_rounds: int = 8) -> Callable:
     """Compile `fn` for `args`; on failure, partition around the ops the pipeline rejects.
 
-    Returns a `CompiledGraph` when everything compiles, a `PartitionedGraph` when some ops
-    run in eager, or `fn` itself (with a warning) when the graph cannot be captured.
+    Module state (`freezable` positions) stays a runtime input; low-bit matmuls found on
+    it are bound as packed buffers (`lowbit.compiler.bind`), unless `options.weights` is
+    "freeze" (the earlier design: state becomes constants of the compiled code).
+    Returns a `BoundGraph` (or, when freezing, a `CompiledGraph` / `PartitionedGraph`),
+    or `fn` itself (with a warning) when the graph cannot be captured.
     `known_unsupported` (updated in place) carries ops found unsupported by earlier
     compilations of the same graph, e.g. for another input shape, so they are not retried.
     """
+    bind = options.weights == "bind"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            captured = capture(fn, args, freezable)
+            captured = capture(fn, args, () if bind else freezable)
     except FrontendError as e:
         _warn_once("the graph", f"capture failed: {_first_line(e)}")
         return fn
+    if not bind:
+        return _compile_rounds(captured, args, options, known_unsupported, max_rounds)
+    binding = bind_weights(captured, args, freezable, activations=options.activations)
+    inner = _compile_rounds(captured, binding.extend(args), options, known_unsupported, max_rounds)
+    if inner is captured.graph_module:
+        return fn
+    bound = BoundGraph(inner, binding, args)
+    register_report(bound)
+    return bound
+
+
+def _compile_rounds(captured: CapturedGraph, args: Sequence[Any], options: CompileOptions,
+                    known_unsupported: set[str] | None, max_rounds: int) -> Callable:
     known = known_unsupported if known_unsupported is not None else set()
     unsupported = {node_op_name(n) for n in captured.graph_module.graph.nodes} & known
     for _ in range(max_rounds):

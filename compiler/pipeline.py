@@ -53,6 +53,10 @@ class CompileOptions:
     # Activation handling for low-bit matmuls: "none" keeps the model's fp activations;
     # "int8" opts in to dynamic per-token int8 activation quantization.
     activations: str = "none"
+    # Module state: "bind" keeps parameters and buffers runtime inputs and binds recognised
+    # low-bit weights as packed buffers (weights are data, not code); "freeze" makes them
+    # constants of the compiled code (the earlier design, kept for IR-level tests).
+    weights: str = "bind"
 
 
 # Passes on the imported torch dialect, before torch-mlir's pipelines (which reject

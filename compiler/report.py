@@ -118,7 +118,9 @@ def explain(obj: Any, *example_inputs: Any) -> Report:
     owned = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
     entries = []
     for compiled in list(_REGISTRY):
-        frozen = getattr(getattr(compiled, "captured", None), "frozen", {})
-        if any(id(t) in owned for t in frozen.values()):
+        state = getattr(compiled, "state_ids", None)
+        if state is None:  # weights frozen into the code
+            state = {id(t) for t in getattr(getattr(compiled, "captured", None), "frozen", {}).values()}
+        if state & owned:
             entries.extend(compiled.report)
     return Report(entries)

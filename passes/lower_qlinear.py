@@ -34,9 +34,9 @@ import dataclasses
 from torch_mlir import ir
 
 from lowbit.passes.pack_weights import PACKED_ATTR, dict_attr_values
-from lowbit.passes.qlinear import (QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, epilogue_from_attr,
-                                   qlinear_functions, spec_from_attr)
-from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.qlinear import (QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, bound_info, epilogue_from_attr,
+                                   is_bound, qlinear_functions, spec_from_attr)
+from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.tile_qlinear import KERNEL_NB, TILES_ATTR
 
 T_INT8, T_F32, T_BF16 = 1, 2, 3
@@ -89,6 +89,9 @@ class LowerQLinear(ModulePass):
 
         lowered = False
         for func in qlinear_functions(module):
+            if is_bound(func):
+                lowered |= self._lower_bound(module, func, FORMATS)
+                continue
             if PACKED_ATTR not in func.attributes or TILES_ATTR not in func.attributes:
                 continue
             fn_type = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
@@ -121,6 +124,35 @@ class LowerQLinear(ModulePass):
             lowered = True
         if lowered:
             self._declare_runtime(module)
+
+    def _lower_bound(self, module: ir.Operation, func: ir.Operation, formats: dict) -> bool:
+        """Bound functions (weights as buffers) must be lowered: their body only poisons y."""
+        name = ir.StringAttr(func.attributes["sym_name"]).value
+        if "lowbit.lowered" in func.attributes:
+            return False
+        fn_type = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value)
+        epilogue = epilogue_from_attr(func.attributes[QLINEAR_ATTR])
+        bound = bound_info(func)
+        arity = 3 + int(epilogue.residual) + bound["bias"]
+        if len(fn_type.inputs) != arity or fn_type.results or not isinstance(fn_type.inputs[0], ir.MemRefType):
+            return False  # not bufferized into out-param form yet
+        if TILES_ATTR not in func.attributes:
+            raise PassError(f"{name}: run lowbit-tile-qlinear before lowering bound qlinear functions")
+        spec, _ = spec_from_attr(func.attributes[QLINEAR_ATTR])
+        tiles = dict_attr_values(func.attributes[TILES_ATTR])
+        text, reason = _bound_text(name, spec, tiles, bound, fn_type, formats[spec.weight_format], epilogue)
+        if text is None:
+            raise PassError(f"{name} ({spec.describe()}): the microkernels cannot run this bound layer: {reason}")
+        context = [f"func.func private @{n}{sig}" for n, sig in DECLARATIONS.items()]
+        parsed = ir.Module.parse("\n".join(context) + "\n" + text)
+        new_func = parsed.body.operations[len(context)].operation
+        for attr in (QLINEAR_ATTR, TILES_ATTR, "lowbit.bound", "no_inline"):
+            new_func.attributes[attr] = func.attributes[attr]
+        new_func.attributes["lowbit.lowered"] = ir.UnitAttr.get()
+        new_func.detach_from_parent()
+        ir.InsertionPoint(func).insert(new_func)
+        func.erase()
+        return True
 
     def _declare_runtime(self, module: ir.Operation) -> None:
         body = module.regions[0].blocks[0]
@@ -285,3 +317,169 @@ class LowerQLinear(ModulePass):
         emit("  return")
         emit("}")
         return "\n".join(lines), ""
+
+
+def _m_chunks(m_tile: int) -> list[int]:
+    """Row counts the M loop runs kernels with: full tiles, then a remainder taken greedily in
+    chunks of 64/16/4/1 rows, so a dynamic M needs a few fixed tile shapes, not one per M."""
+    return [m_tile] + [c for c in (64, 16, 4, 1) if c < m_tile]
+
+
+def _bound_text(name, spec, tiles, bound, fn_type, wfmt, epilogue):
+    """The body of a bound qlinear function `(x, [r], w, [b], y)` on memrefs, any M.
+
+    Like the constant form, but the weight and bias are arguments and M is read at run time:
+    the M loop runs full `m_tile` row tiles and then the remainder in chunks of 64/16/4/1
+    rows, each chunk shape with its own dispatched kernel (hoisted out of the loops).
+    """
+    ins = list(fn_type.inputs)
+    residual = epilogue.residual
+    (m, k), x_elem = _memref_shape_elem(ins[0])
+    (m2, n), y_elem = _memref_shape_elem(ins[-1])
+    if x_elem not in _TYPE_CODE or y_elem not in _TYPE_CODE or n != spec.out_features or k != spec.in_features:
+        return None, f"unsupported signature {fn_type}"
+    kblock, nkb = bound["kblock"], bound["num_kblocks"]
+    kp = kblock * nkb
+    n_tile = min(tiles["n_tile"], n)
+    num_nt = -(-n // n_tile)
+    n_last = n - (num_nt - 1) * n_tile
+    chunks = _m_chunks(max(1, tiles["m_tile"]))
+    int8 = spec.act_format == "int8"
+    atype = T_INT8 if int8 else _TYPE_CODE[x_elem]
+    ctype = _TYPE_CODE[y_elem]
+    flags = F_BIAS if bound["bias"] else 0
+    if epilogue.activation:
+        flags |= F_ACT[epilogue.activation]
+    if residual:
+        flags |= F_BETA1
+    pad = (not int8) and kp != k
+    lda = kp if (int8 or pad) else k
+    handles = {}
+    for mc in chunks:
+        for nt in sorted({n_tile, n_last}):
+            args = _dispatch_args(wfmt, atype, ctype, mc, nt, kblock, lda, bound["nblock_bytes"], n,
+                                  kblock, bound["kblock_bytes"], nkb, flags)
+            rc = _check_dispatch(args)
+            if rc < 0:
+                from lowbit.runtime.library import error_string
+                return None, f"kernel rejects tile {mc}x{nt} (kblock {kblock}): {error_string(rc)}"
+            handles[(mc, nt)] = args
+
+    ms = "?" if ir.ShapedType.is_dynamic_size(m) else str(m)
+    xt = f"memref<{ms}x{k}x{x_elem}>"
+    yt = f"memref<{ms}x{n}x{y_elem}>"
+    wt = f"memref<{bound['bytes']}xi8>"
+    bt = f"memref<{n}xf32>"
+    lines = []
+    emit = lines.append
+    params = [f"%x: {xt}"] + ([f"%r: {yt}"] if residual else []) + [f"%w: {wt}"]
+    params += ([f"%b: {bt}"] if bound["bias"] else []) + [f"%y: {yt}"]
+    emit(f"func.func private @{name}({', '.join(params)}) {{")
+    emit("  %c0 = arith.constant 0 : index")
+    emit("  %c1 = arith.constant 1 : index")
+    emit(f"  %m_i = memref.dim %x, %c0 : {xt}")
+    emit("  %m = arith.index_cast %m_i : index to i64")
+    for var, val, ty in (("w", "%w", wt), ("y", "%y", yt)):
+        emit(f"  %{var}p_i = memref.extract_aligned_pointer_as_index {val} : {ty} -> index")
+        emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
+    emit("  %zero64 = arith.constant 0 : i64")
+    if bound["bias"]:
+        emit(f"  %bp_i = memref.extract_aligned_pointer_as_index %b : {bt} -> index")
+        emit("  %bp = arith.index_cast %bp_i : index to i64")
+    else:
+        emit("  %bp = arith.constant 0 : i64")
+    deallocs = []
+    if int8:
+        emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %x : {xt} -> index")
+        emit("  %xp = arith.index_cast %xp_i : index to i64")
+        for var, per_row, elem in (("xq", kp, "i8"), ("sx", 1, "f32"), ("rs", nkb, "i32")):
+            emit(f"  %{var}_rows = arith.constant {per_row} : index")
+            emit(f"  %{var}_n = arith.muli %m_i, %{var}_rows : index")
+            emit(f"  %{var} = memref.alloc(%{var}_n) {{alignment = 64 : i64}} : memref<?x{elem}>")
+            emit(f"  %{var}p_i = memref.extract_aligned_pointer_as_index %{var} : memref<?x{elem}> -> index")
+            emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
+            deallocs.append((var, f"memref<?x{elem}>"))
+        emit(f"  %xtype = arith.constant {_TYPE_CODE[x_elem]} : i32")
+        emit("  %qflags = arith.constant 0 : i32")
+        for key, value in {"k": k, "kb": kblock, "kp": kp, "nkb": nkb}.items():
+            emit(f"  %q_{key} = arith.constant {value} : i64")
+        emit("  %qrc = func.call @lowbit_qquant_act(%xtype, %xp, %m, %q_k, %q_k, %q_kb, %qflags, "
+             "%xqp, %q_kp, %sxp, %rsp, %q_nkb) : " + DECLARATIONS["lowbit_qquant_act"])
+        a_ptr, as_ptr, sum_ptr = "%xqp", "%sxp", "%rsp"
+    elif pad:
+        pt = f"memref<?x{kp}x{x_elem}>"
+        emit(f"  %xpad = memref.alloc(%m_i) {{alignment = 64 : i64}} : {pt}")
+        emit(f"  %padzero = arith.constant 0.0 : {x_elem}")
+        emit(f"  linalg.fill ins(%padzero : {x_elem}) outs(%xpad : {pt})")
+        sub = f"memref<?x{k}x{x_elem}, strided<[{kp}, 1]>>"
+        emit(f"  %xsub = memref.subview %xpad[0, 0] [%m_i, {k}] [1, 1] : {pt} to {sub}")
+        emit(f"  memref.copy %x, %xsub : {xt} to {sub}")
+        emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %xpad : {pt} -> index")
+        emit("  %xp = arith.index_cast %xp_i : index to i64")
+        deallocs.append(("xpad", pt))
+        a_ptr, as_ptr, sum_ptr = "%xp", "%zero64", "%zero64"
+    else:
+        emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %x : {xt} -> index")
+        emit("  %xp = arith.index_cast %xp_i : index to i64")
+        a_ptr, as_ptr, sum_ptr = "%xp", "%zero64", "%zero64"
+
+    types = ["i32"] * 3 + ["i64"] * 9 + ["i32"]
+    for i, ((mc, nt), args) in enumerate(sorted(handles.items())):
+        names = []
+        for j, (value, ty) in enumerate(zip(args, types)):
+            emit(f"  %d{i}_{j} = arith.constant {value} : {ty}")
+            names.append(f"%d{i}_{j}")
+        emit(f"  %h_{mc}_{nt} = func.call @lowbit_qgemm_dispatch({', '.join(names)}) : "
+             + DECLARATIONS["lowbit_qgemm_dispatch"])
+    emit(f"  %count = arith.constant {nkb} : i64")
+    emit(f"  %lda = arith.constant {lda} : i64")
+    emit(f"  %ldc = arith.constant {n} : i64")
+    emit(f"  %nkb = arith.constant {nkb} : i64")
+    emit(f"  %ldb = arith.constant {bound['nblock_bytes']} : i64")
+    emit(f"  %ntile = arith.constant {n_tile} : i64")
+    emit(f"  %blocks_per_tile = arith.constant {n_tile // KERNEL_NB} : i64")
+    emit(f"  %last_nt = arith.constant {num_nt - 1} : i64")
+    if residual:
+        emit(f"  %c_n_last = arith.constant {n_last} : index")
+        emit(f"  %c_n_tile = arith.constant {n_tile} : index")
+    emit(f"  scf.forall (%nt_i) in ({num_nt}) {{")
+    emit("    %nt = arith.index_cast %nt_i : index to i64")
+    emit("    %n0 = arith.muli %nt, %ntile : i64")
+    emit("    %nblk = arith.muli %nt, %blocks_per_tile : i64")
+    emit("    %b_off = arith.muli %nblk, %ldb : i64")
+    emit("    %is_ntail = arith.cmpi eq, %nt, %last_nt : i64")
+    if residual:
+        emit("    %nt_cols = arith.select %is_ntail, %c_n_last, %c_n_tile : index")
+        emit("    %n0_i = arith.index_cast %n0 : i64 to index")
+    base, rem = "%c0", "%m_i"
+    for ci, mc in enumerate(chunks):
+        emit(f"    %s{ci} = arith.constant {mc} : index")
+        emit(f"    %cnt{ci} = arith.divui {rem}, %s{ci} : index")
+        emit(f"    %h{ci} = arith.select %is_ntail, %h_{mc}_{n_last}, %h_{mc}_{n_tile} : i64")
+        emit(f"    scf.for %i{ci} = %c0 to %cnt{ci} step %c1 {{")
+        emit(f"      %off{ci} = arith.muli %i{ci}, %s{ci} : index")
+        emit(f"      %m0_i{ci} = arith.addi {base}, %off{ci} : index")
+        emit(f"      %m0{ci} = arith.index_cast %m0_i{ci} : index to i64")
+        emit(f"      %a_off{ci} = arith.muli %m0{ci}, %lda : i64")
+        emit(f"      %c_row{ci} = arith.muli %m0{ci}, %ldc : i64")
+        emit(f"      %c_off{ci} = arith.addi %c_row{ci}, %n0 : i64")
+        emit(f"      %sum_off{ci} = arith.muli %m0{ci}, %nkb : i64")
+        if residual:
+            tile_t = f"memref<{mc}x?x{y_elem}, strided<[{n}, 1], offset: ?>>"
+            emit(f"      %r_tile{ci} = memref.subview %r[%m0_i{ci}, %n0_i] [{mc}, %nt_cols] [1, 1] : {yt} to {tile_t}")
+            emit(f"      %y_tile{ci} = memref.subview %y[%m0_i{ci}, %n0_i] [{mc}, %nt_cols] [1, 1] : {yt} to {tile_t}")
+            emit(f"      memref.copy %r_tile{ci}, %y_tile{ci} : {tile_t} to {tile_t}")
+        emit(f"      %rc{ci} = func.call @lowbit_qgemm_invoke(%h{ci}, {a_ptr}, %a_off{ci}, %wp, %b_off, %yp, "
+             f"%c_off{ci}, {as_ptr}, %m0{ci}, {sum_ptr}, %sum_off{ci}, %bp, %n0, %count) : "
+             + DECLARATIONS["lowbit_qgemm_invoke"])
+        emit("    }")
+        emit(f"    %used{ci} = arith.muli %cnt{ci}, %s{ci} : index")
+        emit(f"    %base{ci} = arith.addi {base}, %used{ci} : index")
+        emit(f"    %rem{ci} = arith.subi {rem}, %used{ci} : index")
+        base, rem = f"%base{ci}", f"%rem{ci}"
+    emit("  }")
+    for var, ty in deallocs:
+        emit(f"  memref.dealloc %{var} : {ty}")
+    emit("  return")
+    emit("}")
+    return "\n".join(lines), ""

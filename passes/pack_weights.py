@@ -21,7 +21,7 @@ import torch
 from torch_mlir import ir
 from torch_mlir.dialects import memref
 
-from lowbit.passes.qlinear import QLINEAR_ATTR, qlinear_functions, read_weights, spec_from_attr
+from lowbit.passes.qlinear import QLINEAR_ATTR, is_bound, qlinear_functions, read_weights, spec_from_attr
 from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.tile_qlinear import TILES_ATTR
 
@@ -57,8 +57,8 @@ class PackWeights(ModulePass):
 
         body = module.regions[0].blocks[0]
         for func in qlinear_functions(module):
-            if PACKED_ATTR in func.attributes:
-                continue
+            if PACKED_ATTR in func.attributes or is_bound(func):
+                continue  # bound functions get their weights packed at bind time, as buffers
             if TILES_ATTR not in func.attributes:
                 raise PassError(f"{ir.StringAttr(func.attributes['sym_name']).value}: run "
                                 "lowbit-tile-qlinear before lowbit-pack-weights")

@@ -467,3 +467,147 @@ def emit_qlinear_call(x: ir.Value, func: ir.Operation, n: int, y_elem: ir.Type) 
 def _expand_1d() -> ir.ArrayAttr:
     i64 = ir.IntegerType.get_signless(64)
     return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(i64, 0), ir.IntegerAttr.get(i64, 1)])])
+
+
+# ----------------------------------------------------------------------------- bound weights
+#
+# A *bound* qlinear function takes its weight as runtime buffers instead of constants
+# (`lowbit.compiler.bind`: weights are data, not code). In destination-passing style, so that
+# the token count M may be dynamic:
+#
+#   func.func private @lowbit_qlinear_<i>(%x: tensor<MxKxT>, [%r: tensor<MxNxU>,]
+#                                         %w: tensor<BYTESxi8>, [%b: tensor<Nxf32>,]
+#                                         %out: tensor<MxNxU>) -> tensor<MxNxU>
+#       attributes {lowbit.qlinear = <spec>, lowbit.bound = {bytes, kblock, kblock_bytes,
+#                   nblock_bytes, num_kblocks, bias}}
+#
+# `%w` holds the kernels' packed layout (codes, scales and offsets inside the blocks), which
+# linalg cannot read, so until `lowbit-lower-qlinear` replaces it the body only poisons the
+# output with NaN; that pass fails loudly (the op then runs in eager) rather than leave it.
+
+BOUND_ATTR = "lowbit.bound"
+
+
+def is_bound(func: ir.Operation) -> bool:
+    return BOUND_ATTR in func.attributes
+
+
+def bound_info(func: ir.Operation) -> dict:
+    out = {}
+    for named in ir.DictAttr(func.attributes[BOUND_ATTR]):
+        out[named.name] = ir.IntegerAttr(named.attr).value
+    return out
+
+
+def _dim(d: int) -> str:
+    return "?" if ir.ShapedType.is_dynamic_size(d) else str(d)
+
+
+def build_bound_qlinear_function(module: ir.Operation, spec: LowBitSpec, bound: dict, m: int,
+                                 x_elem: str, y_elem: str, origin: str,
+                                 epilogue: Optional[Epilogue] = None) -> ir.Operation:
+    """Create the bound form of a qlinear function (see above); `m` may be dynamic."""
+    n, k = spec.out_features, spec.in_features
+    ms = _dim(m)
+    name = unique_symbol(module, FUNC_PREFIX)
+    yt = f"tensor<{ms}x{n}x{y_elem}>"
+    args = [f"%x: tensor<{ms}x{k}x{x_elem}>"]
+    if epilogue and epilogue.residual:
+        args.append(f"%resid: {yt}")
+    args.append(f"%w: tensor<{bound['bytes']}xi8>")
+    if bound["bias"]:
+        args.append(f"%b: tensor<{n}xf32>")
+    args.append(f"%out: {yt}")
+    nan = "0x7FC00000" if y_elem == "f32" else "0x7FC0"
+    text = (f"func.func private @{name}({', '.join(args)}) -> {yt} {{\n"
+            f"  %poison = arith.constant {nan} : {y_elem}\n"
+            f"  %y = linalg.fill ins(%poison : {y_elem}) outs(%out : {yt}) -> {yt}\n"
+            f"  return %y : {yt}\n}}\n")
+    parsed = ir.Module.parse(text)
+    func = parsed.body.operations[0].operation
+    func.attributes[QLINEAR_ATTR] = spec_to_attr(spec, origin, epilogue)
+    func.attributes["no_inline"] = ir.UnitAttr.get()
+    i64 = ir.IntegerType.get_signless(64)
+    func.attributes[BOUND_ATTR] = ir.DictAttr.get({key: ir.IntegerAttr.get(i64, int(v)) for key, v in bound.items()})
+    func.detach_from_parent()
+    _module_body(module).append(func)
+    return func
+
+
+def bound_weight_operands(call: ir.Operation, func: ir.Operation) -> list[ir.Value]:
+    """The packed weight (and bias) operands of a call of a bound qlinear function."""
+    ops = list(call.operands)
+    residual = 1 if epilogue_from_attr(func.attributes[QLINEAR_ATTR]).residual else 0
+    count = 1 + bound_info(func)["bias"]
+    return ops[1 + residual:1 + residual + count]
+
+
+def _dims_of(x: ir.Value) -> list:
+    """Sizes of x: ints for static dims, `tensor.dim` values for dynamic ones."""
+    from torch_mlir.dialects import arith as arith_d
+    from torch_mlir.dialects import tensor as tensor_d
+
+    xt = ir.RankedTensorType(x.type)
+    out = []
+    for i, d in enumerate(xt.shape):
+        if ir.ShapedType.is_dynamic_size(d):
+            idx = arith_d.ConstantOp(ir.IndexType.get(), i).result
+            out.append(tensor_d.DimOp(x, idx).result)
+        else:
+            out.append(d)
+    return out
+
+
+def _flat_rows(dims: list) -> int:
+    if any(not isinstance(d, int) for d in dims):
+        return ir.ShapedType.get_dynamic_size()
+    return int(np.prod(dims)) if dims else 1
+
+
+def emit_bound_qlinear_call(x: ir.Value, func: ir.Operation, n: int, y_elem: ir.Type,
+                            weights: list[ir.Value], residual: Optional[ir.Value] = None) -> ir.Value:
+    """At the current insertion point: `func(x, [r], weights..., empty)` for an x of any rank
+    >= 1 with static or dynamic leading dims, reshaped to [M, K] and back. Returns [..., N]."""
+    from torch_mlir.dialects import arith as arith_d
+    from torch_mlir.dialects import func as func_d
+    from torch_mlir.dialects import tensor as tensor_d
+
+    xt = ir.RankedTensorType(x.type)
+    shape = list(xt.shape)
+    k = shape[-1]
+    lead = _dims_of(x)[:-1]
+    m = _flat_rows(lead)
+    flat = ir.RankedTensorType.get([m, k], xt.element_type)
+    y2_type = ir.RankedTensorType.get([m, n], y_elem)
+
+    def to_2d(v: ir.Value, last: int, elem: ir.Type) -> ir.Value:
+        vt = ir.RankedTensorType(v.type)
+        if len(vt.shape) == 2:
+            return v
+        t2 = ir.RankedTensorType.get([m, last], elem)
+        if len(vt.shape) == 1:
+            return tensor_d.ExpandShapeOp(t2, v, _expand_1d(), [], ir.DenseI64ArrayAttr.get([1, last])).result
+        return tensor_d.CollapseShapeOp(t2, v, _collapse_reassociation(len(vt.shape))).result
+
+    x2 = to_2d(x, k, xt.element_type)
+    operands = [x2]
+    if residual is not None:
+        operands.append(to_2d(residual, n, y_elem))
+    operands += list(weights)
+    rows = m
+    if ir.ShapedType.is_dynamic_size(m):
+        rows = tensor_d.DimOp(x2, arith_d.ConstantOp(ir.IndexType.get(), 0).result).result
+    operands.append(tensor_d.EmptyOp([rows, n], y_elem).result)
+    sym = ir.StringAttr(func.attributes["sym_name"]).value
+    call = func_d.CallOp([y2_type], ir.FlatSymbolRefAttr.get(sym), operands)
+    call.operation.attributes["no_inline"] = ir.UnitAttr.get()
+    y2 = call.result
+    if len(shape) == 2:
+        return y2
+    y_type = ir.RankedTensorType.get(shape[:-1] + [n], y_elem)
+    if len(shape) == 1:
+        return tensor_d.CollapseShapeOp(y_type, y2, _expand_1d()).result
+    dynamic = [d for d in lead if not isinstance(d, int)]
+    static = [d if isinstance(d, int) else ir.ShapedType.get_dynamic_size() for d in lead] + [n]
+    return tensor_d.ExpandShapeOp(y_type, y2, _collapse_reassociation(len(shape)), dynamic,
+                                  ir.DenseI64ArrayAttr.get(static)).result

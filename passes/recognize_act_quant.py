@@ -37,8 +37,9 @@ from torch_mlir import ir
 from lowbit.passes.interp import InterpError, Interpreter, defining_op, is_float_type, static_shape
 from lowbit.passes.lib_recognize import bias_after, erase_dead
 from lowbit.passes.qlinear import (
-    QLINEAR_ATTR, QLinearWeights, add_report_entry, build_qlinear_function, emit_qlinear_call,
-    qlinear_calls, qlinear_functions, read_weights, spec_from_attr,
+    QLINEAR_ATTR, QLinearWeights, add_report_entry, bound_info, bound_weight_operands,
+    build_bound_qlinear_function, build_qlinear_function, emit_bound_qlinear_call, emit_qlinear_call,
+    is_bound, qlinear_calls, qlinear_functions, read_weights, spec_from_attr,
 )
 from lowbit.passes.registry import ModulePass, register_pass
 from lowbit.quant.formats import ACT_ABSMAX_EPS
@@ -138,8 +139,9 @@ class RecognizeActQuant(ModulePass):
             return
         where = dict(kind="act-quant", pass_name=self.NAME, location=str(call.location),
                      function=ir.StringAttr(func.attributes["sym_name"]).value)
-        weights = read_weights(func)
-        if weights.bias is not None:
+        bound = is_bound(func)
+        weights = None if bound else read_weights(func)
+        if (bound_info(func)["bias"] if bound else weights.bias is not None):
             add_report_entry(module, **where, result="not absorbed",
                              reason="the layer adds a bias before the rescale; the kernel adds it after")
             return
@@ -160,17 +162,26 @@ class RecognizeActQuant(ModulePass):
         n = spec.out_features
         bias, bias_op = (None, None)
         y_elem = ir.ShapedType(t.type).element_type
-        if str(y_elem) == "f32":
+        if str(y_elem) == "f32" and not bound:
             bias, bias_op = bias_after(t, n)
         new_spec = dataclasses.replace(spec, act_format="int8")
-        x_shape = static_shape(x.type)
-        m = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1
-        new_func = build_qlinear_function(
-            module, new_spec, QLinearWeights(weights.q, weights.scales, weights.zero_points, bias), m,
-            str(ir.ShapedType(x.type).element_type), str(y_elem), origin=origin)
+        x_elem = str(ir.ShapedType(x.type).element_type)
+        if bound:
+            # The packed bytes do not depend on the activation format: the same buffers serve.
+            new_func = build_bound_qlinear_function(module, new_spec, bound_info(func), ir.RankedTensorType(
+                call.operands[0].type).shape[0], x_elem, str(y_elem), origin=origin)
+        else:
+            x_shape = static_shape(x.type)
+            m = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1
+            new_func = build_qlinear_function(
+                module, new_spec, QLinearWeights(weights.q, weights.scales, weights.zero_points, bias), m,
+                x_elem, str(y_elem), origin=origin)
         replaced = bias_op if bias_op is not None else rescale
         with ir.InsertionPoint(replaced), replaced.location:
-            y = emit_qlinear_call(x, new_func, n, y_elem)
+            if bound:
+                y = emit_bound_qlinear_call(x, new_func, n, y_elem, bound_weight_operands(call, func))
+            else:
+                y = emit_qlinear_call(x, new_func, n, y_elem)
         replaced.results[0].replace_all_uses_with(y)
         erase_dead([replaced, rescale])
         if not any(True for _ in call.results[0].uses):

@@ -12,6 +12,9 @@ turns into `scf.forall` over (N tiles, M tiles) and a BRGEMM over K-blocks:
   gets several tasks (GEMV load balance), so one task's weight panel stays in L2;
 - m_tile (tokens per kernel call): as many rows as keep the activation panel in half of L2.
 
+A bound function (weights packed at bind time, `lowbit.bound`) keeps the kblock it was
+packed with; a dynamic token count tiles as if M were unbounded.
+
 Options override each choice (0 = automatic); `target` overrides the cache description
 (`l1=48K,l2=1M,l3=32M,cores=2`, as `LOWBIT_TARGET`).
 """
@@ -22,7 +25,7 @@ import dataclasses
 from torch_mlir import ir
 
 from lowbit.compiler.target import Target, host_target
-from lowbit.passes.qlinear import qlinear_functions, spec_from_attr, QLINEAR_ATTR
+from lowbit.passes.qlinear import QLINEAR_ATTR, bound_info, is_bound, qlinear_functions, spec_from_attr
 from lowbit.passes.registry import ModulePass, register_pass
 
 TILES_ATTR = "lowbit.tiles"
@@ -80,12 +83,16 @@ class TileQLinear(ModulePass):
             spec, _ = spec_from_attr(func.attributes[QLINEAR_ATTR])
             x_type = ir.RankedTensorType(ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).inputs[0])
             m = x_type.shape[0]
+            if ir.ShapedType.is_dynamic_size(m):
+                m = 1 << 30  # shape-generic code: tiles for any token count
             act_bytes = 1 if spec.act_format == "int8" else (4 if str(x_type.element_type) == "f32" else 2)
             tiles = choose_tiles(m, spec.out_features, spec.in_features, spec.group_width,
                                  spec.weight_format, act_bytes, target, threads)
             for key in ("m_tile", "n_tile", "kblock"):
                 if getattr(self, key):
                     tiles[key] = getattr(self, key)
+            if is_bound(func):
+                tiles["kblock"] = bound_info(func)["kblock"]  # the weight was packed with it
             if tiles["n_tile"] % KERNEL_NB:
                 raise ValueError(f"n-tile must be a multiple of {KERNEL_NB}, got {tiles['n_tile']}")
             i64 = ir.IntegerType.get_signless(64)

@@ -1,0 +1,462 @@
+"""Weights are data, not code: recognise low-bit matmuls on the tensors and bind them as buffers.
+
+Runs on a captured ATen graph (`frontend.CapturedGraph`) whose module state -- parameters and
+buffers -- are still graph *inputs* (placeholders), before anything is imported into MLIR.
+
+Matches every matmul whose weight operand is computed from module state only:
+
+* `aten.mm(x, w)` / `aten.addmm(b, x, w)` where `w` ([K, N]) and `b` derive from parameters,
+  buffers and constants through any subgraph (an `nn.Linear` weight's transpose, a model's own
+  dequantization of packed integer codes: shifts, masks, zero points, scales, reshapes...);
+* `lowbit.linear(x, packed, scales, zero_points, bias, ...)` (`LowBitLinear` layers), whose codes
+  are unpacked with the documented storage layout.
+
+The weight subgraph is *evaluated with PyTorch on the real tensors* (vectorized, once per
+weight) and the result is proven to be exactly low-bit by the same search the IR-level
+recognizer uses (`passes.lib_recognize.find_exact_format`: every value bit for bit). Sibling
+layers that read the same activation with the same format (q/k/v, gate/up) are merged into one.
+Each recognised layer is packed for the microkernels (`lowbit_qpack`, native) and the matmul
+becomes
+
+    lowbit.packed_linear(x, <packed bytes: a new graph input>, <bias: a new input or None>, ...)
+
+so the graph -- and the MLIR made from it -- carries each weight's format, shape and tiling,
+never its bytes. Module state that nothing reads any more (the fp or storage-packed weights)
+is dropped from the graph's inputs; what stays (norm weights, embeddings, fp heads) is
+passed at run time, so structurally identical layers compile to identical code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from lowbit.compiler.frontend import CapturedGraph, TensorSpec
+from lowbit.compiler.packed_linear import packed_linear  # noqa: F401  (registers the op)
+
+log = logging.getLogger("lowbit.bind")
+
+aten = torch.ops.aten
+_MM = {aten.mm.default, aten.addmm.default}
+_KERNEL_NB = 64
+
+
+@dataclasses.dataclass
+class BoundLayer:
+    """One packed low-bit layer (possibly several merged siblings) of a bound graph."""
+
+    spec: Any                  # LowBitSpec of the packed weight (merged: N is the sum)
+    origin: str                # "lowbit.linear" | "fp-weights" | "dequant-subgraph"
+    kblock: int
+    packed: torch.Tensor       # int8 [bytes]
+    bias: Optional[torch.Tensor]
+    names: list[str]           # FX node names of the matmuls it replaces
+    location: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + (0 if self.bias is None else self.bias.numel() * 4)
+
+
+@dataclasses.dataclass
+class Binding:
+    """What binding added to a captured graph: derived runtime inputs and their report."""
+
+    layers: list[BoundLayer]
+    derived: list[torch.Tensor]            # appended after the caller's arguments, in order
+    sources: list[int]                     # caller positions the derived tensors were computed from
+    report: list[dict]
+    state_positions: list[int] = dataclasses.field(default_factory=list)  # all module state read
+    seconds: float = 0.0
+
+    def extend(self, args: Sequence[Any]) -> list[Any]:
+        return list(args) + self.derived
+
+
+@dataclasses.dataclass
+class _Found:
+    node: torch.fx.Node
+    x: torch.fx.Node
+    spec: Any
+    q: torch.Tensor
+    scales: torch.Tensor
+    zero_points: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    origin: str
+    sources: set[int]
+
+
+class _ConstantEvaluator:
+    """Values of graph nodes that depend on module state only, computed on demand."""
+
+    def __init__(self, gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any]):
+        self.gm = gm
+        self.values = dict(values)          # placeholder -> tensor (module state only)
+        self.constant: dict[torch.fx.Node, bool] = {}
+
+    def is_constant(self, node: Any) -> bool:
+        if not isinstance(node, torch.fx.Node):
+            return True
+        hit = self.constant.get(node)
+        if hit is not None:
+            return hit
+        if node.op == "placeholder":
+            result = node in self.values
+        elif node.op == "get_attr":
+            result = True
+        elif node.op == "call_function":
+            result = _is_pure(node) and all(self.is_constant(a) for a in node.all_input_nodes)
+        else:
+            result = False
+        self.constant[node] = result
+        return result
+
+    def sources(self, node: torch.fx.Node, positions: dict[torch.fx.Node, int]) -> set[int]:
+        seen, out, work = set(), set(), [node]
+        while work:
+            n = work.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in positions:
+                out.add(positions[n])
+            work.extend(n.all_input_nodes)
+        return out
+
+    def value(self, node: Any):
+        if not isinstance(node, torch.fx.Node):
+            return node
+        if node in self.values:
+            return self.values[node]
+        if node.op == "get_attr":
+            v = _fetch_attr(self.gm, node.target)
+        else:
+            args = torch.fx.node.map_arg(node.args, self.value)
+            kwargs = torch.fx.node.map_arg(node.kwargs, self.value)
+            with torch.no_grad():
+                v = node.target(*args, **kwargs)
+        self.values[node] = v
+        return v
+
+    def forget_intermediates(self, keep: set[torch.fx.Node]) -> None:
+        """Drop computed weight intermediates (they can be large fp32 copies)."""
+        for node in list(self.values):
+            if node.op == "call_function" and node not in keep:
+                del self.values[node]
+
+
+def _is_pure(node: torch.fx.Node) -> bool:
+    target = node.target
+    if target in (operator.getitem,):
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return False
+    return not schema.is_mutable and not any(a.alias_info is not None and a.alias_info.is_write
+                                             for a in schema.arguments)
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _location(node: torch.fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [l.strip() for l in trace.strip().splitlines() if l.strip().startswith("File ")]
+    return f"{node.name} @ {lines[-1]}" if lines else node.name
+
+
+def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: Sequence[int], *,
+                 activations: str = "none", formats: Sequence[str] | None = None,
+                 group_sizes: Sequence[int] | None = None, tiles_for: Optional[Callable] = None,
+                 merge_siblings: bool = True) -> Binding:
+    """Recognise and pack the low-bit matmuls of `captured` (modified in place).
+
+    `state_positions`: caller positions of module state (parameters and buffers): their
+    values are read now; every other input is an activation. Returns the `Binding`; the
+    caller passes `binding.extend(args)` to the compiled graph.
+    """
+    from lowbit.passes.lib_recognize import DEFAULT_FORMATS, DEFAULT_GROUP_SIZES
+
+    start = time.perf_counter()
+    formats = list(formats or DEFAULT_FORMATS)
+    group_sizes = list(group_sizes or DEFAULT_GROUP_SIZES)
+    gm = captured.graph_module
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    position = dict(zip(placeholders, captured.input_indices))
+    state = set(state_positions)
+    values = {n: args[p] for n, p in position.items()
+              if p in state and isinstance(args[p], torch.Tensor)}
+    ev = _ConstantEvaluator(gm, values)
+    report: list[dict] = []
+    found: list[_Found] = []
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _MM:
+            hit = _match_mm(node, ev, position, formats, group_sizes, activations, report)
+        elif node.target is torch.ops.lowbit.linear.default:
+            hit = _match_lowbit_linear(node, ev, position, report)
+        else:
+            continue
+        if hit is not None:
+            found.append(hit)
+        ev.forget_intermediates(set())
+
+    groups = _sibling_groups(found) if merge_siblings else [[f] for f in found]
+    layers: list[BoundLayer] = []
+    derived: list[torch.Tensor] = []
+    sources: set[int] = set()
+    last_ph = placeholders[-1] if placeholders else None
+    n_args = len(args)
+    fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in graph.nodes])
+
+    def add_input(tensor: torch.Tensor, name: str) -> torch.fx.Node:
+        nonlocal last_ph
+        if last_ph is None:
+            with graph.inserting_before(next(iter(graph.nodes))):
+                ph = graph.placeholder(name)
+        else:
+            with graph.inserting_after(last_ph):
+                ph = graph.placeholder(name)
+        last_ph = ph
+        ph.meta["val"] = fake_mode.from_tensor(tensor) if fake_mode is not None else None
+        ph.meta["tensor_meta"] = _extract_tensor_metadata(tensor)
+        captured.input_indices.append(n_args + len(derived))
+        captured.input_specs.append(TensorSpec.of(tensor))
+        derived.append(tensor)
+        return ph
+
+    for group in groups:
+        layer = _pack_group(group, tiles_for)
+        idx = len(layers)
+        packed_ph = add_input(layer.packed, f"lowbit_packed_{idx}")
+        bias_ph = add_input(layer.bias, f"lowbit_bias_{idx}") if layer.bias is not None else None
+        x = group[0].x
+        spec = layer.spec
+        first = min(group, key=lambda f: _order(graph, f.node)).node
+        with graph.inserting_before(first):
+            call = graph.call_function(torch.ops.lowbit.packed_linear.default,
+                                       (x, packed_ph, bias_ph, spec.weight_format, spec.granularity,
+                                        spec.group_size, spec.in_features, spec.out_features,
+                                        layer.kblock, spec.act_format))
+        x_val = x.meta.get("val")
+        out_dtype = x_val.dtype if isinstance(x_val, torch.Tensor) else torch.float32
+        if isinstance(x_val, torch.Tensor):
+            call.meta["val"] = x_val.new_empty((*x_val.shape[:-1], spec.out_features))
+        offset, anchor = 0, call
+        for f in group:
+            n = f.spec.out_features
+            if len(group) == 1:
+                out = call
+            else:
+                with graph.inserting_after(anchor):
+                    out = graph.call_function(aten.slice.Tensor, (call, -1, offset, offset + n))
+                anchor = out
+                if isinstance(x_val, torch.Tensor):
+                    out.meta["val"] = x_val.new_empty((*x_val.shape[:-1], n))
+            offset += n
+            old = f.node.meta.get("val")
+            if isinstance(old, torch.Tensor) and old.dtype != out_dtype:
+                with graph.inserting_after(anchor):
+                    cast = graph.call_function(aten._to_copy.default, (out,), {"dtype": old.dtype})
+                cast.meta["val"] = old
+                out = anchor = cast
+            f.node.replace_all_uses_with(out)
+            graph.erase_node(f.node)
+            sources |= f.sources
+        layers.append(layer)
+        layer.names = [f.node.name for f in group]
+        report.append(dict(kind="matmul", origin=layer.origin, result="recognized", format=spec.describe(),
+                           location=layer.location, packed_bytes=layer.nbytes,
+                           node=call.name,
+                           merged=len(group) if len(group) > 1 else 0))
+
+    graph.eliminate_dead_code()
+    _drop_unused_inputs(captured, graph)
+    gm.recompile()
+    binding = Binding(layers, derived, sorted(sources), report, sorted(state), time.perf_counter() - start)
+    log.info("bound %d low-bit layer(s) (%d matmuls, %.1f MiB packed) in %.2f s", len(layers), len(found),
+             sum(l.nbytes for l in layers) / 2**20, binding.seconds)
+    return binding
+
+
+def _order(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    return -1
+
+
+def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, activations,
+              report) -> Optional[_Found]:
+    from lowbit.passes.lib_recognize import find_exact_format
+
+    if node.target is aten.addmm.default:
+        b, x, w = node.args[:3]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+    else:
+        (x, w), b = node.args[:2], None
+    if not isinstance(w, torch.fx.Node) or ev.is_constant(x) or not ev.is_constant(w):
+        return None
+    if b is not None and not ev.is_constant(b):
+        return None
+    x_val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(x_val, torch.Tensor) or x_val.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    where = dict(kind="matmul", location=_location(node))
+    try:
+        wv = ev.value(w)
+        bv = ev.value(b) if b is not None else None
+    except Exception as e:  # the weight subgraph is the model's code: any error means "not ours"
+        report.append(dict(where, result="not recognized", reason=f"the weight could not be evaluated: "
+                           f"{type(e).__name__}: {e}"))
+        return None
+    if not isinstance(wv, torch.Tensor) or wv.dim() != 2 or not wv.is_floating_point():
+        return None
+    origin = "fp-weights" if _is_plain_weight(w, ev) else "dequant-subgraph"
+    k, n = wv.shape
+    w_nk = wv.detach().t().to(torch.float32).contiguous().numpy()
+    spec, qw, why = find_exact_format(w_nk, formats, group_sizes, activations)
+    if spec is None:
+        report.append(dict(where, origin=origin, result="not recognized", reason=why))
+        return None
+    bias = None
+    if bv is not None:
+        bias = torch.as_tensor(bv).detach().to(torch.float32).broadcast_to((n,)) \
+            if torch.as_tensor(bv).numel() in (1, n) else None
+        if bias is None:
+            return None
+        bias = bias.contiguous()
+        if x_val.dtype != torch.float32:
+            return None  # bf16 addmm rounds x@w before adding b; the kernel adds in fp32
+    return _Found(node, x, spec, qw.q, qw.scales, qw.zero_points, bias, origin,
+                  ev.sources(w, position) | (ev.sources(b, position) if b is not None else set()))
+
+
+def _is_plain_weight(w: torch.fx.Node, ev: _ConstantEvaluator) -> bool:
+    """A parameter read directly or through views/transposes/casts (a QAT checkpoint)."""
+    views = {aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default,
+             aten._to_copy.default, aten.clone.default, aten.expand.default}
+    while w.op == "call_function" and w.target in views:
+        w = w.args[0]
+    return w.op in ("placeholder", "get_attr")
+
+
+def _match_lowbit_linear(node, ev: _ConstantEvaluator, position, report) -> Optional[_Found]:
+    from lowbit.quant.formats import LowBitSpec
+    from lowbit.quant.packing import unpack_codes
+
+    x, packed, scales, zp, bias, *attrs = node.args
+    spec = LowBitSpec(*attrs)
+    where = dict(kind="matmul", origin="lowbit.linear", location=_location(node))
+    if spec.act_group_size:
+        report.append(dict(where, result="not recognized",
+                           reason="per-K-block activation scales are not compiled (runs in eager)"))
+        return None
+    if not all(ev.is_constant(t) for t in (packed, scales, zp, bias)):
+        report.append(dict(where, result="not recognized", reason="weights are not module state"))
+        return None
+    pv, sv = ev.value(packed), ev.value(scales)
+    zv = ev.value(zp) if zp is not None else None
+    bv = ev.value(bias) if bias is not None else None
+    q = unpack_codes(pv.detach(), spec.format, spec.in_features)
+    s = sv.detach().to(torch.float32).reshape(spec.scale_shape)
+    z = None if zv is None else zv.detach().to(torch.int8).reshape(spec.scale_shape)
+    b = None if bv is None else bv.detach().to(torch.float32).reshape(-1).contiguous()
+    srcs = set()
+    for t in (packed, scales, zp, bias):
+        if isinstance(t, torch.fx.Node):
+            srcs |= ev.sources(t, position)
+    return _Found(node, x, spec, q, s, z, b, "lowbit.linear", srcs)
+
+
+def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
+    """Layers on the same activation with the same format and K merge into one (q/k/v,
+    gate/up): one activation quantization and one kernel call. Members other than the last
+    must have N a multiple of the kernels' 64-row n-block, so each keeps whole blocks."""
+    buckets: dict[tuple, list[_Found]] = {}
+    order: list[tuple] = []
+    for f in found:
+        s = f.spec
+        key = (f.x, s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format,
+               f.zero_points is not None)
+        if key not in buckets:
+            buckets[key] = []
+            order.append(key)
+        buckets[key].append(f)
+    groups = []
+    for key in order:
+        members = buckets[key]
+        current: list[_Found] = []
+        for f in members:
+            current.append(f)
+            if f.spec.out_features % _KERNEL_NB:
+                groups.append(current)
+                current = []
+        if current:
+            groups.append(current)
+    return groups
+
+
+def _pack_group(group: list[_Found], tiles_for: Optional[Callable]) -> BoundLayer:
+    from lowbit.compiler.target import host_target
+    from lowbit.passes.tile_qlinear import choose_kblock, k_granule
+    from lowbit.quant.formats import LowBitSpec
+    from lowbit.runtime.qgemm import pack_weight
+
+    first = group[0].spec
+    n = sum(f.spec.out_features for f in group)
+    spec = LowBitSpec(first.weight_format, first.granularity, first.group_size, first.in_features, n,
+                      first.act_format)
+    q = torch.cat([f.q for f in group]) if len(group) > 1 else group[0].q
+
+    def rows(t, f):
+        return t.reshape(1, 1).expand(f.spec.out_features, 1) if t.numel() == 1 else t.reshape(f.spec.out_features, -1)
+
+    if first.granularity == "tensor" and len(group) == 1:
+        scales = group[0].scales.reshape(1, 1).expand(n, 1).contiguous()
+    else:
+        scales = torch.cat([rows(f.scales, f) for f in group]).contiguous()
+        if first.granularity == "tensor":
+            spec = LowBitSpec(first.weight_format, "channel", 0, first.in_features, n, first.act_format)
+    zero = None
+    if group[0].zero_points is not None:
+        zero = torch.cat([rows(f.zero_points, f) for f in group]).contiguous()
+    bias = None
+    if any(f.bias is not None for f in group):
+        bias = torch.cat([f.bias if f.bias is not None else torch.zeros(f.spec.out_features)
+                          for f in group]).to(torch.float32).contiguous()
+    kblock = choose_kblock(spec.in_features, spec.group_width, k_granule(spec.weight_format))
+    pw = pack_weight(q.to(torch.int8).contiguous(), scales.to(torch.float32), spec.weight_format,
+                     group=spec.group_width, zero=zero, kblock=kblock)
+    origins = {f.origin for f in group}
+    return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
+                      pw.data.view(torch.int8), bias, [], _location(group[0].node))
+
+
+def _drop_unused_inputs(captured: CapturedGraph, graph: torch.fx.Graph) -> None:
+    """Remove placeholders nothing reads any more (weights now packed) from the graph and
+    from the captured graph's runtime inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    keep_idx, keep_spec = [], []
+    for node, pos, spec in zip(placeholders, captured.input_indices, captured.input_specs):
+        if node.users or pos in captured.mutated_inputs:
+            keep_idx.append(pos)
+            keep_spec.append(spec)
+        else:
+            graph.erase_node(node)
+    captured.input_indices[:] = keep_idx
+    captured.input_specs[:] = keep_spec

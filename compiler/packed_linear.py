@@ -1,0 +1,72 @@
+"""``torch.ops.lowbit.packed_linear``: a low-bit linear whose weight is a runtime buffer.
+
+Binding (`lowbit.compiler.bind`) replaces every recognised low-bit matmul of a captured
+graph by this op, with the weight already packed in the microkernels' layout (codes,
+scales and offsets inside the blocks, docs/kernels.md) and passed as a graph *input*:
+
+    lowbit::packed_linear(Tensor x, Tensor packed, Tensor? bias, str weight_format,
+                          str granularity, int group_size, int in_features,
+                          int out_features, int kblock, str act_format) -> Tensor
+
+so the compiled code carries the layer's format, shape and tiling but never its bytes
+(weights are data, not code). The eager implementation runs the runtime's whole-layer
+kernel (`lowbit.runtime.qgemm.qlinear`), so a graph after binding still runs in eager
+(the fallback for parts the pipeline rejects) with the same numerics as compiled code.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lowbit.quant.formats import LowBitSpec
+
+SCHEMA = ("(Tensor x, Tensor packed, Tensor? bias, str weight_format, str granularity, int group_size, "
+          "int in_features, int out_features, int kblock, str act_format) -> Tensor")
+
+
+def spec_of(weight_format: str, granularity: str, group_size: int, in_features: int, out_features: int,
+            act_format: str) -> LowBitSpec:
+    return LowBitSpec(weight_format, granularity, group_size, in_features, out_features, act_format)
+
+
+def _check(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], spec: LowBitSpec) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"lowbit.packed_linear: x must be float32 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != spec.in_features:
+        raise ValueError(f"lowbit.packed_linear: x must have shape [..., {spec.in_features}], "
+                         f"got {list(x.shape)}")
+    if packed.dtype not in (torch.int8, torch.uint8) or packed.dim() != 1:
+        raise TypeError(f"lowbit.packed_linear: packed must be a 1-D int8/uint8 tensor, got "
+                        f"{packed.dtype}{list(packed.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (spec.out_features,)):
+        raise ValueError(f"lowbit.packed_linear: bias must be float32 [{spec.out_features}], got "
+                         f"{bias.dtype}{list(bias.shape)}")
+
+
+@torch.library.custom_op("lowbit::packed_linear", mutates_args=(), schema=SCHEMA)
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], weight_format: str,
+                  granularity: str, group_size: int, in_features: int, out_features: int, kblock: int,
+                  act_format: str) -> torch.Tensor:
+    """``y = x @ W^T + bias`` with W pre-packed for the kernels (see the module docstring)."""
+    from lowbit.runtime.qgemm import PackedWeight, packed_layout, qlinear
+
+    spec = spec_of(weight_format, granularity, group_size, in_features, out_features, act_format)
+    _check(x, packed, bias, spec)
+    total, kbb, nbb, nkb = packed_layout(spec.weight_format, out_features, in_features, kblock)
+    if packed.numel() != total:
+        raise ValueError(f"lowbit.packed_linear: packed has {packed.numel()} bytes, the layout needs {total}")
+    pw = PackedWeight(packed.view(torch.uint8), spec.weight_format, out_features, in_features, kblock,
+                      kbb, nbb, nkb)
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], out_features))
+    mode = "int8" if act_format == "int8" else "weight_only"
+    return qlinear(x.contiguous(), pw, bias, mode=mode)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x, packed, bias, weight_format, granularity, group_size, in_features, out_features,
+                        kblock, act_format):
+    spec = spec_of(weight_format, granularity, group_size, in_features, out_features, act_format)
+    _check(x, packed, bias, spec)
+    return x.new_empty((*x.shape[:-1], out_features))
