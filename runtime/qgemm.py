@@ -309,8 +309,8 @@ def quantize_activations(x, kblock: int, *, per_block: bool = False):
     """
     x = _check(_as_tensor(x, "x"), "x", (torch.float32, torch.bfloat16), ndim=2)
     m, k = x.shape
-    if m == 0 or k == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if k == 0:
+        raise ValueError(f"x must have a non-empty K dimension, got shape {tuple(x.shape)}")
     if kblock <= 0 or kblock % 4:
         raise ValueError(f"kblock must be a positive multiple of 4, got {kblock}")
     nkb = -(-k // kblock)
@@ -440,8 +440,6 @@ def qlinear(x, pw: PackedWeight, bias=None, *, mode: str = "int8",
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.k)
     m = x2.shape[0]
-    if m == 0:
-        raise ValueError(f"x has no rows, shape {tuple(x.shape)}")
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")

@@ -83,10 +83,12 @@ LB_INLINE __m256 exp_ps(__m256 x) {
 }
 
 // The epilogue's activation (order and definitions in lowbit/qgemm.h).
+// ReLU is max(0, v) with v as the SECOND operand: vmaxps returns its second operand when
+// either is NaN (and for 0 vs -0), so NaN and -0 pass through as in torch.relu.
 LB_INLINE __m256 apply_act(int32_t flags, __m256 v) {
-  if (flags & LOWBIT_QF_ACT_RELU) return _mm256_max_ps(v, _mm256_setzero_ps());
+  if (flags & LOWBIT_QF_ACT_RELU) return _mm256_max_ps(_mm256_setzero_ps(), v);
   if (flags & LOWBIT_QF_ACT_RELU2) {
-    const __m256 r = _mm256_max_ps(v, _mm256_setzero_ps());
+    const __m256 r = _mm256_max_ps(_mm256_setzero_ps(), v);
     return _mm256_mul_ps(r, r);
   }
   if (flags & LOWBIT_QF_ACT_SILU) {

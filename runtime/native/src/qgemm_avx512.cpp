@@ -138,10 +138,12 @@ LB_INLINE __m512 exp_ps(__m512 x) {
 }
 
 // The epilogue's activation (order and definitions in lowbit/qgemm.h).
+// ReLU is max(0, v) with v as the SECOND operand: vmaxps returns its second operand when
+// either is NaN (and for 0 vs -0), so NaN and -0 pass through as in torch.relu.
 LB_INLINE __m512 apply_act(int32_t flags, __m512 v) {
-  if (flags & LOWBIT_QF_ACT_RELU) return _mm512_max_ps(v, _mm512_setzero_ps());
+  if (flags & LOWBIT_QF_ACT_RELU) return _mm512_max_ps(_mm512_setzero_ps(), v);
   if (flags & LOWBIT_QF_ACT_RELU2) {
-    const __m512 r = _mm512_max_ps(v, _mm512_setzero_ps());
+    const __m512 r = _mm512_max_ps(_mm512_setzero_ps(), v);
     return _mm512_mul_ps(r, r);
   }
   if (flags & LOWBIT_QF_ACT_SILU) {
@@ -442,9 +444,12 @@ void tile_avx512(const Desc& d, const Args& g) {
 
 // Activation quantization, 16 values at a time; the fp32 product x*s is rounded half to even
 // by vcvtps2dq (MXCSR default) and narrowed with signed saturation (the clamp).
+// NaN / Inf as quant_act_scalar: a row / K-block holding NaN or +-Inf gets scale NaN, codes 0
+// and row sum 0 (vmaxps alone would drop NaNs depending on their position).
 void quant_act_avx512(const QuantArgs& qa) {
   const bool per_block = qa.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
   const bool bf16 = qa.xtype == LOWBIT_QT_BF16;
+  const float kNaN = __builtin_nanf("");
   auto load16 = [&](int64_t row, int64_t k, __mmask16 mk) -> __m512 {
     if (bf16) {
       const uint16_t* p = static_cast<const uint16_t*>(qa.x) + row * qa.ldx + k;
@@ -452,16 +457,23 @@ void quant_act_avx512(const QuantArgs& qa) {
     }
     return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(qa.x) + row * qa.ldx + k);
   };
+  // amax over [k0, k1), or NaN if a value there is NaN or +-Inf (|x| > FLT_MAX or unordered).
   auto amax_of = [&](int64_t row, int64_t k0, int64_t k1) {
+    const __m512 fmax = _mm512_set1_ps(3.40282347e38f);
     __m512 mx = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 16)
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(row, k, lane_mask(k1 - k))));
-    return _mm512_reduce_max_ps(mx);
+    __mmask16 bad = 0;
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m512 a = _mm512_abs_ps(load16(row, k, lane_mask(k1 - k)));
+      bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);
+      mx = _mm512_max_ps(mx, a);
+    }
+    return bad ? kNaN : _mm512_reduce_max_ps(mx);
   };
+  auto scale_of = [&](float amax) { return amax != amax ? kNaN : 127.0f / std::max(amax, 1e-5f); };
   for (int64_t r = 0; r < qa.m; ++r) {
     float s_row = 0.0f;
     if (!per_block) {
-      s_row = 127.0f / std::max(amax_of(r, 0, qa.k), 1e-5f);
+      s_row = scale_of(amax_of(r, 0, qa.k));
       qa.scale[r] = s_row;
     }
     int8_t* xq = qa.xq + r * qa.ldq;
@@ -469,8 +481,13 @@ void quant_act_avx512(const QuantArgs& qa) {
       const int64_t k0 = b * qa.kblock, k1 = std::min(qa.k, k0 + qa.kblock);
       float s = s_row;
       if (per_block) {
-        s = 127.0f / std::max(amax_of(r, k0, k1), 1e-5f);
+        s = scale_of(amax_of(r, k0, k1));
         qa.scale[r * qa.ld_aux + b] = s;
+      }
+      if (s != s) {
+        memset(xq + k0, 0, size_t(qa.kblock));
+        qa.rowsum[r * qa.ld_aux + b] = 0;
+        continue;
       }
       const __m512 vs = _mm512_set1_ps(s);
       const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);

@@ -125,11 +125,14 @@ int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k, in
                           int32_t* rowsum, int64_t ld_aux) {
   if (xtype != LOWBIT_QT_F32 && xtype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
   if (flags & ~LOWBIT_QF_ASCALE_PER_BLOCK) return -LOWBIT_E_UNSUPPORTED;
-  if (!x || !xq || !scale || !rowsum) return -LOWBIT_E_UNSUPPORTED;
-  if (m <= 0 || k <= 0 || kblock <= 0) return -LOWBIT_E_SHAPE;
+  if (m < 0 || k <= 0 || kblock <= 0) return -LOWBIT_E_SHAPE;
   if (kblock % 4 != 0) return -LOWBIT_E_ALIGNMENT;
   const int64_t nkb = (k + kblock - 1) / kblock;
   if (ldx < k || ldq < nkb * kblock || ld_aux < nkb) return -LOWBIT_E_LEADING_DIM;
+  // No tokens (a dynamic M of 0): nothing to read or write; the buffers of an empty tensor
+  // may be null.
+  if (m == 0) return 0;
+  if (!x || !xq || !scale || !rowsum) return -LOWBIT_E_UNSUPPORTED;
   QuantArgs qa{xtype, flags, x, m, k, ldx, kblock, nkb, xq, ldq, scale, rowsum, ld_aux};
   if (lowbit_rt_isa() == LOWBIT_ISA_AVX512)
     quant_act_avx512(qa);
@@ -146,9 +149,10 @@ int32_t lowbit_qlinear(int32_t wfmt, const uint8_t* packed, int64_t n, int64_t k
   if (total < 0) return int32_t(total);
   if (mode != LOWBIT_QT_INT8 && mode != LOWBIT_QT_F32) return -LOWBIT_E_UNSUPPORTED;
   if (xtype != LOWBIT_QT_F32 && xtype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
-  if (!packed || !x || !y) return -LOWBIT_E_UNSUPPORTED;
-  if (m <= 0) return -LOWBIT_E_SHAPE;
+  if (m < 0) return -LOWBIT_E_SHAPE;
   if (ldx < k || ldy < n) return -LOWBIT_E_LEADING_DIM;
+  if (m == 0) return 0;  // no tokens: y is empty
+  if (!packed || !x || !y) return -LOWBIT_E_UNSUPPORTED;
   const int64_t kp = nkb * kblock;
   const int32_t flags = bias ? LOWBIT_QF_BIAS : 0;
 

@@ -35,9 +35,10 @@ float load_act(int32_t t, const void* base, int64_t i) {
 
 // The epilogue's activation (docs in lowbit/qgemm.h), in fp32; libm expf (< 1 ulp).
 float apply_act_scalar(int32_t flags, float v) {
-  if (flags & LOWBIT_QF_ACT_RELU) return v > 0.0f ? v : 0.0f;
+  // ReLU as torch.relu: NaN stays NaN, -0 stays -0 (only v < 0 becomes 0).
+  if (flags & LOWBIT_QF_ACT_RELU) return v < 0.0f ? 0.0f : v;
   if (flags & LOWBIT_QF_ACT_RELU2) {
-    const float r = v > 0.0f ? v : 0.0f;
+    const float r = v < 0.0f ? 0.0f : v;
     return r * r;
   }
   if (flags & LOWBIT_QF_ACT_SILU) return v / (1.0f + expf(-v));
@@ -107,32 +108,50 @@ void tile_scalar(const Desc& d, const Args& g) {
   }
 }
 
+// NaN / Inf (docs/kernels.md "NaN and Inf"): eager's s = 127 / amax is NaN for a NaN amax and
+// its round(x * s) is NaN at every +-Inf (Inf * 0), so every output of such a row is NaN.
+// int8 codes cannot hold NaN: the row (per-token) or K-block (per-block) gets scale NaN, codes
+// 0 and row sum 0, and the tiles' division by the scale makes the outputs NaN.
 void quant_act_scalar(const QuantArgs& qa) {
   const bool per_block = qa.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  const float kNaN = __builtin_nanf("");
+  // amax over [k0, k1), NaN if any value is NaN or +-Inf.
+  auto amax_of = [&](int64_t x0, int64_t k0, int64_t k1) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float a = fabsf(load_act(qa.xtype, qa.x, x0 + k));
+      finite &= a <= 3.40282347e38f;
+      amax = fmaxf(amax, a);
+    }
+    return finite ? amax : kNaN;
+  };
   for (int64_t r = 0; r < qa.m; ++r) {
     const int64_t x0 = r * qa.ldx;
     float s_row = 0.0f;
     if (!per_block) {
-      float amax = 0.0f;
-      for (int64_t k = 0; k < qa.k; ++k) amax = fmaxf(amax, fabsf(load_act(qa.xtype, qa.x, x0 + k)));
-      s_row = 127.0f / fmaxf(amax, 1e-5f);
+      const float amax = amax_of(x0, 0, qa.k);
+      s_row = amax != amax ? kNaN : 127.0f / fmaxf(amax, 1e-5f);  // (fmaxf would drop a NaN)
       qa.scale[r] = s_row;
     }
     for (int64_t b = 0; b < qa.nkb; ++b) {
       const int64_t k0 = b * qa.kblock, k1 = std::min(qa.k, k0 + qa.kblock);
       float s = s_row;
       if (per_block) {
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) amax = fmaxf(amax, fabsf(load_act(qa.xtype, qa.x, x0 + k)));
-        s = 127.0f / fmaxf(amax, 1e-5f);
+        const float amax = amax_of(x0, k0, k1);
+        s = amax != amax ? kNaN : 127.0f / fmaxf(amax, 1e-5f);
         qa.scale[r * qa.ld_aux + b] = s;
       }
       int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const float p = load_act(qa.xtype, qa.x, x0 + k) * s;
-        const float v = fminf(fmaxf(nearbyintf(p), -128.0f), 127.0f);
-        qa.xq[r * qa.ldq + k] = int8_t(v);
-        sum += int32_t(v);
+      if (s != s) {
+        for (int64_t k = k0; k < k1; ++k) qa.xq[r * qa.ldq + k] = 0;
+      } else {
+        for (int64_t k = k0; k < k1; ++k) {
+          const float p = load_act(qa.xtype, qa.x, x0 + k) * s;
+          const float v = fminf(fmaxf(nearbyintf(p), -128.0f), 127.0f);
+          qa.xq[r * qa.ldq + k] = int8_t(v);
+          sum += int32_t(v);
+        }
       }
       for (int64_t k = k1; k < k0 + qa.kblock; ++k) qa.xq[r * qa.ldq + k] = 0;
       qa.rowsum[r * qa.ld_aux + b] = sum;

@@ -677,8 +677,8 @@ def test_qlinear_bad_input():
                              pw.nblock_bytes, pw.num_kblocks)
     with pytest.raises(ValueError, match="packed data has"):
         qgemm.qlinear(torch.randn(2, 16), bad)
-    with pytest.raises(ValueError, match="x must be non-empty"):
-        qgemm.quantize_activations(torch.randn(0, 16), 16)
+    with pytest.raises(ValueError, match="non-empty K"):
+        qgemm.quantize_activations(torch.randn(2, 0), 16)
     with pytest.raises(ValueError, match="kblock must be a positive multiple of 4"):
         qgemm.quantize_activations(torch.randn(2, 16), 6)
     y = qgemm.qlinear(torch.randn(2, 3, 16), pw)  # leading dims are flattened and restored

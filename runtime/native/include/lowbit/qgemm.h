@@ -110,7 +110,11 @@ LOWBIT_API int32_t lowbit_qunpack(int32_t wfmt, const uint8_t* packed, int64_t n
  *   xq[m][k] = clamp(round_half_even(x[m][k] * s), -128, 127), 0 for k in [k, nkb*kblock)
  *   rowsum[m][i] = sum of xq[m][k] over K-block i.
  * x: fp32 or bf16 [m][ldx]; xq: [m][ldq], ldq >= nkb*kblock (nkb = ceil(k/kblock));
- * scale: [m] (or [m][ld_aux] with LOWBIT_QF_ASCALE_PER_BLOCK); rowsum: [m][ld_aux]. */
+ * scale: [m] (or [m][ld_aux] with LOWBIT_QF_ASCALE_PER_BLOCK); rowsum: [m][ld_aux].
+ * m = 0 (no tokens) validates the other arguments and returns 0 without touching any buffer
+ * (which may then be null).
+ * NaN / Inf follow the eager op (docs/kernels.md "NaN and Inf"): a row (or K-block) whose
+ * amax is NaN or +Inf gets scale NaN and rowsum 0, which every tile turns into a NaN output. */
 LOWBIT_API int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k,
                                      int64_t ldx, int64_t kblock, int32_t flags, int8_t* xq,
                                      int64_t ldq, float* scale, int32_t* rowsum, int64_t ld_aux);
@@ -141,7 +145,7 @@ LOWBIT_API const char* lowbit_qgemm_handle_isa(int64_t handle);
 /* Whole layer, single-threaded on the calling thread: y[m][n] = x[m][k] @ W^T (+ bias).
  * mode LOWBIT_QT_INT8: quantize x per token to int8 (lowbit_qquant_act) and run the int8
  * kernels; mode LOWBIT_QT_F32: weight-only (fp32 accumulation of x against W).
- * x: fp32/bf16 [m][ldx]; y: fp32/bf16 [m][ldy]. */
+ * x: fp32/bf16 [m][ldx]; y: fp32/bf16 [m][ldy]. m = 0 returns 0 and touches nothing. */
 LOWBIT_API int32_t lowbit_qlinear(int32_t wfmt, const uint8_t* packed, int64_t n, int64_t k,
                                   int64_t kblock, int32_t mode, int32_t xtype, const void* x,
                                   int64_t m, int64_t ldx, const float* bias, int32_t ytype,
