@@ -60,10 +60,19 @@ class LowbitCallable:
     inputs are not part of it because their guard recompiles when they change.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, freezable: list[int], options: CompileOptions):
+    def __init__(self, gm: torch.fx.GraphModule, freezable: list[int], options: CompileOptions,
+                 dynamic_dims: dict | None = None):
         self.gm = gm
         self.freezable = freezable
         self.options = options
+        # Dims dynamo made symbolic (automatic dynamic shapes, mark_dynamic): one compile
+        # serves every size, so they are not part of the cache key; nor are the SymInt
+        # inputs that carry those sizes.
+        self.dynamic_dims = dynamic_dims or {}
+        symbols = {s for dims in self.dynamic_dims.values() for s in dims.values()}
+        self._size_inputs = {i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))
+                             if isinstance(n.meta.get("example_value"), torch.SymInt)
+                             and str(n.meta["example_value"].node.expr) in symbols}
         self.cache: dict[tuple, Callable] = {}
         self.unsupported: set[str] = set()  # ops that fell back to eager, shared by all signatures
         self._guarded: dict[tuple, Callable] = {}  # key -> frozen-tensor check of the entry
@@ -71,14 +80,19 @@ class LowbitCallable:
         self._keyed = [i for i in range(len(gm.graph.find_nodes(op="placeholder"))) if i not in frozen]
 
     def _compile(self, args: Sequence[Any]) -> Callable:
-        return compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported)
+        return compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported,
+                                     dynamic_dims=self.dynamic_dims)
 
     def signature(self, args: Sequence[Any]) -> tuple:
         key = []
         for i in self._keyed:
             a = args[i]
+            if i in self._size_inputs:
+                continue
             if isinstance(a, torch.Tensor):
-                key.append((a.shape, a.dtype, a.device))
+                dyn = self.dynamic_dims.get(i)
+                shape = tuple(None if dyn and d in dyn else s for d, s in enumerate(a.shape)) if dyn else a.shape
+                key.append((shape, a.dtype, a.device))
             else:
                 key.append(a if isinstance(a, (int, float, bool, str, type(None))) else id(a))
         return tuple(key)
@@ -114,4 +128,7 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
         warnings.warn("lowbit: graph requires autograd (run under torch.no_grad() or "
                       "torch.inference_mode() to compile it); running it in eager", RuntimeWarning)
         return gm.forward
-    return LowbitCallable(gm, freezable_positions(gm, example_inputs), options)
+    from lowbit.compiler.frontend import dynamic_dims_from_dynamo
+
+    return LowbitCallable(gm, freezable_positions(gm, example_inputs), options,
+                          dynamic_dims_from_dynamo(gm, example_inputs))

@@ -22,7 +22,8 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 
 from lowbit.compiler.bind import Binding, bind_weights
 from lowbit.compiler.compile import CompiledGraph, FrozenGuard, compile_captured
-from lowbit.compiler.frontend import NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture
+from lowbit.compiler.frontend import (NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture,
+                                      dynamic_dims_from_meta)
 from lowbit.compiler.pipeline import CompileOptions, StageError
 from lowbit.compiler.report import register as register_report
 
@@ -146,7 +147,8 @@ def _partition_and_compile(captured: CapturedGraph, args: Sequence[Any], unsuppo
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                sub_captured = capture(sub, example, frozen)
+                sub_captured = capture(sub, example, frozen,
+                                       dynamic_dims=dynamic_dims_from_meta(sub.graph.find_nodes(op="placeholder")))
             compiled = compile_captured(sub_captured, options)
         except StageError as e:
             raise _Rejected(rejected_ops(str(e.cause), sub_captured.graph_module), e.stage,
@@ -241,7 +243,7 @@ def merge_reports(bound: list[dict], pipeline: list[dict]) -> list[dict]:
 
 def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
                           options: CompileOptions, known_unsupported: set[str] | None = None,
-                          max_rounds: int = 8) -> Callable:
+                          max_rounds: int = 8, dynamic_dims: dict | None = None) -> Callable:
     """Compile `fn` for `args`; on failure, partition around the ops the pipeline rejects.
 
     Module state (`freezable` positions) stays a runtime input; low-bit matmuls found on
@@ -256,7 +258,7 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            captured = capture(fn, args, () if bind else freezable)
+            captured = capture(fn, args, () if bind else freezable, dynamic_dims=dynamic_dims)
     except FrontendError as e:
         _warn_once("the graph", f"capture failed: {_first_line(e)}")
         return fn

@@ -133,6 +133,8 @@ class RecognizeActQuant(ModulePass):
         if spec.act_format != "none":
             return
         a2, r = call.operands[0], call.results[0]
+        if not ir.RankedTensorType(a2.type).has_static_shape:
+            return  # the probes evaluate the subgraph at static shapes only
         rescale = _single_user_through_reshapes(r)
         candidates = self._candidates(a2)
         if not candidates or rescale is None:
