@@ -83,18 +83,36 @@ def _map(text: str) -> ir.AffineMap:
 
 @dataclasses.dataclass
 class Matmul:
-    """A recognised C[(b,) m, n] += A[(b,) m, k] * B[(b,) k, n] (B given as B^T when b_transposed)."""
+    """A recognised C[(b,) m, n] += A[(b,) m, k] * B[(b,) k, n] (B given as B^T when b_transposed).
+
+    Sizes are None when dynamic (a shape-generic compile: token count, KV length)."""
 
     op: ir.Operation
     a: ir.Value
     b: ir.Value
     c: ir.Value
-    batch: int | None
-    m: int
-    n: int
-    k: int
+    batch: int | None   # batch size of a bmm (None: dynamic, or not a bmm; see `bmm`)
+    m: int | None
+    n: int | None
+    k: int | None
     dtype: str          # "f32" | "bf16" (A and B)
     b_transposed: bool  # b holds [n, k]
+    bmm: bool = False
+
+    @property
+    def static(self) -> bool:
+        return None not in (self.m, self.n, self.k) and (not self.bmm or self.batch is not None)
+
+
+def ranked_shape(value: ir.Value) -> list[int | None] | None:
+    """The shape of a ranked tensor/memref value, None per dynamic dim (None if unranked)."""
+    t = value.type
+    if not isinstance(t, (ir.RankedTensorType, ir.MemRefType)):
+        try:
+            t = ir.RankedTensorType(t)
+        except ValueError:
+            return None
+    return [None if ir.ShapedType.is_dynamic_size(d) else d for d in t.shape]
 
 
 _MM = ["(d0, d1, d2) -> (d0, d2)", "(d0, d1, d2) -> (d2, d1)", "(d0, d1, d2) -> (d0, d1)"]
@@ -144,8 +162,9 @@ def bf16_source(value: ir.Value) -> ir.Value | None:
 def match_matmul(op: ir.Operation) -> Matmul | None:
     """The matmul `op` computes, if it is one the BRGEMM kernels run; else None.
 
-    Accepted: static shapes; A and B both f32 or both bf16; C f32 (bf16 products are
-    accumulated in f32, as torch-mlir lowers bf16 matmuls); plain (unfused) bodies.
+    Accepted: static or dynamic sizes (ranked); A and B both f32 or both bf16; C f32 (bf16
+    products are accumulated in f32, as torch-mlir lowers bf16 matmuls); plain (unfused)
+    bodies.
     """
     name = op.name
     if name not in ("linalg.matmul", "linalg.batch_matmul", "linalg.generic"):
@@ -153,7 +172,7 @@ def match_matmul(op: ir.Operation) -> Matmul | None:
     if len(op.operands) != 3 or len(op.results) != 1:
         return None
     a, b, c = op.operands[0], op.operands[1], op.operands[2]
-    shapes = [static_shape(v) for v in (a, b, c)]
+    shapes = [ranked_shape(v) for v in (a, b, c)]
     if any(s is None for s in shapes) or not isinstance(c.type, ir.RankedTensorType):
         return None
     ta, tb, tc = (element_name(v.type) for v in (a, b, c))
@@ -182,8 +201,8 @@ def match_matmul(op: ir.Operation) -> Matmul | None:
         if sa is not None and sb is not None:
             a, b, ta = sa, sb, "bf16"
     if kind[0] == "bmm":
-        (bs, m, k), (_, _, n) = shapes[0], shapes[1]
-        return Matmul(op, a, b, c, bs, m, n, k, ta, False)
+        (bs, m, k), n = shapes[0], shapes[2][2]
+        return Matmul(op, a, b, c, bs, m, n, k, ta, False, bmm=True)
     (m, k) = shapes[0]
     n = shapes[2][1]
     return Matmul(op, a, b, c, None, m, n, k, ta, kind[1])

@@ -48,10 +48,12 @@ NB = 32  # LOWBIT_BRGEMM_NB
 
 @dataclasses.dataclass
 class _Plan:
-    mm: ds.Matmul
+    mm: ds.Matmul | None
     packed: np.ndarray | None  # packed B (f32, or uint16 bf16 bits), blocked shape
     tile_m: int
     tile_n: int
+    op: ir.Operation | None = None  # a packed contraction that arrived already blocked
+    dtype: str = ""
 
 
 @register_pass
@@ -72,14 +74,23 @@ class DenseTile(ModulePass):
     min_tasks_per_thread: int = 2
     min_task_flops: int = 1 << 21
     pack: bool = True
+    dynamic_extent: int = 128
 
     def run(self, module: ir.Operation) -> None:
-        if min(self.tile_m, self.tile_n, self.threads, self.min_task_flops) < 0 or self.min_tasks_per_thread < 1:
+        if (min(self.tile_m, self.tile_n, self.threads, self.min_task_flops) < 0 or self.min_tasks_per_thread < 1
+                or self.dynamic_extent < 1):
             raise PassError(f"{self.NAME}: options must be non-negative ({self.option_text()})")
         plans = []
         for f in ds.func_ops(module):
             for op in ds.walk(f):
-                if ds.BRGEMM_ATTR in op.attributes or ds.inside(op, {"scf.forall", "scf.for", "scf.parallel"}):
+                if ds.inside(op, {"scf.forall", "scf.for", "scf.parallel"}):
+                    continue
+                if ds.BRGEMM_ATTR in op.attributes:
+                    # A blocked contraction over a B packed at bind time (a function
+                    # argument), emitted by the low-bit passes in this pass's own form.
+                    plan = self._plan_packed_argument(op)
+                    if plan is not None:
+                        plans.append(plan)
                     continue
                 mm = ds.match_matmul(op)
                 if mm is not None:
@@ -90,7 +101,7 @@ class DenseTile(ModulePass):
             return
         script = []
         for i, plan in enumerate(plans):
-            tiled = self._rewrite(plan)
+            tiled = plan.op if plan.op is not None else self._rewrite(plan)
             tiled.attributes[ds.TILE_TAG] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i)
             sizes = self._tile_sizes(plan)
             script.append(
@@ -107,40 +118,49 @@ class DenseTile(ModulePass):
     # -- planning -------------------------------------------------------------------------
 
     def _plan(self, mm: ds.Matmul) -> _Plan | None:
+        if 0 in (mm.m, mm.n, mm.k) or (mm.bmm and mm.batch == 0):
+            return None  # an empty product (e.g. zero K): nothing for a kernel, loops do it
         packed = None
-        if self.pack and mm.batch is None and mm.n % NB == 0 and (mm.dtype == "f32" or mm.k % 2 == 0):
+        if (self.pack and not mm.bmm and mm.n is not None and mm.k is not None and mm.n % NB == 0
+                and (mm.dtype == "f32" or mm.k % 2 == 0)):
             const = ds.constant_of(mm.b)
             if const is not None:
                 array, through_transpose = const
                 # B^T either from a transpose op or from a generic's (n, k) map.
                 packed = _pack(array, mm.dtype, transposed=through_transpose != mm.b_transposed,
                                k=mm.k, n=mm.n)
-        if packed is None and mm.b_transposed:
-            return None  # a non-constant B^T: left for other passes
-        if packed is None and mm.op.name == "linalg.generic":
-            return None  # only named row-major ops are tiled without packing
-        elt = 4 if mm.dtype == "f32" else 2
+        m, n, k = self._tile_sizes_for(mm.m, mm.n, mm.k, mm.dtype, mm.batch if mm.bmm else None,
+                                       packed is not None)
+        return _Plan(mm, packed, m, n)
+
+    def _tile_sizes_for(self, m: int | None, n: int | None, k: int | None, dtype: str,
+                        batch: int | None, packed: bool) -> tuple[int, int, int]:
+        """(tile-m, tile-n, k) for an (m x k) @ (k x n) product. A dynamic size is planned
+        at `dynamic-extent` and its tile is kept as a fixed block (runtime tails)."""
+        hint = self.dynamic_extent
+        m_, n_, k_ = (hint if v is None else v for v in (m, n, k))
+        elt = 4 if dtype == "f32" else 2
         threads = self.threads or ds.cpu_threads()
         l2 = ds.cache_bytes(2, 1 << 20)
         l3 = ds.cache_bytes(3, 8 << 20)
-        n_unit = NB if packed is not None else 1
-        tn_limit = self.tile_n or max(NB, min(1024, (l2 // 2) // (mm.k * elt)))
-        tm_limit = self.tile_m or max(1, min(512, (l3 // (2 * threads)) // (mm.k * elt)))
-        tn_opts = [d for d in ds.divisors(mm.n) if d % n_unit == 0 and d <= max(tn_limit, n_unit)]
+        n_unit = NB if packed else 1
+        tn_limit = self.tile_n or max(NB, min(1024, (l2 // 2) // (k_ * elt)))
+        tm_limit = self.tile_m or max(1, min(512, (l3 // (2 * threads)) // (k_ * elt)))
+        tn_opts = [d for d in ds.divisors(n_) if d % n_unit == 0 and d <= max(tn_limit, n_unit)]
         if not tn_opts:
-            tn_opts = [n_unit if packed is not None else mm.n]
-        tm_opts = [d for d in ds.divisors(mm.m) if d <= tm_limit] or [1]
+            tn_opts = [n_unit if packed else n_]
+        tm_opts = [d for d in ds.divisors(m_) if d <= tm_limit] or [1]
         # Row-major N tiles are whole vectors (16 lanes) or all of N.
-        if packed is None:
-            tn_opts = sorted({d for d in tn_opts if d % 16 == 0} | {mm.n})
+        if not packed:
+            tn_opts = sorted({d for d in tn_opts if d % 16 == 0} | {n_})
         tm, tn = tm_opts[-1], tn_opts[-1]
         want = threads * self.min_tasks_per_thread
-        batch = mm.batch or 1
+        batch = 1 if batch is None else batch
 
-        def big_enough(m_: int, n_: int) -> bool:
-            return 2 * m_ * n_ * mm.k >= self.min_task_flops
+        def big_enough(m2: int, n2: int) -> bool:
+            return 2 * m2 * n2 * k_ >= self.min_task_flops
 
-        while batch * (mm.m // tm) * (mm.n // tn) < want:
+        while batch * (m_ // tm) * (n_ // tn) < want:
             smaller_n = [d for d in tn_opts if d < tn and big_enough(tm, d)]
             smaller_m = [d for d in tm_opts if d < tm and big_enough(d, tn)]
             if smaller_n and (tn >= 2 * NB or not smaller_m):
@@ -149,14 +169,38 @@ class DenseTile(ModulePass):
                 tm = smaller_m[-1]
             else:
                 break
-        return _Plan(mm, packed, tm, tn)
+        return tm, tn, k_
+
+    def _plan_packed_argument(self, op: ir.Operation) -> _Plan | None:
+        """An untiled blocked `linalg.contract` tagged `lowbit.brgemm = "packed"` whose packed
+        B is not a constant (bound at run time): A [M, K] (bf16: [M, K/2, 2]), P [N/32, K, 32]
+        (bf16: [N/32, K/2, 32, 2]), C [M, N/32, 32]; M may be dynamic."""
+        if op.name != "linalg.contract" or ir.StringAttr(op.attributes[ds.BRGEMM_ATTR]).value != "packed":
+            return None
+        if not op.results or not isinstance(op.results[0].type, ir.RankedTensorType):
+            return None
+        a, p, c = (ds.ranked_shape(v) for v in op.operands[:3])
+        dtype = ds.element_name(op.operands[0].type)
+        rank_ok = (len(a), len(p), len(c)) == ((2, 3, 3) if dtype == "f32" else (3, 4, 3))
+        if dtype not in ("f32", "bf16") or not rank_ok or None in p or c[1:] != [p[0], NB]:
+            raise PassError(f"{op.location}: {self.NAME}: a lowbit.brgemm = \"packed\" contraction must be "
+                            f"A [M, K] / P [N/32, K, 32] (bf16: [M, K/2, 2] / [N/32, K/2, 32, 2]) -> "
+                            f"C [M, N/32, 32] with static P; got {op.operands[0].type}, "
+                            f"{op.operands[1].type}, {op.operands[2].type}")
+        k = p[1] if dtype == "f32" else 2 * p[1]
+        tm, tn, _ = self._tile_sizes_for(a[0], p[0] * NB, k, dtype, None, True)
+        if a[0] == 0:
+            return None
+        return _Plan(None, None, tm, tn, op=op, dtype=dtype)
 
     @staticmethod
     def _tile_sizes(plan: _Plan) -> list[int]:
+        if plan.op is not None:  # packed contraction given as input
+            return [plan.tile_m, plan.tile_n // NB, 0, 0] + ([0] if plan.dtype == "bf16" else [])
         mm = plan.mm
         if plan.packed is not None:
             return [plan.tile_m, plan.tile_n // NB, 0, 0] + ([0] if mm.dtype == "bf16" else [])
-        if mm.batch is not None:
+        if mm.bmm:
             return [1, plan.tile_m, plan.tile_n, 0]
         return [plan.tile_m, plan.tile_n, 0]
 
@@ -167,12 +211,19 @@ class DenseTile(ModulePass):
         tile_attr = ir.DenseI64ArrayAttr.get([plan.tile_m, plan.tile_n])
         if plan.packed is None:
             op = mm.op
-            if mm.a != op.operands[0] or mm.b != op.operands[1]:
-                # Operands were looked through (bf16 -> f32 extf): rebuild the named op
-                # on the bf16 sources; its region extends them to f32.
-                build = linalg.batch_matmul if op.name == "linalg.batch_matmul" else linalg.matmul
+            b = mm.b
+            if mm.b_transposed:
+                # B^T that is not a constant (a weight bound at run time, or an activation):
+                # materialise B [k, n] once so the tiles read it row-major.
                 with ir.InsertionPoint(op), op.location:
-                    new = build(mm.a, mm.b, outs=[mm.c]).owner
+                    b = _transpose_2d(mm.b)
+            if mm.a != op.operands[0] or b != op.operands[1] or op.name == "linalg.generic":
+                # Operands were looked through (bf16 -> f32 extf) or transposed, or the op is
+                # a matmul-like generic: rebuild it as the named op on those operands (the
+                # named op's region extends bf16 to f32).
+                build = linalg.batch_matmul if mm.bmm else linalg.matmul
+                with ir.InsertionPoint(op), op.location:
+                    new = build(mm.a, b, outs=[mm.c]).owner
                 op.results[0].replace_all_uses_with(new.results[0])
                 op.erase()
                 op = new
@@ -183,6 +234,22 @@ class DenseTile(ModulePass):
             op = _packed_contract(mm, plan.packed)
             op.attributes["lowbit.brgemm_tile"] = tile_attr
         return op
+
+
+def _transpose_2d(value: ir.Value) -> ir.Value:
+    """`linalg.transpose` of a 2-D tensor into a new (possibly dynamic) tensor."""
+    t = ir.RankedTensorType(value.type)
+    rows, cols = t.shape
+    dyn = []
+    index = ir.IndexType.get()
+    for dim, size in ((1, cols), (0, rows)):
+        if ir.ShapedType.is_dynamic_size(size):
+            pos = ir.Operation.create("arith.constant", results=[index],
+                                      attributes={"value": ir.IntegerAttr.get(index, dim)}).result
+            dyn.append(ir.Operation.create("tensor.dim", results=[index], operands=[value, pos]).result)
+    out_type = ir.RankedTensorType.get([cols, rows], t.element_type)
+    empty = ir.Operation.create("tensor.empty", results=[out_type], operands=dyn).result
+    return linalg.transpose(value, outs=[empty], permutation=[1, 0])
 
 
 BETA0_ATTR = "lowbit.brgemm_beta0"  # the tile writes C; its init is not read
@@ -216,12 +283,22 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
     p_type = ir.RankedTensorType.get(list(packed.shape), in_elem)
     p = ir.Operation.create("arith.constant", results=[p_type], attributes={"value": attr}).result
 
+    dyn = ir.ShapedType.get_dynamic_size()
+
     def expand(value, shape, reassoc):
+        # Only the row dim (0) can be dynamic: a shape-generic token count.
+        sizes = []
+        if shape[0] is None:
+            index = ir.IndexType.get()
+            zero = ir.Operation.create("arith.constant", results=[index],
+                                       attributes={"value": ir.IntegerAttr.get(index, 0)}).result
+            sizes.append(ir.Operation.create("tensor.dim", results=[index], operands=[value, zero]).result)
+        static = [dyn if d is None else d for d in shape]
         return ir.Operation.create(
-            "tensor.expand_shape", results=[ir.RankedTensorType.get(shape, ir.ShapedType(value.type).element_type)],
-            operands=[value], attributes={
+            "tensor.expand_shape", results=[ir.RankedTensorType.get(static, ir.ShapedType(value.type).element_type)],
+            operands=[value] + sizes, attributes={
                 "reassociation": ir.Attribute.parse(reassoc),
-                "static_output_shape": ir.DenseI64ArrayAttr.get(shape)}).result
+                "static_output_shape": ir.DenseI64ArrayAttr.get(static)}).result
 
     # tpp-mlir's beta = 0 folding, on tensors: a zero-filled init is not read (the kernel
     # writes C), and a bf16 rounding that only rounds this product is done by the kernel

@@ -150,33 +150,144 @@ func.func @odd_n_gemv(%x: tensor<1x3xf32>, %acc: tensor<1x17xf32>) -> tensor<1x1
 
 // -----
 
-// Negative: the pass must not fire on dynamic shapes, f16, integer matmuls, an f32 result
-// of mixed inputs, or a generic whose B^T is not a constant.
+// Negative: the pass must not fire on f16, integer matmuls, an f32 result of mixed
+// inputs, or an empty product (K = 0: the result is the init; issue 13's zero-K bmm
+// raised a division by zero in tile planning).
 // CHECK-LABEL: func.func @not_matched
 // CHECK-NOT: scf.forall
 // CHECK-NOT: lowbit.brgemm
-// CHECK: linalg.matmul ins({{.+}} : tensor<?x8xf32>, tensor<8x32xf32>)
 // CHECK: linalg.matmul ins({{.+}} : tensor<4x8xf16>, tensor<8x32xf16>)
 // CHECK: linalg.matmul ins({{.+}} : tensor<4x8xi32>, tensor<8x32xi32>)
 // CHECK: linalg.matmul ins({{.+}} : tensor<4x8xbf16>, tensor<8x32xf32>)
-// CHECK: linalg.generic
-func.func @not_matched(%d: tensor<?x8xf32>, %cd: tensor<?x32xf32>, %h: tensor<4x8xf16>, %hb: tensor<8x32xf16>,
+// CHECK: linalg.batch_matmul ins({{.+}} : tensor<2x3x0xf32>, tensor<2x0x5xf32>)
+func.func @not_matched(%h: tensor<4x8xf16>, %hb: tensor<8x32xf16>,
                        %ch: tensor<4x32xf16>, %i: tensor<4x8xi32>, %ib: tensor<8x32xi32>, %ci: tensor<4x32xi32>,
-                       %mx: tensor<4x8xbf16>, %mb: tensor<8x32xf32>, %c: tensor<4x32xf32>, %bt: tensor<32x8xf32>)
-    -> (tensor<?x32xf32>, tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<4x32xf32>) {
-  %w = arith.constant dense<1.0> : tensor<8x32xf32>
-  %0 = linalg.matmul ins(%d, %w : tensor<?x8xf32>, tensor<8x32xf32>) outs(%cd : tensor<?x32xf32>) -> tensor<?x32xf32>
+                       %mx: tensor<4x8xbf16>, %mb: tensor<8x32xf32>, %c: tensor<4x32xf32>,
+                       %za: tensor<2x3x0xf32>, %zb: tensor<2x0x5xf32>, %zc: tensor<2x3x5xf32>)
+    -> (tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<2x3x5xf32>) {
   %1 = linalg.matmul ins(%h, %hb : tensor<4x8xf16>, tensor<8x32xf16>) outs(%ch : tensor<4x32xf16>) -> tensor<4x32xf16>
   %2 = linalg.matmul ins(%i, %ib : tensor<4x8xi32>, tensor<8x32xi32>) outs(%ci : tensor<4x32xi32>) -> tensor<4x32xi32>
   %3 = linalg.matmul ins(%mx, %mb : tensor<4x8xbf16>, tensor<8x32xf32>) outs(%c : tensor<4x32xf32>) -> tensor<4x32xf32>
-  %x = tensor.extract_slice %d[0, 0] [4, 8] [1, 1] : tensor<?x8xf32> to tensor<4x8xf32>
-  %4 = linalg.generic {indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>], iterator_types = ["parallel", "parallel", "reduction"]} ins(%x, %bt : tensor<4x8xf32>, tensor<32x8xf32>) outs(%c : tensor<4x32xf32>) {
+  %4 = linalg.batch_matmul ins(%za, %zb : tensor<2x3x0xf32>, tensor<2x0x5xf32>) outs(%zc : tensor<2x3x5xf32>) -> tensor<2x3x5xf32>
+  return %1, %2, %3, %4 : tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<2x3x5xf32>
+}
+
+// -----
+
+// Dynamic M (a shape-generic token count) with a constant Linear weight: packed as for a
+// static M; the M tile is planned at dynamic-extent (128) and kept as a fixed block, so
+// the forall runs ceil(M / 128) x N/32 tiles, the last M tile bounded by affine.min.
+// CHECK-LABEL: func.func @dynamic_m_constant_weight
+// CHECK-SAME: (%[[X:.+]]: tensor<?x2xf32>)
+// CHECK: tensor.dim %[[X]], %c0
+// CHECK: tensor.expand_shape %{{.+}} {{\[\[}}0], [1, 2]] output_shape [%{{.+}}, 1, 32] : tensor<?x32xf32> into tensor<?x1x32xf32>
+// CHECK: scf.forall (%[[I:.+]]) in (%{{.+}}) shared_outs
+// CHECK:   %[[SZ:.+]] = affine.min #{{.+}}(%[[I]])[%{{.+}}]
+// CHECK:   tensor.extract_slice %[[X]][%{{.+}}, 0] [%[[SZ]], 2] [1, 1]
+// CHECK:   linalg.contract {{.*}}lowbit.brgemm = "packed"{{.*}} ins(%{{.+}}, %{{.+}} : tensor<?x2xf32>, tensor<1x2x32xf32>) outs(%{{.+}} : tensor<?x1x32xf32>)
+// CHECK: tensor.collapse_shape {{.+}} : tensor<?x1x32xf32> into tensor<?x32xf32>
+func.func @dynamic_m_constant_weight(%x: tensor<?x2xf32>) -> tensor<?x32xf32> {
+  %w = arith.constant dense<1.0> : tensor<32x2xf32>
+  %e = tensor.empty() : tensor<2x32xf32>
+  %wt = linalg.transpose ins(%w : tensor<32x2xf32>) outs(%e : tensor<2x32xf32>) permutation = [1, 0]
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x2xf32>
+  %zero = arith.constant 0.0 : f32
+  %o = tensor.empty(%m) : tensor<?x32xf32>
+  %c = linalg.fill ins(%zero : f32) outs(%o : tensor<?x32xf32>) -> tensor<?x32xf32>
+  %r = linalg.matmul ins(%x, %wt : tensor<?x2xf32>, tensor<2x32xf32>) outs(%c : tensor<?x32xf32>) -> tensor<?x32xf32>
+  return %r : tensor<?x32xf32>
+}
+
+// -----
+
+// A Linear weight that is a function argument (bound at run time) read through the
+// transpose torch-mlir inserts, dynamic M: row-major BRGEMM tiles (128 / 4 tasks -> 32
+// rows, planned at dynamic-extent for threads=2 x 2 tasks) on the transposed
+// weight (the transpose is left to the codegen passes), not scalar loops.
+// CHECK-LABEL: func.func @dynamic_m_weight_argument
+// CHECK-SAME: (%[[X:.+]]: tensor<?x64xf32>, %[[W:.+]]: tensor<48x64xf32>)
+// CHECK: %[[WT:.+]] = linalg.transpose ins(%[[W]] : tensor<48x64xf32>)
+// CHECK: scf.forall
+// CHECK:   affine.min
+// CHECK:   linalg.matmul {lowbit.brgemm = "rowmajor", lowbit.brgemm_tile = array<i64: 32, 48>} ins(%{{.+}}, %[[WT]] : tensor<?x64xf32>, tensor<64x48xf32>) outs(%{{.+}} : tensor<?x48xf32>)
+func.func @dynamic_m_weight_argument(%x: tensor<?x64xf32>, %w: tensor<48x64xf32>) -> tensor<?x48xf32> {
+  %e = tensor.empty() : tensor<64x48xf32>
+  %wt = linalg.transpose ins(%w : tensor<48x64xf32>) outs(%e : tensor<64x48xf32>) permutation = [1, 0]
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x64xf32>
+  %zero = arith.constant 0.0 : f32
+  %o = tensor.empty(%m) : tensor<?x48xf32>
+  %c = linalg.fill ins(%zero : f32) outs(%o : tensor<?x48xf32>) -> tensor<?x48xf32>
+  %r = linalg.matmul ins(%x, %wt : tensor<?x64xf32>, tensor<64x48xf32>) outs(%c : tensor<?x48xf32>) -> tensor<?x48xf32>
+  return %r : tensor<?x48xf32>
+}
+
+// -----
+
+// A matmul-like generic reading a non-constant B^T [N, K] (N dynamic: B is an activation):
+// B is transposed once into a row-major tensor and the named matmul is tiled.
+// CHECK-LABEL: func.func @generic_b_transposed_argument
+// CHECK-SAME: (%[[X:.+]]: tensor<4x8xf32>, %[[BT:.+]]: tensor<?x8xf32>, %{{.+}}: tensor<4x?xf32>)
+// CHECK: %[[N:.+]] = tensor.dim %[[BT]], %c0
+// CHECK: %[[E:.+]] = tensor.empty(%[[N]]) : tensor<8x?xf32>
+// CHECK: %[[B:.+]] = linalg.transpose ins(%[[BT]] : tensor<?x8xf32>) outs(%[[E]] : tensor<8x?xf32>) permutation = [1, 0]
+// CHECK: scf.forall
+// CHECK:   linalg.matmul {lowbit.brgemm = "rowmajor", {{.+}}} ins(%{{.+}}, %{{.+}} : tensor<4x8xf32>, tensor<8x?xf32>)
+// CHECK-NOT: linalg.generic
+func.func @generic_b_transposed_argument(%x: tensor<4x8xf32>, %bt: tensor<?x8xf32>, %acc: tensor<4x?xf32>) -> tensor<4x?xf32> {
+  %r = linalg.generic {indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>, affine_map<(m, n, k) -> (m, n)>], iterator_types = ["parallel", "parallel", "reduction"]} ins(%x, %bt : tensor<4x8xf32>, tensor<?x8xf32>) outs(%acc : tensor<4x?xf32>) {
   ^bb0(%a: f32, %b: f32, %o: f32):
     %p = arith.mulf %a, %b : f32
     %s = arith.addf %o, %p : f32
     linalg.yield %s : f32
-  } -> tensor<4x32xf32>
-  return %0, %1, %2, %3, %4 : tensor<?x32xf32>, tensor<4x32xf16>, tensor<4x32xi32>, tensor<4x32xf32>, tensor<4x32xf32>
+  } -> tensor<4x?xf32>
+  return %r : tensor<4x?xf32>
+}
+
+// -----
+
+// Attention with dynamic T and KV length S: scores q @ k^T [4, T, 64] x [4, 64, S] and
+// p @ v [4, T, S] x [4, S, 64] (dynamic K). Tiles over (head, T block, S block) with tails.
+// CHECK-LABEL: func.func @attention_dynamic
+// CHECK: scf.forall (%{{.+}}, %{{.+}}, %{{.+}}) in (4, %{{.+}}, %{{.+}})
+// CHECK:   linalg.batch_matmul {lowbit.brgemm = "rowmajor", {{.+}}} ins(%{{.+}}, %{{.+}} : tensor<1x?x64xf32>, tensor<1x64x?xf32>) outs(%{{.+}} : tensor<1x?x?xf32>)
+// CHECK: scf.forall (%{{.+}}, %{{.+}}) in (4, %{{.+}})
+// CHECK:   linalg.batch_matmul {lowbit.brgemm = "rowmajor", {{.+}}} ins(%{{.+}}, %{{.+}} : tensor<1x?x?xf32>, tensor<1x?x64xf32>) outs(%{{.+}} : tensor<1x?x64xf32>)
+func.func @attention_dynamic(%q: tensor<4x?x64xf32>, %kt: tensor<4x64x?xf32>, %v: tensor<4x?x64xf32>,
+                             %s0: tensor<4x?x?xf32>, %o0: tensor<4x?x64xf32>) -> tensor<4x?x64xf32> {
+  %s = linalg.batch_matmul ins(%q, %kt : tensor<4x?x64xf32>, tensor<4x64x?xf32>) outs(%s0 : tensor<4x?x?xf32>) -> tensor<4x?x?xf32>
+  %o = linalg.batch_matmul ins(%s, %v : tensor<4x?x?xf32>, tensor<4x?x64xf32>) outs(%o0 : tensor<4x?x64xf32>) -> tensor<4x?x64xf32>
+  return %o : tensor<4x?x64xf32>
+}
+
+// -----
+
+// A weight packed at bind time arrives as a function argument, already in the blocked
+// form this pass emits for a constant (lowbit.brgemm = "packed", no tile yet), M dynamic:
+// it is tiled like the constant case (fixed 128-row blocks, 32-column panels).
+// CHECK-LABEL: func.func @packed_argument_f32
+// CHECK-SAME: (%[[X:.+]]: tensor<?x64xf32>, %[[P:.+]]: tensor<4x64x32xf32>, %[[C:.+]]: tensor<?x4x32xf32>)
+// CHECK: scf.forall (%{{.+}}, %{{.+}}) in (%{{.+}}, {{[0-9]+}}) shared_outs(%{{.+}} = %[[C]])
+// CHECK:   linalg.contract {{.*}}lowbit.brgemm = "packed"{{.*}} ins(%{{.+}}, %{{.+}} : tensor<?x64xf32>, tensor<{{[0-9]+}}x64x32xf32>) outs(%{{.+}} : tensor<?x{{[0-9]+}}x32xf32>)
+func.func @packed_argument_f32(%x: tensor<?x64xf32>, %p: tensor<4x64x32xf32>, %c: tensor<?x4x32xf32>) -> tensor<?x4x32xf32> {
+  %r = linalg.contract indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d3)>, affine_map<(d0, d1, d2, d3) -> (d1, d3, d2)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>]
+      {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+      ins(%x, %p : tensor<?x64xf32>, tensor<4x64x32xf32>) outs(%c : tensor<?x4x32xf32>) -> tensor<?x4x32xf32>
+  return %r : tensor<?x4x32xf32>
+}
+
+// -----
+
+// bf16: VNNI pairs, A viewed as [M, K/2, 2]; bf16 C (the rounding folded in).
+// CHECK-LABEL: func.func @packed_argument_bf16
+// CHECK: scf.forall
+// CHECK:   linalg.contract {{.*}}lowbit.brgemm = "packed"{{.*}} ins(%{{.+}}, %{{.+}} : tensor<?x32x2xbf16>, tensor<{{[0-9]+}}x32x32x2xbf16>) outs(%{{.+}} : tensor<?x{{[0-9]+}}x32xbf16>)
+func.func @packed_argument_bf16(%x: tensor<?x32x2xbf16>, %p: tensor<2x32x32x2xbf16>, %c: tensor<?x2x32xbf16>) -> tensor<?x2x32xbf16> {
+  %r = linalg.contract indexing_maps = [affine_map<(d0, d1, d2, d3, d4) -> (d0, d3, d4)>, affine_map<(d0, d1, d2, d3, d4) -> (d1, d3, d2, d4)>, affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2)>]
+      {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+      ins(%x, %p : tensor<?x32x2xbf16>, tensor<2x32x32x2xbf16>) outs(%c : tensor<?x2x32xbf16>) -> tensor<?x2x32xbf16>
+  return %r : tensor<?x2x32xbf16>
 }
 
 // -----
