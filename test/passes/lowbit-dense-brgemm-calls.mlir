@@ -111,6 +111,72 @@ func.func @beta0_tiles(%x: memref<2x4x2xbf16>, %p: memref<1x4x32x2xbf16>, %y: me
 
 // -----
 
+// A shape-generic tile: rows (a token-count tail), K and B's leading dimension (a KV
+// length) are dynamic. They are read from the tile's memref metadata and dispatched at the
+// tile; the invoke runs when the runtime accepts the description (handle > 0), otherwise
+// the tile op itself runs (else branch, loops later): never a wrong answer.
+// CHECK-LABEL: func.func @dynamic_rowmajor
+// CHECK-NOT: call @lowbit_brgemm_dispatch
+// CHECK: scf.forall
+// CHECK:   %[[A:.+]] = memref.subview
+// CHECK:   %{{.+}}, %{{.+}}, %[[AS:.+]]:2, %[[AT:.+]]:2 = memref.extract_strided_metadata %[[A]]
+// CHECK:   %[[M:.+]] = arith.index_cast %[[AS]]#0 : index to i64
+// CHECK:   %[[K:.+]] = arith.index_cast %[[AS]]#1 : index to i64
+// CHECK:   %[[H:.+]] = func.call @lowbit_brgemm_dispatch(%{{.+}}, %[[M]], %{{.+}}, %[[K]], %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}})
+// CHECK:   %[[OK:.+]] = arith.cmpi sgt, %[[H]], %{{.+}} : i64
+// CHECK:   scf.if %[[OK]] {
+// CHECK:     func.call @lowbit_brgemm_invoke(%[[H]],
+// CHECK:   } else {
+// CHECK:     linalg.matmul ins(%[[A]], %{{.+}} : memref<?x?xf32, strided<[?, 1], offset: ?>>, memref<?x64xf32, strided<[?, 1], offset: ?>>)
+// CHECK-NOT: lowbit.brgemm
+// CHECK:   }
+// CHECK: return
+func.func @dynamic_rowmajor(%x: memref<?x?xf32>, %y: memref<?x64xf32>, %z: memref<?x64xf32>) {
+  %c0 = arith.constant 0 : index
+  %c1 = arith.constant 1 : index
+  %m = memref.dim %x, %c0 : memref<?x?xf32>
+  %k = memref.dim %x, %c1 : memref<?x?xf32>
+  %n = affine.apply affine_map<()[s0] -> (s0 ceildiv 32)>()[%m]
+  scf.forall (%i) in (%n) {
+    %r = affine.apply affine_map<(d0) -> (d0 * 32)>(%i)
+    %sz = affine.min affine_map<(d0)[s0] -> (d0 * -32 + s0, 32)>(%i)[%m]
+    %a = memref.subview %x[%r, 0] [%sz, %k] [1, 1] : memref<?x?xf32> to memref<?x?xf32, strided<[?, 1], offset: ?>>
+    %c = memref.subview %z[%r, 0] [%sz, 64] [1, 1] : memref<?x64xf32> to memref<?x64xf32, strided<[64, 1], offset: ?>>
+    %b = memref.subview %y[0, 0] [%k, 64] [1, 1] : memref<?x64xf32> to memref<?x64xf32, strided<[64, 1]>>
+    %bc = memref.cast %b : memref<?x64xf32, strided<[64, 1]>> to memref<?x64xf32, strided<[?, 1], offset: ?>>
+    linalg.matmul {lowbit.brgemm = "rowmajor", lowbit.brgemm_tile = array<i64: 32, 64>}
+      ins(%a, %bc : memref<?x?xf32, strided<[?, 1], offset: ?>>, memref<?x64xf32, strided<[?, 1], offset: ?>>)
+      outs(%c : memref<?x64xf32, strided<[64, 1], offset: ?>>)
+  }
+  return
+}
+
+// -----
+
+// A packed beta-0 tile with a dynamic row count: dispatched at the tile with m from the
+// metadata (bf16 K doubled from the pair count is static here); the fallback zero-fills C
+// before running the contraction as loops (its init was a dropped zero fill).
+// CHECK-LABEL: func.func @dynamic_packed_beta0
+// CHECK: memref.extract_strided_metadata
+// CHECK: %[[H:.+]] = {{.*}}call @lowbit_brgemm_dispatch
+// CHECK: scf.if
+// CHECK:   {{.*}}call @lowbit_brgemm_invoke(%[[H]],
+// CHECK: } else {
+// CHECK:   linalg.fill
+// CHECK:   linalg.contract
+// CHECK: }
+#pa = affine_map<(d0, d1, d2, d3) -> (d0, d3)>
+#pb = affine_map<(d0, d1, d2, d3) -> (d1, d3, d2)>
+#pc = affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>
+func.func @dynamic_packed_beta0(%x: memref<?x8xf32, strided<[8, 1], offset: ?>>, %p: memref<1x8x32xf32>, %y: memref<?x1x32xf32, strided<[32, 32, 1], offset: ?>>) {
+  linalg.contract indexing_maps = [#pa, #pb, #pc] {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+    ins(%x, %p : memref<?x8xf32, strided<[8, 1], offset: ?>>, memref<1x8x32xf32>)
+    outs(%y : memref<?x1x32xf32, strided<[32, 32, 1], offset: ?>>)
+  return
+}
+
+// -----
+
 // Negative: untagged matmuls are left alone and nothing is declared.
 // CHECK-LABEL: func.func @untagged
 // CHECK: linalg.matmul
@@ -130,9 +196,9 @@ func.func @on_tensors(%a: tensor<3x7xf32>, %b: tensor<7x5xf32>, %c: tensor<3x5xf
 
 // -----
 
-// ERR: B of a BRGEMM tile has dynamic strides
-func.func @dynamic_strides(%a: memref<3x7xf32>, %b: memref<7x5xf32, strided<[?, 1]>>, %c: memref<3x5xf32>) {
-  linalg.matmul {lowbit.brgemm = "rowmajor"} ins(%a, %b : memref<3x7xf32>, memref<7x5xf32, strided<[?, 1]>>) outs(%c : memref<3x5xf32>)
+// ERR: operands need unit column strides
+func.func @dynamic_column_stride(%a: memref<3x7xf32>, %b: memref<7x5xf32, strided<[?, ?]>>, %c: memref<3x5xf32>) {
+  linalg.matmul {lowbit.brgemm = "rowmajor"} ins(%a, %b : memref<3x7xf32>, memref<7x5xf32, strided<[?, ?]>>) outs(%c : memref<3x5xf32>)
   return
 }
 

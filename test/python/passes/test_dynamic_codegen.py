@@ -11,6 +11,7 @@ convention lands in the frontend, so this file carries its own small runner.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import warnings
 
@@ -32,6 +33,7 @@ from lowbit.compiler.passmanager import new_context
 from lowbit.compiler.pipeline import Pipeline, default_stages
 
 SIZES = [1, 3, 17, 64, 127, 300]
+_FRESH = itertools.count()
 BARE_PTR = "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}"
 
 
@@ -59,21 +61,33 @@ class DynamicFunction:
             ep = ep.run_decompositions(lowbit_decompositions(get_decomposition_table()))
         importer = FxImporter(context=new_context())
         importer.import_stateless_graph(ep.graph_module.graph, func_name="main")
-        module = importer.module
+        self._compile(importer.module, start=None)
+
+    @classmethod
+    def from_mlir(cls, text: str, reference) -> "DynamicFunction":
+        """A linalg-on-tensors module (`func.func @main`) compiled from the lowbit stage on;
+        `reference(*args)` gives the expected outputs."""
+        self = cls.__new__(cls)
+        self.fn = reference
+        self._compile(ir.Module.parse(text, context=new_context()), start="lowbit")
+        return self
+
+    def _compile(self, module: ir.Module, start: str | None) -> None:
         stages = default_stages()
         for stage in stages:
             if stage.name == "lower-to-llvm":
                 stage.passes = ["convert-func-to-llvm" if p == BARE_PTR else p for p in stage.passes]
         pipeline = Pipeline(stages=stages)
         self.ir_after: dict[str, str] = {}
-        for stage in pipeline.stages:
-            if stage.name == "lower-to-llvm":
+        names = [s.name for s in pipeline.stages]
+        for name in names[names.index(start) if start else 0:]:
+            if name == "lower-to-llvm":
                 with module.context:
                     for op in module.body.operations:
                         if op.operation.name == "func.func" and op.operation.attributes["sym_name"].value == "main":
                             op.operation.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
-            pipeline.run_stage(module, stage.name)
-            self.ir_after[stage.name] = str(module)
+            pipeline.run_stage(module, name)
+            self.ir_after[name] = str(module)
         self.engine = ExecutionEngine(module, opt_level=3, shared_libs=_shared_libs())
         self.engine.initialize()
 
@@ -192,3 +206,156 @@ def test_softmax_rows_static_inner_dynamic_rows(nthreads):
     g = torch.Generator().manual_seed(2)
     for t in SIZES:
         _close(*sm(torch.randn(t, 4097, generator=g) * 5), torch.float32)
+
+
+# -- dense matmuls (lowbit-dense-tile, lowbit-dense-brgemm-calls) ---------------------------
+
+DENSE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _dense_close(got, want, dtype):
+    _close(got, want, dtype, {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype])
+
+
+def _kernel_table_size() -> int:
+    """How many BRGEMM descriptions the runtime has handed out (handles are 1..count)."""
+    from lowbit.runtime import brgemm as bg
+    lib = bg._lib()
+    lo, hi = 0, 1
+    while lib.lowbit_brgemm_isa(hi) >= 0:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if lib.lowbit_brgemm_isa(mid) >= 0 else (lo, mid)
+    return lo
+
+
+def _brgemm_ir(f: DynamicFunction) -> str:
+    text = f.ir_after["runtime-calls"]
+    assert "call @lowbit_brgemm_invoke" in text, "no BRGEMM tile"
+    assert "scf.forall" in text
+    # no matmul left for scalar loops, except the guarded fallback in a dynamic tile's else
+    lowbit = f.ir_after["lowbit"]
+    assert lowbit.count('lowbit.brgemm = "') >= 1
+    return text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [48, 100, 256])
+def test_linear_weight_argument_dynamic_tokens(dtype, n, nthreads):
+    # nn.Linear with its weight passed as an argument (bound at run time), T dynamic.
+    k = 96
+    lin = DynamicFunction(lambda x, w: F.linear(x, w), [torch.randn(5, k).to(dtype), torch.randn(n, k).to(dtype)],
+                          [{0: "T"}, {}])
+    _brgemm_ir(lin)
+    g = torch.Generator().manual_seed(n)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    for t in SIZES:
+        x = torch.randn(t, k, generator=g).to(dtype)
+        _dense_close(*lin(x, w), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_matmuls_dynamic_t_and_kv_length(dtype, nthreads):
+    # scores = q @ k^T over a dynamic KV length S, out = p @ v with K = S dynamic.
+    def attn(q, k, v):
+        return (q @ k.transpose(-1, -2)) @ v
+
+    h, d = 4, 64
+    f = DynamicFunction(attn, [torch.randn(h, 5, d).to(dtype), torch.randn(h, 6, d).to(dtype),
+                               torch.randn(h, 6, d).to(dtype)],
+                        [{1: "T"}, {1: "S"}, {1: "S"}])
+    text = _brgemm_ir(f)
+    assert text.count("call @lowbit_brgemm_invoke") >= 2
+    g = torch.Generator().manual_seed(3)
+    # A size never dispatched before: the tiles' run-time descriptions reach the runtime
+    # (new kernel-table entries), so they ran as BRGEMM invokes, not the loop fallback.
+    before = _kernel_table_size()
+    fresh = 211 + next(_FRESH)  # T and S sizes no earlier test of this process used
+    q, k, v = (torch.randn(h, n_, d, generator=g).to(dtype) for n_ in (fresh, fresh + 17, fresh + 17))
+    _close(*f(q, k, v), dtype, {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype])
+    assert _kernel_table_size() > before
+    # S = 0: no score tiles; p @ v has K = 0, which the runtime rejects (k <= 0): the
+    # guarded fallback leaves the zero init, as eager does.
+    for t, s_len in [(3, 0), (1, 1), (1, 300), (3, 17), (17, 64), (64, 127), (127, 3), (300, 300)]:
+        q = torch.randn(h, t, d, generator=g).to(dtype)
+        k = torch.randn(h, s_len, d, generator=g).to(dtype)
+        v = (torch.randn(h, s_len, d, generator=g) / s_len ** 0.5).to(dtype)
+        got, want = f(q, k, v)
+        scale = d ** 0.5
+        _close([got[0] / scale], [want[0] / scale], dtype, {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype])
+        if s_len == 0:
+            assert torch.count_nonzero(got[0]) == 0
+
+
+PACKED_ARG = """
+#a = affine_map<(d0, d1, d2, d3) -> (d0, d3)>
+#b = affine_map<(d0, d1, d2, d3) -> (d1, d3, d2)>
+#c = affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>
+func.func @main(%x: tensor<?x{k}xf32>, %p: tensor<{np}x{k}x32xf32>) -> tensor<?x{n}xf32> {{
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x{k}xf32>
+  %e = tensor.empty(%m) : tensor<?x{n}xf32>
+  %e3 = tensor.expand_shape %e [[0], [1, 2]] output_shape [%m, {np}, 32] : tensor<?x{n}xf32> into tensor<?x{np}x32xf32>
+  %r = linalg.contract indexing_maps = [#a, #b, #c] {{lowbit.brgemm = "packed", lowbit.brgemm_beta0}}
+      ins(%x, %p : tensor<?x{k}xf32>, tensor<{np}x{k}x32xf32>) outs(%e3 : tensor<?x{np}x32xf32>) -> tensor<?x{np}x32xf32>
+  %y = tensor.collapse_shape %r [[0], [1, 2]] : tensor<?x{np}x32xf32> into tensor<?x{n}xf32>
+  return %y : tensor<?x{n}xf32>
+}}
+"""
+
+PACKED_ARG_BF16 = """
+#a = affine_map<(d0, d1, d2, d3, d4) -> (d0, d3, d4)>
+#b = affine_map<(d0, d1, d2, d3, d4) -> (d1, d3, d2, d4)>
+#c = affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2)>
+func.func @main(%x: tensor<?x{k}xbf16>, %p: tensor<{np}x{k2}x32x2xbf16>) -> tensor<?x{n}xbf16> {{
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x{k}xbf16>
+  %x3 = tensor.expand_shape %x [[0], [1, 2]] output_shape [%m, {k2}, 2] : tensor<?x{k}xbf16> into tensor<?x{k2}x2xbf16>
+  %e = tensor.empty(%m) : tensor<?x{n}xbf16>
+  %e3 = tensor.expand_shape %e [[0], [1, 2]] output_shape [%m, {np}, 32] : tensor<?x{n}xbf16> into tensor<?x{np}x32xbf16>
+  %r = linalg.contract indexing_maps = [#a, #b, #c] {{lowbit.brgemm = "packed", lowbit.brgemm_beta0}}
+      ins(%x3, %p : tensor<?x{k2}x2xbf16>, tensor<{np}x{k2}x32x2xbf16>) outs(%e3 : tensor<?x{np}x32xbf16>) -> tensor<?x{np}x32xbf16>
+  %y = tensor.collapse_shape %r [[0], [1, 2]] : tensor<?x{np}x32xbf16> into tensor<?x{n}xbf16>
+  return %y : tensor<?x{n}xbf16>
+}}
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_weight_argument_dynamic_m(dtype, nthreads):
+    # The form the low-bit passes emit for a weight packed at bind time: the blocked
+    # contraction of lowbit-dense-tile over a packed B that is a function argument.
+    from lowbit.runtime import brgemm as bg
+    n, k = 96, 128
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    packed = bg.pack_b(w, transposed=True)
+    if dtype == torch.float32:
+        text = PACKED_ARG.format(k=k, n=n, np=n // 32)
+        packed = packed.reshape(n // 32, k, 32)
+    else:
+        text = PACKED_ARG_BF16.format(k=k, k2=k // 2, n=n, np=n // 32)
+        packed = packed.reshape(n // 32, k // 2, 32, 2)
+
+    def reference(x, p):
+        return F.linear(x.float(), w.float()).to(dtype)
+
+    f = DynamicFunction.from_mlir(text, reference)
+    assert "scf.forall" in f.ir_after["lowbit"] and "call @lowbit_brgemm_invoke" in f.ir_after["runtime-calls"]
+    for t in SIZES:
+        x = torch.randn(t, k, generator=g).to(dtype)
+        _dense_close(*f(x, packed), dtype)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 0), (2, 0, 5)), ((2, 0, 4), (2, 4, 5)), ((3, 0), (0, 5))],
+                         ids=["zero_k_bmm", "zero_m_bmm", "zero_k_mm"])
+def test_empty_matmuls_compile_and_run(shapes):
+    # Issue 13: a lowbit pass raised "integer division or modulo by zero" planning BRGEMM
+    # tiles for a zero-K batched matmul. Empty products are left to loops (nothing to do).
+    fn = torch.bmm if len(shapes[0]) == 3 else torch.mm
+    a, b = (torch.randn(s) for s in shapes)
+    f = DynamicFunction(fn, [a, b], [{}, {}])
+    assert 'lowbit.brgemm = "' not in f.ir_after["lowbit"]
+    got, want = f(a, b)
+    assert torch.equal(got[0], want[0])
