@@ -1,5 +1,7 @@
 """lowbit.runtime: the native microkernel library and the Python side that loads it."""
 from .library import (
+    IsaEnvironmentError,
+    cpu_features,
     current_isa,
     error_string,
     load_openmp,
@@ -10,6 +12,6 @@ from .library import (
 )
 
 __all__ = [
-    "current_isa", "error_string", "load_openmp", "load_runtime", "runtime_library_path",
-    "set_isa", "supported_isas",
+    "IsaEnvironmentError", "cpu_features", "current_isa", "error_string", "load_openmp",
+    "load_runtime", "runtime_library_path", "set_isa", "supported_isas",
 ]

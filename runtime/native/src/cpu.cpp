@@ -4,6 +4,7 @@
 #include <cpuid.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <atomic>
 
@@ -11,7 +12,8 @@ namespace {
 
 struct Features {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false,
-       avx512vnni = false, avx512vbmi = false, avx_vnni = false;
+       avx512vnni = false, avx512vbmi = false, avx512bf16 = false, avx_vnni = false,
+       amx_tile = false, amx_int8 = false, amx_bf16 = false;
 };
 
 uint64_t xgetbv0() {
@@ -38,8 +40,16 @@ Features detect() {
   f.avx512vl = zmm_os && (b & (1u << 31));
   f.avx512vbmi = zmm_os && (c & (1u << 1));
   f.avx512vnni = zmm_os && (c & (1u << 11));
+  // AMX: CPUID.7.0:EDX bits 24 (TILE), 25 (INT8), 22 (BF16), and the OS enabling the tile
+  // state in XCR0 (bits 17 XTILECFG, 18 XTILEDATA). Linux additionally wants a per-process
+  // arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile instruction (left to the AMX kernels).
+  const bool tile_os = (xcr0 & (3ull << 17)) == (3ull << 17);
+  f.amx_tile = tile_os && (d & (1u << 24));
+  f.amx_int8 = f.amx_tile && (d & (1u << 25));
+  f.amx_bf16 = f.amx_tile && (d & (1u << 22));
   __cpuid_count(7, 1, a, b, c, d);
   f.avx_vnni = ymm_os && (a & (1u << 4));
+  f.avx512bf16 = zmm_os && (a & (1u << 5));
   return f;
 }
 
@@ -59,14 +69,31 @@ int32_t best_isa() {
 std::atomic<int32_t> g_isa{-1};
 std::atomic<int32_t> g_isa_error{0};
 
+// LOWBIT_ISA, case-insensitive, surrounding blanks ignored. Never fails: a value it cannot
+// honour leaves the best ISA in place and records why in lowbit_rt_isa_error()
+// (-LOWBIT_E_UNSUPPORTED: not an ISA name; -LOWBIT_E_ISA: this CPU lacks it, or "amx", whose
+// kernels are not built yet). The Python loader turns that into one clear exception.
 int32_t isa_from_env() {
   const char* v = getenv("LOWBIT_ISA");
-  if (!v || !*v) return best_isa();
+  if (!v) return best_isa();
+  while (*v == ' ' || *v == '\t') ++v;
+  size_t len = strlen(v);
+  while (len && (v[len - 1] == ' ' || v[len - 1] == '\t' || v[len - 1] == '\n')) --len;
+  if (!len) return best_isa();
+  auto is = [&](const char* name) { return len == strlen(name) && !strncasecmp(v, name, len); };
   int32_t want = -1;
-  if (!strcmp(v, "scalar")) want = LOWBIT_ISA_SCALAR;
-  else if (!strcmp(v, "avx2")) want = LOWBIT_ISA_AVX2;
-  else if (!strcmp(v, "avx512")) want = LOWBIT_ISA_AVX512;
-  if (want < 0 || !lowbit_rt_isa_supported(want)) {
+  if (is("scalar")) want = LOWBIT_ISA_SCALAR;
+  else if (is("avx2")) want = LOWBIT_ISA_AVX2;
+  else if (is("avx512")) want = LOWBIT_ISA_AVX512;
+  else if (is("amx")) {
+    g_isa_error.store(-LOWBIT_E_ISA);
+    return best_isa();
+  }
+  if (want < 0) {
+    g_isa_error.store(-LOWBIT_E_UNSUPPORTED);
+    return best_isa();
+  }
+  if (!lowbit_rt_isa_supported(want)) {
     g_isa_error.store(-LOWBIT_E_ISA);
     return best_isa();
   }
@@ -124,5 +151,15 @@ const char* lowbit_rt_error_string(int64_t code) {
 }
 
 int32_t lowbit_rt_abi_version(void) { return 1; }
+
+int32_t lowbit_rt_cpu_features(void) {
+  const Features& f = features();
+  return (f.avx2 ? LOWBIT_CPU_AVX2 : 0) | (f.fma ? LOWBIT_CPU_FMA : 0) |
+         (f.avx512f ? LOWBIT_CPU_AVX512F : 0) | (f.avx512bw ? LOWBIT_CPU_AVX512BW : 0) |
+         (f.avx512vl ? LOWBIT_CPU_AVX512VL : 0) | (f.avx512vnni ? LOWBIT_CPU_AVX512VNNI : 0) |
+         (f.avx512vbmi ? LOWBIT_CPU_AVX512VBMI : 0) | (f.avx512bf16 ? LOWBIT_CPU_AVX512BF16 : 0) |
+         (f.avx_vnni ? LOWBIT_CPU_AVX_VNNI : 0) | (f.amx_tile ? LOWBIT_CPU_AMX_TILE : 0) |
+         (f.amx_int8 ? LOWBIT_CPU_AMX_INT8 : 0) | (f.amx_bf16 ? LOWBIT_CPU_AMX_BF16 : 0);
+}
 
 }  // extern "C"

@@ -36,8 +36,9 @@ enum {
 };
 
 /* The ISA the runtime uses: the best the CPU supports, or LOWBIT_ISA=scalar|avx2|avx512
- * from the environment (read once; a forced ISA the CPU lacks falls back to the best one
- * and lowbit_rt_isa_error() reports it). */
+ * from the environment (read once, case-insensitive; an unknown name, "amx" (no AMX kernels
+ * yet) or an ISA the CPU lacks falls back to the best one and lowbit_rt_isa_error() reports
+ * -LOWBIT_E_UNSUPPORTED or -LOWBIT_E_ISA). */
 LOWBIT_API int32_t lowbit_rt_isa(void);
 LOWBIT_API int32_t lowbit_rt_isa_supported(int32_t isa);
 LOWBIT_API int32_t lowbit_rt_set_isa(int32_t isa); /* returns 0 or -LOWBIT_E_ISA */
@@ -45,6 +46,23 @@ LOWBIT_API const char* lowbit_rt_isa_name(int32_t isa);
 LOWBIT_API int32_t lowbit_rt_isa_error(void);
 LOWBIT_API const char* lowbit_rt_error_string(int64_t code);
 LOWBIT_API int32_t lowbit_rt_abi_version(void);
+
+/* CPU features (CPUID and OS-enabled register state), a mask of LOWBIT_CPU_*. */
+enum {
+  LOWBIT_CPU_AVX2 = 1 << 0,
+  LOWBIT_CPU_FMA = 1 << 1,
+  LOWBIT_CPU_AVX512F = 1 << 2,
+  LOWBIT_CPU_AVX512BW = 1 << 3,
+  LOWBIT_CPU_AVX512VL = 1 << 4,
+  LOWBIT_CPU_AVX512VNNI = 1 << 5,
+  LOWBIT_CPU_AVX512VBMI = 1 << 6,
+  LOWBIT_CPU_AVX512BF16 = 1 << 7,
+  LOWBIT_CPU_AVX_VNNI = 1 << 8,
+  LOWBIT_CPU_AMX_TILE = 1 << 9,
+  LOWBIT_CPU_AMX_INT8 = 1 << 10,
+  LOWBIT_CPU_AMX_BF16 = 1 << 11,
+};
+LOWBIT_API int32_t lowbit_rt_cpu_features(void);
 
 /* Buffers of compiled code (memref.alloc) come from a bounded cache of large blocks
  * (memref_alloc.cpp, LOWBIT_ALLOC_CACHE_MB). Bytes held in it, and release them all. */
