@@ -14,9 +14,9 @@ input sizes per call and evaluates output shapes. 0/1 specialization: torch spec
 size-1 dims, but a `Dim(min=1)` exported from an example of size >= 2 keeps size 1 in the
 range whenever the traced code never branches on `size == 1` (export checks every guard
 against the range), so decode (T=1) and prefill (T>1) share one compile. An example of size
-0 or 1 is exported with `backed_size_oblivious` (the general answer at torch's size-oblivious
-sites, no specialization). Where the code does specialize, export's suggested fixes are
-applied (the range narrows, e.g. to min=2, or the dim becomes static) and logged.
+0 or 1 is traced from a stand-in of size 2 (`_generic_examples`). Where the code does
+specialize, export's suggested fixes are applied (the range narrows, e.g. to min=2, or
+the dim becomes static) and logged.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     `dynamic_dims` maps an input position to `{dim index: symbol}`, a symbol being a name
     (the same name in two places is one size) or a `torch.export.Dim` (for a range); those
     dims stay symbolic in the graph (see the module docstring)."""
-    args = tuple(example_inputs)
+    args = tuple(_concrete(a) for a in example_inputs)
     dims = _normalize_dynamic_dims(dynamic_dims, args)
     if dims and isinstance(fn, torch.fx.GraphModule):
         fn = _sizes_for_symint_inputs(fn, dims)
@@ -172,6 +172,11 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
         except Exception as e:  # torch.export raises many exception types
             raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
         check_operand_dtypes(ep.graph_module)  # eager's dtype errors, which fake tensors skip
+        if dims and getattr(ep, "_guards_code", None):
+            # Guards are checked per call by the JIT (symbol ranges and equalities). Those
+            # export copies from a dynamo graph's shape env name dynamo's sources
+            # (`L['x']`) and break the guard function `run_decompositions` builds.
+            ep._guards_code = []
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -263,6 +268,16 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
                          constant_outputs, repeated, {k: v for k, v in ranges.items() if k in used})
 
 
+def _concrete(value: Any) -> Any:
+    """A symbolic scalar (dynamo hands a backend SymInts for size inputs) -> its example value."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = value.node.hint
+        if hint is None:
+            raise FrontendError(f"symbolic input {value} has no example value")
+        return type(hint)(hint) if not isinstance(value, torch.SymInt) else int(hint)
+    return value
+
+
 def _dim_symbol_name(symbol: Any) -> str:
     return symbol if isinstance(symbol, str) else symbol.__name__
 
@@ -298,7 +313,9 @@ def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
         return torch.export.export(module, args, strict=False)
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
-    made: dict[str, Any] = {}
+    # A name refers to the Dim of that name if the caller gave one (for its range).
+    made: dict[str, Any] = {_dim_symbol_name(sym): sym for ds in dims.values() for sym in ds.values()
+                            if not isinstance(sym, str)}
 
     def dim(symbol):
         if not isinstance(symbol, str):
@@ -307,24 +324,61 @@ def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
             made[symbol] = torch.export.Dim(symbol, min=1)
         return made[symbol]
 
-    per_input = tuple({d: dim(sym) for d, sym in dims[p].items()} if p in dims else
-                      (None if isinstance(a, torch.Tensor) else None) for p, a in enumerate(args))
+    per_input = tuple({d: dim(sym) for d, sym in dims[p].items()} if p in dims else None
+                      for p in range(len(args)))
     shapes: Any = (per_input,)  # `_Wrapped.forward(*args)`: one parameter holding every input
-    # Export specializes an example size of 0 or 1; size-oblivious tracing keeps it symbolic.
-    small = any(args[p].shape[d] < 2 for p, ds in dims.items() for d in ds)
-    oblivious = (torch.fx.experimental._config.patch(backed_size_oblivious=True) if small
-                 else contextlib.nullcontext())
+    args = _generic_examples(args, dims)
     for attempt in range(4):
         try:
-            with oblivious:
-                return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+            return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
         except torch._dynamo.exc.UserError as e:
-            if "Suggested fixes" not in str(e) or attempt == 3:
+            fixes = _suggested_fixes(str(e))
+            if not fixes or attempt == 3:
                 raise
-            fixes = str(e)[str(e).index("Suggested fixes"):].strip()
-            log.info("dynamic dims: applying torch.export's suggested fixes: %s", " ".join(fixes.split()))
-            shapes = refine_dynamic_shapes_from_suggested_fixes(str(e), shapes)
+            log.info("dynamic dims: applying torch.export's suggested fixes: %s", "; ".join(fixes))
+            shapes = refine_dynamic_shapes_from_suggested_fixes(
+                "Suggested fixes:\n" + "\n".join("  " + f for f in fixes), shapes)
     raise AssertionError("unreachable")
+
+
+def _generic_examples(args: tuple, dims: DynamicDims) -> tuple:
+    """Examples for export in which every dynamic dim has size >= 2.
+
+    Export (like dynamo) specializes an example size of 0 or 1, and its hint-based
+    decisions (contiguity, broadcasting, matmul folding) then guard on `== 1`. Non-strict
+    export traces fake tensors, so only the shapes and dtypes of the examples matter: a
+    dynamic dim of size < 2 is traced from a zero tensor of size 2 instead (every input
+    dim with the same symbol alike). Export still checks every guard against the range
+    (min 1), so the graph is valid at size 1 unless export says otherwise."""
+    small = {_dim_symbol_name(sym) for p, ds in dims.items() for d, sym in ds.items() if args[p].shape[d] < 2}
+    if not small:
+        return args
+    out = list(args)
+    for p, ds in dims.items():
+        shape = list(args[p].shape)
+        grown = [d for d, sym in ds.items() if _dim_symbol_name(sym) in small]
+        if grown:
+            for d in grown:
+                shape[d] = 2
+            out[p] = torch.zeros(shape, dtype=args[p].dtype, device=args[p].device)
+    return tuple(out)
+
+
+def _suggested_fixes(message: str) -> list[str]:
+    """The `name = ...` lines under "Suggested fixes:" of an export constraint error."""
+    if "Suggested fixes:" not in message:
+        return []
+    fixes = []
+    for line in message.split("Suggested fixes:", 1)[1].splitlines():
+        line = line.strip()
+        if not line:
+            if fixes:
+                break
+            continue
+        if " = " not in line:
+            break
+        fixes.append(line)
+    return fixes
 
 
 def _symbols_of(ep, user_phs: list[torch.fx.Node], dims: DynamicDims):

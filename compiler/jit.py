@@ -130,12 +130,11 @@ class JitFunction:
         if self.dynamic:
             if self._signature.bind(inputs) is None:
                 raise self._diagnose(inputs)
-        else:
-            for i, (t, (shape, dtype)) in enumerate(zip(inputs, self._expected)):
-                if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_cpu:
-                    raise self._mismatch(i, t)
+            return [t if t.is_contiguous() else t.contiguous() for t in inputs]
         fixed = list(inputs)
-        for i, t in enumerate(inputs):
+        for i, (t, (shape, dtype)) in enumerate(zip(inputs, self._expected)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_cpu:
+                raise self._mismatch(i, t)
             if not t.is_contiguous():
                 # Compiled code assumes the identity layout; a strided view is copied once.
                 fixed[i] = t.contiguous()
@@ -171,14 +170,7 @@ class JitFunction:
         if self.dynamic:
             args.storage[:] = _descriptor_fields(list(inputs) + list(outputs))
         else:
-            storage = args.storage
-            i = 0
-            for t in inputs:
-                storage[i] = t.data_ptr()
-                i += 1
-            for t in outputs:
-                storage[i] = t.data_ptr()
-                i += 1
+            args.storage[:] = [t.data_ptr() for t in inputs] + [t.data_ptr() for t in outputs]
         configure_threads()  # compiled parallel loops run on libiomp5 with torch's thread count
         self._fn(args.packed)
         return outputs
