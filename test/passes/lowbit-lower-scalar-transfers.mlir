@@ -32,3 +32,14 @@ func.func @vector_read(%m: memref<16xf32>) -> vector<16xf32> {
   %v = vector.transfer_read %m[%c0], %pad {in_bounds = [true]} : memref<16xf32>, vector<16xf32>
   return %v : vector<16xf32>
 }
+
+// Shape-generic: a 0-d read from a view with dynamic size, stride and offset.
+// CHECK-LABEL: func.func @read_dynamic
+// CHECK: %[[S:.+]] = memref.load %{{.+}}[%{{.+}}] : memref<?xf32, strided<[?], offset: ?>>
+// CHECK: vector.broadcast %[[S]] : f32 to vector<f32>
+// CHECK-NOT: vector.transfer_read
+func.func @read_dynamic(%m: memref<?xf32, strided<[?], offset: ?>>, %i: index) -> vector<f32> {
+  %pad = arith.constant 0.0 : f32
+  %v = vector.transfer_read %m[%i], %pad : memref<?xf32, strided<[?], offset: ?>>, vector<f32>
+  return %v : vector<f32>
+}

@@ -70,3 +70,22 @@ func.func @untouched(%x: f64, %y: f32, %n: i32) -> (f64, f32, f32) {
   %c = math.fpowi %y, %n : f32, i32
   return %a, %b, %c : f64, f32, f32
 }
+
+// -----
+
+// Shape-generic: exp in the body of a generic on a dynamic tensor is replaced too.
+// CHECK-LABEL: func.func @exp_dynamic_body
+// CHECK: linalg.generic
+// CHECK-NOT: math.exp
+// CHECK: math.fma
+// CHECK: } -> tensor<?xf32>
+// ONLY-TANH-LABEL: func.func @exp_dynamic_body
+// ONLY-TANH: math.exp
+func.func @exp_dynamic_body(%x: tensor<?xf32>, %e: tensor<?xf32>) -> tensor<?xf32> {
+  %y = linalg.generic {indexing_maps = [affine_map<(d0) -> (d0)>, affine_map<(d0) -> (d0)>], iterator_types = ["parallel"]} ins(%x : tensor<?xf32>) outs(%e : tensor<?xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %r = math.exp %in : f32
+    linalg.yield %r : f32
+  } -> tensor<?xf32>
+  return %y : tensor<?xf32>
+}

@@ -69,3 +69,27 @@ func.func @untouched(%x: bf16, %t: tensor<3xf32>) -> (bf16, tensor<3xf32>) {
   } -> tensor<3xf32>
   return %y, %z : bf16, tensor<3xf32>
 }
+
+// -----
+
+// Shape-generic: a body on dynamic tensors is promoted the same way (bodies are scalar).
+// CHECK-LABEL: func.func @silu_bf16_dynamic
+// CHECK: ^bb0(%[[IN:.+]]: bf16, %{{.+}}: bf16):
+// CHECK:   %[[X:.+]] = arith.extf %[[IN]] : bf16 to f32
+// CHECK:   math.exp %{{.+}} : f32
+// CHECK:   %[[R:.+]] = arith.truncf %{{.+}} : f32 to bf16
+// CHECK:   linalg.yield %[[R]] : bf16
+// CHECK: } -> tensor<?x?xbf16>
+#id2 = affine_map<(d0, d1) -> (d0, d1)>
+func.func @silu_bf16_dynamic(%x: tensor<?x?xbf16>, %e: tensor<?x?xbf16>) -> tensor<?x?xbf16> {
+  %one = arith.constant 1.0 : bf16
+  %y = linalg.generic {indexing_maps = [#id2, #id2], iterator_types = ["parallel", "parallel"]} ins(%x : tensor<?x?xbf16>) outs(%e : tensor<?x?xbf16>) {
+  ^bb0(%in: bf16, %out: bf16):
+    %n = arith.negf %in : bf16
+    %ex = math.exp %n : bf16
+    %d = arith.addf %ex, %one : bf16
+    %r = arith.divf %in, %d : bf16
+    linalg.yield %r : bf16
+  } -> tensor<?x?xbf16>
+  return %y : tensor<?x?xbf16>
+}

@@ -52,3 +52,26 @@ func.func @distinct(%x: tensor<4xf32>) -> (tensor<4xf32>, tensor<4xf32>) {
   } -> tensor<4xf32>
   return %a, %b : tensor<4xf32>, tensor<4xf32>
 }
+
+// -----
+
+// Shape-generic: a dynamic tensor returned twice gets its copy too (sizes from the value).
+// CHECK-LABEL: func.func @twice_dynamic
+// CHECK: %[[V:.+]] = linalg.generic
+// CHECK: %[[C:.+]] = bufferization.alloc_tensor() copy(%[[V]]) : tensor<?xf32>
+// CHECK: return %[[V]], %[[C]]
+// BUF-LABEL: func.func @twice_dynamic
+// BUF-SAME: (%{{.+}}: memref<?xf32>, %{{.+}}: memref<?xf32>, %{{.+}}: memref<?xf32>)
+func.func @twice_dynamic(%x: tensor<?xf32>) -> (tensor<?xf32>, tensor<?xf32>) {
+  %c0 = arith.constant 0 : index
+  %n = tensor.dim %x, %c0 : tensor<?xf32>
+  %e = tensor.empty(%n) : tensor<?xf32>
+  %v = linalg.generic {indexing_maps = [affine_map<(i) -> (i)>, affine_map<(i) -> (i)>], iterator_types = ["parallel"]}
+      ins(%x : tensor<?xf32>) outs(%e : tensor<?xf32>) {
+  ^bb0(%a: f32, %o: f32):
+    %one = arith.constant 1.0 : f32
+    %r = arith.addf %a, %one : f32
+    linalg.yield %r : f32
+  } -> tensor<?xf32>
+  return %v, %v : tensor<?xf32>, tensor<?xf32>
+}
