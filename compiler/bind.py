@@ -200,12 +200,13 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     ev = _ConstantEvaluator(gm, values)
     report: list[dict] = []
     found: list[_Found] = []
+    dense: list[tuple] = []   # (mm node, x, fp weight [K, N], sources): pre-packed for BRGEMM
 
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in _MM:
-            hit = _match_mm(node, ev, position, formats, group_sizes, activations, report)
+            hit = _match_mm(node, ev, position, formats, group_sizes, activations, report, dense)
         elif node.target is torch.ops.lowbit.linear.default:
             hit = _match_lowbit_linear(node, ev, position, report)
         else:
@@ -283,6 +284,21 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                            node=call.name,
                            merged=len(group) if len(group) > 1 else 0))
 
+    for node, x, w, srcs in dense:
+        packed = _pack_dense(w)
+        if packed is None:
+            continue
+        ph = add_input(packed, f"lowbit_dense_{len(derived)}")
+        with graph.inserting_before(node):
+            call = graph.call_function(torch.ops.lowbit.packed_matmul.default, (x, ph))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        sources |= srcs
+        report.append(dict(kind="matmul", origin="dense", result="packed for BRGEMM",
+                           format=str(w.dtype).replace("torch.", ""), location=_location(call),
+                           packed_bytes=packed.numel() * packed.element_size()))
+
     graph.eliminate_dead_code()
     _drop_unused_inputs(captured, graph)
     gm.recompile()
@@ -300,7 +316,7 @@ def _order(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
 
 
 def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, activations,
-              report) -> Optional[_Found]:
+              report, dense: Optional[list] = None) -> Optional[_Found]:
     from lowbit.passes.lib_recognize import find_exact_format
 
     if node.target is aten.addmm.default:
@@ -332,6 +348,8 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
     spec, qw, why = find_exact_format(w_nk, formats, group_sizes, activations)
     if spec is None:
         report.append(dict(where, origin=origin, result="not recognized", reason=why))
+        if dense is not None and b is None and wv.dtype == x_val.dtype:
+            dense.append((node, x, wv.detach(), ev.sources(w, position)))
         return None
     bias = None
     if bv is not None:
@@ -460,3 +478,17 @@ def _drop_unused_inputs(captured: CapturedGraph, graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
     captured.input_indices[:] = keep_idx
     captured.input_specs[:] = keep_spec
+
+
+def _pack_dense(w: torch.Tensor) -> Optional[torch.Tensor]:
+    """B [K, N] in the BRGEMM panel layout, shaped as `lowbit.packed_matmul` takes it; None
+    when the layout does not apply (N not a multiple of the 32-wide panel, odd bf16 K)."""
+    from lowbit.runtime.brgemm import NB, pack_b
+
+    k, n = w.shape
+    if n % NB or k == 0 or (w.dtype == torch.bfloat16 and k % 2):
+        return None
+    packed = pack_b(w.t().contiguous(), transposed=True)
+    if w.dtype == torch.float32:
+        return packed.reshape(n // NB, k, NB)
+    return packed.reshape(n // NB, k // 2, NB, 2)

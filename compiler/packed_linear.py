@@ -70,3 +70,45 @@ def _packed_linear_fake(x, packed, bias, weight_format, granularity, group_size,
     spec = spec_of(weight_format, granularity, group_size, in_features, out_features, act_format)
     _check(x, packed, bias, spec)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ----------------------------------------------------------------------------- dense weights
+#
+#   lowbit::packed_matmul(Tensor x, Tensor packed) -> Tensor
+#
+# `y = x @ B` for an fp32/bf16 B ([K, N], a Linear weight's transpose) pre-packed at bind
+# time in the BRGEMM panel layout (`lowbit.runtime.brgemm.pack_b`): `packed` is
+# [N/32, K, 32] (fp32) or [N/32, K/2, 32, 2] (bf16 VNNI pairs), x is [..., K] of the same
+# dtype. Compiled, it becomes the blocked `linalg.contract` that `lowbit-dense-tile` tiles
+# into BRGEMM calls; in eager, one BRGEMM call.
+
+@torch.library.custom_op("lowbit::packed_matmul", mutates_args=())
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``y = x @ B`` with B pre-packed in the BRGEMM panel layout (see above)."""
+    from lowbit.runtime.brgemm import matmul
+
+    n, k = _dense_dims(x, packed)
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    return matmul(x2.contiguous(), packed.reshape(-1), b_packed=True, n=n).reshape(*x.shape[:-1], n)
+
+
+@packed_matmul.register_fake
+def _packed_matmul_fake(x, packed):
+    n, _ = _dense_dims(x, packed)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _dense_dims(x: torch.Tensor, packed: torch.Tensor) -> tuple[int, int]:
+    if x.dtype not in (torch.float32, torch.bfloat16) or packed.dtype != x.dtype:
+        raise TypeError(f"lowbit.packed_matmul: x and packed must be both float32 or both bfloat16, got "
+                        f"{x.dtype} and {packed.dtype}")
+    rank = 3 if x.dtype == torch.float32 else 4
+    if packed.dim() != rank or packed.shape[2] != 32 or (rank == 4 and packed.shape[3] != 2):
+        raise ValueError(f"lowbit.packed_matmul: packed must be [N/32, K, 32] (bf16: [N/32, K/2, 32, 2]), "
+                         f"got {list(packed.shape)}")
+    k = packed.shape[1] * (1 if rank == 3 else 2)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"lowbit.packed_matmul: x must have shape [..., {k}], got {list(x.shape)}")
+    return packed.shape[0] * 32, k

@@ -14,6 +14,10 @@ format's value set are rejected with an error naming the layer.
 An op it cannot convert (non-constant weights, activation blocks) is left alone with a
 report entry; the torch backend then rejects it and the partitioner runs it in eager.
 
+And `torch.lowbit.packed_matmul(%x, %packed)` (a dense fp32/bf16 weight pre-packed at bind
+time in the BRGEMM panel layout) becomes the blocked `linalg.contract` over the packed
+argument, tagged `lowbit.brgemm = "packed"`, that `lowbit-dense-tile` tiles into BRGEMM calls.
+
 Also matches `torch.operator "torch.lowbit.packed_linear"(%x, %packed, %bias_or_none, <7
 constants>)`, the form binding gives a recognised layer whose weight is a runtime buffer
 (`lowbit.compiler.bind`), and produces a call to a *bound* qlinear function that takes the
@@ -44,6 +48,7 @@ from lowbit.quant.packing import unpack_codes
 
 OP_NAME = "torch.lowbit.linear"
 PACKED_OP_NAME = "torch.lowbit.packed_linear"
+DENSE_OP_NAME = "torch.lowbit.packed_matmul"
 
 
 def _literal(value: ir.Value) -> np.ndarray | None:
@@ -99,12 +104,15 @@ class ConvertLinearOp(ModulePass):
 
     def run(self, module: ir.Operation) -> None:
         ops = [op for op in walk(module) if op.name == "torch.operator"
-               and ir.StringAttr(op.attributes["name"]).value in (OP_NAME, PACKED_OP_NAME)]
+               and ir.StringAttr(op.attributes["name"]).value in (OP_NAME, PACKED_OP_NAME, DENSE_OP_NAME)]
         for op in ops:
-            if ir.StringAttr(op.attributes["name"]).value == OP_NAME:
+            name = ir.StringAttr(op.attributes["name"]).value
+            if name == OP_NAME:
                 self._convert(module, op)
-            else:
+            elif name == PACKED_OP_NAME:
                 self._convert_packed(module, op)
+            else:
+                _convert_packed_matmul(op)
 
     def _convert_packed(self, module: ir.Operation, op: ir.Operation) -> None:
         from lowbit.runtime.qgemm import packed_layout
@@ -187,3 +195,103 @@ def _elem_type(name: str) -> ir.Type:
     if name == "bf16":
         return ir.BF16Type.get()
     raise PassError(f"lowbit.linear activations must be f32 or bf16, got {name}")
+
+
+def _convert_packed_matmul(op: ir.Operation) -> None:
+    """x [..., K] @ packed B -> linalg.contract over [M, N/32, 32], f32 accumulation."""
+    from torch_mlir.dialects import linalg
+
+    from lowbit.passes.dense_support import BRGEMM_ATTR, _map
+    from lowbit.passes.dense_tile import BETA0_ATTR
+
+    x, packed = op.operands
+    x_shape, x_elem = _vtensor_shape_dtype(x.type)
+    p_shape, _ = _vtensor_shape_dtype(packed.type)
+    y_shape, _ = _vtensor_shape_dtype(op.results[0].type)
+    bf16 = x_elem == "bf16"
+    k, n = x_shape[-1], p_shape[0] * 32
+    f32 = ir.F32Type.get()
+    elem = _elem_type(x_elem)
+    index = ir.IndexType.get()
+    dyn = ir.ShapedType.get_dynamic_size()
+    with ir.InsertionPoint(op), op.location:
+        xb = _to_builtin(x, x_shape, elem)
+        pb = _to_builtin(packed, p_shape, elem)
+        lead = x_shape[:-1]
+        m = _flat_rows(lead)
+        x2 = xb
+        if len(x_shape) != 2:
+            t2 = ir.RankedTensorType.get([m, k], elem)
+            if len(x_shape) == 1:
+                x2 = ir.Operation.create("tensor.expand_shape", results=[t2], operands=[xb], attributes={
+                    "reassociation": ir.Attribute.parse("[[0, 1]]"),
+                    "static_output_shape": ir.DenseI64ArrayAttr.get([1, k])}).result
+            else:
+                groups = ", ".join(str(i) for i in range(len(x_shape) - 1))
+                x2 = ir.Operation.create("tensor.collapse_shape", results=[t2], operands=[xb], attributes={
+                    "reassociation": ir.Attribute.parse(f"[[{groups}], [{len(x_shape) - 1}]]")}).result
+        rows = []
+        if ir.ShapedType.is_dynamic_size(m):
+            zero = ir.Operation.create("arith.constant", results=[index],
+                                       attributes={"value": ir.IntegerAttr.get(index, 0)}).result
+            rows = [ir.Operation.create("tensor.dim", results=[index], operands=[x2, zero]).result]
+        c3_type = ir.RankedTensorType.get([m, n // 32, 32], f32)
+        empty = ir.Operation.create("tensor.empty", results=[c3_type], operands=rows).result
+        fzero = ir.Operation.create("arith.constant", results=[f32], attributes={"value": ir.FloatAttr.get(f32, 0.0)}).result
+        c3 = linalg.fill(fzero, outs=[empty])
+        if bf16:
+            a_in = ir.Operation.create("tensor.expand_shape", results=[ir.RankedTensorType.get([m, k // 2, 2], elem)],
+                                       operands=[x2] + rows, attributes={
+                                           "reassociation": ir.Attribute.parse("[[0], [1, 2]]"),
+                                           "static_output_shape": ir.DenseI64ArrayAttr.get([m, k // 2, 2])}).result
+            maps = ["(d0, d1, d2, d3, d4) -> (d0, d3, d4)", "(d0, d1, d2, d3, d4) -> (d1, d3, d2, d4)",
+                    "(d0, d1, d2, d3, d4) -> (d0, d1, d2)"]
+        else:
+            a_in = x2
+            maps = ["(d0, d1, d2, d3) -> (d0, d3)", "(d0, d1, d2, d3) -> (d1, d3, d2)",
+                    "(d0, d1, d2, d3) -> (d0, d1, d2)"]
+        contract = linalg.contract(a_in, pb, outs=[c3], indexing_maps=[_map(t) for t in maps])
+        cop = contract.owner
+        cop.attributes[BRGEMM_ATTR] = ir.StringAttr.get("packed")
+        cop.attributes[BETA0_ATTR] = ir.UnitAttr.get()
+        y2 = ir.Operation.create("tensor.collapse_shape", results=[ir.RankedTensorType.get([m, n], f32)],
+                                 operands=[contract], attributes={
+                                     "reassociation": ir.Attribute.parse("[[0], [1, 2]]")}).result
+        if bf16:
+            e2 = ir.Operation.create("tensor.empty", results=[ir.RankedTensorType.get([m, n], elem)],
+                                     operands=rows).result
+            y2 = _truncf(y2, e2, elem)
+        y = y2
+        if len(x_shape) != 2:
+            yt = ir.RankedTensorType.get(lead + [n], elem)
+            if len(x_shape) == 1:
+                y = ir.Operation.create("tensor.collapse_shape", results=[yt], operands=[y2], attributes={
+                    "reassociation": ir.Attribute.parse("[[0, 1]]")}).result
+            else:
+                sizes = []
+                for i, d in enumerate(lead):
+                    if ir.ShapedType.is_dynamic_size(d):
+                        c = ir.Operation.create("arith.constant", results=[index],
+                                                attributes={"value": ir.IntegerAttr.get(index, i)}).result
+                        sizes.append(ir.Operation.create("tensor.dim", results=[index], operands=[xb, c]).result)
+                groups = ", ".join(str(i) for i in range(len(x_shape) - 1))
+                y = ir.Operation.create("tensor.expand_shape", results=[yt], operands=[y2] + sizes, attributes={
+                    "reassociation": ir.Attribute.parse(f"[[{groups}], [{len(x_shape) - 1}]]"),
+                    "static_output_shape": ir.DenseI64ArrayAttr.get(lead + [n])}).result
+        out = ir.Operation.create("torch_c.from_builtin_tensor", results=[op.results[0].type], operands=[y]).result
+    op.results[0].replace_all_uses_with(out)
+    op.erase()
+
+
+def _truncf(src: ir.Value, init: ir.Value, elem: ir.Type) -> ir.Value:
+    """An elementwise f32 -> bf16 rounding of a 2-D tensor (linalg.generic)."""
+    text_maps = ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get_identity(2))] * 2)
+    iters = ir.ArrayAttr.get([ir.Attribute.parse("#linalg.iterator_type<parallel>")] * 2)
+    op = ir.Operation.create("linalg.generic", results=[init.type], operands=[src, init], attributes={
+        "indexing_maps": text_maps, "iterator_types": iters,
+        "operandSegmentSizes": ir.DenseI32ArrayAttr.get([1, 1])}, regions=1)
+    block = op.regions[0].blocks.append(ir.F32Type.get(), elem)
+    with ir.InsertionPoint(block):
+        t = ir.Operation.create("arith.truncf", results=[elem], operands=[block.arguments[0]]).result
+        ir.Operation.create("linalg.yield", operands=[t])
+    return op.results[0]
