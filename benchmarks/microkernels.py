@@ -4,8 +4,12 @@ whole layers against the kernels PyTorch users would pick instead.
 Everything runs in one process, single-threaded (torch.set_num_threads(1) for the torch
 kernels too), and reports medians:
 
-1. Limits, measured in the same run: the AVX-512 VNNI int8 peak of one core (a loop of 24
-   independent vpdpbusd chains), and STREAM-like read bandwidth with 1 and 2 threads.
+1. Limits, measured in the same run by benchmarks/peaks.py (interleaved rounds): the
+   vpdpbusd zmm / vdpbf16ps / fp32 FMA peaks of one core (24 independent chains), the core
+   clock, and the read bandwidth of a buffer >= 4x the L3 with 1 and 2 threads. Every kernel
+   is reported as a fraction of the matching peak: int8-activation tiles and layers against
+   vpdpbusd zmm, weight-only (fp32 FMA) tiles against vfmadd231ps zmm, torch's bf16 linear
+   against vdpbf16ps.
 2. Microkernel tiles on L1/L2-resident operands (int8 activations x packed weights), as
    GMAC/s, % of the VNNI peak and packed-weight GB/s, for GEMV-shaped (M = 1..4 tokens)
    and GEMM-shaped (M >= 16) tiles. The GEMV goal compares the packed-weight rate of one
@@ -14,8 +18,11 @@ kernels too), and reports medians:
    torch.ops.aten._weight_int4pack_mm_for_cpu, torch.ops.aten._weight_int8pack_mm and bf16
    F.linear on the issue's shapes, as time ratios (torch / lowbit, > 1 means lowbit is faster).
 
+4. The prefill tiles of issue 14: ternary x int8 at M = 128 on 4096x4096 and 2560x6912
+   (whole N, all of K in one invoke, weights in L2/L3), with the >= 85%-of-peak goal.
+
 Times are medians of thread CPU time (see median_time; tiles: best of 3 medians); bandwidth
-is wall clock (best of 15).
+is wall clock (peaks.py: median over rounds).
 
     python benchmarks/microkernels.py [--quick] [--out benchmarks/results/microkernels.json]
 """
@@ -35,6 +42,11 @@ import torch.nn.functional as F
 
 from lowbit.runtime import current_isa, set_isa, supported_isas
 from lowbit.runtime import qgemm
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peaks as peaks_mod  # noqa: E402  (benchmarks/peaks.py, same directory)
 
 LAYER_SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912), (4096, 4096), (14336, 4096), (4096, 14336)]
 LAYER_MS = [1, 16, 128]
@@ -72,36 +84,16 @@ wall_stats: list[tuple[float, float]] = []  # (median, min) wall time of each me
 
 # ----------------------------------------------------------------------------- limits
 
-def vnni_peak(lib) -> float:
-    """MAC/s of one core: 24 vpdpbusd zmm (64 int8 MACs each) per iteration, ~1 ms bursts
-    so that preemption on a shared machine hits few samples."""
-    iters = 50_000
-    return iters * 24 * 64 / median_time(lambda: lib.lowbit_qbench_vnni_loop(iters), runs=101)
-
-
-def read_bandwidth(threads: int) -> tuple[float, float]:
-    """(best, median) bytes/s of a streaming reduction over 256 MiB with `threads` threads.
-    Wall clock; the best sample is the capability (preemption only lowers it) and is the
-    conservative denominator for the GEMV goal."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.ones(64 * 2**20, dtype=torch.float32)
-        x.sum()
-        times = []
-        for _ in range(15):
-            t0 = time.perf_counter()
-            x.sum()
-            times.append(time.perf_counter() - t0)
-        return x.numel() * 4 / min(times), x.numel() * 4 / statistics.median(times)
-    finally:
-        torch.set_num_threads(prev)
+def measure_limits(rounds: int) -> dict:
+    """benchmarks/peaks.py in this process: VNNI / bf16 / FMA peaks (1 and 2 threads), the
+    core clock, and the read bandwidth of a buffer >= 4x L3."""
+    return peaks_mod.measure(rounds=rounds, log=lambda *a: None)
 
 
 # ----------------------------------------------------------------------------- tiles
 
 def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: float,
-              bw_core: float, kblock: int | None = None) -> dict:
+              bw_core: float, kblock: int | None = None, seed_x: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     info = qgemm.FORMAT_INFO[fmt]
     q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
@@ -116,7 +108,7 @@ def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: fl
     kern = qgemm.dispatch_for(pw, m)
     xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
     y = torch.empty(m, n)
-    reps = max(1, int(2e7 / (m * n * k)))  # ~0.1-1 ms per sample
+    reps = max(1, int(2e7 / (m * n * k)))  # ~0.1-1 ms per sample (large tiles: ~2-4 ms)
     args = (kern.handle, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
             rs.data_ptr(), None, pw.num_kblocks, reps)
     # Best of 3 medians of 17: a core's rate, robust to a round that shares the physical
@@ -130,9 +122,28 @@ def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: fl
             "x_core_bw": wbytes / bw_core}
 
 
+def weight_only_case(lib, fmt: str, m: int, n: int, k: int, fma_peak: float) -> dict:
+    """fp32 activations x packed weights (the FMA tiles), L1/L2-resident."""
+    gen = torch.Generator().manual_seed(0)
+    info = qgemm.FORMAT_INFO[fmt]
+    q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+    pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt)
+    kern = qgemm.dispatch_for(pw, m, a_dtype=torch.float32)
+    a = torch.randn(m, pw.k_padded, generator=gen)
+    y = torch.empty(m, n)
+    reps = max(1, int(5e6 / (m * n * k)))
+    args = (kern.handle, a.data_ptr(), pw.data.data_ptr(), y.data_ptr(), None, None, None,
+            pw.num_kblocks, reps)
+    t = min(median_time(lambda: lib.lowbit_qbench_tile(*args), runs=9) for _ in range(3)) / reps
+    macs = m * n * k / t
+    return {"format": fmt, "m": m, "n": n, "k": k, "isa": kern.isa, "us": t * 1e6,
+            "gmacs": macs / 1e9, "pct_peak": 100 * macs / fma_peak}
+
+
 # ----------------------------------------------------------------------------- layers
 
-def layer_cases(n: int, k: int, ms: list[int]) -> list[dict]:
+def layer_cases(n: int, k: int, ms: list[int], vnni_peak_1t: float,
+                bf16_peak_1t: float | None) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     rows = []
     # lowbit: ternary (2-bit, per tensor), int4_sym (per group 128), int8 (per channel).
@@ -161,7 +172,11 @@ def layer_cases(n: int, k: int, ms: list[int]) -> list[dict]:
                 lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8), runs, 0.3),
             "torch_linear_bf16": median_time(lambda: F.linear(xb, wbf), runs, 0.3),
         }
+        macs = m * n * k
         rows.append({"n": n, "k": k, "m": m, "ms": {key: v * 1e3 for key, v in t.items()},
+                     "pct_vnni_peak_ternary": 100 * macs / t["lowbit_ternary_a8"] / vnni_peak_1t,
+                     "pct_bf16_peak_torch_bf16": (100 * macs / t["torch_linear_bf16"] / bf16_peak_1t
+                                                  if bf16_peak_1t else None),
                      "ternary_weight_gbs": pw2.data.numel() / t["lowbit_ternary_a8"] / 1e9,
                      "ratio_vs_ternary": {key: v / t["lowbit_ternary_a8"] for key, v in t.items()
                                           if key.startswith("torch")},
@@ -187,18 +202,25 @@ def main() -> None:
     set_isa("avx512")
     lib = native()
 
-    (bw1, bw1_med), (bw2, bw2_med) = read_bandwidth(1), read_bandwidth(2)
-    peak = vnni_peak(lib)
+    limits = measure_limits(3 if args.quick else 7)
+    peak = peaks_mod.peak_mac_per_s(limits, "vnni_zmm", 1)
+    fma_peak = peaks_mod.peak_mac_per_s(limits, "fma_zmm", 1)
+    bf16_peak = peaks_mod.peak_mac_per_s(limits, "bf16_zmm", 1)
+    bw = limits["bandwidth"]
+    bw1, bw1_max = bw["1t"]["median"], bw["1t"]["max"]
+    bw2, bw2_max = bw["2t"]["median"], bw["2t"]["max"]
     bw_core = max(bw2, args.bw2_floor * 1e9) / 2
-    env = {"cpu": platform.processor() or platform.machine(), "isa": current_isa(),
+    env = {"cpu": limits["cpu"], "isa": current_isa(),
            "threads": 1, "torch": torch.__version__, "loadavg_start": os.getloadavg()}
-    print(f"# threads: 1 (kernels and torch.set_num_threads(1)); ISA {current_isa()}; "
-          f"load average at start {env['loadavg_start'][0]:.1f}")
-    print(f"VNNI int8 peak (1 core, measured): {peak / 1e9:.1f} GMAC/s")
-    print(f"read bandwidth (best of 15; median in parentheses): 1 thread {bw1 / 1e9:.1f} "
-          f"({bw1_med / 1e9:.1f}) GB/s, 2 threads {bw2 / 1e9:.1f} ({bw2_med / 1e9:.1f}) GB/s "
-          f"; GEMV goal uses max(measured, floor {args.bw2_floor:.0f}) / 2 = {bw_core / 1e9:.1f} GB/s "
-          "per core")
+    print(peaks_mod.format_table(limits))
+    print(f"\n# threads: 1 (kernels and torch.set_num_threads(1)); ISA {current_isa()}; "
+          f"load average at start {env['loadavg_start'][0]:.1f} (machine shared)")
+    print(f"peaks used below (1 core, median of the rounds above): vpdpbusd zmm {peak / 1e9:.1f} GMAC/s, "
+          f"fp32 FMA {fma_peak / 1e9:.1f} GMAC/s"
+          + (f", vdpbf16ps {bf16_peak / 1e9:.1f} GMAC/s" if bf16_peak else ", no vdpbf16ps"))
+    print(f"read bandwidth (median [max]): 1 thread {bw1 / 1e9:.1f} [{bw1_max / 1e9:.1f}] GB/s, "
+          f"2 threads {bw2 / 1e9:.1f} [{bw2_max / 1e9:.1f}] GB/s; GEMV goal uses max(measured, "
+          f"floor {args.bw2_floor:.0f}) / 2 = {bw_core / 1e9:.1f} GB/s per core")
     print("timing: medians of thread CPU time (single-threaded calls; robust to preemption "
           "on a shared machine; tiles: best of 3 medians of 17); wall-clock medians are in the JSON")
 
@@ -231,14 +253,30 @@ def main() -> None:
                   f"{r['weight_gbs']:5.1f} GB/s = {r['x_core_bw']:.2f}x ({r['pct_peak']:.1f}% of peak) "
                   f"{'met' if r['x_core_bw'] >= 4 else 'NOT met'}")
 
+    # Issue 14, item 3: ternary x int8 prefill tiles at M = 128 on real layer shapes.
+    prefill = [tile_case(lib, "ternary", 128, n, k, None, peak, bw_core)
+               for n, k in [(4096, 4096), (2560, 6912)]]
+    print("\n## Prefill tiles: ternary x int8, M = 128, whole layer in one invoke (1 core; goal >= 85% "
+          "of the vpdpbusd zmm peak)")
+    for r in prefill:
+        print(f"  {r['n']}x{r['k']}: {r['gmacs']:.1f} GMAC/s = {r['pct_peak']:.1f}% of "
+              f"{peak / 1e9:.1f} -> {'met' if r['pct_peak'] >= 85 else 'NOT met'}")
+
+    # Weight-only (fp32 activations, FMA tiles) against the fp32 FMA peak.
+    wo = [weight_only_case(lib, "ternary", m, 256, 1024, fma_peak) for m in (1, 16)]
+    print("\n## Weight-only tiles (fp32 activations, vfmadd231ps), 1 core")
+    for r in wo:
+        print(f"  ternary M={r['m']:3d} N={r['n']} K={r['k']}: {r['gmacs']:.1f} GMAC/s = "
+              f"{r['pct_peak']:.1f}% of the fp32 FMA peak {fma_peak / 1e9:.1f}")
+
     layers = []
     shapes = LAYER_SHAPES[:2] if args.quick else LAYER_SHAPES
     for n, k in shapes:
-        layers += layer_cases(n, k, LAYER_MS)
+        layers += layer_cases(n, k, LAYER_MS, peak, bf16_peak)
     print("\n## Whole layers, 1 thread, median ms (ratio = torch time / lowbit ternary-a8 time)")
     print(f"{'N x K':>12s} {'M':>4s} {'tern-a8':>8s} {'int4-a8':>8s} {'t.int4':>8s} "
           f"{'t.int8':>8s} {'t.bf16':>8s} | {'int4/':>6s} {'int8/':>6s} {'bf16/':>6s} "
-          f"{'i4/i4':>6s} {'tGB/s':>6s}")
+          f"{'i4/i4':>6s} {'tGB/s':>6s} {'t%vnni':>6s} {'bf%bf16':>7s}")
     for r in layers:
         t, q = r["ms"], r["ratio_vs_ternary"]
         print(f"{r['n']:>6d}x{r['k']:<5d} {r['m']:4d} {t['lowbit_ternary_a8']:8.3f} "
@@ -246,15 +284,17 @@ def main() -> None:
               f"{t['torch_int8pack_bf16']:8.3f} {t['torch_linear_bf16']:8.3f} | "
               f"{q['torch_int4pack_bf16']:6.2f} {q['torch_int8pack_bf16']:6.2f} "
               f"{q['torch_linear_bf16']:6.2f} {r['ratio_int4_vs_torch_int4']:6.2f} "
-              f"{r['ternary_weight_gbs']:6.1f}")
+              f"{r['ternary_weight_gbs']:6.1f} {r['pct_vnni_peak_ternary']:6.1f} "
+              f"{r['pct_bf16_peak_torch_bf16'] or float('nan'):7.1f}")
 
     env["loadavg_end"] = os.getloadavg()
     result = {"env": env, "timing": "median thread CPU time (tiles: best of 3 medians of 17)",
-              "vnni_peak_gmacs": peak / 1e9,
-              "read_bw_gbs": {"1": bw1 / 1e9, "2": bw2 / 1e9, "1_median": bw1_med / 1e9,
-                              "2_median": bw2_med / 1e9, "2_floor": args.bw2_floor,
+              "vnni_peak_gmacs": peak / 1e9, "fma_peak_gmacs": fma_peak / 1e9,
+              "bf16_peak_gmacs": bf16_peak / 1e9 if bf16_peak else None, "peaks": limits,
+              "read_bw_gbs": {"1": bw1 / 1e9, "2": bw2 / 1e9, "1_max": bw1_max / 1e9,
+                              "2_max": bw2_max / 1e9, "2_floor": args.bw2_floor,
                               "per_core_for_goal": bw_core / 1e9},
-              "tiles": tiles, "layers": layers,
+              "tiles": tiles, "prefill_tiles": prefill, "weight_only_tiles": wo, "layers": layers,
               "wall_clock_median_min_s": wall_stats}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
