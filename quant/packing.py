@@ -20,6 +20,14 @@ def _as_format(fmt: WeightFormat | str) -> WeightFormat:
     return fmt if isinstance(fmt, WeightFormat) else get_weight_format(fmt)
 
 
+def _step(fmt: WeightFormat) -> int:
+    """Spacing of the value set when it is an arithmetic progression (1 for every format
+    but int1, whose values -1, +1 have step 2), else 0."""
+    vals = fmt.values
+    step = vals[1] - vals[0] if len(vals) > 1 else 1
+    return step if all(b - a == step for a, b in zip(vals, vals[1:])) else 0
+
+
 def values_to_codes(q: torch.Tensor, fmt: WeightFormat | str) -> torch.Tensor:
     """Unsigned storage codes (uint8) of integer values ``q``; ValueError for values outside the set."""
     fmt = _as_format(fmt)
@@ -29,17 +37,25 @@ def values_to_codes(q: torch.Tensor, fmt: WeightFormat | str) -> torch.Tensor:
         raise TypeError(f"q must be an integer tensor (int8 values of format {fmt.name}), got {q.dtype}")
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=torch.uint8)
-    q = q.to(torch.int32)
-    lo, hi = int(q.min()), int(q.max())
+    lo, hi = (int(v) for v in torch.aminmax(q))
     if lo < fmt.qmin or hi > fmt.qmax:
         raise ValueError(
             f"values out of range for format {fmt.name} (allowed [{fmt.qmin}, {fmt.qmax}]): "
             f"found min {lo}, max {hi}")
-    codes = fmt.value_to_code_table()[(q - fmt.qmin).long()]
-    if bool((codes < 0).any()):
-        bad = int(q[codes < 0][0])
+    # Every value now lies in [qmin, qmax] (inside int8), so the int8 bytes of q are exact.
+    q8 = q.to(torch.int8).contiguous()
+    step = _step(fmt)
+    if step == 1:
+        # code = q - qmin, computed modulo 256 on the raw bytes (uint8 arithmetic wraps)
+        return q8.view(torch.uint8) + ((-fmt.qmin) & 0xFF)
+    offset = q8.to(torch.int16) - fmt.qmin
+    holes = offset % step != 0 if step else fmt.value_to_code_table()[offset.long()] < 0
+    if bool(holes.any()):
+        bad = int(q8[holes][0])
         raise ValueError(f"value {bad} is not in the value set {list(fmt.values)} of format {fmt.name}")
-    return codes.to(torch.uint8)
+    if step:
+        return torch.div(offset, step, rounding_mode="floor").to(torch.uint8)
+    return fmt.value_to_code_table()[offset.long()].to(torch.uint8)
 
 
 def codes_to_values(codes: torch.Tensor, fmt: WeightFormat | str) -> torch.Tensor:
@@ -50,25 +66,70 @@ def codes_to_values(codes: torch.Tensor, fmt: WeightFormat | str) -> torch.Tenso
         raise CorruptPackedWeightError(
             f"corrupt packed weight: code {int(codes.max())} is not valid for format {fmt.name} "
             f"(valid codes 0..{fmt.num_codes - 1})")
+    if _step(fmt) == 1:
+        return (codes + (fmt.qmin & 0xFF)).view(torch.int8)  # q = code + qmin, modulo 256
     return fmt.code_to_value_table()[codes.long()]
+
+
+#: Integer dtype holding exactly one packed byte's worth of codes (one code per byte of it).
+_WORD = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _pack_block(codes: torch.Tensor, fmt: WeightFormat, out: torch.Tensor) -> None:
+    """Pack uint8 ``codes[r, K]`` (valid codes) into ``out[r, nbytes]``."""
+    r, k = codes.shape
+    per_byte, nbytes = fmt.codes_per_byte, out.shape[1]
+    if k != nbytes * per_byte:
+        padded = torch.zeros((r, nbytes * per_byte), dtype=torch.uint8)
+        padded[:, :k] = codes
+        codes = padded
+    # View the per_byte code bytes of each output byte as one little-endian integer: code j
+    # sits at bit 8*j. Shifting right by (8 - bits)*j moves it to bit bits*j, and no other
+    # code lands in the low 8 bits (codes are < 2**bits), so OR-ing the shifts and keeping
+    # the low byte packs per_byte codes at once. Values stay < 2**(8*per_byte - 7): no sign.
+    words = codes.contiguous().view(_WORD[per_byte])
+    packed = words | (words >> (8 - fmt.bits))
+    for j in range(2, per_byte):
+        packed |= words >> ((8 - fmt.bits) * j)
+    out.copy_(packed)  # int -> uint8 keeps the low byte (conversion modulo 256)
 
 
 def pack_codes(q: torch.Tensor, fmt: WeightFormat | str) -> torch.Tensor:
     """Pack int values ``q[N, K]`` of format ``fmt`` into uint8 ``[N, ceil(K * bits / 8)]``."""
+    from .quantizers import _run_blocks  # the row-block machinery (quantizers does not import us)
+
     fmt = _as_format(fmt)
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
         raise ValueError(f"q must be a 2-D tensor [N, K], got {_describe(q)}")
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        values_to_codes(q, fmt)  # raises the TypeError
     n, k = q.shape
-    codes = values_to_codes(q, fmt)
-    if fmt.bits == 8:
-        return codes.contiguous()
-    per_byte = fmt.codes_per_byte
-    nbytes = packed_row_bytes(k, fmt)
-    padded = torch.zeros((n, nbytes * per_byte), dtype=torch.int32)
-    padded[:, :k] = codes.to(torch.int32)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * fmt.bits
-    packed = (padded.view(n, nbytes, per_byte) << shifts).sum(dim=-1)
-    return packed.to(torch.uint8)
+    out = torch.empty((n, packed_row_bytes(k, fmt)), dtype=torch.uint8)
+    if q.numel() == 0:
+        return out
+
+    def block(r0: int, r1: int) -> bool:
+        qb = q[r0:r1]
+        lo, hi = (int(v) for v in torch.aminmax(qb))
+        if lo < fmt.qmin or hi > fmt.qmax:
+            return False
+        if _step(fmt) != 1:
+            try:
+                codes = values_to_codes(qb, fmt)
+            except ValueError:
+                return False
+        else:
+            codes = qb.to(torch.int8).contiguous().view(torch.uint8) + ((-fmt.qmin) & 0xFF)
+        if fmt.bits == 8:
+            out[r0:r1] = codes
+        else:
+            _pack_block(codes, fmt, out[r0:r1])
+        return True
+
+    if not all(_run_blocks(block, n, k, stop_if=lambda ok: not ok)):
+        values_to_codes(q, fmt)  # raises the error for the whole tensor (first bad value, global range)
+        raise AssertionError("pack_codes: a block was rejected but the tensor is valid")
+    return out
 
 
 def unpack_codes(packed: torch.Tensor, fmt: WeightFormat | str, k: int) -> torch.Tensor:
@@ -78,20 +139,42 @@ def unpack_codes(packed: torch.Tensor, fmt: WeightFormat | str, k: int) -> torch
     shape ``[N, ceil(K * bits / 8)]``, holds codes outside the format, or has non-zero
     padding bits.
     """
+    from .quantizers import _run_blocks
+
     fmt = _as_format(fmt)
     check_packed_tensor(packed, fmt, k)
     n, nbytes = packed.shape
     if fmt.bits == 8:
         return codes_to_values(packed, fmt)
     per_byte = fmt.codes_per_byte
-    shifts = torch.arange(per_byte, dtype=torch.int32) * fmt.bits
     mask = (1 << fmt.bits) - 1
-    codes = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & mask).reshape(n, nbytes * per_byte)
+    out = torch.empty((n, k), dtype=torch.int8)
+
+    def codes_of(pb: torch.Tensor) -> torch.Tensor:
+        codes = torch.empty((pb.shape[0], nbytes, per_byte), dtype=torch.uint8)
+        for j in range(per_byte):
+            torch.bitwise_and(pb >> (fmt.bits * j), mask, out=codes[:, :, j])
+        return codes.view(pb.shape[0], nbytes * per_byte)
+
+    def block(r0: int, r1: int) -> bool:
+        codes = codes_of(packed[r0:r1])
+        if codes.shape[1] > k and bool(codes[:, k:].any()):
+            return False
+        codes = codes[:, :k]
+        if fmt.num_codes < (1 << fmt.bits) and int(codes.max()) >= fmt.num_codes:
+            return False
+        out[r0:r1] = codes_to_values(codes, fmt)
+        return True
+
+    if all(_run_blocks(block, n, nbytes * per_byte, stop_if=lambda ok: not ok)):
+        return out
+    codes = codes_of(packed)  # corrupt: find the first problem over the whole tensor
     if codes.shape[1] > k and bool(codes[:, k:].any()):
         row = int(codes[:, k:].any(dim=1).nonzero()[0])
         raise CorruptPackedWeightError(
             f"corrupt packed weight: padding bits after K={k} in row {row} are not zero")
-    return codes_to_values(codes[:, :k], fmt)
+    codes_to_values(codes[:, :k], fmt)  # raises for the invalid code
+    raise AssertionError("unpack_codes: a block was rejected but the tensor is valid")
 
 
 def check_packed_tensor(packed: torch.Tensor, fmt: WeightFormat | str, k: int, n: int | None = None) -> None:
