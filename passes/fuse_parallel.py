@@ -85,6 +85,7 @@ class FuseParallel(ModulePass):
                 group = self.grow(root, root_dims, block)
                 order = {op: i for i, op in enumerate(ops)}
                 producers = sorted(group, key=lambda o: -order[o])
+                self._version_small_extents(root, producers)
                 counter = self._apply(module, root, tiles, producers, counter)
         for op in walk(module):
             if _VISITED in op.attributes:
@@ -180,6 +181,57 @@ class FuseParallel(ModulePass):
 
     # -- rewriting ------------------------------------------------------------------------
 
+    def _version_small_extents(self, root: ir.Operation, producers: list[ir.Operation]) -> None:
+        """For a root with dynamic dims: run the group sequentially when the run-time work is
+        under two tasks' worth (decode: T = 1), as a static compile of that size would.
+
+        The group moves into the then-branch of `scf.if (prod(dynamic extents) >= threshold)`
+        (tiled into the forall afterwards) and a copy of it into the else-branch (no forall,
+        vectorized in place): an OpenMP region for a one-row softmax costs more than the row.
+        """
+        info = loop_info(root)
+        dyn = [d for d, r in enumerate(info.ranges) if r is None]
+        if not dyn or len(root.results) == 0:
+            return
+        static_work = math.prod(r for r in info.ranges if r is not None)
+        threshold = -(-2 * self.min_task_elements // static_work)
+        if threshold <= 1:
+            return  # any extent >= 1 has two tasks' worth of work
+        index = ir.IndexType.get()
+        i1 = ir.IntegerType.get_signless(1)
+        group = sorted(producers, key=lambda o: _position(o)) + [root]
+        with ir.InsertionPoint(root), root.location:
+            extents = [_extent_value(root, info, d, group) for d in dyn]
+            if any(e is None for e in extents):
+                return
+            work = extents[0]
+            for e in extents[1:]:
+                work = ir.Operation.create("arith.muli", results=[index], operands=[work, e]).result
+            thr = ir.Operation.create("arith.constant", results=[index],
+                                      attributes={"value": ir.IntegerAttr.get(index, threshold)}).result
+            cond = ir.Operation.create("arith.cmpi", results=[i1], operands=[work, thr],
+                                       attributes={"predicate": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), 5)}).result
+            branch = ir.Operation.create("scf.if", results=[r.type for r in root.results], operands=[cond], regions=2)
+            then_block = branch.regions[0].blocks.append()
+            else_block = branch.regions[1].blocks.append()
+        for i, r in enumerate(root.results):
+            r.replace_all_uses_with(branch.results[i])
+        with ir.InsertionPoint(then_block), root.location:
+            then_yield = ir.Operation.create("scf.yield", operands=list(root.results))
+        for op in group:
+            op.move_before(then_yield)
+        mapping: dict = {}
+        with ir.InsertionPoint(else_block):
+            for op in group:
+                clone = op.clone()
+                for i, v in enumerate(clone.operands):
+                    if v in mapping:
+                        clone.operands[i] = mapping[v]
+                for old, new in zip(op.results, clone.results):
+                    mapping[old] = new
+            with root.location:
+                ir.Operation.create("scf.yield", operands=[mapping[r] for r in root.results])
+
     def _apply(self, module: ir.Operation, root: ir.Operation, tiles: list[int],
                producers: list[ir.Operation], counter: int) -> int:
         root_id = counter
@@ -194,3 +246,43 @@ class FuseParallel(ModulePass):
                          f"%forall{i - 1} : (!transform.any_op, !transform.any_op) -> (!transform.any_op, !transform.any_op)")
         run_transform(module, "\n".join(lines), f"{self.NAME} on {root.name}")
         return root_id + len(producers) + 1
+
+
+def _position(op: ir.Operation) -> int:
+    """Index of `op` in its block (program order of a group's ops)."""
+    for i, other in enumerate(op.block.operations):
+        if other.operation == op:
+            return i
+    return -1
+
+
+def _extent_value(op: ir.Operation, info, dim: int, group: list[ir.Operation]) -> ir.Value | None:
+    """A `tensor.dim` giving the extent of loop `dim` of `op` (inserted at the insertion point)
+    on a value defined outside `group` (whose ops move into a branch): a group op's result
+    has the shape of its init operand (destination style), so results are traced to inits."""
+    index = ir.IndexType.get()
+    members = set(group)
+
+    def outside(value: ir.Value) -> ir.Value | None:
+        while True:
+            owner = value.owner
+            if isinstance(owner, ir.Block):
+                return value
+            owner = owner.operation
+            if owner not in members:
+                return value
+            n_in = len(owner.operands) - len(owner.results)
+            value = owner.operands[n_in + ir.OpResult(value).result_number]
+
+    for operand, amap in zip(list(op.operands), info.maps):
+        if not isinstance(operand.type, ir.RankedTensorType):
+            continue
+        dims = operand_dims(amap)
+        if dim in dims:
+            source = outside(operand)
+            if source is None:
+                continue
+            pos = ir.Operation.create("arith.constant", results=[index],
+                                      attributes={"value": ir.IntegerAttr.get(index, dims.index(dim))}).result
+            return ir.Operation.create("tensor.dim", results=[index], operands=[source, pos]).result
+    return None

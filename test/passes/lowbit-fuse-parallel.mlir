@@ -128,20 +128,31 @@ func.func @broadcast_producer(%x: tensor<64x4096xf32>, %w: tensor<4096xbf16>) ->
 // Dynamic rows (a shape-generic token count): planned as if T = dynamic-extent (128):
 // 128 * 1024 / 4096 -> 8 tasks of 16 rows; the block of 16 rows stays fixed, so the forall
 // runs ceil(T / 16) tasks at run time and the last one takes the tail (affine.min).
+// With fewer rows than two tasks' worth (2 * 4096 / 1024 = 8: decode's T = 1) the group
+// runs without a forall, as a static compile of that size would: an OpenMP region costs
+// more than one row. Both versions are there, chosen at run time by scf.if.
 // CHECK-LABEL: func.func @softmax_dyn
 // CHECK-SAME: (%[[X:.+]]: tensor<?x1024xf32>)
 // CHECK: %[[T:.+]] = tensor.dim %[[X]], %c0
-// CHECK: %[[N:.+]] = affine.apply #{{.+}}()[%[[T]]]
-// CHECK: scf.forall (%[[I:.+]]) in (%[[N]]) shared_outs(%{{.+}} = %{{.+}}) -> (tensor<?x1024xf32>)
-// CHECK:   %[[OFF:.+]] = affine.apply #{{.+}}(%[[I]])
-// CHECK:   %[[SZ:.+]] = affine.min #{{.+}}(%[[I]])[%[[T]]]
-// CHECK:   tensor.extract_slice %[[X]][%[[OFF]], 0] [%[[SZ]], 1024] [1, 1]
+// CHECK: %[[BIG:.+]] = arith.cmpi sge, %[[T]], %c8 : index
+// CHECK: %[[R:.+]] = scf.if %[[BIG]] -> (tensor<?x1024xf32>) {
+// CHECK:   %[[N:.+]] = affine.apply #{{.+}}()[%[[T]]]
+// CHECK:   scf.forall (%[[I:.+]]) in (%[[N]]) shared_outs(%{{.+}} = %{{.+}}) -> (tensor<?x1024xf32>)
+// CHECK:     %[[OFF:.+]] = affine.apply #{{.+}}(%[[I]])
+// CHECK:     %[[SZ:.+]] = affine.min #{{.+}}(%[[I]])[%[[T]]]
+// CHECK:     tensor.extract_slice %[[X]][%[[OFF]], 0] [%[[SZ]], 1024] [1, 1]
+// CHECK:     linalg.fill
+// CHECK:     arith.maximumf
+// CHECK:     math.exp
+// CHECK:     scf.forall.in_parallel
+// CHECK: } else {
+// CHECK-NOT: scf.forall
 // CHECK:   linalg.fill
 // CHECK:   arith.maximumf
 // CHECK:   math.exp
-// CHECK:   scf.forall.in_parallel
-// CHECK-NOT: linalg.generic
-// CHECK: return
+// CHECK:   scf.yield
+// CHECK: }
+// CHECK: return %[[R]]
 #id = affine_map<(d0, d1) -> (d0, d1)>
 #row = affine_map<(d0, d1) -> (d0)>
 func.func @softmax_dyn(%x: tensor<?x1024xf32>) -> tensor<?x1024xf32> {
@@ -172,6 +183,8 @@ func.func @softmax_dyn(%x: tensor<?x1024xf32>) -> tensor<?x1024xf32> {
 // Attention scores [heads, T, S] with T dynamic: heads are split first (tile 1), then the
 // dynamic rows in fixed blocks: 4 * 128 * 256 / 4096 -> 8 tasks = 4 heads x 2 -> 64 rows.
 // CHECK-LABEL: func.func @heads_dyn
+// CHECK: arith.cmpi sge, %{{.+}}, %c8
+// CHECK: scf.if
 // CHECK: scf.forall (%{{.+}}, %{{.+}}) in (4, %{{.+}}) shared_outs
 // CHECK:   affine.min
 // CHECK:   tensor.extract_slice %{{.+}}[%{{.+}}, %{{.+}}, 0] [1, %{{.+}}, 256] [1, 1, 1] : tensor<4x?x256xf32> to tensor<1x?x256xf32>

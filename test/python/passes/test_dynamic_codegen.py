@@ -173,6 +173,8 @@ def test_rmsnorm_silu_dynamic_tokens(dtype, nthreads, caplog):
         assert "linalg.generic" not in text
     # the RMSNorm's sum of squares keeps vector partials along the row
     assert "vector.multi_reduction <add>" in norm.ir_after["lowbit"]
+    # below two tasks' worth of rows (decode) the groups run without an OpenMP region
+    assert "scf.if" in norm.ir_after["lowbit"] and "scf.if" in mlp.ir_after["lowbit"]
     for t in SIZES:
         x = (torch.randn(1, t, dim, generator=g) * 3).to(dtype)
         w = torch.randn(dim, generator=g).to(dtype)
