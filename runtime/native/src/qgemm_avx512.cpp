@@ -229,13 +229,16 @@ LB_INLINE void gemv_2bit_pairs(const uint8_t* w, const int8_t* x, int64_t pairs,
       : "cc", "memory", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
 }
 
-// int8 activations: MB rows x 64 columns of one n-block, all `count` K-blocks.
-template <int BITS, int MB>
+// int8 activations: MB rows x 64 columns of one n-block, all `count` K-blocks. With PF, the
+// same K range of the NEXT n-block's codes is prefetched into L2, one line per line read.
+template <int BITS, int MB, bool PF = false>
 void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
   constexpr int U = MB <= 2 ? 2 : 1;  // independent accumulator sets to hide vpdpbusd latency
   // Scaled decode needs a mask register per field; with 6 rows the 24 accumulators leave
-  // no room for them, and GEMM-shaped tiles amortize the decode anyway.
-  constexpr bool kScaled = MB <= 4;
+  // no room for them, and GEMM-shaped tiles amortize the decode anyway. For 3-5 rows gcc 12
+  // spilled the accumulators of the scaled decode inside the loop (Zen 5: 76% of the
+  // vpdpbusd peak at M = 3-4 vs ~100% with the shift decode, which has 2 spare vector pipes).
+  constexpr bool kScaled = MB <= 2;
   const Format& f = d.f;
   const int64_t kb = d.kblock, cb = codes_bytes(f, kb), steps = kb / f.kg;
   const int64_t lda = d.lda;
@@ -293,6 +296,12 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     if constexpr (BITS != 1) {
       for (; s < steps; ++s) {
         __m512i v0[4];
+        if constexpr (PF) {
+#pragma GCC unroll 4
+          for (int l = 0; l < kStepBytes<BITS> / 64; ++l)
+            _mm_prefetch(reinterpret_cast<const char*>(w + d.ldb + s * kStepBytes<BITS> + 64 * l),
+                         _MM_HINT_T1);
+        }
         decode_int8<BITS, kScaled>(w + s * kStepBytes<BITS>, 0, v0);
         LB_SUBSTEP(v0, s * 4, 0)
       }
@@ -402,7 +411,13 @@ void tile_bits(const Desc& d, const Args& g) {
   for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
     int64_t m0 = 0;
     if (d.atype == LOWBIT_QT_INT8) {
-      for (; m0 + 6 <= d.m; m0 += 6) mblock_int8<BITS, 6>(d, g, m0, n0);
+      // GEMM-shaped tiles read each n-block's codes once per 6 rows: the first 6 rows
+      // prefetch the next n-block into L2, so only they wait for L3 / DRAM.
+      const bool prefetch = d.m >= 24 && n0 + NB < d.n;
+      for (; m0 + 6 <= d.m; m0 += 6) {
+        if (prefetch && m0 == 0) mblock_int8<BITS, 6, true>(d, g, m0, n0);
+        else mblock_int8<BITS, 6>(d, g, m0, n0);
+      }
       switch (d.m - m0) {
         case 5: mblock_int8<BITS, 5>(d, g, m0, n0); break;
         case 4: mblock_int8<BITS, 4>(d, g, m0, n0); break;

@@ -491,9 +491,13 @@ def test_tiling_with_offsets_and_beta(isa, fmt):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_isas_agree_bitwise_on_integers(fmt):
+@pytest.mark.parametrize("m,n,k", [(9, 130, 520), (31, 200, 260), (3, 70, 64), (4, 64, 36), (5, 129, 100)],
+                         ids=["m9", "m31_prefetch", "m3", "m4", "m5"])
+def test_isas_agree_bitwise_on_integers(fmt, m, n, k):
+    """Every ISA's integer sums equal the scalar path's and fp64's (unit scales, |sum| < 2^24).
+    M >= 24 over several n-blocks takes the AVX-512 path that prefetches the next n-block;
+    M = 3..5 the shift-decode tiles."""
     gen = torch.Generator().manual_seed(3)
-    m, n, k = 9, 130, 520
     q = random_codes(gen, fmt, n, k)
     zero = random_zero(gen, fmt, n, 1)
     pw = qgemm.pack_weight(q, torch.ones(n), fmt, zero=zero)
@@ -506,6 +510,8 @@ def test_isas_agree_bitwise_on_integers(fmt):
             y = torch.empty(m, n)
             qgemm.dispatch_for(pw, m)(xq, pw.data, y, count=1, a_scale=torch.ones(m), a_sum=rs)
             outs.append(y)
+    ref = xq[:, :k].to(torch.float64) @ (q.to(torch.float64) - (zero.to(torch.float64) if zero is not None else 0)).T
+    assert torch.equal(outs[0].to(torch.float64), ref)
     for y in outs[1:]:
         assert torch.equal(y, outs[0])
 
