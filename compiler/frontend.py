@@ -164,7 +164,9 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     if dims and isinstance(fn, torch.fx.GraphModule):
         fn = _sizes_for_symint_inputs(fn, dims)
     module = fn if isinstance(fn, torch.nn.Module) and not dims else _Wrapped(fn)
-    with CAPTURE_LOCK, _export_isolated():
+    # Outside dynamo's tracing context: a backend may capture while dynamo compiles, and
+    # export would otherwise trace in dynamo's fake mode and add guards to its shape env.
+    with CAPTURE_LOCK, _export_isolated(), torch._guards.tracing(None):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -309,6 +311,11 @@ def _normalize_dynamic_dims(dynamic_dims: DynamicDims | None, args: tuple) -> Dy
 
 
 def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
+    # Export marks its inputs' dynamic dims on the tensor objects and strips every marking
+    # afterwards -- including the caller's `mark_dynamic`, which dynamo guards on (a backend
+    # capturing dynamo's example inputs would make dynamo recompile on every call). Export
+    # traces aliases instead.
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     if not dims:
         return torch.export.export(module, args, strict=False)
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes

@@ -188,11 +188,13 @@ def test_recapture_with_dims_read_from_an_exported_graph():
         torch.testing.assert_close(again(x, y)[0], f(x, y))
 
 
-class _LazyDynamicBackend:
+class _DynamicBackend:
     """What the lowbit backend does with dynamo's dynamic dims: read them from the graph
-    (`dynamic_dims_from_dynamo`) and compile once at the first call."""
+    (`dynamic_dims_from_dynamo`) and compile once, while dynamo compiles (with dynamo's
+    SymInt example inputs) or lazily at the first call (with real inputs)."""
 
-    def __init__(self):
+    def __init__(self, lazy: bool):
+        self.lazy = lazy
         self.compiled: list[CompiledGraph] = []
         self.dims: list[dict] = []
 
@@ -203,23 +205,32 @@ class _LazyDynamicBackend:
         freezable = freezable_positions(gm, example_inputs)
         box: list[CompiledGraph] = []
 
+        def compile_for(args):
+            box.append(compile_captured(capture(gm, args, freezable, dynamic_dims=dims)))
+            self.compiled.append(box[0])
+
+        if not self.lazy:
+            compile_for(example_inputs)
+
         def call(*args):
             if not box:
-                box.append(compile_captured(capture(gm, args, freezable, dynamic_dims=dims)))
-                self.compiled.append(box[0])
+                compile_for(args)
             return box[0](*args)
 
         return call
 
 
-def test_mark_dynamic_through_torch_compile_compiles_once_for_prefill_lengths():
+@pytest.mark.parametrize("lazy", [True, False])
+def test_mark_dynamic_through_torch_compile_compiles_once_for_prefill_lengths(lazy):
     """Dynamo's symbolic sizes (tensor dims and the SymInt inputs it adds) become the
     graph's dims: one compiled graph for every prefill length. Dynamo itself
-    specializes length 1 (its 0/1 rule), so decode is one more graph."""
+    specializes length 1 (its 0/1 rule), so decode is one more graph. Capturing while
+    dynamo compiles must not add guards to dynamo's shape env (which failed its own
+    guards: "Guard failed on the same frame it was created")."""
     cfg = LlamaConfig(dim=32, n_heads=2, n_kv_heads=1, hidden_dim=48, max_seq_len=40)
     block = make_decoder_block(cfg, torch.float32, seed=3)
     eager = copy.deepcopy(block)
-    backend = _LazyDynamicBackend()
+    backend = _DynamicBackend(lazy)
     torch._dynamo.reset()
     compiled = torch.compile(block, backend=backend)
     with torch.no_grad(), warnings.catch_warnings():
