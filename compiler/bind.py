@@ -45,6 +45,8 @@ log = logging.getLogger("lowbit.bind")
 aten = torch.ops.aten
 _MM = {aten.mm.default, aten.addmm.default}
 _KERNEL_NB = 64
+# Node metadata a replacement inherits: where it came from (regions, reports, diagnostics).
+_PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 @dataclasses.dataclass
@@ -252,6 +254,8 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                                        (x, packed_ph, bias_ph, spec.weight_format, spec.granularity,
                                         spec.group_size, spec.in_features, spec.out_features,
                                         layer.kblock, spec.act_format))
+        provenance = {k: first.meta[k] for k in _PROVENANCE if k in first.meta}
+        call.meta.update(provenance)
         x_val = x.meta.get("val")
         out_dtype = x_val.dtype if isinstance(x_val, torch.Tensor) else torch.float32
         if isinstance(x_val, torch.Tensor):
@@ -264,6 +268,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
             else:
                 with graph.inserting_after(anchor):
                     out = graph.call_function(aten.slice.Tensor, (call, -1, offset, offset + n))
+                out.meta.update(provenance)
                 anchor = out
                 if isinstance(x_val, torch.Tensor):
                     out.meta["val"] = x_val.new_empty((*x_val.shape[:-1], n))
@@ -273,6 +278,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                 with graph.inserting_after(anchor):
                     cast = graph.call_function(aten._to_copy.default, (out,), {"dtype": old.dtype})
                 cast.meta["val"] = old
+                cast.meta.update(provenance)
                 out = anchor = cast
             f.node.replace_all_uses_with(out)
             graph.erase_node(f.node)

@@ -25,6 +25,7 @@ from lowbit.compiler.compile import CompiledGraph, FrozenGuard, compile_captured
 from lowbit.compiler.frontend import (NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture,
                                       dynamic_dims_from_meta)
 from lowbit.compiler.pipeline import CompileOptions, StageError
+from lowbit.compiler.regions import RegionRunner, compile_regions, split_regions
 from lowbit.compiler.report import register as register_report
 
 _warned: set[str] = set()
@@ -206,10 +207,12 @@ def inner_reports(compiled: Any) -> list[dict]:
     if isinstance(compiled, CompiledGraph):
         return list(compiled.report)
     if isinstance(compiled, PartitionedGraph):
-        out = []
+        out, seen = [], set()
         for sub in compiled.gm.children():
-            if isinstance(sub, _CompiledPart):
-                out += inner_reports(sub.compiled)
+            part = getattr(sub, "compiled", None) if isinstance(sub, (_CompiledPart, RegionRunner)) else None
+            if part is not None and id(part) not in seen:  # regions share compiled code
+                seen.add(id(part))
+                out += inner_reports(part)
         return out
     return []
 
@@ -265,12 +268,39 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
     if not bind:
         return _compile_rounds(captured, args, options, known_unsupported, max_rounds)
     binding = bind_weights(captured, args, freezable, activations=options.activations)
-    inner = _compile_rounds(captured, binding.extend(args), options, known_unsupported, max_rounds)
+    inner = None
+    if options.regions:
+        inner = _compile_by_region(captured, binding.extend(args), options, known_unsupported, max_rounds)
+    if inner is None:
+        inner = _compile_rounds(captured, binding.extend(args), options, known_unsupported, max_rounds)
     if inner is captured.graph_module:
         return fn
     bound = BoundGraph(inner, binding, args)
     register_report(bound)
     return bound
+
+
+def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: CompileOptions,
+                       known_unsupported: set[str] | None, max_rounds: int) -> Callable | None:
+    """Repeated layers compiled once (`lowbit.compiler.regions`); None when there are none."""
+    fused = split_regions(captured.graph_module)
+    if fused is None:
+        return None
+
+    def compile_part(sub: torch.fx.GraphModule, example: list) -> Callable:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                part = capture(sub, example, (),
+                               dynamic_dims=dynamic_dims_from_meta(sub.graph.find_nodes(op="placeholder")))
+        except FrontendError as e:
+            _warn_once(f"a region of the graph with {_describe(sub)}", f"capture failed: {_first_line(e)}")
+            return sub
+        compiled = _compile_rounds(part, example, options, known_unsupported, max_rounds)
+        return sub if compiled is part.graph_module else compiled
+
+    compile_regions(fused, [args[i] for i in captured.input_indices], compile_part)
+    return PartitionedGraph(captured, fused, set())
 
 
 def _compile_rounds(captured: CapturedGraph, args: Sequence[Any], options: CompileOptions,

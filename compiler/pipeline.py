@@ -57,6 +57,9 @@ class CompileOptions:
     # low-bit weights as packed buffers (weights are data, not code); "freeze" makes them
     # constants of the compiled code (the earlier design, kept for IR-level tests).
     weights: str = "bind"
+    # Structurally identical numbered modules (decoder layers) share one compiled function
+    # (lowbit.compiler.regions); with weights bound only.
+    regions: bool = True
 
 
 # Passes on the imported torch dialect, before torch-mlir's pipelines (which reject

@@ -1,0 +1,170 @@
+"""Compile a repeated block once: regional compilation of structurally identical layers.
+
+A decoder stacks N copies of one layer (`nn.ModuleList` items `layers.0 ... layers.N-1`).
+After binding (`lowbit.compiler.bind`) every weight is a graph input, so the N copies are the
+same computation on different buffers. This module
+
+* groups the nodes of a captured graph by the outermost numbered module they come from
+  (`nn_module_stack` paths ending in `.<index>`, e.g. `model.layers.7`),
+* cuts the graph into one submodule per such instance plus the glue between them (embedding,
+  final norm, head), in program order,
+* keys every instance by its structure (ops, argument wiring, constant arguments, input shapes,
+  dtypes and symbolic dims) and compiles one instance per key; the others call the same
+  compiled code with their own inputs (weights, packed buffers, KV caches).
+
+A 16- or 30-layer model thus costs about one layer's compile (plus the glue's). An instance
+whose structure differs (a last layer without a cache update, say) simply gets its own key.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+log = logging.getLogger("lowbit.regions")
+
+_NUMBERED = re.compile(r"\.(\d+)$|\[(\d+)\]$")
+
+
+def region_of(node: torch.fx.Node) -> Optional[str]:
+    """The path of the outermost numbered module `node` belongs to, or None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _ in stack.values():
+        if _NUMBERED.search(path):
+            return path
+    return None
+
+
+def find_regions(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
+    """Node groups, in program order: one per numbered-module instance (repeated layers) and one
+    per run of other compute nodes between them. Empty when there is nothing repeated."""
+    groups: list[tuple[Optional[str], list[torch.fx.Node]]] = []
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue  # placeholders and constants (get_attr) become inputs of the regions
+        key = region_of(node)
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(node)
+        else:
+            groups.append((key, [node]))
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+    layers = [k for k in counts if k is not None]
+    if len(layers) < 2 or any(c != 1 for c in counts.values()):
+        return []  # no repeated instances, or one instance interleaved with others: whole graph
+    return [nodes for _, nodes in groups]
+
+
+def structure_key(sub: torch.fx.GraphModule) -> tuple:
+    """What makes two region submodules compile to the same code."""
+    index: dict[torch.fx.Node, int] = {}
+    items = []
+
+    def ref(a):
+        if isinstance(a, torch.fx.Node):
+            return ("%", index[a])
+        if isinstance(a, (list, tuple)):
+            return tuple(ref(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, ref(v)) for k, v in a.items()))
+        if isinstance(a, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+            return str(a)
+        if isinstance(a, (int, float, bool, str, type(None))):
+            return a
+        if isinstance(a, torch.SymInt):
+            return ("sym", str(a.node.expr))
+        return ("obj", type(a).__name__, str(a))
+
+    for i, node in enumerate(sub.graph.nodes):
+        index[node] = i
+        val = node.meta.get("val")
+        meta = None
+        if isinstance(val, torch.Tensor):
+            meta = (tuple(str(d) for d in val.shape), str(val.dtype))
+        if node.op == "get_attr":
+            t = getattr(sub, node.target, None)
+            meta = ("attr", tuple(t.shape), str(t.dtype), id(t)) if isinstance(t, torch.Tensor) else ("attr", repr(t))
+        target = str(node.target) if node.op == "call_function" else ""  # names differ per instance
+        items.append((node.op, target, ref(node.args),
+                      ref(node.kwargs), meta))
+    return tuple(items)
+
+
+class RegionRunner(torch.nn.Module):
+    """Calls one compiled callable for a region submodule (same interface as the submodule)."""
+
+    def __init__(self, compiled: Callable, single_output: bool):
+        super().__init__()
+        self.compiled = compiled
+        self.single_output = single_output
+
+    def forward(self, *args):
+        outs = self.compiled(*args)
+        if self.single_output:
+            return outs[0] if isinstance(outs, (list, tuple)) else outs
+        return tuple(outs)
+
+
+def split_regions(gm: torch.fx.GraphModule) -> Optional[torch.fx.GraphModule]:
+    """`gm` cut into region submodules (`fused_<i>`), or None if it has no repeated regions."""
+    groups = find_regions(gm)
+    if not groups:
+        return None
+    copy = torch.fx.GraphModule(gm, _copy_graph(gm.graph))
+    by_name = {n.name: n for n in copy.graph.nodes}
+    partitions = [[by_name[n.name] for n in group] for group in groups]
+    return fuse_by_partitions(copy, partitions, prefix="region_")
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    new = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = new.graph_copy(graph, env)
+    new.output(out)
+    for old, n in env.items():
+        n.name = old.name
+    return new
+
+
+def compile_regions(fused: torch.fx.GraphModule, inputs: Sequence[Any],
+                    compile_part: Callable[[torch.fx.GraphModule, list], Callable]) -> dict:
+    """Compile each region submodule of `fused` once per structure and install the compiled
+    callables in place of the submodules. `inputs` are example values of `fused`'s
+    placeholders; `compile_part(sub, example_args)` compiles one submodule. Returns stats."""
+    examples: dict[str, list] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.op == "call_module":
+                examples[n.target] = list(self.fetch_args_kwargs_from_env(n)[0])
+            return super().run_node(n)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        Recorder(fused).run(*inputs)
+    record_s = time.perf_counter() - start
+    compiled_by_key: dict[tuple, Callable] = {}
+    stats = {"regions": 0, "compiled": 0, "record_s": record_s}
+    for name, sub in list(fused.named_children()):
+        if name not in examples:
+            continue
+        stats["regions"] += 1
+        key = structure_key(sub)
+        compiled = compiled_by_key.get(key)
+        if compiled is None:
+            compiled = compile_part(sub, examples[name])
+            compiled_by_key[key] = compiled
+            stats["compiled"] += 1
+        out = [n for n in sub.graph.nodes if n.op == "output"][0].args[0]
+        single = not isinstance(out, (tuple, list))
+        setattr(fused, name, RegionRunner(compiled, single))
+    log.info("regional compile: %d region(s), %d compiled (recording example inputs took %.2f s)",
+             stats["regions"], stats["compiled"], record_s)
+    return stats
