@@ -384,6 +384,8 @@ def _as_prompt(prompt_tokens, vocab: int, seed: int, tokenizer=None) -> torch.Te
         ids = tokenizer(prompt_tokens, return_tensors="pt")["input_ids"][0]
         return ids.to(torch.int64)
     t = torch.as_tensor(prompt_tokens)
+    if t.numel() == 0:
+        raise ValueError("prompt_tokens is empty")
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise TypeError(f"prompt_tokens must be integer token ids, got {t.dtype}")
     t = t.reshape(-1).to(torch.int64)
