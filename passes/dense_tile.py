@@ -2,7 +2,7 @@
 
 Matches (see `dense_support.match_matmul`) `linalg.matmul`, `linalg.batch_matmul` and
 matmul-like `linalg.generic` (C[m, n] += A[m, k] * B[k, n] or * B^T[n, k]) with static
-shapes, A and B both f32 or both bf16, and an f32 accumulator (torch-mlir's form of
+or dynamic sizes, A and B both f32 or both bf16, and an f32 accumulator (torch-mlir's form of
 aten.mm / addmm / bmm / linear; bf16 results are truncated by a separate op). An f32
 matmul of two elementwise `extf`s of bf16 tensors (torch-mlir's bf16 addmm) is treated
 as the bf16 matmul of the sources, which is the same computation.
@@ -17,7 +17,11 @@ N a multiple of the panel width (32) and, for bf16, K even:
     (C viewed as [M, N/32, 32]; bf16 A viewed as [M, K/2, 2]) tagged `lowbit.brgemm = "packed"`
     (a named op, so unit-dim folding and generalization of codegen ops leave it alone),
 
-and for any other matmul with a row-major B the op itself tagged `lowbit.brgemm = "rowmajor"`.
+and for any other matmul the named op tagged `lowbit.brgemm = "rowmajor"` (a non-constant
+B^T -- a weight argument read through torch-mlir's transpose, or a generic's (n, k) map --
+is first materialised row-major by a `linalg.transpose`). A `linalg.contract` that
+already has this blocked packed form with P a function argument (weights packed at bind
+time), M possibly dynamic, is tiled the same way.
 Each tagged op is then tiled with `scf.forall` over (batch,) M and N blocks; the tiles are
 ordinary linalg on tensor slices, so the IR stays exact and the untouched remainder of the
 pipeline can lower it as is. After bufferization `lowbit-dense-brgemm-calls` turns each
@@ -29,7 +33,9 @@ thread's half share of L3, so a weight panel is streamed from memory once; both 
 divisors of M / N (N tiles are multiples of 32 when packed) and are shrunk until there
 are at least `min-tasks-per-thread` x threads tiles (but not below `min-task-flops` of
 work per tile). The chosen sizes are in the IR as
-the forall bounds and as `lowbit.brgemm_tile = array<i64: tile-m, tile-n>`.
+the forall bounds and as `lowbit.brgemm_tile = array<i64: tile-m, tile-n>`. A dynamic size
+is planned as `dynamic-extent` and its tile kept fixed (run-time tails via `affine.min`).
+Empty products (a static zero M, N or K) are left to loops.
 """
 from __future__ import annotations
 
@@ -64,7 +70,7 @@ class DenseTile(ModulePass):
     Options: `tile-m`, `tile-n` (upper bounds, 0 = from cache sizes), `threads` (0 = CPUs
     available), `min-tasks-per-thread` (tiles per thread to aim for), `min-task-flops`
     (tiles are not split below this much work), `pack` (pre-pack constant B operands;
-    off = row-major tiles only).
+    off = row-major tiles only), `dynamic-extent` (the size a dynamic dim is planned for).
     """
 
     NAME = "lowbit-dense-tile"
