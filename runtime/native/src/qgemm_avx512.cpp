@@ -184,23 +184,27 @@ LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, 
   }
 }
 
-// The GEMV tile's 2-bit inner loop (one activation row, 2 x 4 accumulators as decode_scaled
-// lays them out), `pairs` >= 1 pairs of 64-byte steps. Written in asm because the order
-// matters on Zen 4 and gcc does not keep it: with the 3 ANDs of a step issued together,
-// the raw-byte vpdpbusd first and the next step's load in between, the loop runs at
-// ~98-99% of the vpdpbusd peak from L1/L2; gcc's interleaving of the same instructions
-// (plus register copies of the second accumulator set) ran at 83-95%, varying between runs.
-// Reads 64 bytes past the last pair: the next step or the K-block's scales.
-LB_INLINE void gemv_2bit_pairs(const uint8_t* w, const int8_t* x, int64_t pairs,
-                               __m512i (&a)[2][1][4]) {
+// The GEMV tile's 2-bit inner loop (one activation row, the 4 accumulators of decode_scaled's
+// fields), `quads` >= 1 groups of four 64-byte steps. Written in asm because the order
+// matters and gcc does not keep it: a step's 3 ANDs issued together, the raw-byte vpdpbusd
+// first and the next step's load in between (Zen 4, one vpdpbusd pipe: 98-99% of the peak as
+// a bare loop; gcc's own schedule ran at 83-95%). Four accumulator sets, one per step of a
+// quad (set 0 in a[], sets 1-3 in zmm0-11, added into a[] at the end): with two vpdpbusd
+// pipes (Zen 5, recent Intel) the former 2 sets x 4 chains were bound by vpdpbusd latency.
+// Reads 64 bytes past the last step: the next step or the K-block's scales.
+LB_INLINE void gemv_2bit_quads(const uint8_t* w, const int8_t* x, int64_t quads, __m512i (&a)[4]) {
   const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c),
                 m2 = _mm512_set1_epi8(0x30);
   // zmm26/27: current and next step's bytes, zmm28: broadcast activations, zmm29-31: fields.
   __asm__(
+      "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+      ".irp r,1,2,3,4,5,6,7,8,9,10,11\n\t"
+      "vmovdqa64 %%zmm0, %%zmm\\r\n\t"
+      ".endr\n\t"
       "vmovdqu64 (%[w]), %%zmm26\n\t"
       ".p2align 6\n\t"
       "1:\n\t"
-      "vpbroadcastd (%[x]), %%zmm28\n\t"
+      "vpbroadcastd 0(%[x]), %%zmm28\n\t"
       "vpandd %[m0], %%zmm26, %%zmm29\n\t"
       "vpandd %[m1], %%zmm26, %%zmm30\n\t"
       "vpandd %[m2], %%zmm26, %%zmm31\n\t"
@@ -213,27 +217,60 @@ LB_INLINE void gemv_2bit_pairs(const uint8_t* w, const int8_t* x, int64_t pairs,
       "vpandd %[m0], %%zmm27, %%zmm29\n\t"
       "vpandd %[m1], %%zmm27, %%zmm30\n\t"
       "vpandd %[m2], %%zmm27, %%zmm31\n\t"
-      "vpdpbusd %%zmm28, %%zmm27, %[a7]\n\t"
+      "vpdpbusd %%zmm28, %%zmm27, %%zmm3\n\t"
       "vmovdqu64 128(%[w]), %%zmm26\n\t"
-      "vpdpbusd %%zmm28, %%zmm29, %[a4]\n\t"
-      "vpdpbusd %%zmm28, %%zmm30, %[a5]\n\t"
-      "vpdpbusd %%zmm28, %%zmm31, %[a6]\n\t"
-      "add $128, %[w]\n\t"
-      "add $8, %[x]\n\t"
+      "vpdpbusd %%zmm28, %%zmm29, %%zmm0\n\t"
+      "vpdpbusd %%zmm28, %%zmm30, %%zmm1\n\t"
+      "vpdpbusd %%zmm28, %%zmm31, %%zmm2\n\t"
+      "vpbroadcastd 8(%[x]), %%zmm28\n\t"
+      "vpandd %[m0], %%zmm26, %%zmm29\n\t"
+      "vpandd %[m1], %%zmm26, %%zmm30\n\t"
+      "vpandd %[m2], %%zmm26, %%zmm31\n\t"
+      "vpdpbusd %%zmm28, %%zmm26, %%zmm7\n\t"
+      "vmovdqu64 192(%[w]), %%zmm27\n\t"
+      "vpdpbusd %%zmm28, %%zmm29, %%zmm4\n\t"
+      "vpdpbusd %%zmm28, %%zmm30, %%zmm5\n\t"
+      "vpdpbusd %%zmm28, %%zmm31, %%zmm6\n\t"
+      "vpbroadcastd 12(%[x]), %%zmm28\n\t"
+      "vpandd %[m0], %%zmm27, %%zmm29\n\t"
+      "vpandd %[m1], %%zmm27, %%zmm30\n\t"
+      "vpandd %[m2], %%zmm27, %%zmm31\n\t"
+      "vpdpbusd %%zmm28, %%zmm27, %%zmm11\n\t"
+      "vmovdqu64 256(%[w]), %%zmm26\n\t"
+      "vpdpbusd %%zmm28, %%zmm29, %%zmm8\n\t"
+      "vpdpbusd %%zmm28, %%zmm30, %%zmm9\n\t"
+      "vpdpbusd %%zmm28, %%zmm31, %%zmm10\n\t"
+      "add $256, %[w]\n\t"
+      "add $16, %[x]\n\t"
       "dec %[n]\n\t"
       "jnz 1b\n\t"
-      : [w] "+r"(w), [x] "+r"(x), [n] "+r"(pairs), [a0] "+v"(a[0][0][0]), [a1] "+v"(a[0][0][1]),
-        [a2] "+v"(a[0][0][2]), [a3] "+v"(a[0][0][3]), [a4] "+v"(a[1][0][0]),
-        [a5] "+v"(a[1][0][1]), [a6] "+v"(a[1][0][2]), [a7] "+v"(a[1][0][3])
+      "vpaddd %%zmm0, %%zmm4, %%zmm0\n\t"
+      "vpaddd %%zmm8, %[a0], %[a0]\n\t"
+      "vpaddd %%zmm0, %[a0], %[a0]\n\t"
+      "vpaddd %%zmm1, %%zmm5, %%zmm1\n\t"
+      "vpaddd %%zmm9, %[a1], %[a1]\n\t"
+      "vpaddd %%zmm1, %[a1], %[a1]\n\t"
+      "vpaddd %%zmm2, %%zmm6, %%zmm2\n\t"
+      "vpaddd %%zmm10, %[a2], %[a2]\n\t"
+      "vpaddd %%zmm2, %[a2], %[a2]\n\t"
+      "vpaddd %%zmm3, %%zmm7, %%zmm3\n\t"
+      "vpaddd %%zmm11, %[a3], %[a3]\n\t"
+      "vpaddd %%zmm3, %[a3], %[a3]\n\t"
+      : [w] "+r"(w), [x] "+r"(x), [n] "+r"(quads), [a0] "+v"(a[0]), [a1] "+v"(a[1]),
+        [a2] "+v"(a[2]), [a3] "+v"(a[3])
       : [m0] "v"(m0), [m1] "v"(m1), [m2] "v"(m2)
-      : "cc", "memory", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
+      : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+        "xmm9", "xmm10", "xmm11", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
 }
 
 // int8 activations: MB rows x 64 columns of one n-block, all `count` K-blocks. With PF, the
 // same K range of the NEXT n-block's codes is prefetched into L2, one line per line read.
 template <int BITS, int MB, bool PF = false>
 void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
-  constexpr int U = MB <= 2 ? 2 : 1;  // independent accumulator sets to hide vpdpbusd latency
+  // Independent accumulator sets to hide vpdpbusd latency: 2 x 4 chains for one row (the
+  // 2-bit one-row loop keeps 4 x 4 itself, gemv_2bit_quads), 2 x 8 for two rows, one set
+  // from three rows on.
+  constexpr int U = MB <= 2 ? 2 : 1;
   // Scaled decode needs a mask register per field; with 6 rows the 24 accumulators leave
   // no room for them, and GEMM-shaped tiles amortize the decode anyway. For 3-5 rows gcc 12
   // spilled the accumulators of the scaled decode inside the loop (Zen 5: 76% of the
@@ -282,15 +319,16 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
         LB_SUBSTEP(v1, s * 8 + 4, U - 1)
       }
     } else if constexpr (BITS == 2 && MB == 1) {
-      if (steps >= 2) gemv_2bit_pairs(w, x, steps / 2, acc);
-      s = steps / 2 * 2;
-    } else if constexpr (U == 2) {
-      for (; s + 2 <= steps; s += 2) {
-        __m512i v0[4], v1[4];
-        decode_int8<BITS, kScaled>(w + s * kStepBytes<BITS>, 0, v0);
-        decode_int8<BITS, kScaled>(w + (s + 1) * kStepBytes<BITS>, 0, v1);
-        LB_SUBSTEP(v0, s * 4, 0)
-        LB_SUBSTEP(v1, s * 4 + 4, 1)
+      if (steps >= 4) gemv_2bit_quads(w, x, steps / 4, acc[0][0]);
+      s = steps / 4 * 4;
+    } else if constexpr (U > 1) {
+      for (; s + U <= steps; s += U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) {
+          __m512i v[4];
+          decode_int8<BITS, kScaled>(w + (s + u) * kStepBytes<BITS>, 0, v);
+          LB_SUBSTEP(v, (s + u) * 4, u)
+        }
       }
     }
     if constexpr (BITS != 1) {
@@ -317,7 +355,8 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         t[j] = acc[0][r][j];
-        if constexpr (U == 2) t[j] = _mm512_add_epi32(t[j], acc[1][r][j]);
+#pragma GCC unroll 4
+        for (int u = 1; u < U; ++u) t[j] = _mm512_add_epi32(t[j], acc[u][r][j]);
       }
       if constexpr (kScaled) derive_fields<BITS>(t);
       const int64_t ai = (m0 + r) * d.ld_aux + i;
