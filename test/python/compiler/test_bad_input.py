@@ -134,3 +134,45 @@ def test_graph_returning_one_value_twice_does_not_crash():
     import sys
     done = subprocess.run([sys.executable, "-c", _RETURN_TWICE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"exit code {done.returncode}: {done.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 4), (1, 3, 4)])
+def test_linear_called_with_another_dtype_raises_eagers_error(dtype, shape):
+    """Fake tensors do not check matmul operand dtypes: a compiled fp32 Linear used to
+    return `m(x.float())` for an fp16/bf16/int64/bool/fp64 input. It raises what eager
+    raises, directly compiled and through torch.compile."""
+    m = torch.nn.Linear(4, 3).eval()
+    x = torch.ones(shape, dtype=dtype)
+    with pytest.raises(RuntimeError) as eager:
+        m(x)
+    with torch.no_grad(), pytest.raises(RuntimeError) as direct:
+        compile_function(m, (x,))
+    assert str(direct.value) == str(eager.value)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="lowbit")
+    with torch.no_grad(), warnings.catch_warnings(), pytest.raises(RuntimeError) as through_dynamo:
+        warnings.simplefilter("ignore")
+        compiled(x)
+    assert str(eager.value).splitlines()[0] in str(through_dynamo.value)
+
+
+def test_matmul_family_with_mixed_dtypes_raises_an_error():
+    """Where torch's meta kernel checks dtypes, export fails (FrontendError naming both
+    dtypes); else the check above raises eager's error. Through torch.compile it is an
+    error too (dynamo's own fake-tensor run raises first for bmm; else eager's error)."""
+    a32, b16 = torch.randn(2, 3, 4), torch.randn(2, 4, 5).half()
+    cases = [torch.bmm, torch.matmul, lambda a, b: a @ b[0],
+             lambda a, b: F.scaled_dot_product_attention(a, b.transpose(1, 2), b.transpose(1, 2))]
+    for fn in cases:
+        with pytest.raises(RuntimeError) as eager:
+            fn(a32, b16)
+        with pytest.raises(RuntimeError) as direct:
+            compile_function(fn, (a32, b16))
+        assert str(direct.value) == str(eager.value) or (
+            isinstance(direct.value, FrontendError) and ("float16" in str(direct.value) or "Half" in str(direct.value)))
+        torch._dynamo.reset()
+        with warnings.catch_warnings(), pytest.raises(RuntimeError) as through_dynamo:
+            warnings.simplefilter("ignore")
+            torch.compile(fn, backend="lowbit")(a32, b16)
+        assert "Half" in str(through_dynamo.value) or "float16" in str(through_dynamo.value)
