@@ -317,8 +317,7 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
         if mm.dtype == "bf16":
             round_op = _only_bf16_rounding(mm.op.results[0])
             if round_op is not None:
-                c_init = ir.Operation.create(
-                    "tensor.empty", results=[round_op.results[0].type], operands=[]).result
+                c_init = _empty_like(round_op.results[0].type, mm.c)
     c3 = expand(c_init, [m, np_, NB], "[[0], [1, 2]]")
     if mm.dtype == "f32":
         a_in = mm.a
@@ -346,6 +345,19 @@ def _packed_contract(mm: ds.Matmul, packed: np.ndarray) -> ir.Operation:
         mm.op.results[0].replace_all_uses_with(result)
     mm.op.erase()
     return op
+
+
+def _empty_like(t: ir.Type, shape_of: ir.Value) -> ir.Value:
+    """`tensor.empty` of type `t`, its dynamic sizes read from `shape_of` (same shape)."""
+    rt = ir.RankedTensorType(t)
+    index = ir.IndexType.get()
+    sizes = []
+    for d, size in enumerate(rt.shape):
+        if ir.ShapedType.is_dynamic_size(size):
+            pos = ir.Operation.create("arith.constant", results=[index],
+                                      attributes={"value": ir.IntegerAttr.get(index, d)}).result
+            sizes.append(ir.Operation.create("tensor.dim", results=[index], operands=[shape_of, pos]).result)
+    return ir.Operation.create("tensor.empty", results=[t], operands=sizes).result
 
 
 def _zero_fill_init(c: ir.Value) -> ir.Value | None:

@@ -321,3 +321,31 @@ func.func @bf16_addmm_form(%x: tensor<2x4xbf16>, %acc: tensor<2x32xf32>) -> tens
   %r = linalg.matmul ins(%xf, %wf : tensor<2x4xf32>, tensor<4x32xf32>) outs(%acc : tensor<2x32xf32>) -> tensor<2x32xf32>
   return %r : tensor<2x32xf32>
 }
+
+// -----
+
+// bf16 Linear with dynamic M whose f32 product is only rounded to bf16: the folded tile
+// writes bf16 C into a new dynamic tensor (its size read from the original C).
+// CHECK-LABEL: func.func @bf16_rounded_dynamic_m
+// CHECK-NOT: linalg.fill
+// CHECK: %[[E:.+]] = tensor.empty(%{{.+}}) : tensor<?x32xbf16>
+// CHECK: scf.forall {{.+}} -> (tensor<?x1x32xbf16>)
+// CHECK: linalg.contract {{.*}}lowbit.brgemm_beta0{{.*}} outs({{.+}} : tensor<?x1x32xbf16>)
+// CHECK-NOT: linalg.generic
+// CHECK: return {{.+}} : tensor<?x32xbf16>
+func.func @bf16_rounded_dynamic_m(%x: tensor<?x4xbf16>) -> tensor<?x32xbf16> {
+  %w = arith.constant dense<1.5> : tensor<4x32xbf16>
+  %zero = arith.constant 0.0 : f32
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x4xbf16>
+  %o = tensor.empty(%m) : tensor<?x32xf32>
+  %c = linalg.fill ins(%zero : f32) outs(%o : tensor<?x32xf32>) -> tensor<?x32xf32>
+  %r = linalg.matmul ins(%x, %w : tensor<?x4xbf16>, tensor<4x32xbf16>) outs(%c : tensor<?x32xf32>) -> tensor<?x32xf32>
+  %e = tensor.empty(%m) : tensor<?x32xbf16>
+  %b = linalg.generic {indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]} ins(%r : tensor<?x32xf32>) outs(%e : tensor<?x32xbf16>) {
+  ^bb0(%in: f32, %out: bf16):
+    %t = arith.truncf %in : f32 to bf16
+    linalg.yield %t : bf16
+  } -> tensor<?x32xbf16>
+  return %b : tensor<?x32xbf16>
+}

@@ -361,3 +361,29 @@ def test_empty_matmuls_compile_and_run(shapes):
     assert 'lowbit.brgemm = "' not in f.ir_after["lowbit"]
     got, want = f(a, b)
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_frozen_linear_dynamic_tokens(dtype, nthreads, tmp_path, monkeypatch):
+    # A frozen (constant) Linear weight with a dynamic token count, through the project's
+    # own shape-generic capture: B packed at compile time, M tiles with run-time tails;
+    # bf16 folds the zero init and the rounding into the tile (beta 0, bf16 C).
+    from lowbit.compiler.compile import compile_function
+    n, k = 160, 96
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+
+    def lin(x, weight):
+        return F.linear(x, weight)
+
+    monkeypatch.setenv("LOWBIT_DUMP_IR", str(tmp_path))
+    compiled = compile_function(lin, [torch.randn(5, k).to(dtype), w], freezable=[1], dynamic_dims={0: {0: "T"}})
+    lowbit_ir = next(tmp_path.glob("*-lowbit.mlir")).read_text()
+    assert 'lowbit.brgemm = "packed"' in lowbit_ir and "tensor<?x" in lowbit_ir
+    if dtype == torch.bfloat16:
+        assert "lowbit.brgemm_beta0" in lowbit_ir and "xbf16>) -> tensor<?x" in lowbit_ir
+    for t in SIZES:
+        x = torch.randn(t, k, generator=g).to(dtype)
+        threads.configure()
+        got = compiled(x, w)[0]
+        _dense_close([got], [lin(x, w)], dtype)
