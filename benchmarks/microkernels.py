@@ -25,6 +25,13 @@ Times are medians of thread CPU time (see median_time; tiles: best of 3 medians)
 is wall clock (peaks.py: median over rounds).
 
     python benchmarks/microkernels.py [--quick] [--out benchmarks/results/microkernels.json]
+
+Before/after a kernel change, side by side in one process (two builds of the runtime
+loaded with RTLD_LOCAL, same operands, interleaved rounds, thread CPU time, the vpdpbusd
+peak of the same rounds):
+
+    python benchmarks/microkernels.py --side-by-side OLD.so [NEW.so] [--rounds 11]
+        [--shapes 4096x4096x128,2560x6912x128,...]      (NxKxM, ternary x int8 tiles)
 """
 from __future__ import annotations
 
@@ -184,6 +191,72 @@ def layer_cases(n: int, k: int, ms: list[int], vnni_peak_1t: float,
     return rows
 
 
+# ----------------------------------------------------------------------------- side by side
+
+SBS_SHAPES = ("4096x4096x128,2560x6912x128,4096x4096x16,256x1024x16,256x2048x4,256x2048x3,"
+              "256x2048x2,256x2048x1,4096x4096x1,2560x6912x1")
+
+
+def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
+    """Ternary x int8 tiles of two runtime builds in one process, interleaved."""
+    P_, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    libs = {}
+    for i, path in enumerate(lib_paths):
+        lib = ctypes.CDLL(path)  # RTLD_LOCAL: both builds coexist
+        lib.lowbit_qgemm_dispatch.restype = I64
+        lib.lowbit_qgemm_dispatch.argtypes = [I32, I32, I32] + [I64] * 9 + [I32]
+        lib.lowbit_qbench_tile.restype = I32
+        lib.lowbit_qbench_tile.argtypes = [I64] + [P_] * 6 + [I64] * 2
+        if lib.lowbit_rt_set_isa(2) != 0:
+            raise SystemExit(f"{path}: the CPU lacks the AVX-512 path")
+        libs[f"{i}:{Path(path).name}"] = lib
+    cases = []
+    for spec in shapes.split(","):
+        n, k, m = (int(v) for v in spec.split("x"))
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+        pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, "ternary")
+        xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
+        y = torch.empty(m, n)
+        reps = max(1, int(4e8 / (m * n * k)))
+        per = {}
+        for name, lib in libs.items():
+            h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS["ternary"], 1, 2, m, n, pw.kblock,
+                                          pw.k_padded, pw.nblock_bytes, n, pw.kblock,
+                                          pw.kblock_bytes, pw.num_kblocks, 0)
+            if h <= 0:
+                raise SystemExit(f"{name}: dispatch failed ({h})")
+            per[name] = (h, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
+                         rs.data_ptr(), None, pw.num_kblocks, reps)
+        cases.append((f"ternary {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
+    pk = peaks_mod.Peaks()
+    res = {(c[0], name): [] for c in cases for name in libs}
+    pks = []
+    for r in range(rounds):
+        pks.append(pk.burst("vnni_zmm", 1)["insts_per_s_threads"][0] * 64)
+        for name, per, macs, _ in cases:
+            order = list(libs) if r % 2 == 0 else list(libs)[::-1]
+            for lname in order:
+                c0 = time.thread_time()
+                libs[lname].lowbit_qbench_tile(*per[lname])
+                res[(name, lname)].append(macs / (time.thread_time() - c0))
+    peak = statistics.median(pks)
+    print(f"# load average {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds; thread CPU time; "
+          "GMAC/s median [min..max] and % of the peak")
+    print(f"vnni_zmm 1-thread peak, same rounds: median {peak / 1e9:.1f} GMAC/s "
+          f"[{min(pks) / 1e9:.1f}..{max(pks) / 1e9:.1f}]")
+    names = list(libs)
+    print(f"{'case':28s} " + " ".join(f"{n:>32s}" for n in names) + "   last/first")
+    for name, _, _, _ in cases:
+        cells, meds = [], []
+        for lname in names:
+            v = sorted(res[(name, lname)])
+            med = statistics.median(v)
+            meds.append(med)
+            cells.append(f"{med / 1e9:6.1f} [{v[0] / 1e9:5.1f}..{v[-1] / 1e9:5.1f}] {100 * med / peak:5.1f}%")
+        print(f"{name:28s} " + " ".join(f"{c:>32s}" for c in cells) + f"   {meds[-1] / meds[0]:.3f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -195,7 +268,19 @@ def main() -> None:
                          "cannot flatter the ratio; default: the idle-machine value of "
                          "/work/shared/STACK-NOTES.md")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "microkernels.json"))
+    ap.add_argument("--side-by-side", nargs="+", metavar="LIB",
+                    help="compare runtime builds (OLD.so [NEW.so]; default NEW: the installed one)")
+    ap.add_argument("--shapes", default=SBS_SHAPES, help="side-by-side shapes, NxKxM,...")
+    ap.add_argument("--rounds", type=int, default=11, help="side-by-side rounds")
     args = ap.parse_args()
+    if args.side_by_side:
+        from lowbit.runtime import runtime_library_path
+        paths = list(args.side_by_side)
+        if len(paths) == 1:
+            paths.append(str(runtime_library_path()))
+        torch.set_num_threads(1)
+        side_by_side(paths, args.shapes, args.rounds)
+        return
     if "avx512" not in supported_isas():
         raise SystemExit("this benchmark measures the AVX-512 VNNI path; the CPU lacks it")
     torch.set_num_threads(1)
