@@ -550,7 +550,10 @@ def check_operand_dtypes(gm: torch.fx.GraphModule) -> None:
 
 
 def _hint(d) -> int:
-    return int(d) if isinstance(d, int) else int(d.node.hint)
+    if isinstance(d, int):
+        return d
+    hint = d.node.hint
+    return int(hint) if hint is not None else 1  # an unbacked size: any valid size shows the error
 
 
 # --- captures under threads -------------------------------------------------------
