@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lowbit.compiler.compile_log import counters
 from lowbit.compiler.partition import compile_with_fallback
 from lowbit.compiler.pipeline import CompileOptions
 
@@ -80,6 +81,7 @@ class LowbitCallable:
         self._keyed = [i for i in range(len(gm.graph.find_nodes(op="placeholder"))) if i not in frozen]
 
     def _compile(self, args: Sequence[Any]) -> Callable:
+        counters["backend_compiles"] += 1
         return compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported,
                                      dynamic_dims=self.dynamic_dims)
 

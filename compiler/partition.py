@@ -22,6 +22,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 
 from lowbit.compiler.bind import Binding, bind_weights
 from lowbit.compiler.compile import CompiledGraph, FrozenGuard, compile_captured
+from lowbit.compiler.compile_log import counters, timed
 from lowbit.compiler.frontend import (NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture,
                                       dynamic_dims_from_meta)
 from lowbit.compiler.pipeline import CompileOptions, StageError
@@ -267,7 +268,8 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
         return fn
     if not bind:
         return _compile_rounds(captured, args, options, known_unsupported, max_rounds)
-    binding = bind_weights(captured, args, freezable, activations=options.activations)
+    with timed("bind weights"):
+        binding = bind_weights(captured, args, freezable, activations=options.activations)
     inner = None
     if options.regions:
         inner = _compile_by_region(captured, binding.extend(args), options, known_unsupported, max_rounds)
@@ -299,7 +301,8 @@ def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: Co
         compiled = _compile_rounds(part, example, options, known_unsupported, max_rounds)
         return sub if compiled is part.graph_module else compiled
 
-    compile_regions(fused, [args[i] for i in captured.input_indices], compile_part)
+    stats = compile_regions(fused, [args[i] for i in captured.input_indices], compile_part)
+    counters["region_reuses"] += stats["regions"] - stats["compiled"]
     return PartitionedGraph(captured, fused, set())
 
 
@@ -310,7 +313,8 @@ def _compile_rounds(captured: CapturedGraph, args: Sequence[Any], options: Compi
     for _ in range(max_rounds):
         try:
             if not unsupported:
-                return compile_captured(captured, options)
+                with timed(f"compile a graph of {len(captured.graph_module.graph.nodes)} nodes"):
+                    return compile_captured(captured, options)
             return _partition_and_compile(captured, args, unsupported, options)
         except StageError as e:
             rejected = _Rejected(rejected_ops(str(e.cause), captured.graph_module), e.stage, _first_line(e.cause))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from torch_mlir import ir
 
+from lowbit.compiler.compile_log import counters, progress, timed
 from lowbit.compiler.passmanager import LowbitPassManager
 
 
@@ -241,7 +242,8 @@ class Pipeline:
         stage = self.stage(name)
         before = str(module)
         try:
-            LowbitPassManager(stage.pipeline, module.context).run(module)
+            with timed(f"stage {stage.name}"):
+                LowbitPassManager(stage.pipeline, module.context).run(module)
         except Exception as e:
             raise self._stage_error(stage, before, e) from e
         self.dump(module, stage.name)
@@ -254,7 +256,8 @@ class Pipeline:
         names = [s.name for s in self.stages]
         lo = names.index(start) if start else 0
         hi = names.index(stop) if stop else len(names) - 1
-        for name in names[lo:hi + 1]:
+        counters["pipelines"] += 1
+        for name in progress(names[lo:hi + 1], "lowbit: compiling"):
             self.run_stage(module, name)
         return module
 

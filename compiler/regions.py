@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
+from lowbit.compiler.compile_log import progress
+
 log = logging.getLogger("lowbit.regions")
 
 _NUMBERED = re.compile(r"\.(\d+)$|\[(\d+)\]$")
@@ -152,7 +154,7 @@ def compile_regions(fused: torch.fx.GraphModule, inputs: Sequence[Any],
     record_s = time.perf_counter() - start
     compiled_by_key: dict[tuple, Callable] = {}
     stats = {"regions": 0, "compiled": 0, "record_s": record_s}
-    for name, sub in list(fused.named_children()):
+    for name, sub in progress(list(fused.named_children()), "lowbit: compiling regions"):
         if name not in examples:
             continue
         stats["regions"] += 1
