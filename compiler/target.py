@@ -1,7 +1,9 @@
 """The CPU the compiler tiles for: cache sizes and core count.
 
 Read from sysfs at compile time; `LOWBIT_TARGET="l1=48K,l2=1M,l3=32M,cores=2"` (any subset)
-overrides it, so tile choices are reproducible on another machine or in tests.
+overrides it, so tile choices are reproducible on another machine or in tests. The syntax
+is parsed and validated by `lowbit.compiler.env` (a bad value raises
+`EnvironmentVariableError` naming the variable and the accepted form).
 """
 from __future__ import annotations
 
@@ -9,14 +11,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().rstrip("B")
-    if text and text[-1] in _SUFFIX:
-        return int(float(text[:-1]) * _SUFFIX[text[-1]])
-    return int(text)
+from lowbit.compiler import env
+from lowbit.compiler.env import parse_size, parse_target_spec  # noqa: F401  (parse_size re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +27,13 @@ class Target:
 
     @staticmethod
     def from_spec(spec: str, base: "Target | None" = None) -> "Target":
-        values = dataclasses.asdict(base or Target())
-        keys = {"l1": "l1d", "l1d": "l1d", "l2": "l2", "l3": "l3", "cores": "cores"}
-        for item in filter(None, (p.strip() for p in spec.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or key.strip() not in keys:
-                raise ValueError(f"bad target description item {item!r}; expected l1=, l2=, l3=, cores=")
-            field = keys[key.strip()]
-            values[field] = int(value) if field == "cores" else parse_size(value)
-        return Target(**values)
+        """``base`` with the fields of ``"l1=48K,l2=1M,l3=32M,cores=2"`` (any subset) replaced;
+        ValueError naming the bad item otherwise."""
+        try:
+            fields = parse_target_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"bad target description {spec!r}: {e}") from None
+        return dataclasses.replace(base or Target(), **fields)
 
 
 def _sysfs_caches() -> dict[str, int]:
@@ -62,6 +56,9 @@ def _sysfs_caches() -> dict[str, int]:
 
 
 def host_target() -> Target:
-    t = Target(**_sysfs_caches(), cores=os.cpu_count() or 1)
-    spec = os.environ.get("LOWBIT_TARGET")
-    return Target.from_spec(spec, t) if spec else t
+    """This machine's caches and cores, with `LOWBIT_TARGET`'s fields replacing them.
+
+    Raises `lowbit.compiler.env.EnvironmentVariableError` for a malformed LOWBIT_TARGET.
+    """
+    overrides = env.get("LOWBIT_TARGET")
+    return dataclasses.replace(Target(**_sysfs_caches(), cores=os.cpu_count() or 1), **overrides)

@@ -5,6 +5,10 @@ Compiled `scf.forall` loops become `omp.parallel` regions executed by libiomp5 (
 
     LOWBIT_NUM_THREADS (if set and > 0)  >  set_num_threads(n)  >  torch.get_num_threads()
 
+Counts are bounded by `lowbit.compiler.env.max_num_threads()` (max(1024, 4 x CPUs)):
+libiomp5 accepts any count and aborts the whole process ("OMP: Error #34") when it cannot
+create the threads, so a bad value must fail here, with an error naming it.
+
 `configure()` pushes that count to libiomp5 (`omp_set_num_threads`) for the calling thread
 (an OpenMP setting is per calling thread) and sets a short block time
 (`kmp_set_blocktime`): libiomp5's workers stop spinning right after a parallel region, so
@@ -13,8 +17,9 @@ cheap when nothing changed (one dict lookup), so call it before every compiled c
 """
 from __future__ import annotations
 
-import os
 import threading
+
+from lowbit.compiler import env
 
 _lock = threading.Lock()
 _override: int | None = None
@@ -26,40 +31,39 @@ DEFAULT_BLOCKTIME_MS = 1
 
 
 class ThreadConfigError(ValueError):
-    """LOWBIT_NUM_THREADS or a requested thread count is not a positive integer."""
+    """LOWBIT_NUM_THREADS or a requested thread count is not an accepted integer."""
+
+
+class ThreadEnvironmentError(ThreadConfigError, env.EnvironmentVariableError):
+    """LOWBIT_NUM_THREADS holds a value outside what it accepts."""
 
 
 def _env_threads() -> int | None:
-    raw = os.environ.get("LOWBIT_NUM_THREADS", "").strip()
-    if not raw:
-        return None
     try:
-        n = int(raw)
-    except ValueError:
-        raise ThreadConfigError(f"LOWBIT_NUM_THREADS={raw!r} is not an integer") from None
-    if n < 0:
-        raise ThreadConfigError(f"LOWBIT_NUM_THREADS={raw!r} must be >= 0 (0: follow torch)")
-    return n or None
+        return env.get("LOWBIT_NUM_THREADS")
+    except env.EnvironmentVariableError as e:
+        raise ThreadEnvironmentError(str(e)) from None
 
 
 def set_num_threads(n: int | None) -> None:
     """Threads for compiled code in this process (None: follow torch.get_num_threads())."""
     global _override
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ThreadConfigError(f"thread count must be a positive int or None, got {n!r}")
+    limit = env.max_num_threads()
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit):
+        raise ThreadConfigError(f"thread count must be an int in [1, {limit}] or None, got {n!r}")
     with _lock:
         _override = n
 
 
 def get_num_threads() -> int:
     """The thread count compiled code will use (see module docstring for the order)."""
-    env = _env_threads()
-    if env is not None:
-        return env
+    from_env = _env_threads()
+    if from_env is not None:
+        return from_env
     if _override is not None:
         return _override
     import torch
-    return max(1, torch.get_num_threads())
+    return max(1, min(torch.get_num_threads(), env.max_num_threads()))
 
 
 def configure(blocktime_ms: int = DEFAULT_BLOCKTIME_MS) -> int:
