@@ -246,3 +246,30 @@ def test_mark_dynamic_through_torch_compile_compiles_once_for_prefill_lengths(la
     dynamic = [c for c in backend.compiled if c.captured.is_dynamic]
     assert len(dynamic) == 1 and len(backend.compiled) == 2, [c.captured.input_specs for c in backend.compiled]
     assert any(d for d in backend.dims)
+
+
+def test_growing_cache_as_in_a_dynamic_kv_cache():
+    """Hugging Face's default cache concatenates: the past length S and the new length T
+    are both symbols and the new cache has length S + T. One compile serves every step."""
+    heads, hd = 2, 8
+
+    def step(x, past_k, wq, wk):
+        b, t, _ = x.shape
+        q = (x @ wq).view(b, t, heads, hd).transpose(1, 2)
+        k = torch.cat([past_k, (x @ wk).view(b, t, heads, hd).transpose(1, 2)], dim=2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, -1)
+        return att @ k, k
+
+    wq, wk = torch.randn(16, heads * hd), torch.randn(16, heads * hd)
+    compiled = compile_function(step, (torch.randn(1, 4, 16), torch.randn(1, heads, 3, hd), wq, wk),
+                                freezable=(2, 3), dynamic_dims={0: {1: "T"}, 1: {2: "S"}})
+    assert str(compiled.captured.output_specs[1]) == f"float32[1, {heads}, S + T, {hd}]"
+    past = torch.randn(1, heads, 1, hd)
+    for t in (5, 1, 1, 3, 1):              # prefill, then decode steps and a second prompt
+        x = torch.randn(1, t, 16)
+        out, new_past = compiled(x, past, wq, wk)
+        want_out, want_past = step(x, past, wq, wk)
+        torch.testing.assert_close(new_past, want_past)
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+        past = new_past
+    assert past.shape[2] == 12
