@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -19,6 +20,7 @@ from lowbit.compiler.compile_log import counters
 from lowbit.compiler.partition import compile_with_fallback
 from lowbit.compiler.pipeline import CompileOptions
 
+log = logging.getLogger("lowbit.backend")
 _options_stack: list[CompileOptions] = []
 
 
@@ -107,15 +109,23 @@ class LowbitCallable:
         else:
             check = self._guarded.get(key)
             if check is not None and check(args):
-                warnings.warn("lowbit: a frozen parameter or buffer changed after compilation; recompiling "
-                              "(weights are compile-time constants)", RuntimeWarning, stacklevel=2)
+                if getattr(fn, "state_replaced", lambda a: False)(args):
+                    # Other tensors than at compile time (another model of the same code, as
+                    # dynamo reuses graphs across module instances): bind them. Compiled
+                    # regions are shared, so this costs a capture and a binding, not codegen.
+                    log.info("module state replaced since compilation; binding the new weights")
+                else:
+                    warnings.warn("lowbit: a parameter or buffer that compiled code was specialised to "
+                                  "changed after compilation (in-place update); recompiling",
+                                  RuntimeWarning, stacklevel=2)
                 fn = self._compile_entry(key, args)
         return fn(*args)
 
     def _compile_entry(self, key: tuple, args: Sequence[Any]) -> Callable:
         fn = self.cache[key] = self._compile(args)
         check = getattr(fn, "frozen_inputs_changed", None)
-        if check is not None and getattr(fn, "captured", None) is not None and fn.captured.frozen:
+        captured = getattr(fn, "captured", None)
+        if check is not None and (getattr(fn, "guarded", False) or (captured is not None and captured.frozen)):
             self._guarded[key] = check
         else:
             self._guarded.pop(key, None)

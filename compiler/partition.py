@@ -26,7 +26,7 @@ from lowbit.compiler.compile_log import counters, timed
 from lowbit.compiler.frontend import (NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture,
                                       dynamic_dims_from_meta)
 from lowbit.compiler.pipeline import CompileOptions, StageError
-from lowbit.compiler.regions import RegionRunner, compile_regions, split_regions
+from lowbit.compiler.regions import RegionRunner, compile_context, compile_regions, split_regions
 from lowbit.compiler.report import register as register_report
 
 _warned: set[str] = set()
@@ -191,9 +191,18 @@ class BoundGraph:
         self.captured = getattr(inner, "captured", None)
         self.frozen_guard = FrozenGuard({p: args[p] for p in binding.sources if isinstance(args[p], torch.Tensor)})
         self.state_ids = {id(args[p]) for p in binding.state_positions if isinstance(args[p], torch.Tensor)}
+        self._source_ptrs = [(p, args[p].data_ptr()) for p in binding.sources if isinstance(args[p], torch.Tensor)]
 
     def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
         return self.frozen_guard.changed(args)
+
+    @property
+    def guarded(self) -> bool:
+        return bool(self.binding.sources)
+
+    def state_replaced(self, args: Sequence[Any]) -> bool:
+        """All source tensors are other tensors than at binding (another model instance)."""
+        return all(args[p].data_ptr() != ptr for p, ptr in self._source_ptrs)
 
     @property
     def report(self) -> list[dict]:
@@ -301,7 +310,8 @@ def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: Co
         compiled = _compile_rounds(part, example, options, known_unsupported, max_rounds)
         return sub if compiled is part.graph_module else compiled
 
-    stats = compile_regions(fused, [args[i] for i in captured.input_indices], compile_part)
+    stats = compile_regions(fused, [args[i] for i in captured.input_indices], compile_part,
+                            compile_context(options))
     counters["region_reuses"] += stats["regions"] - stats["compiled"]
     return PartitionedGraph(captured, fused, set())
 

@@ -18,8 +18,11 @@ whose structure differs (a last layer without a cache update, say) simply gets i
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import time
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -135,11 +138,28 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
+# Compiled regions by (structure, compile context), shared by every model of the process:
+# two models with the same layers but other weights call the same code. Weak values: code
+# lives as long as a compiled model uses it, so dropping the models frees it.
+_SHARED: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def compile_context(options: Any) -> tuple:
+    """What besides a region's structure decides its code: options, ISA, target, passes."""
+    from lowbit.runtime import current_isa
+
+    return (repr(options), current_isa(), os.environ.get("LOWBIT_TARGET", ""),
+            os.environ.get("LOWBIT_DISABLE_PASSES", ""))
+
+
 def compile_regions(fused: torch.fx.GraphModule, inputs: Sequence[Any],
-                    compile_part: Callable[[torch.fx.GraphModule, list], Callable]) -> dict:
+                    compile_part: Callable[[torch.fx.GraphModule, list], Callable],
+                    context: tuple = ()) -> dict:
     """Compile each region submodule of `fused` once per structure and install the compiled
     callables in place of the submodules. `inputs` are example values of `fused`'s
-    placeholders; `compile_part(sub, example_args)` compiles one submodule. Returns stats."""
+    placeholders; `compile_part(sub, example_args)` compiles one submodule; `context` (see
+    `compile_context`) keys the process-wide sharing of compiled regions. Returns stats."""
     examples: dict[str, list] = {}
 
     class Recorder(torch.fx.Interpreter):
@@ -158,12 +178,20 @@ def compile_regions(fused: torch.fx.GraphModule, inputs: Sequence[Any],
         if name not in examples:
             continue
         stats["regions"] += 1
-        key = structure_key(sub)
+        key = (structure_key(sub), context)
         compiled = compiled_by_key.get(key)
+        if compiled is None and context:
+            with _shared_lock:
+                compiled = _SHARED.get(key)
+            if compiled is not None:
+                stats["shared"] = stats.get("shared", 0) + 1
         if compiled is None:
             compiled = compile_part(sub, examples[name])
-            compiled_by_key[key] = compiled
             stats["compiled"] += 1
+            if context and not isinstance(compiled, torch.fx.GraphModule):
+                with _shared_lock:
+                    _SHARED[key] = compiled
+        compiled_by_key[key] = compiled
         out = [n for n in sub.graph.nodes if n.op == "output"][0].args[0]
         single = not isinstance(out, (tuple, list))
         setattr(fused, name, RegionRunner(compiled, single))
