@@ -31,7 +31,7 @@ loaded with RTLD_LOCAL, same operands, interleaved rounds, thread CPU time, the 
 peak of the same rounds):
 
     python benchmarks/microkernels.py --side-by-side OLD.so [NEW.so] [--rounds 11]
-        [--shapes 4096x4096x128,2560x6912x128,...]      (NxKxM, ternary x int8 tiles)
+        [--shapes 4096x4096x128,int1:256x2048x1,...]    ([format:]NxKxM, x int8 tiles)
 """
 from __future__ import annotations
 
@@ -198,7 +198,8 @@ SBS_SHAPES = ("4096x4096x128,2560x6912x128,4096x4096x16,256x1024x16,256x2048x4,2
 
 
 def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
-    """Ternary x int8 tiles of two runtime builds in one process, interleaved."""
+    """int8-activation tiles (ternary unless the shape says `format:`) of two runtime builds
+    in one process, interleaved."""
     P_, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     libs = {}
     for i, path in enumerate(lib_paths):
@@ -212,23 +213,30 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
         libs[f"{i}:{Path(path).name}"] = lib
     cases = []
     for spec in shapes.split(","):
-        n, k, m = (int(v) for v in spec.split("x"))
+        fmt, _, dims = spec.rpartition(":")
+        fmt = fmt or "ternary"
+        n, k, m = (int(v) for v in dims.split("x"))
         gen = torch.Generator().manual_seed(0)
-        q = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
-        pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, "ternary")
+        info = qgemm.FORMAT_INFO[fmt]
+        q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+        if fmt == "int1":
+            q[q == 0] = 1
+        zero = (torch.randint(0, info.qmax + 1, (n, 1), generator=gen, dtype=torch.int8)
+                if info.zero_point else None)
+        pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt, zero=zero)
         xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
         y = torch.empty(m, n)
         reps = max(1, int(4e8 / (m * n * k)))
         per = {}
         for name, lib in libs.items():
-            h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS["ternary"], 1, 2, m, n, pw.kblock,
+            h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[fmt], 1, 2, m, n, pw.kblock,
                                           pw.k_padded, pw.nblock_bytes, n, pw.kblock,
                                           pw.kblock_bytes, pw.num_kblocks, 0)
             if h <= 0:
                 raise SystemExit(f"{name}: dispatch failed ({h})")
             per[name] = (h, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
                          rs.data_ptr(), None, pw.num_kblocks, reps)
-        cases.append((f"ternary {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
+        cases.append((f"{fmt} {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
     pk = peaks_mod.Peaks()
     res = {(c[0], name): [] for c in cases for name in libs}
     pks = []

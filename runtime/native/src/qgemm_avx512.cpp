@@ -267,10 +267,12 @@ LB_INLINE void gemv_2bit_quads(const uint8_t* w, const int8_t* x, int64_t quads,
 // same K range of the NEXT n-block's codes is prefetched into L2, one line per line read.
 template <int BITS, int MB, bool PF = false>
 void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
-  // Independent accumulator sets to hide vpdpbusd latency: 2 x 4 chains for one row (the
-  // 2-bit one-row loop keeps 4 x 4 itself, gemv_2bit_quads), 2 x 8 for two rows, one set
-  // from three rows on.
-  constexpr int U = MB <= 2 ? 2 : 1;
+  // Independent accumulator sets to hide vpdpbusd latency (two vpdpbusd pipes on Zen 5 and
+  // recent Intel need ~10 chains in flight): 4 x 4 chains for one row of 1-/2-bit codes (the
+  // 2-bit one-row loop keeps them itself, gemv_2bit_quads; 1-bit: 57% -> 83-85% of the peak
+  // on Zen 5), 2 x 4 for one row of 4-/8-bit codes (4 sets measured 3-6% slower: their loop
+  // is bound by decode and loads, not latency), 2 x 8 for two rows, one set from three rows.
+  constexpr int U = MB == 1 ? (BITS <= 2 ? 4 : 2) : MB == 2 ? 2 : 1;
   // Scaled decode needs a mask register per field; with 6 rows the 24 accumulators leave
   // no room for them, and GEMM-shaped tiles amortize the decode anyway. For 3-5 rows gcc 12
   // spilled the accumulators of the scaled decode inside the loop (Zen 5: 76% of the
@@ -310,6 +312,20 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
   }
     int64_t s = 0;
     if constexpr (BITS == 1) {
+      // Two 4-k halves per step go to sets 0 and 1; with 4 sets, odd steps use sets 2 and 3.
+      if constexpr (U == 4) {
+        for (; s + 2 <= steps; s += 2) {
+#pragma GCC unroll 2
+          for (int e = 0; e < 2; ++e) {
+            __m512i v0[4], v1[4];
+            const uint8_t* p = w + (s + e) * kStepBytes<BITS>;
+            decode_int8<BITS, kScaled>(p, 0, v0);
+            decode_int8<BITS, kScaled>(p, 1, v1);
+            LB_SUBSTEP(v0, (s + e) * 8, 2 * e)
+            LB_SUBSTEP(v1, (s + e) * 8 + 4, 2 * e + 1)
+          }
+        }
+      }
       for (; s < steps; ++s) {
         __m512i v0[4], v1[4];
         const uint8_t* p = w + s * kStepBytes<BITS>;

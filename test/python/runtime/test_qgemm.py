@@ -492,8 +492,9 @@ def test_tiling_with_offsets_and_beta(isa, fmt):
 
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m,n,k", [(9, 130, 520), (31, 200, 260), (3, 70, 64), (4, 64, 36), (5, 129, 100),
-                                   (1, 70, 92), (1, 130, 2060), (2, 70, 92)],
-                         ids=["m9", "m31_prefetch", "m3", "m4", "m5", "m1_quads_tail", "m1_long", "m2"])
+                                   (1, 70, 92), (1, 130, 2060), (2, 70, 92), (1, 64, 24), (1, 65, 40)],
+                         ids=["m9", "m31_prefetch", "m3", "m4", "m5", "m1_quads_tail", "m1_long", "m2",
+                              "m1_odd_steps", "m1_even_steps"])
 def test_isas_agree_bitwise_on_integers(fmt, m, n, k):
     """Every ISA's integer sums equal the scalar path's and fp64's (unit scales, |sum| < 2^24).
     M >= 24 over several n-blocks takes the AVX-512 path that prefetches the next n-block;
