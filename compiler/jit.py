@@ -89,6 +89,9 @@ class JitFunction:
             return self._local.args
         except AttributeError:
             args = self._local.args = _ArgumentArray(self._slots)
+            if self.dynamic:
+                for slot, value in self._signature.constant_slots:
+                    args.storage[slot] = value
             return args
 
     # -- checking ---------------------------------------------------------------------
@@ -158,7 +161,7 @@ class JitFunction:
         inputs = [t if t.is_contiguous() else t.contiguous() for t in inputs]
         outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(sig.output_shapes(symbols), sig.out_dtypes)]
         args = self._arguments()
-        args.storage[:] = sig.fields(inputs, outputs, symbols)
+        sig.fill(args.storage, inputs, outputs, symbols)
         configure_threads()
         self._fn(args.packed)
         return outputs
@@ -170,7 +173,14 @@ class JitFunction:
         if self.dynamic:
             args.storage[:] = _descriptor_fields(list(inputs) + list(outputs))
         else:
-            args.storage[:] = [t.data_ptr() for t in inputs] + [t.data_ptr() for t in outputs]
+            storage = args.storage
+            i = 0
+            for t in inputs:
+                storage[i] = t.data_ptr()
+                i += 1
+            for t in outputs:
+                storage[i] = t.data_ptr()
+                i += 1
         configure_threads()  # compiled parallel loops run on libiomp5 with torch's thread count
         self._fn(args.packed)
         return outputs
@@ -200,8 +210,9 @@ class _DynamicSignature:
     """The per-call work of a dynamic signature, generated as Python code once.
 
     `bind(inputs)` returns the symbols' values (a tuple in `self.names` order) or None when
-    anything does not match (then `explain*` says what); `output_shapes(values)` and
-    `fields(inputs, outputs, values)` give the outputs' shapes and the flat argument list.
+    anything does not match (then `explain*` says what); `output_shapes(values)` gives the
+    outputs' shapes and `fill(storage, inputs, outputs, values)` writes the descriptor fields
+    that change per call (the rest are `constant_slots`).
     """
 
     def __init__(self, input_specs: list[TensorSpec], output_specs: list[TensorSpec],
@@ -254,26 +265,33 @@ class _DynamicSignature:
         lines.append(unpack)
         lines.append("    return (" + "".join("(" + "".join(expr(d) + ", " for d in s.shape) + "), "
                                           for s in output_specs) + ")")
-        lines.append("def fields(inputs, outputs, values):")
+        # Descriptor fields: constant ones (offsets, static sizes and strides) are written
+        # once per thread array (`constant_slots`), the rest per call by `fill`.
+        lines.append("def fill(st, inputs, outputs, values):")
         lines.append(unpack)
-        items = []
+        self.constant_slots: list[tuple[int, int]] = []
+        slot = 0
         for group, specs in (("inputs", input_specs), ("outputs", output_specs)):
             for k, spec in enumerate(specs):
-                p = f"_p_{group}_{k}"
-                lines.append(f"    {p} = {group}[{k}].data_ptr()")
+                lines.append(f"    st[{slot}] = st[{slot + 1}] = {group}[{k}].data_ptr()")
+                self.constant_slots.append((slot + 2, 0))
+                slot += 3
                 strides, step = [], sympy.Integer(1)
                 for d in reversed(spec.shape):
                     strides.append(step)
                     step = step * d
-                items += [p, p, "0", *(expr(d) for d in spec.shape),
-                          *(expr(int(x)) if x.is_number else expr(x) for x in reversed(strides))]
-        lines.append("    return (" + "".join(x + ", " for x in items) + ")")
+                for value in [*spec.shape, *reversed(strides)]:
+                    if isinstance(value, int) or value.is_number:
+                        self.constant_slots.append((slot, int(value)))
+                    else:
+                        lines.append(f"    st[{slot}] = {expr(value)}")
+                    slot += 1
         self.source = "\n".join(lines) + "\n"
         namespace = {"_Tensor": torch.Tensor, **{f"_dt{i}": s.dtype for i, s in enumerate(input_specs)}}
         exec(compile(self.source, f"<lowbit dynamic signature {id(self):x}>", "exec"), namespace)
         self.bind = namespace["bind"]
         self.output_shapes = namespace["output_shapes"]
-        self.fields = namespace["fields"]
+        self.fill = namespace["fill"]
 
     def _where(self, name: str) -> str:
         i, d = self.sources[name]
