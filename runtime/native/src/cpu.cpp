@@ -146,6 +146,7 @@ const char* lowbit_rt_error_string(int64_t code) {
     case LOWBIT_E_ALIGNMENT: return "size or stride not a multiple of the format's block";
     case LOWBIT_E_ISA: return "requested ISA is not available on this CPU";
     case LOWBIT_E_TABLE_FULL: return "kernel table full";
+    case 32: return "weight code or zero point outside the format's range";  // LOWBIT_E_QRANGE
     default: return "unknown error";
   }
 }

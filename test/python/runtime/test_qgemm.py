@@ -666,6 +666,8 @@ def test_native_pack_rejects_out_of_range_codes():
     rc = lib.lowbit_qpack(1, q.data_ptr(), 4, 8, 8, s.data_ptr(), 8, None, 8, out.data_ptr())
     assert rc == -qgemm.E_QRANGE
     assert "outside the format's range" in str(QGemmError("pack", rc))
+    from lowbit.runtime import error_string
+    assert error_string(rc) == "weight code or zero point outside the format's range"
     assert lib.lowbit_qgemm_invoke(0, None, 0, None, 0, None, 0, None, 0, None, 0, None, 0, 1) < 0
     assert lib.lowbit_qgemm_invoke(10**9, None, 0, None, 0, None, 0, None, 0, None, 0, None, 0, 1) < 0
     del ctypes
