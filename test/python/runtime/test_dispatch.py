@@ -111,3 +111,35 @@ def test_repeated_dispatch_is_fast(capsys):
     with capsys.disabled():
         print(f"\nrepeated lowbit_qgemm_dispatch: {ns:.1f} ns/call (median of 5 x 25600)")
     assert ns < 1000
+
+
+def test_dispatch_and_invoke_from_many_threads_match_one_thread():
+    """Compiled code dispatches a tile per call (dynamic M) and invokes it from several
+    threads at once: results equal the single-threaded ones bit for bit."""
+    import torch
+    rng = np.random.default_rng(3)
+    n, k = 200, 300
+    q = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    pw = Q.pack_weight(q, np.full((n,), 0.5, np.float32), "ternary", kblock=100)
+    xs = {m: torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)) for m in (1, 2, 5, 7, 13, 31)}
+    want = {m: Q.qlinear(x, pw) for m, x in xs.items()}
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(60):
+                m = list(xs)[(t + i) % len(xs)]
+                xq, sx, rs = Q.quantize_activations(xs[m], pw.kblock)
+                y = torch.empty(m, n)
+                Q.dispatch_for(pw, m)(xq, pw.data, y, count=pw.num_kblocks, a_scale=sx, a_sum=rs)
+                if not torch.equal(y, want[m]):
+                    errors.append((t, i, m))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append((t, repr(e)))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
