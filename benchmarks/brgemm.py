@@ -5,8 +5,8 @@
     python benchmarks/brgemm.py --quick    # fewer repetitions
 
 Part 1 (one thread): the FMA (fp32, zmm vfmadd231ps) and BF16-dot (vdpbf16ps) peak of one
-core is measured in this run with an instruction-throughput loop (24 independent
-accumulators, compiled here with gcc), then each kernel shape runs through
+core is measured in this run by benchmarks/peaks.py (the runtime's instruction-throughput
+loops, 24 independent accumulators), then each kernel shape runs through
 `lowbit_brgemm_invoke` directly and as torch.matmul with torch.set_num_threads(1).
 Part 2 (two threads): `nn.Linear(4096, 4096, bias=False)` compiled by lowbit (weights
 packed, dense tiles -> BRGEMM calls, OpenMP) vs eager F.linear, at M=1 and M=128.
@@ -24,9 +24,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,27 +37,6 @@ from lowbit.runtime import current_isa
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "brgemm.json"
 
-PEAK_SOURCE = r"""
-#include <stdint.h>
-#define R24(OP) OP(8) OP(9) OP(10) OP(11) OP(12) OP(13) OP(14) OP(15) OP(16) OP(17) OP(18) OP(19) \
-                OP(20) OP(21) OP(22) OP(23) OP(24) OP(25) OP(26) OP(27) OP(28) OP(29) OP(30) OP(31)
-#define FMA(i) "vfmadd231ps %%zmm0, %%zmm1, %%zmm" #i "\n\t"
-#define DOT(i) "vdpbf16ps %%zmm0, %%zmm1, %%zmm" #i "\n\t"
-#define ZERO(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
-#define CLOBBER "memory", "xmm0", "xmm1", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", \
-  "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", \
-  "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31"
-/* 24 independent zmm accumulator chains: more than latency x throughput on any x86 core. */
-void peak_f32(int64_t iters) {
-  __asm__ volatile("vpxord %%zmm0, %%zmm0, %%zmm0\n\tvpxord %%zmm1, %%zmm1, %%zmm1\n\t" R24(ZERO)
-                   "1:\n\t" R24(FMA) "dec %0\n\tjnz 1b" : "+r"(iters) :: CLOBBER);
-}
-void peak_bf16(int64_t iters) {
-  __asm__ volatile("vpxord %%zmm0, %%zmm0, %%zmm0\n\tvpxord %%zmm1, %%zmm1, %%zmm1\n\t" R24(ZERO)
-                   "1:\n\t" R24(DOT) "dec %0\n\tjnz 1b" : "+r"(iters) :: CLOBBER);
-}
-"""
-FLOPS_PER_ITER = {"f32": 24 * 16 * 2, "bf16": 24 * 16 * 2 * 2}
 
 
 def median_time(fn, reps: int, clock=time.perf_counter) -> float:
@@ -82,22 +59,18 @@ def interleaved(fns: dict, reps: int, rounds: int = 5, clock=time.perf_counter) 
 
 
 def measure_peak(reps: int) -> dict | None:
+    """The fp32 FMA (vfmadd231ps zmm) and bf16 dot (vdpbf16ps zmm) peaks of one core in GFLOP/s
+    (2 FLOP per MAC), measured now by benchmarks/peaks.py's native loops (thread CPU time,
+    median of interleaved rounds), the same loops every benchmark's fraction-of-peak uses."""
     if current_isa() != "avx512" or not bg.native_bf16():
         return None
-    tmp = Path(tempfile.mkdtemp(prefix="lowbit-peak-"))
-    (tmp / "peak.c").write_text(PEAK_SOURCE)
-    subprocess.run(["gcc", "-O2", "-mavx512f", "-shared", "-fPIC", "-o", str(tmp / "peak.so"),
-                    str(tmp / "peak.c")], check=True)
-    lib = ctypes.CDLL(str(tmp / "peak.so"))
-    peak = {}
-    for dt in ("f32", "bf16"):
-        fn = getattr(lib, f"peak_{dt}")
-        fn.argtypes = [ctypes.c_int64]
-        iters = 200_000
-        # The best of several medians: the peak is what the core can do, not the load.
-        t = min(median_time(lambda: fn(iters), reps, time.thread_time) for _ in range(3))
-        peak[dt] = FLOPS_PER_ITER[dt] * iters / t / 1e9
-    return peak
+    sys.path.insert(0, str(ROOT))
+    import peaks as peaks_mod
+    res = peaks_mod.measure(rounds=max(3, reps), threads=(1,), bandwidth=False,
+                            kinds=["fma_zmm", "bf16_zmm"], log=lambda *a: None)
+    return {"f32": 2 * peaks_mod.peak_mac_per_s(res, "fma_zmm", 1) / 1e9,
+            "bf16": 2 * peaks_mod.peak_mac_per_s(res, "bf16_zmm", 1) / 1e9,
+            "cpu": res["cpu"]["model"], "clock_ghz": res["clock_hz"][1]["median"] / 1e9}
 
 
 KERNEL_SHAPES = [
@@ -201,8 +174,9 @@ def compiled_table(reps: int, threads_n: int) -> list[dict]:
 def print_tables(peak, kernels, compiled) -> None:
     print(f"\nlowbit dense BRGEMM benchmark  (ISA {current_isa()}, native bf16 {bg.native_bf16()})")
     if peak:
-        print(f"measured single-core peak: fp32 FMA {peak['f32']:.1f} GFLOP/s, "
-              f"bf16 dot {peak['bf16']:.1f} GFLOP/s")
+        print(f"CPU: {peak['cpu']} at {peak['clock_ghz']:.2f} GHz; measured single-core peak "
+              f"(benchmarks/peaks.py loops): fp32 FMA {peak['f32']:.1f} GFLOP/s, "
+              f"bf16 dot {peak['bf16']:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} (shared machine)")
     print("\nKernels, 1 thread (GFLOP/s; torch = torch.matmul, 1 thread)")
     print(f"{'dtype':5} {'shape':48} {'ours':>8} {'%peak':>6} {'torch':>8} {'ours/torch':>10}")
     for r in kernels:
