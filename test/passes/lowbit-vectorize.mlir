@@ -1,6 +1,11 @@
 // RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-vectorize{vector-bits=512 unroll=1}, canonicalize, cse)' | filecheck %s
+// RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-vectorize{vector-bits=512 unroll=1}, canonicalize, cse, one-shot-bufferize{bufferize-function-boundaries=1 function-boundary-type-conversion=identity-layout-map}, canonicalize, cse, canonicalize)' | filecheck %s --check-prefix=BUF
 
 // An elementwise op with a tail: 17 = 16 + 1 -> one full vector, one masked remainder.
+// After bufferization the masked tail writes in place: no temporary buffer and copy.
+// BUF-LABEL: func.func @add_tail
+// BUF-NOT: memref.copy
+// BUF: return
 // CHECK-LABEL: func.func @add_tail
 // CHECK-SAME: (%[[A:.+]]: tensor<3x17xf32>, %[[B:.+]]: tensor<3x17xf32>)
 // CHECK: %[[FLAT_A:.+]] = tensor.collapse_shape %[[A]]
@@ -24,6 +29,10 @@ func.func @add_tail(%a: tensor<3x17xf32>, %b: tensor<3x17xf32>) -> tensor<3x17xf
 // A row reduction over 4097 elements: per row, 256 full vectors combined lane-wise into a
 // vector of partial maxima carried in registers (no horizontal reduction in the loop),
 // a masked tail folded into the partials, then one horizontal reduction.
+// After bufferization the masked tail writes in place: no temporary buffer and copy.
+// BUF-LABEL: func.func @row_max
+// BUF-NOT: memref.copy
+// BUF: return
 // CHECK-LABEL: func.func @row_max
 // CHECK-DAG: %[[NEG_INF:.+]] = arith.constant dense<0xFF800000> : vector<16xf32>
 // CHECK: scf.for %[[ROW:.+]] = %c0 to %c5 step %c1
@@ -152,6 +161,10 @@ func.func @int_add_vector(%a: tensor<3x17xi32>, %b: tensor<3x17xi32>) -> tensor<
 // A dynamic row length (softmax over the KV length): the split reduction keeps a vector of
 // partial maxima over the full vectors (loop bound rounded down to 16 at run time), then
 // the masked tail (create_mask of the remaining count), then one horizontal reduction.
+// After bufferization the masked tail writes in place: no temporary buffer and copy.
+// BUF-LABEL: func.func @rowmax_dyn_inner
+// BUF-NOT: memref.copy
+// BUF: return
 // CHECK-LABEL: func.func @rowmax_dyn_inner
 // CHECK: %[[DIM:.+]] = tensor.dim %{{.+}}, %c1 : tensor<4x?xf32>
 // CHECK: scf.for %{{.+}} = %c0 to %c4 step %c1
@@ -183,6 +196,10 @@ func.func @rowmax_dyn_inner(%x: tensor<4x?xf32>) -> tensor<4xf32> {
 
 // Dynamic rows of an identity-map elementwise op: flattened to one dynamic loop, full
 // vectors up to the rounded-down bound, one masked remainder.
+// After bufferization the masked tail writes in place: no temporary buffer and copy.
+// BUF-LABEL: func.func @add_dyn_rows
+// BUF-NOT: memref.copy
+// BUF: return
 // CHECK-LABEL: func.func @add_dyn_rows
 // CHECK: tensor.collapse_shape %{{.+}} {{\[\[}}0, 1]] : tensor<?x33xf32> into tensor<?xf32>
 // CHECK: %[[N:.+]] = tensor.dim %{{.+}}, %c0 : tensor<?xf32>
@@ -206,6 +223,10 @@ func.func @add_dyn_rows(%a: tensor<?x33xf32>, %b: tensor<?x33xf32>) -> tensor<?x
 
 // Dynamic rows broadcast against a static column vector (not identity maps: no flatten):
 // rows one by one, columns in vectors with a peeled masked tail.
+// After bufferization the masked tail writes in place: no temporary buffer and copy.
+// BUF-LABEL: func.func @scale_dyn_rows
+// BUF-NOT: memref.copy
+// BUF: return
 // CHECK-LABEL: func.func @scale_dyn_rows
 // CHECK: scf.for %{{.+}} = %c0 to %{{.+}} step %c1
 // CHECK:   scf.for %{{.+}} = %c0 to %c32 step %c16
