@@ -172,8 +172,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, groups: list[Group]) ->
     node.replace_all_uses_with(x)
     sizes = [a for a in node.all_input_nodes if a is not node.args[0]]
     graph.erase_node(node)
-    for a in sizes:
-        _erase_if_dead(graph, a)
+    _erase_if_dead(graph, sizes)
     log.debug("reshape %s -> %s", node.name, x.name)
 
 
@@ -182,13 +181,16 @@ _SIZE_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, aten.s
              aten.sym_numel.default}
 
 
-def _erase_if_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    if node.op != "call_function" or node.users or node.target not in _SIZE_OPS:
-        return
-    inputs = node.all_input_nodes
-    graph.erase_node(node)
-    for a in inputs:
-        _erase_if_dead(graph, a)
+def _erase_if_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+    """Erase the size computations among `nodes` (and their inputs) that lost all users."""
+    work, erased = list(nodes), set()
+    while work:
+        n = work.pop()
+        if n in erased or n.op != "call_function" or n.users or n.target not in _SIZE_OPS:
+            continue
+        work += n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
 
 
 _CAST = re.compile(r"tensor\.cast %\S+ : tensor<([^>]*)> to tensor<([^>]*)>")
