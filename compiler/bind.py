@@ -290,6 +290,10 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                            node=call.name,
                            merged=len(group) if len(group) > 1 else 0))
 
+    if any(l.spec.act_format == "none" for l in layers):
+        from lowbit.compiler.act_quant import absorb_activation_quantization
+        absorb_activation_quantization(graph, report)
+
     for node, x, w, srcs in dense:
         packed = _pack_dense(w)
         if packed is None:
