@@ -31,7 +31,8 @@ loaded with RTLD_LOCAL, same operands, interleaved rounds, thread CPU time, the 
 peak of the same rounds):
 
     python benchmarks/microkernels.py --side-by-side OLD.so [NEW.so] [--rounds 11]
-        [--shapes 4096x4096x128,int1:256x2048x1,...]    ([format:]NxKxM, x int8 tiles)
+        [--shapes 4096x4096x128,int1:256x2048x1,f32/int4_sym:256x1024x1,...]
+        ([i8|f32|bf16/][format:]NxKxM: activation type, weight format, shape)
 """
 from __future__ import annotations
 
@@ -242,8 +243,8 @@ SBS_SHAPES = ("4096x4096x128,2560x6912x128,4096x4096x16,256x1024x16,256x2048x4,2
 
 
 def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
-    """int8-activation tiles (ternary unless the shape says `format:`) of two runtime builds
-    in one process, interleaved."""
+    """Tiles (int8 activations and ternary weights unless the shape says `f32/`, `bf16/`,
+    `format:`) of two runtime builds in one process, interleaved; % of the vpdpbusd peak."""
     P_, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     libs = {}
     for i, path in enumerate(lib_paths):
@@ -257,6 +258,8 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
         libs[f"{i}:{Path(path).name}"] = lib
     cases = []
     for spec in shapes.split(","):
+        adt, _, spec = spec.rpartition("/")
+        adt = adt or "i8"
         fmt, _, dims = spec.rpartition(":")
         fmt = fmt or "ternary"
         n, k, m = (int(v) for v in dims.split("x"))
@@ -268,19 +271,24 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
         zero = (torch.randint(0, info.qmax + 1, (n, 1), generator=gen, dtype=torch.int8)
                 if info.zero_point else None)
         pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt, zero=zero)
-        xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
+        x = torch.randn(m, k, generator=gen)
+        xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
+        atype = {"i8": 1, "f32": 2, "bf16": 3}[adt]
+        if adt != "i8":  # weight-only tiles read fp32 / bf16 activations (K zero-padded)
+            xq = torch.zeros(m, pw.k_padded, dtype=torch.float32 if adt == "f32" else torch.bfloat16)
+            xq[:, :k] = x
         y = torch.empty(m, n)
-        reps = max(1, int(4e8 / (m * n * k)))
+        reps = max(1, int((4e8 if adt == "i8" else 1e8) / (m * n * k)))
         per = {}
         for name, lib in libs.items():
-            h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[fmt], 1, 2, m, n, pw.kblock,
+            h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[fmt], atype, 2, m, n, pw.kblock,
                                           pw.k_padded, pw.nblock_bytes, n, pw.kblock,
                                           pw.kblock_bytes, pw.num_kblocks, 0)
             if h <= 0:
                 raise SystemExit(f"{name}: dispatch failed ({h})")
             per[name] = (h, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
                          rs.data_ptr(), None, pw.num_kblocks, reps)
-        cases.append((f"{fmt} {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
+        cases.append((f"{adt}/{fmt} {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
     pk = peaks_mod.Peaks()
     res = {(c[0], name): [] for c in cases for name in libs}
     pks = []

@@ -430,24 +430,61 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
 
-    for (int64_t s = 0; s < steps; ++s)
+    if constexpr (BITS == 1) {
+      for (int64_t s = 0; s < steps; ++s)
 #pragma GCC unroll 2
-      for (int h = 0; h < kSubSteps<BITS>; ++h) {
-        __m512i v[4];
-        decode<BITS>(w + s * kStepBytes<BITS>, h, v);
-        const int64_t k = s * f.kg + 4 * h;
+        for (int h = 0; h < kSubSteps<BITS>; ++h) {
+          __m512i v[4];
+          decode<BITS>(w + s * kStepBytes<BITS>, h, v);
+          const int64_t k = s * f.kg + 4 * h;
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+              const __m512i uj = _mm512_and_si512(_mm512_srli_epi32(v[j], 8 * t), m255);
+              const __m512 wj = _mm512_fmsub_ps(_mm512_cvtepi32_ps(uj), va, corr[j]);
+#pragma GCC unroll 8
+              for (int r = 0; r < MB; ++r)
+                acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(act_at<BF16>(g.a, x0 + r * lda + k + t)),
+                                            wj, acc[r][j]);
+            }
+        }
+    } else {
+      // Codes with a = 1 (2/4/8-bit) become fp32 without a conversion: the field, masked out of
+      // the packed dword and OR'ed into the bits of 2^23 (one vpternlogd), is the float
+      // 2^23 + u, and subtracting 2^23 + c (exact: both below 2^24) gives u - c exactly.
+      // Per weight vector and k: a shift (none for the lowest field), vpternlogd, vsubps and
+      // the row FMAs, instead of decode + shift, AND, vcvtdq2ps and vfmsub.
+      constexpr int kFieldMask = (1 << BITS) - 1;
+      const __m512i fmask = _mm512_set1_epi32(kFieldMask);
+      const __m512i magic = _mm512_set1_epi32(0x4B000000);  // bits of 8388608.0f
+      __m512 corr2[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) corr2[j] = _mm512_add_ps(corr[j], _mm512_set1_ps(8388608.0f));
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t* p = w + s * kStepBytes<BITS>;
+        __m512i raw[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < kStepBytes<BITS> / 64; ++q) raw[q] = _mm512_loadu_si512(p + 64 * q);
+        const int64_t k = s * 4;
 #pragma GCC unroll 4
         for (int t = 0; t < 4; ++t)
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) {
-            const __m512i uj = _mm512_and_si512(_mm512_srli_epi32(v[j], 8 * t), m255);
-            const __m512 wj = _mm512_fmsub_ps(_mm512_cvtepi32_ps(uj), va, corr[j]);
+            // vector j's field: 2-bit bits 2j of each byte; 4-bit low/high nibble of the
+            // 64-byte half j/2; 8-bit the whole byte of the 64 bytes j. Byte t of the dword.
+            const __m512i src = raw[BITS == 2 ? 0 : BITS == 4 ? j / 2 : j];
+            const int sh = 8 * t + (BITS == 2 ? 2 * j : BITS == 4 ? 4 * (j % 2) : 0);
+            const __m512i shifted = sh ? _mm512_srli_epi32(src, unsigned(sh)) : src;
+            const __m512i bits = _mm512_ternarylogic_epi32(shifted, fmask, magic, 0xEA);  // A&B|C
+            const __m512 wj = _mm512_sub_ps(_mm512_castsi512_ps(bits), corr2[j]);
 #pragma GCC unroll 8
             for (int r = 0; r < MB; ++r)
               acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(act_at<BF16>(g.a, x0 + r * lda + k + t)),
                                           wj, acc[r][j]);
           }
       }
+    }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const __m512 sc = _mm512_loadu_ps(scale + 16 * j);

@@ -490,6 +490,29 @@ def test_tiling_with_offsets_and_beta(isa, fmt):
     assert torch.allclose(tiled, whole, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_exact_on_integers(isa, fmt, x_dtype):
+    """Weight-only tiles decode w = a*u - c exactly (AVX-512: 2^23 + u via vpternlogd, then
+    minus 2^23 + c): with integer activations and unit scales every sum is an exact integer
+    below 2^24, so the fp32 result must equal the fp64 one bit for bit (M and N tails, K
+    padding, zero points)."""
+    gen = torch.Generator().manual_seed(11)
+    for m, n, k in [(1, 70, 92), (4, 130, 300), (7, 64, 36)]:
+        q = random_codes(gen, fmt, n, k)
+        zero = random_zero(gen, fmt, n, 1)
+        pw = qgemm.pack_weight(q, torch.ones(n), fmt, zero=zero)
+        x = torch.randint(-100, 101, (m, k), generator=gen).to(x_dtype)
+        a = torch.zeros(m, pw.k_padded, dtype=x_dtype)
+        a[:, :k] = x
+        y = torch.empty(m, n)
+        with use_isa(isa):
+            qgemm.dispatch_for(pw, m, a_dtype=x_dtype)(a, pw.data, y, count=pw.num_kblocks)
+        w = q.to(torch.float64) - (zero.to(torch.float64) if zero is not None else 0)
+        assert torch.equal(y.to(torch.float64), x.to(torch.float64) @ w.T), (m, n, k)
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m,n,k", [(9, 130, 520), (31, 200, 260), (3, 70, 64), (4, 64, 36), (5, 129, 100),
                                    (1, 70, 92), (1, 130, 2060), (2, 70, 92), (1, 64, 24), (1, 65, 40)],
