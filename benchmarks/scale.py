@@ -133,6 +133,18 @@ def child_eager(args) -> None:
     emit(dict(phase="generation", tokens=toks, seconds=time.perf_counter() - t, peak_rss=_peak()))
 
 
+def _rss_of(pid: int) -> int:
+    """Current resident set of a process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, float, float]:
     """Run a child, collect its JSON lines; returns (messages, failure, spawn epoch, wall s)."""
     cmd = [sys.executable, __file__, "--child", kind, "--config", args.config, "--seed", str(args.seed),
@@ -150,7 +162,7 @@ def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                line = lines.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             except queue.Empty:
                 line = ""
             if line is None:
@@ -162,6 +174,11 @@ def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, 
             if time.monotonic() > deadline:
                 proc.kill()
                 failure = f"timed out after {timeout:.0f} s"
+                break
+            rss = _rss_of(proc.pid)
+            if args.max_rss_gib and rss > args.max_rss_gib * 2 ** 30:
+                proc.kill()
+                failure = f"killed by the benchmark: RSS {rss / 2 ** 30:.1f} GiB > --max-rss-gib {args.max_rss_gib}"
                 break
         rc = proc.wait()
     wall = time.perf_counter() - t0
@@ -186,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds for the compiled child")
     p.add_argument("--no-eager", action="store_true", help="skip the eager reference generation")
+    p.add_argument("--max-rss-gib", type=float, default=16.0,
+                   help="kill a child whose RSS exceeds this (protects a shared machine; 0: no limit)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
