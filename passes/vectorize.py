@@ -177,7 +177,13 @@ class Vectorize(ModulePass):
         lanes = self.lanes(op)
         flatten = (self.flatten and op.name == "linalg.generic" and info.rank > 1
                    and all(it == "parallel" for it in info.iterators)
-                   and all(len(m.results) == 0 or m == ir.AffineMap.get_identity(info.rank) for m in info.maps))
+                   and all(len(m.results) == 0 or m == ir.AffineMap.get_identity(info.rank) for m in info.maps)
+                   # Gathers (tensor.extract in the body) would recover their n-d indices
+                   # from the flat one with a vector integer div/rem per dim.
+                   and not any(inner.name == "tensor.extract" for inner in walk(op))
+                   # A dynamic tile of a forall is a strided view that cannot be proven
+                   # contiguous: collapsing it would copy the tile out and back.
+                   and not (None in info.ranges and _inside(op, "scf.forall")))
         # A dynamic extent anywhere makes the flattened extent dynamic (peeled below).
         ranges = [None if None in info.ranges else _prod(info.ranges)] if flatten else list(info.ranges)
         tiles, vecs = [], []
@@ -312,6 +318,15 @@ _CLEANUP = """    %funcs = transform.structured.match ops{["func.func"]} in %roo
       transform.apply_patterns.canonicalization
     } : !transform.any_op
     transform.apply_cse to %funcs : !transform.any_op"""
+
+
+def _inside(op: ir.Operation, name: str) -> bool:
+    parent = op.parent
+    while parent is not None and parent.operation.name != "func.func":
+        if parent.operation.name == name:
+            return True
+        parent = parent.parent
+    return False
 
 
 def _next_pow2(n: int) -> int:

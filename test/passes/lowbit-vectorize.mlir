@@ -244,3 +244,53 @@ func.func @scale_dyn_rows(%a: tensor<?x36xf32>, %w: tensor<36xf32>) -> tensor<?x
   } -> tensor<?x36xf32>
   return %r : tensor<?x36xf32>
 }
+
+// -----
+
+// Not flattened: a dynamic tile inside a forall is a strided view that cannot be proven
+// contiguous (collapsing it would copy the tile out and back), and a body with
+// tensor.extract (a gather) would rebuild its n-d indices from a flat one with vector
+// integer div/rem. Rows stay a loop; columns are vectors.
+// CHECK-LABEL: func.func @no_flatten_dyn_tile
+// CHECK-NOT: tensor.collapse_shape
+// CHECK: scf.forall
+// CHECK:   scf.for
+// CHECK:     arith.addf {{.+}} : vector<16xf32>
+// CHECK-LABEL: func.func @no_flatten_gather
+// CHECK-NOT: tensor.collapse_shape
+// CHECK-NOT: arith.divsi
+// CHECK: vector.transfer_read
+#i2 = affine_map<(d0, d1) -> (d0, d1)>
+func.func @no_flatten_dyn_tile(%a: tensor<?x32xf32>) -> tensor<?x32xf32> {
+  %c0 = arith.constant 0 : index
+  %t = tensor.dim %a, %c0 : tensor<?x32xf32>
+  %e = tensor.empty(%t) : tensor<?x32xf32>
+  %n = affine.apply affine_map<()[s0] -> (s0 ceildiv 8)>()[%t]
+  %r = scf.forall (%i) in (%n) shared_outs(%o = %e) -> (tensor<?x32xf32>) {
+    %off = affine.apply affine_map<(d0) -> (d0 * 8)>(%i)
+    %sz = affine.min affine_map<(d0)[s0] -> (d0 * -8 + s0, 8)>(%i)[%t]
+    %s = tensor.extract_slice %a[%off, 0] [%sz, 32] [1, 1] : tensor<?x32xf32> to tensor<?x32xf32>
+    %d = tensor.extract_slice %o[%off, 0] [%sz, 32] [1, 1] : tensor<?x32xf32> to tensor<?x32xf32>
+    %y = linalg.generic {indexing_maps = [#i2, #i2], iterator_types = ["parallel", "parallel"]} ins(%s : tensor<?x32xf32>) outs(%d : tensor<?x32xf32>) {
+    ^bb0(%x: f32, %z: f32):
+      %q = arith.addf %x, %x : f32
+      linalg.yield %q : f32
+    } -> tensor<?x32xf32>
+    scf.forall.in_parallel {
+      tensor.parallel_insert_slice %y into %o[%off, 0] [%sz, 32] [1, 1] : tensor<?x32xf32> into tensor<?x32xf32>
+    }
+  }
+  return %r : tensor<?x32xf32>
+}
+func.func @no_flatten_gather(%src: tensor<4x32xf32>, %e: tensor<3x32xf32>) -> tensor<3x32xf32> {
+  %y = linalg.generic {indexing_maps = [#i2], iterator_types = ["parallel", "parallel"]} outs(%e : tensor<3x32xf32>) {
+  ^bb0(%z: f32):
+    %i = linalg.index 0 : index
+    %j = linalg.index 1 : index
+    %c1 = arith.constant 1 : index
+    %k = arith.addi %i, %c1 : index
+    %v = tensor.extract %src[%k, %j] : tensor<4x32xf32>
+    linalg.yield %v : f32
+  } -> tensor<3x32xf32>
+  return %y : tensor<3x32xf32>
+}
