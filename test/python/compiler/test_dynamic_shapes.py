@@ -273,3 +273,25 @@ def test_growing_cache_as_in_a_dynamic_kv_cache():
         torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
         past = new_past
     assert past.shape[2] == 12
+
+
+def test_torch_compile_with_size_oblivious_sizes_shares_decode_and_prefill():
+    """Dynamo specializes size 1 unless torch's `backed_size_oblivious` is on while it
+    traces; then decode (T=1) and prefill use the one dynamic graph."""
+    import torch.fx.experimental._config as fx_config
+    cfg = LlamaConfig(dim=32, n_heads=2, n_kv_heads=1, hidden_dim=48, max_seq_len=40)
+    block = make_decoder_block(cfg, torch.float32, seed=4)
+    eager = copy.deepcopy(block)
+    backend = _DynamicBackend(lazy=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=backend)
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = 0
+        for t in (5, 1, 3, 1, 2):
+            x, pos = torch.randn(1, t, cfg.dim), torch.arange(start, start + t)
+            torch._dynamo.mark_dynamic(x, 1)
+            torch._dynamo.mark_dynamic(pos, 0)
+            torch.testing.assert_close(compiled(x, pos), eager(x, pos), rtol=1e-5, atol=2e-5)
+            start += t
+    assert len(backend.compiled) == 1 and backend.compiled[0].captured.is_dynamic
