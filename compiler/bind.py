@@ -309,6 +309,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                            format=str(w.dtype).replace("torch.", ""), location=_location(call),
                            packed_bytes=packed.numel() * packed.element_size()))
 
+    _drop_state_assertions(graph, ev)
     graph.eliminate_dead_code()
     _drop_unused_inputs(captured, graph)
     gm.recompile()
@@ -473,6 +474,22 @@ def _pack_group(group: list[_Found], tiles_for: Optional[Callable]) -> BoundLaye
     origins = {f.origin for f in group}
     return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
                       pw.data.view(torch.int8), bias, [], _location(group[0].node))
+
+
+# Side-effecting checks that export leaves on tensors (e.g. after a `.to(dtype)` in a model's own
+# dequantization): dead-code elimination keeps them, and with them the whole weight subgraph.
+_ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_async.msg, aten._assert_async.default}
+
+
+def _drop_state_assertions(graph: torch.fx.Graph, ev: "_ConstantEvaluator") -> None:
+    """Remove assertions on values computed from module state only. Binding evaluated those
+    values on the real tensors (and packs from them), so a check at run time is moot; left in,
+    it keeps the weight subgraph -- the unpacking of every packed weight -- and its storage
+    inputs alive in the compiled code, run on every call."""
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and node.target in _ASSERTIONS and not node.users
+                and node.all_input_nodes and all(ev.is_constant(a) for a in node.all_input_nodes)):
+            graph.erase_node(node)
 
 
 def _drop_unused_inputs(captured: CapturedGraph, graph: torch.fx.Graph) -> None:
