@@ -61,6 +61,11 @@ class CompiledGraph:
         """Caller positions of frozen tensors changed since compilation."""
         return self.frozen_guard.changed(args)
 
+    def accepts(self, args: Sequence[Any]) -> bool:
+        """Whether a call with the caller's `args` fits the compiled signature (else the
+        call would raise `InputError`; e.g. a size outside a dynamic dim's range)."""
+        return self.jit.accepts([args[i] for i in self.captured.input_indices])
+
     def __call__(self, *args: Any) -> list[Any]:
         cap = self.captured
         inputs = [args[i] for i in cap.input_indices]

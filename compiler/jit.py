@@ -126,6 +126,16 @@ class JitFunction:
                 return self._mismatch(i, t)
         return InputError("inputs do not match the compiled signature")
 
+    def accepts(self, inputs: Sequence) -> bool:
+        """Whether `inputs` fit the compiled signature (dtypes, ranks, static sizes, and for
+        dynamic signatures: equal symbols agree, each within its range); never raises."""
+        if len(inputs) != self._n_in:
+            return False
+        if self.dynamic:
+            return self._signature.bind(inputs) is not None
+        return all(isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape and t.is_cpu
+                   for t, (shape, dtype) in zip(inputs, self._expected))
+
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The inputs as the compiled code reads them (contiguous), or `InputError`."""
         if len(inputs) != self._n_in:

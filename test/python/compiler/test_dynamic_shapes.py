@@ -111,9 +111,11 @@ def test_decoder_block_sizes_outside_the_signature_raise_input_error():
         ((x5, torch.arange(5).int(), k, v), "input 1: expected dtype torch.int64, got torch.int32"),
     ]
     for args, message in cases:
+        assert not compiled.accepts(args)
         with pytest.raises(InputError) as info:
             compiled(*args)
         assert message in str(info.value)
+    assert compiled.accepts((x5, torch.arange(5), k, v))
     with pytest.raises(InputError, match="expected 4 tensor inputs, got 3"):
         compiled.jit(x5, torch.arange(5), k)
 
