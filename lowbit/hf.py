@@ -130,6 +130,33 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+def patch_transformers() -> list[str]:
+    """Unwrap the nested ``torch.compile`` helpers on transformers' BitNet classes themselves.
+
+    `prepare` fixes one model; this fixes every BitNet model made afterwards (and before) in
+    the process, for code paths that never see the model before dynamo does (e.g. a user's own
+    ``torch.compile(model.forward)``). It changes transformers' classes in place: in eager
+    mode the helpers then run uncompiled (same arithmetic). Returns ``Class.method`` names
+    unwrapped; a no-op when transformers is missing or already patched.
+    """
+    try:
+        from transformers.integrations import bitnet
+    except ImportError:
+        return []
+    done = []
+    for cls in vars(bitnet).values():
+        if not isinstance(cls, type) or not issubclass(cls, (nn.Module, torch.autograd.Function)):
+            continue
+        for name, value in list(vars(cls).items()):
+            orig = _compiled_original(value)
+            if orig is not None:
+                setattr(cls, name, orig)
+                done.append(f"{cls.__name__}.{name}")
+    if done:
+        log.info("patch_transformers: unwrapped %s", ", ".join(done))
+    return done
+
+
 def nested_compiled_helpers(model: nn.Module) -> list[str]:
     """``module.method`` for every method of ``model`` still wrapped in a nested ``torch.compile``."""
     import inspect

@@ -156,3 +156,26 @@ def test_load_pretrained_errors(tmp_path):
     (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="do not match"):
         hf.load_pretrained(path)
+
+
+def test_patch_transformers_fixes_models_compiled_without_prepare():
+    import subprocess
+    import sys
+    # a fresh process: patching transformers' classes must not leak into the other tests
+    code = (
+        "import torch\n"
+        "from lowbit import hf\n"
+        "m = hf.make_bitnet(hf.bitnet_config(vocab_size=128, hidden_size=64, intermediate_size=128,"
+        " num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
+        "assert hf.nested_compiled_helpers(m)\n"
+        "names = hf.patch_transformers()\n"
+        "assert 'BitLinear.activation_quant' in names, names\n"
+        "assert hf.nested_compiled_helpers(m) == [], hf.nested_compiled_helpers(m)\n"
+        "ids = torch.arange(3, 9).view(1, -1)\n"
+        "with torch.no_grad():\n"
+        "    ref = m(ids).logits\n"
+        "    m.forward = torch.compile(m.forward, backend='eager')\n"
+        "    assert torch.equal(m(ids).logits, ref)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
