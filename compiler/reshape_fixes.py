@@ -7,8 +7,9 @@ torch-mlir (wheel 20261001) lowers many `aten.view`s that merge two or more dyna
 (or folds that cast into the producer), and the compiled code reads garbage whenever
 `s1 != 1`. Whether a given merge is hit depends on how its size list is spelled
 (`[s0*s1, 64]`, `[-1, 64]`, `[-1]`, ...); `aten._unsafe_view`, `aten.reshape` and
-`aten.flatten.using_ints` go through the same lowering, and a 4-D `matmul` fails to
-compile. `prims.collapse(x, start, end)` (`end` inclusive) lowers to a plain
+`aten.flatten.using_ints` go through the same lowering, a 4-D `matmul` fails to
+compile, and `[s0, 1, s1] -> [1, s0*s1, 1]` casts `s0` to 1 and aborts the process at run
+time. `prims.collapse(x, start, end)` (`end` inclusive) lowers to a plain
 `tensor.collapse_shape` of the dynamic dims, which is right for every size, and a view
 that only splits dims (`[s0*s1, 64] -> [s0, s1, 64]`, `[s0, 64] -> [s0, 8, 8]`) lowers
 correctly (a `tensor.expand_shape` or a `tensor.reshape` with computed sizes). Merges of
@@ -35,8 +36,9 @@ dynamic reshape without FakeTensor metadata, to or from rank 0, or whose size li
 a literal size where the metadata has a dynamic one (sizes specialised to example values
 without a guard, as the SymInt inputs of a partitioned part are by `capture`).
 
-Call it on `CapturedGraph.graph_module` right after `frontend.capture()`, before the graph
-is bound, partitioned or imported.
+Call it on `CapturedGraph.graph_module` right after every `frontend.capture()` -- the
+whole graph's and each re-captured part's (partitions around eager ops, regions) -- before
+the graph is bound, partitioned or imported.
 """
 from __future__ import annotations
 
