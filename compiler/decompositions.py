@@ -20,6 +20,21 @@ and rounded once, as eager does.
 Sums and means of bf16/fp16 tensors accumulate in fp32 and round once, as eager PyTorch
 does; torch-mlir's lowering would accumulate in the narrow type (a 4096-wide bf16 mean
 then loses two orders of magnitude of accuracy).
+
+Integer floor division (`div(..., rounding_mode="floor")`, what `//` and `floor_divide`
+become) is computed by torch-mlir through float64, which is inexact beyond 2**53:
+`(2**63 - 1) // 2**30` gave 8589934592 instead of 8589934591. It is rewritten into exact
+integer ops: the truncating quotient (which lowers to `arith.divsi`), corrected by one
+when the remainder is non-zero and its sign differs from the divisor's.
+
+Matrix products of 8-bit integers (`mm`, `bmm`, `mv`, `dot`, `addmm`, `baddbmm` on int8 or
+uint8) crash torch-mlir's torch-to-linalg conversion with SIGSEGV (zero-K included),
+killing the process. Eager wraps them modulo 256 (the result keeps the operand dtype), and
+a product accumulated in int32 and truncated to 8 bits is the same value modulo 256 (int32
+arithmetic wraps, which is again exact modulo 256), so they are computed as int32 products
+converted back, exactly as eager returns them. Products whose contraction length is a
+static 0 (which crash there for every dtype, fp32 included) become zeros of the result's
+shape and dtype, as in eager.
 """
 from __future__ import annotations
 
@@ -84,6 +99,77 @@ def _gelu_tanh(x: torch.Tensor, approximate: str = "none"):
     return (0.5 * xf * (1.0 + torch.tanh(inner))).to(x.dtype)
 
 
+def _is_int_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex \
+        and t.dtype != torch.bool
+
+
+def _is_int_operand(v) -> bool:
+    return _is_int_tensor(v) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _int_floor_divide(a, b, rounding_mode=None):
+    """Exact `floor(a / b)` for integer tensors / scalars (a must be a tensor)."""
+    if rounding_mode != "floor" or not _is_int_tensor(a) or not _is_int_operand(b):
+        return NotImplemented
+    q = aten.div.Tensor_mode(a, b, rounding_mode="trunc") if isinstance(b, torch.Tensor) \
+        else aten.div.Scalar_mode(a, b, rounding_mode="trunc")
+    r = a - q * b                                    # exact: |q * b| <= |a|
+    negative_b = (b < 0) if isinstance(b, torch.Tensor) else (b < 0)
+    adjust = (r != 0) & ((r < 0) != negative_b)
+    return q - adjust.to(q.dtype)
+
+
+_BYTE_INTS = (torch.int8, torch.uint8)
+
+
+def _byte_operands(*ts) -> bool:
+    return all(isinstance(t, torch.Tensor) for t in ts) and ts[0].dtype in _BYTE_INTS \
+        and all(t.dtype == ts[0].dtype for t in ts)
+
+
+def _static_zero(size) -> bool:
+    return isinstance(size, int) and size == 0
+
+
+def _zero_k_product(a: torch.Tensor, b: torch.Tensor):
+    """`mm`/`bmm`/`mv`/`dot` of operands with a (static) zero-length contraction: zeros, as
+    eager returns (torch-mlir's lowering segfaults on it). Else NotImplemented."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not _static_zero(a.shape[-1]):
+        return NotImplemented
+    if a.dtype != b.dtype:
+        return NotImplemented  # eager raises; keep the op so the same error surfaces
+    if a.dim() == 1 and b.dim() == 1:
+        shape = []                                    # dot
+    elif b.dim() == 1:
+        shape = list(a.shape[:-1])                    # mv
+    else:
+        shape = list(a.shape[:-1]) + [b.shape[-1]]    # mm, bmm
+    return torch.zeros(shape, dtype=a.dtype)
+
+
+def _product(op):
+    """`op` (mm, bmm, mv, dot): zero-K -> zeros; 8-bit integers -> int32 product converted back."""
+    def decomposition(a, b):
+        out = _zero_k_product(a, b)
+        if out is not NotImplemented:
+            return out
+        if not _byte_operands(a, b):
+            return NotImplemented
+        return op(a.to(torch.int32), b.to(torch.int32)).to(a.dtype)
+    return decomposition
+
+
+def _widened_add_product(op):
+    """`addmm`/`baddbmm` on 8-bit integers: computed in int32 and converted back (modulo 256)."""
+    def decomposition(inp, a, b, *, beta=1, alpha=1):
+        if not _byte_operands(inp, a, b):
+            return NotImplemented
+        wide = (t.to(torch.int32) for t in (inp, a, b))
+        return op(*wide, beta=beta, alpha=alpha).to(a.dtype)
+    return decomposition
+
+
 def _chain(first, fallback):
     """`first`, or `fallback` (the base table's entry) when `first` does not apply."""
     if fallback is None:
@@ -109,6 +195,14 @@ def lowbit_decompositions(base: dict | None = None) -> dict:
         aten.sum.default: _full_sum_in_fp32,
         aten.mean.dim: _mean_in_fp32,
         aten.gelu.default: _gelu_tanh,
+        aten.div.Tensor_mode: _int_floor_divide,
+        aten.div.Scalar_mode: _int_floor_divide,
+        aten.mm.default: _product(aten.mm.default),
+        aten.bmm.default: _product(aten.bmm.default),
+        aten.mv.default: _product(aten.mv.default),
+        aten.dot.default: _product(aten.dot.default),
+        aten.addmm.default: _widened_add_product(aten.addmm.default),
+        aten.baddbmm.default: _widened_add_product(aten.baddbmm.default),
     }
     for op, fn in ours.items():
         table[op] = _chain(fn, table.get(op))
