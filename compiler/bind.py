@@ -420,7 +420,7 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
     order: list[tuple] = []
     for f in found:
         s = f.spec
-        key = (f.x, s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format,
+        key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format,
                f.zero_points is not None)
         if key not in buckets:
             buckets[key] = []
@@ -438,6 +438,18 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
         if current:
             groups.append(current)
     return groups
+
+
+def _same_value_key(x: torch.fx.Node):
+    """Nodes computing the same value from one source (each nn.Linear on a 3-D input gets its
+    own view/collapse of the activation) share a key, so their layers can merge."""
+    if x.op == "call_function" and x.target in _VIEW_LIKE and isinstance(x.args[0], torch.fx.Node):
+        return ("view", x.args[0], repr(x.args[1:]), repr(sorted(x.kwargs.items())))
+    return x
+
+
+_VIEW_LIKE = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+              torch.ops.prims.collapse.default}
 
 
 def _pack_group(group: list[_Found], tiles_for: Optional[Callable]) -> BoundLayer:

@@ -26,6 +26,7 @@ from lowbit.compiler.compile_log import counters, timed
 from lowbit.compiler.frontend import (NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture,
                                       dynamic_dims_from_meta)
 from lowbit.compiler.pipeline import CompileOptions, StageError
+from lowbit.compiler.reshape_fixes import fix_dynamic_reshapes
 from lowbit.compiler.regions import RegionRunner, compile_context, compile_regions, split_regions
 from lowbit.compiler.report import register as register_report
 
@@ -151,6 +152,7 @@ def _partition_and_compile(captured: CapturedGraph, args: Sequence[Any], unsuppo
                 warnings.simplefilter("ignore", FutureWarning)
                 sub_captured = capture(sub, example, frozen,
                                        dynamic_dims=dynamic_dims_from_meta(sub.graph.find_nodes(op="placeholder")))
+                fix_dynamic_reshapes(sub_captured.graph_module)
             compiled = compile_captured(sub_captured, options)
         except StageError as e:
             raise _Rejected(rejected_ops(str(e.cause), sub_captured.graph_module), e.stage,
@@ -272,6 +274,7 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             captured = capture(fn, args, () if bind else freezable, dynamic_dims=dynamic_dims)
+            fix_dynamic_reshapes(captured.graph_module)
     except FrontendError as e:
         _warn_once("the graph", f"capture failed: {_first_line(e)}")
         return fn
@@ -304,6 +307,7 @@ def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: Co
                 warnings.simplefilter("ignore", FutureWarning)
                 part = capture(sub, example, (),
                                dynamic_dims=dynamic_dims_from_meta(sub.graph.find_nodes(op="placeholder")))
+                fix_dynamic_reshapes(part.graph_module)
         except FrontendError as e:
             _warn_once(f"a region of the graph with {_describe(sub)}", f"capture failed: {_first_line(e)}")
             return sub

@@ -18,6 +18,9 @@ def __getattr__(name: str):
         # itself is callable (forwards to the function), so both spellings work.
         import lowbit.generate as _generate_module
         return _generate_module
+    if name in ("runtime", "compiler", "passes", "quant"):
+        import importlib
+        return importlib.import_module(f"lowbit.{name}")
     if name == "options":
         from lowbit.compiler.backend import options
         return options
