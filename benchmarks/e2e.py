@@ -236,8 +236,9 @@ def llamacpp_worker(args) -> None:
         return time.perf_counter() - t0, toks
 
     t = time.perf_counter()
-    prefill_round()
-    decode_round()
+    llm.reset()
+    llm.eval(p_short)
+    llm.eval([last_argmax()])
     warm_s = time.perf_counter() - t
     emit(dict(ready=True, load_s=load_s, quantize_s=0.0, compile_s=None, warmup_s=warm_s,
               streamed_bytes=streamed, rss_after_setup=peak_rss(), threads=args.threads,
@@ -413,7 +414,7 @@ def _match(a: list[int], b: list[int]) -> int:
     return n
 
 
-def drive(args) -> dict:
+def drive(args, on_round=None) -> dict:
     systems = args.systems
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -477,6 +478,8 @@ def drive(args) -> dict:
             if res.get("compile_counts"):
                 rows[s]["compile_counts"] = res["compile_counts"]
         print(f"[e2e] round {r + 1}/{args.rounds} done", flush=True)
+        if on_round is not None and r + 1 < args.rounds:
+            on_round(_summarize(args, systems, rows, workers, samples, probes, r + 1))
     for s, w in list(workers.items()) + [("probe", probe)]:
         if w.send("quit"):
             fin = w.receive(60)
@@ -487,6 +490,12 @@ def drive(args) -> dict:
         if w.proc.poll() is None:
             w.proc.wait(timeout=60)
 
+    return _summarize(args, systems, rows, workers, samples, probes, args.rounds)
+
+
+def _summarize(args, systems, rows, workers, samples, probes, rounds_done) -> dict:
+    import copy
+    rows = copy.deepcopy(rows)
     read_gbs = statistics.median(probes) if probes else None
     for s in workers:
         row, smp = rows[s], samples[s]
@@ -509,7 +518,8 @@ def drive(args) -> dict:
     matches = {a: {b: _match(rows[a]["tokens"], rows[b]["tokens"]) for b in ok if b != a} for a in ok}
     return {
         "model": args.model, "seed": args.seed, "threads": args.threads, "cpu": _cpu_model(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds_done,
+        "complete": rounds_done == args.rounds,
         "prefill_tokens": PREFILL, "decode_positions": [DECODE_START, DECODE_START + DECODE_STEPS],
         "read_probe_gbs": _stats(probes), "systems": [rows[s] for s in systems],
         "greedy_match": matches, "tokens_compared": DECODE_STEPS + 1,
@@ -589,7 +599,13 @@ def main(argv=None) -> int:
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.quick:
         args.rounds = min(args.rounds, 2)
-    result = drive(args)
+    def partial(result: dict) -> None:
+        result["quick"] = args.quick
+        if not args.no_save:
+            save(result)
+            print(f"[e2e] partial results ({result['rounds']} rounds) saved", flush=True)
+
+    result = drive(args, partial)
     result["quick"] = args.quick
     print(table(result))
     if not args.no_save:
