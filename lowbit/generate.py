@@ -404,12 +404,9 @@ def _describe_cfg(cfg: LlamaConfig) -> str:
 def _compile(fn: Callable, backend: str | Callable, counter: CompileCounter | None) -> Callable:
     if backend == "eager":
         return fn
-    if counter is not None:
-        return torch.compile(fn, backend=counter)
-    if backend == "inductor":
-        # inductor's best case: static shapes, one specialization per shape (prefill, decode)
-        return torch.compile(fn, backend="inductor", dynamic=False)
-    return torch.compile(fn, backend=backend)
+    # inductor's best case: static shapes, one specialization per shape (prefill, decode)
+    kwargs = {"dynamic": False} if backend == "inductor" else {}
+    return torch.compile(fn, backend=counter if counter is not None else backend, **kwargs)
 
 
 def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
