@@ -8,7 +8,8 @@ value fail somewhere deep inside a compile (a malformed ``LOWBIT_TARGET`` used t
 as "invalid literal for int() with base 10: 'ABC'" and send the whole graph to eager) or
 abort the process (``LOWBIT_NUM_THREADS=99999``: libiomp5's ``OMP: Error #34`` at the first
 compiled call). :func:`validate` checks every variable lowbit reads at compile or run time;
-the backend calls it before compiling. ``python -m lowbit.compiler.env`` prints the table
+lowbit's backend entry is meant to call it before compiling, outside its eager fallback
+(``target.host_target`` and ``threads`` already read through :func:`get`). ``python -m lowbit.compiler.env`` prints the table
 and checks the current environment.
 
 Variables read by native code (``LOWBIT_ISA``, ``LOWBIT_ALLOC_CACHE_MB``) are validated
