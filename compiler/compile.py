@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit.compiler.frontend import CapturedGraph, capture, import_graph
-from lowbit.compiler.jit import JitFunction
+from lowbit.compiler.jit import InputError, JitFunction
 from lowbit.compiler.pipeline import CompileOptions, Pipeline, Stage
 from lowbit.compiler.report import register as register_report
 
@@ -64,12 +64,24 @@ class CompiledGraph:
     def accepts(self, args: Sequence[Any]) -> bool:
         """Whether a call with the caller's `args` fits the compiled signature (else the
         call would raise `InputError`; e.g. a size outside a dynamic dim's range)."""
-        return self.jit.accepts([args[i] for i in self.captured.input_indices])
+        cap = self.captured
+        if any(_differs(args[p], v) for p, v in cap.specialized.items()):
+            return False
+        return self.jit.accepts([args[i] for i in cap.input_indices])
 
     def __call__(self, *args: Any) -> list[Any]:
         cap = self.captured
+        if cap.specialized:
+            for pos, value in cap.specialized.items():
+                if _differs(args[pos], value):
+                    raise InputError(f"input {pos}: the compiled graph is specialised to the value "
+                                     f"{value!r}, got {args[pos]!r}")
         inputs = [args[i] for i in cap.input_indices]
         return cap.finish_call(args, self.jit(*inputs))
+
+
+def _differs(arg: Any, value: Any) -> bool:
+    return type(arg) is not type(value) or arg != value
 
 
 def compile_captured(captured: CapturedGraph, options: CompileOptions | None = None,

@@ -93,6 +93,8 @@ class CapturedGraph:
     repeated_outputs: dict[int, int] = dataclasses.field(default_factory=dict)
     # Dynamic graphs: size symbol -> (min, max or None) that every call must satisfy.
     symbol_ranges: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
+    # Caller position -> value of a scalar input the graph was specialised to.
+    specialized: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_dynamic(self) -> bool:
@@ -161,8 +163,14 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     dims stay symbolic in the graph (see the module docstring)."""
     args = tuple(_concrete(a) for a in example_inputs)
     dims = _normalize_dynamic_dims(dynamic_dims, args)
+    # Scalar inputs the compiled graph does not depend on: unused by a GraphModule, or
+    # SymInts whose value now comes from a tensor's size. Other scalars are specialised.
+    sizes_read: set[int] = set()
+    if isinstance(fn, torch.fx.GraphModule):
+        sizes_read = {i for i, n in enumerate(fn.graph.find_nodes(op="placeholder")) if not n.users}
     if dims and isinstance(fn, torch.fx.GraphModule):
-        fn = _sizes_for_symint_inputs(fn, dims)
+        fn, rewritten = _sizes_for_symint_inputs(fn, dims)
+        sizes_read |= rewritten
     module = fn if isinstance(fn, torch.nn.Module) and not dims else _Wrapped(fn)
     # Outside dynamo's tracing context: a backend may capture while dynamo compiles, and
     # export would otherwise trace in dynamo's fake mode and add guards to its shape env.
@@ -200,6 +208,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     freezable = set(freezable)
 
     frozen: dict[int, torch.Tensor] = {}
+    specialized: dict[int, Any] = {}
     input_indices: list[int] = []
     input_specs: list[TensorSpec] = []
     const_id = 0
@@ -216,10 +225,12 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
             if node.users:
                 if not isinstance(value, (int, float, bool)):
                     raise FrontendError(f"non-tensor input {pos} ({type(value).__name__}) is used by the graph")
-                # A scalar (e.g. a SymInt of dynamo's automatic dynamic shapes that is no
-                # tensor's size): the compiled graph is specialised to its value, which is
-                # part of the cache key.
                 node.replace_all_uses_with(value)
+            if isinstance(value, (int, float, bool)) and pos not in sizes_read:
+                # A scalar (e.g. a SymInt of dynamo's automatic dynamic shapes that is no
+                # tensor's size): export bakes its value into the graph (even where the
+                # placeholder then looks unused), so it is checked per call.
+                specialized[pos] = value
             graph.erase_node(node)
             continue
         if pos in freezable and node.name not in mutated_phs:
@@ -267,7 +278,8 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     gm.recompile()
     used = set().union(*(s.symbols for s in input_specs)) if input_specs else set()
     return CapturedGraph(gm, input_indices, input_specs, frozen, mutated_inputs, output_specs,
-                         constant_outputs, repeated, {k: v for k, v in ranges.items() if k in used})
+                         constant_outputs, repeated, {k: v for k, v in ranges.items() if k in used},
+                         specialized)
 
 
 def _concrete(value: Any) -> Any:
@@ -419,26 +431,36 @@ def _symbols_of(ep, user_phs: list[torch.fx.Node], dims: DynamicDims):
     return rename, ranges
 
 
-def _sizes_for_symint_inputs(gm: torch.fx.GraphModule, dims: DynamicDims) -> torch.fx.GraphModule:
-    """Dynamo passes a symbolic size also as an int input (`s0`); where a tensor input
-    carries the same symbol in a dynamic dim, the int's uses read that size instead
-    (`aten.sym_size`), so the size stays symbolic and the int input becomes unused (it is
-    dropped at capture). Other SymInt inputs stay specialised to their values."""
+def _sizes_for_symint_inputs(gm: torch.fx.GraphModule, dims: DynamicDims) -> tuple[torch.fx.GraphModule, set[int]]:
+    """Dynamo (and a graph split into parts) passes a symbolic size also as an int input
+    (`s0`, `s0 + s1`); where a tensor input has the same size expression in a dynamic dim,
+    the int's uses read that size instead (`aten.sym_size`), so the size stays symbolic
+    and the int input becomes unused (it is dropped at capture). Other SymInt inputs stay
+    specialised to their values (checked per call, see `CapturedGraph.specialized`).
+    Returns the graph and the positions of the int inputs it no longer reads."""
     phs = gm.graph.find_nodes(op="placeholder")
-    where = {}
+
+    def meta_value(node):
+        return node.meta.get("example_value", node.meta.get("val"))
+
+    where: dict[Any, tuple[int, int]] = {}
     for pos, ds in dims.items():
-        for d, symbol in ds.items():
-            if pos < len(phs):
-                where.setdefault(_dim_symbol_name(symbol), (pos, d))
+        val = meta_value(phs[pos]) if pos < len(phs) else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d in ds:
+            size = val.shape[d]
+            if isinstance(size, torch.SymInt):
+                where.setdefault(size.node.expr, (pos, d))
     todo = []
     for node in phs:
-        ev = node.meta.get("example_value")
-        if isinstance(ev, torch.SymInt) and isinstance(ev.node.expr, sympy.Symbol) and node.users:
-            hit = where.get(str(ev.node.expr))
+        ev = meta_value(node)
+        if isinstance(ev, torch.SymInt) and node.users:
+            hit = where.get(ev.node.expr)
             if hit is not None:
                 todo.append((node.name, hit))
     if not todo:
-        return gm
+        return gm, set()
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)  # shallow-copies node meta: no tensor copies
@@ -451,7 +473,8 @@ def _sizes_for_symint_inputs(gm: torch.fx.GraphModule, dims: DynamicDims) -> tor
             size = graph.call_function(torch.ops.aten.sym_size.int, (new_phs[pos], d))
         size.meta = dict(node.meta)
         node.replace_all_uses_with(size)
-    return torch.fx.GraphModule(gm, graph)
+    positions = {i for i, n in enumerate(phs) if any(n.name == name for name, _ in todo)}
+    return torch.fx.GraphModule(gm, graph), positions
 
 
 def dynamic_dims_from_dynamo(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> DynamicDims:
@@ -474,14 +497,29 @@ def dynamic_dims_from_dynamo(gm: torch.fx.GraphModule, example_inputs: Sequence[
 
 def dynamic_dims_from_meta(placeholder_nodes: Sequence[torch.fx.Node]) -> DynamicDims:
     """The symbolic dims of an exported graph's placeholders (`meta['val']`), by position in
-    `placeholder_nodes`, named by their symbols -- e.g. for re-capturing part of a graph."""
+    `placeholder_nodes`, named by their symbols -- e.g. for re-capturing part of a graph.
+
+    A dim whose size is an expression (`s0 + s1`: a part's input made by a `cat` in the
+    part before) gets a name of its own (`expr0`, the same for the same expression): the
+    part is exported with it as an independent size, and export ties it to the others if
+    the part's code relates them. Left static, the part would be specialised to one size."""
     out: DynamicDims = {}
+    names: dict[Any, str] = {}
     for pos, node in enumerate(placeholder_nodes):
         val = node.meta.get("val", node.meta.get("example_value"))
-        if isinstance(val, torch.Tensor):
-            ds = _symbolic_dims(val)
-            if ds:
-                out[pos] = ds
+        if not isinstance(val, torch.Tensor):
+            continue
+        ds = {}
+        for d, size in enumerate(val.shape):
+            if not isinstance(size, torch.SymInt) or size.node.expr.is_number:
+                continue
+            expr = size.node.expr
+            if isinstance(expr, sympy.Symbol):
+                ds[d] = str(expr)
+            else:
+                ds[d] = names.setdefault(expr, f"expr{len(names)}")
+        if ds:
+            out[pos] = ds
     return out
 
 

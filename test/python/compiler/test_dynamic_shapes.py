@@ -297,3 +297,41 @@ def test_torch_compile_with_size_oblivious_sizes_shares_decode_and_prefill():
             torch.testing.assert_close(compiled(x, pos), eager(x, pos), rtol=1e-5, atol=2e-5)
             start += t
     assert len(backend.compiled) == 1 and backend.compiled[0].captured.is_dynamic
+
+
+def test_scalar_inputs_the_graph_was_specialised_to_are_checked():
+    """Export bakes a Python scalar into the graph; another value used to be ignored
+    silently (a wrong result). Now it raises InputError."""
+    compiled = compile_function(lambda x, n: x * n, (torch.randn(3), 3))
+    x = torch.randn(3)
+    torch.testing.assert_close(compiled(x, 3)[0], x * 3)
+    assert not compiled.accepts((x, 4))
+    with pytest.raises(InputError, match="input 1: the compiled graph is specialised to the value 3, got 4"):
+        compiled(x, 4)
+
+
+def test_part_of_a_graph_whose_input_size_is_an_expression():
+    """A part fed by a `cat` has an input of size `S + T`: it stays dynamic (named
+    `expr0`); the part's own size inputs (S and T as ints) are specialised and checked."""
+    from torch.fx.passes.split_module import split_module
+
+    def f(x, past):
+        kv = torch.cat([past, x * 2], 1)
+        return torch.softmax(kv, -1) * kv.shape[1]
+
+    first = capture(f, (torch.randn(1, 3, 8), torch.randn(1, 5, 8)), dynamic_dims={0: {1: "T"}, 1: {1: "S"}})
+    gm = first.graph_module
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    cat = next(n for n in gm.graph.nodes if n.op == "call_function" and "cat" in str(n.target))
+    part = split_module(gm, None, lambda n: 0 if order[n] <= order[cat] else 1).submod_1
+    phs = part.graph.find_nodes(op="placeholder")
+    dims = dynamic_dims_from_meta(phs)
+    assert dims == {0: {1: "expr0"}}
+    example = (torch.randn(1, 8, 8), *[3, 5][:len(phs) - 1])
+    compiled = compile_captured(capture(part, example, dynamic_dims=dims))
+    assert str(compiled.captured.input_specs[0]) == "float32[1, expr0, 8]"
+    kv = torch.randn(1, 8, 8)
+    torch.testing.assert_close(compiled(kv, *example[1:])[0], torch.softmax(kv, -1) * 8)
+    if len(phs) > 1:  # the part reads S + T from its int inputs: other values must not pass
+        with pytest.raises(InputError, match="specialised to the value"):
+            compiled(torch.randn(1, 4, 8), 1, 3)
