@@ -27,10 +27,13 @@ passed at run time, so structurally identical layers compile to identical code.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import operator
+import threading
 import time
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -92,6 +95,7 @@ class _Found:
     bias: Optional[torch.Tensor]
     origin: str
     sources: set[int]
+    key: tuple = ()            # identity of the weight (see _weight_key); () = not cacheable
 
 
 class _ConstantEvaluator:
@@ -204,17 +208,32 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     found: list[_Found] = []
     dense: list[tuple] = []   # (mm node, x, fp weight [K, N], sources): pre-packed for BRGEMM
 
+    config = (tuple(formats), tuple(group_sizes), activations)
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or (node.target not in _MM and node.target is not torch.ops.lowbit.linear.default):
             continue
+        key = _weight_key(node, ev, position, args, config)
+        cached = _lookup(key)
+        if cached is not None:
+            hit = _found_from_cache(node, cached, report, key)
+            if hit is not None:
+                found.append(hit)
+            elif cached.dense is not None:
+                dense.append((node, node.args[0], None, set(cached.sources), cached.dense))
+            continue
+        n_dense, n_report = len(dense), len(report)
         if node.target in _MM:
             hit = _match_mm(node, ev, position, formats, group_sizes, activations, report, dense)
-        elif node.target is torch.ops.lowbit.linear.default:
-            hit = _match_lowbit_linear(node, ev, position, report)
         else:
-            continue
+            hit = _match_lowbit_linear(node, ev, position, report)
         if hit is not None:
+            hit.key = key
             found.append(hit)
+        if key:
+            _remember(key, hit, report[n_report:], dense[n_dense] if len(dense) > n_dense else None, args)
+        if len(dense) > n_dense:
+            node_, x_, w_, srcs_ = dense[-1]
+            dense[-1] = (node_, x_, w_, srcs_, None)
         ev.forget_intermediates(set())
 
     groups = _sibling_groups(found) if merge_siblings else [[f] for f in found]
@@ -234,7 +253,8 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
             with graph.inserting_after(last_ph):
                 ph = graph.placeholder(name)
         last_ph = ph
-        ph.meta["val"] = fake_mode.from_tensor(tensor) if fake_mode is not None else None
+        # Static shape: a packed buffer's size is part of the layer, never a dynamic dim.
+        ph.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else None
         ph.meta["tensor_meta"] = _extract_tensor_metadata(tensor)
         captured.input_indices.append(n_args + len(derived))
         captured.input_specs.append(TensorSpec.of(tensor))
@@ -242,7 +262,15 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         return ph
 
     for group in groups:
-        layer = _pack_group(group, tiles_for)
+        gkey = tuple(f.key for f in group) if all(f.key for f in group) else None
+        layer = _LAYERS.get(gkey) if gkey is not None else None
+        if layer is None:
+            for f in group:
+                if f.q is None:  # known from an earlier binding of these tensors: evaluate now
+                    _materialize(f, ev, position, formats, group_sizes, activations)
+            layer = _pack_group(group, tiles_for)
+            if gkey is not None:
+                _LAYERS[gkey] = layer
         idx = len(layers)
         packed_ph = add_input(layer.packed, f"lowbit_packed_{idx}")
         bias_ph = add_input(layer.bias, f"lowbit_bias_{idx}") if layer.bias is not None else None
@@ -294,10 +322,15 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         from lowbit.compiler.act_quant import absorb_activation_quantization
         absorb_activation_quantization(graph, report)
 
-    for node, x, w, srcs in dense:
-        packed = _pack_dense(w)
+    for node, x, w, srcs, packed in dense:
+        if packed is None:
+            packed = _pack_dense(w)
+            entry = _dense_entry.get(node)
+            if entry is not None and packed is not None:
+                entry.dense_ref = weakref.ref(packed)
         if packed is None:
             continue
+        fmt = str(packed.dtype).replace("torch.", "")
         ph = add_input(packed, f"lowbit_dense_{len(derived)}")
         with graph.inserting_before(node):
             call = graph.call_function(torch.ops.lowbit.packed_matmul.default, (x, ph))
@@ -306,7 +339,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         graph.erase_node(node)
         sources |= srcs
         report.append(dict(kind="matmul", origin="dense", result="packed for BRGEMM",
-                           format=str(w.dtype).replace("torch.", ""), location=_location(call),
+                           format=fmt, location=_location(call),
                            packed_bytes=packed.numel() * packed.element_size()))
 
     _drop_state_assertions(graph, ev)
@@ -420,8 +453,7 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
     order: list[tuple] = []
     for f in found:
         s = f.spec
-        key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format,
-               f.zero_points is not None)
+        key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format)
         if key not in buckets:
             buckets[key] = []
             order.append(key)
@@ -531,3 +563,148 @@ def _pack_dense(w: torch.Tensor) -> Optional[torch.Tensor]:
     if w.dtype == torch.float32:
         return packed.reshape(n // NB, k, NB)
     return packed.reshape(n // NB, k // 2, NB, 2)
+
+
+# ----------------------------------------------------------------------------- reuse across compiles
+#
+# Every compile of a model (a new shape signature, dynamo's recompile with symbolic sizes, a
+# partitioned part) captures and binds the same weights again. Binding results are therefore
+# remembered per weight *identity*: the source tensors (identity, version counter, data
+# pointer, checked through weak references) plus the structure of the weight's subgraph and
+# the recognition options. A match result is a few fields (format, origin); packed layers
+# and dense panels are shared through weak references, so a second compile neither proves,
+# unpacks nor packs again, and holds no second copy of the packed weights.
+
+
+@dataclasses.dataclass
+class _Entry:
+    spec: Any                       # LowBitSpec, or None when not low-bit
+    origin: str
+    sources: tuple
+    refs: tuple                     # weakrefs to the source tensors
+    versions: tuple
+    report: Optional[dict]          # the "not recognized" entry, replayed
+    dense_ref: Any = None           # weakref to the dense packed panels
+    has_bias: bool = False
+
+    @property
+    def dense(self):
+        return self.dense_ref() if self.dense_ref is not None else None
+
+
+_MATCHES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+_MAX_MATCHES = 8192
+_LAYERS: "weakref.WeakValueDictionary[tuple, BoundLayer]" = weakref.WeakValueDictionary()
+_cache_lock = threading.Lock()
+_dense_entry: "weakref.WeakKeyDictionary[torch.fx.Node, _Entry]" = weakref.WeakKeyDictionary()
+
+
+def _subgraph_signature(node: Any, ev: "_ConstantEvaluator", position: dict) -> tuple:
+    """Structure of the constant subgraph computing `node` (ops and wiring, not names)."""
+    order: dict[torch.fx.Node, int] = {}
+    items = []
+
+    def visit(n):
+        if not isinstance(n, torch.fx.Node):
+            return ("c", repr(n))
+        if n in order:
+            return ("%", order[n])
+        if n.op == "placeholder":
+            sig = ("in", position.get(n))
+        elif n.op == "get_attr":
+            t = _fetch_attr(ev.gm, n.target)
+            sig = ("attr", id(t))
+        else:
+            args = tuple(visit(a) for a in n.args)
+            kwargs = tuple(sorted((k, visit(v)) for k, v in n.kwargs.items()))
+            sig = (str(n.target), args, kwargs)
+        order[n] = len(order)
+        items.append(sig)
+        return ("%", order[n])
+
+    visit(node)
+    return tuple(items)
+
+
+def _weight_key(node: torch.fx.Node, ev: "_ConstantEvaluator", position: dict, args: Sequence[Any],
+                config: tuple) -> tuple:
+    if node.target is torch.ops.lowbit.linear.default:
+        weights, attrs = node.args[1:5], tuple(node.args[5:])
+    elif node.target is aten.addmm.default:
+        weights, attrs = (node.args[2], node.args[0]), (repr(sorted(node.kwargs.items())),)
+    else:
+        weights, attrs = (node.args[1],), ()
+    if not all(ev.is_constant(w) for w in weights) or ev.is_constant(node.args[0] if node.target is not aten.addmm.default else node.args[1]):
+        return ()
+    x = node.args[1] if node.target is aten.addmm.default else node.args[0]
+    x_val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    sources = set()
+    for w in weights:
+        if isinstance(w, torch.fx.Node):
+            sources |= ev.sources(w, position)
+    tensors = tuple((p, id(args[p]), args[p].data_ptr(), tuple(args[p].shape), str(args[p].dtype))
+                    for p in sorted(sources) if isinstance(args[p], torch.Tensor))
+    if len(tensors) != len(sources):
+        return ()
+    return (str(node.target), attrs, config, str(getattr(x_val, "dtype", None)),
+            tuple(_subgraph_signature(w, ev, position) for w in weights), tensors)
+
+
+def _lookup(key: tuple) -> Optional[_Entry]:
+    if not key:
+        return None
+    with _cache_lock:
+        entry = _MATCHES.get(key)
+        if entry is None:
+            return None
+        alive = all(r() is not None for r in entry.refs)
+        same = alive and all(_version(r()) == v for r, v in zip(entry.refs, entry.versions))
+        if not same:
+            del _MATCHES[key]
+            return None
+        _MATCHES.move_to_end(key)
+        return entry
+
+
+def _version(t: torch.Tensor):
+    return None if t.is_inference() else t._version
+
+
+def _remember(key: tuple, hit: Optional["_Found"], report: list[dict], dense_item, args) -> None:
+    positions = sorted({p for p, *_ in key[-1]})
+    tensors = [args[p] for p in positions]
+    entry = _Entry(hit.spec if hit is not None else None, hit.origin if hit is not None else "",
+                   tuple(positions), tuple(weakref.ref(t) for t in tensors),
+                   tuple(_version(t) for t in tensors),
+                   None if hit is not None or not report or report[-1].get("result") != "not recognized"
+                   else dict(report[-1]), None, hit is not None and hit.bias is not None)
+    if dense_item is not None:
+        _dense_entry[dense_item[0]] = entry
+    with _cache_lock:
+        _MATCHES[key] = entry
+        while len(_MATCHES) > _MAX_MATCHES:
+            _MATCHES.popitem(last=False)
+
+
+def _found_from_cache(node: torch.fx.Node, entry: _Entry, report: list[dict], key: tuple) -> Optional["_Found"]:
+    """A layer recognised before from the same tensors; its codes are computed only if its
+    packed layer is not alive any more (`_materialize`)."""
+    if entry.spec is None:
+        if entry.report is not None:
+            report.append(dict(entry.report, location=_location(node)))
+        return None
+    x = node.args[1] if node.target is aten.addmm.default else node.args[0]
+    return _Found(node, x, entry.spec, None, None, None, None, entry.origin, set(entry.sources), key)
+
+
+def _materialize(f: "_Found", ev: "_ConstantEvaluator", position: dict, formats, group_sizes,
+                 activations) -> None:
+    """Compute the codes, scales and bias of a layer known only from the cache."""
+    scratch: list[dict] = []
+    if f.node.target is torch.ops.lowbit.linear.default:
+        hit = _match_lowbit_linear(f.node, ev, position, scratch)
+    else:
+        hit = _match_mm(f.node, ev, position, formats, group_sizes, activations, scratch, None)
+    if hit is None or hit.spec != f.spec:
+        raise RuntimeError(f"lowbit.bind: cached recognition of {f.node.name} no longer holds ({scratch})")
+    f.q, f.scales, f.zero_points, f.bias = hit.q, hit.scales, hit.zero_points, hit.bias

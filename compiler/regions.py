@@ -125,7 +125,47 @@ def split_regions(gm: torch.fx.GraphModule) -> Optional[torch.fx.GraphModule]:
     copy = torch.fx.GraphModule(gm, _copy_graph(gm.graph))
     by_name = {n.name: n for n in copy.graph.nodes}
     partitions = [[by_name[n.name] for n in group] for group in groups]
+    _local_sizes(copy.graph, partitions)
     return fuse_by_partitions(copy, partitions, prefix="region_")
+
+
+def _is_scalar(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return node.op == "call_function" and isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat,
+                                                            torch.SymBool))
+
+
+def _local_sizes(graph: torch.fx.Graph, partitions: list[list[torch.fx.Node]]) -> None:
+    """Sizes (SymInt computations such as `sym_size(x, 1) * 2`) used by a region but computed
+    outside it are recomputed inside it, so only tensors cross region boundaries: a size
+    passed between compiled parts would be specialised to its example value."""
+    owner = {n: i for i, part in enumerate(partitions) for n in part}
+    for i, part in enumerate(partitions):
+        members = set(part)
+        for user in list(part):
+            for a in list(user.all_input_nodes):
+                if a in members or not _is_scalar(a):
+                    continue
+                clone = _clone_scalar(graph, a, user, members, part)
+                user.replace_input_with(a, clone)
+    del owner
+
+
+def _clone_scalar(graph, node, before, members, part) -> torch.fx.Node:
+    args = []
+    for a in node.all_input_nodes:
+        if a not in members and _is_scalar(a):
+            _clone_scalar(graph, a, before, members, part)
+    env = {}
+    for a in node.all_input_nodes:
+        env[a] = next((m for m in members if m.meta.get("_lowbit_clone_of") is a), a)
+    with graph.inserting_before(before):
+        clone = graph.node_copy(node, lambda a: env.get(a, a))
+    clone.meta = dict(node.meta)
+    clone.meta["_lowbit_clone_of"] = node
+    members.add(clone)
+    part.insert(0, clone)
+    return clone
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
