@@ -16,7 +16,7 @@ import torch
 
 from lowbit.compiler.backend import LowbitCallable, lowbit_backend
 from lowbit.compiler.compile import CompiledGraph
-from lowbit.compiler.partition import UnsupportedOpWarning
+from lowbit.compiler.partition import BoundGraph, PartitionedGraph, UnsupportedOpWarning
 from lowbit.models import KVCache, LlamaConfig, make_decoder_block, make_tiny_llama
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -38,7 +38,21 @@ class RecordingBackend:
         for fn in self.callables:
             assert isinstance(fn, LowbitCallable), f"graph ran in eager: {fn}"
             for entry in fn.cache.values():
-                assert isinstance(entry, CompiledGraph), f"part of a graph fell back to eager: {entry}"
+                for graph in _compiled_graphs(entry):
+                    assert isinstance(graph, CompiledGraph), f"part of a graph fell back to eager: {graph}"
+
+
+def _compiled_graphs(entry):
+    """What runs for one cache entry: one compiled graph, or (weights bound and the decoder
+    layers compiled as regions, lowbit.compiler.regions) the compiled region of every part."""
+    if isinstance(entry, BoundGraph):
+        entry = entry.inner
+    if not isinstance(entry, PartitionedGraph):
+        return [entry]
+    assert not entry.unsupported, f"ops ran in eager: {entry.unsupported}"
+    eager = [n for n in entry.gm.graph.nodes if n.op == "call_function" and n.target.__name__ != "getitem"]
+    assert not eager, f"nodes ran in eager between the compiled regions: {eager}"
+    return [getattr(m, "compiled", m) for m in entry.gm.children()]
 
 
 def _caches(model):
