@@ -58,8 +58,27 @@ CI_SUBSET = [
 ]
 
 #: Explained expected outcomes other than pass/fallback/nograph/skip: {case prefix: reason}.
-#: A prefix is "op|variant|dtype" (every sample) or a full case id. Filled from the full run.
-EXPECTED: dict[str, str] = {}
+#: A prefix is "op|variant|dtype" (every sample) or a full case id. From the full run of
+#: 2026-11-29 (docs/reliability.md); each is an open bug in a part the reliability work does
+#: not own, listed so the suite guards everything else. Remove an entry when it is fixed.
+EXPECTED: dict[str, str] = {
+    "reciprocal||int64": "crash: the first call of a compiled reciprocal whose input holds a 0 aborts the "
+                         "process (SIGABRT, 'unimplemented: tensor with zero element' from "
+                         "libTorchMLIRAggregateCAPI) after every stage compiled; fp32 inputs with a 0 too",
+    "var||bfloat16": "crash: SIGSEGV after 'JIT session error: Symbols not found: [ __truncdfbf2 ]' -- the "
+                     "f64 -> bf16 truncation needs a compiler-rt builtin the runtime does not provide",
+    "var|unbiased|bfloat16": "crash: as var||bfloat16 (__truncdfbf2 missing)",
+    "masked.var||bfloat16": "wrong: differs from eager by up to 0.5 (bf16 variance; same f64 -> bf16 path as "
+                            "var, not yet diagnosed)",
+    "cdouble||float32": "error: the FX importer raises KeyError torch.complex128 and lowbit lets the "
+                        "FrontendError reach the user instead of falling back to eager",
+    "cdouble||bfloat16": "error: as cdouble||float32",
+    "cdouble||int64": "error: as cdouble||float32",
+    "hash_tensor||float32": "error: the FX importer raises KeyError torch.uint64 (FrontendError reaches the "
+                            "user instead of an eager fallback)",
+    "hash_tensor||bfloat16": "error: as hash_tensor||float32",
+    "hash_tensor||int64": "error: as hash_tensor||float32",
+}
 
 TOL = {"float32": (1e-4, 1e-5), "bfloat16": (1.6e-2, 1e-2), "float64": (1e-7, 1e-7)}
 
