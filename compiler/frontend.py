@@ -95,6 +95,9 @@ class CapturedGraph:
     symbol_ranges: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
     # Caller position -> value of a scalar input the graph was specialised to.
     specialized: dict[int, Any] = dataclasses.field(default_factory=dict)
+    # User-output position -> a size output (a SymInt, e.g. `x.shape[1] + 1`) as a sympy
+    # expression over the input symbols; computed from the inputs' sizes per call.
+    size_outputs: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_dynamic(self) -> bool:
@@ -102,7 +105,8 @@ class CapturedGraph:
 
     @property
     def num_user_outputs(self) -> int:
-        return len(self.output_specs) - len(self.mutated_inputs) + len(self.constant_outputs)
+        return (len(self.output_specs) - len(self.mutated_inputs) + len(self.constant_outputs)
+                + len(self.size_outputs))
 
     def unique_output_specs(self) -> list[TensorSpec]:
         return [s for i, s in enumerate(self.output_specs) if i not in self.repeated_outputs]
@@ -115,12 +119,25 @@ class CapturedGraph:
         for pos, new in zip(self.mutated_inputs, outs[:n_mut]):
             write_back(args[pos], new)
         user = outs[n_mut:]
-        if not self.constant_outputs:
+        if not self.constant_outputs and not self.size_outputs:
             return user
+        sizes = self._size_values(args) if self.size_outputs else {}
         result, it = [], iter(user)
         for i in range(self.num_user_outputs):
-            result.append(self.constant_outputs[i] if i in self.constant_outputs else next(it))
+            if i in self.constant_outputs:
+                result.append(self.constant_outputs[i])
+            elif i in sizes:
+                result.append(sizes[i])
+            else:
+                result.append(next(it))
         return result
+
+    def _size_values(self, args) -> dict[int, int]:
+        """Values of the size outputs for these arguments (a function generated once)."""
+        fn = self.__dict__.get("_size_fn")
+        if fn is None:
+            fn = self.__dict__["_size_fn"] = _size_output_function(self)
+        return fn(args)
 
     def expand_outputs(self, outs: list) -> list:
         """The graph's unique outputs -> all outputs, repeats as copies of their first."""
@@ -130,6 +147,30 @@ class CapturedGraph:
         for i in range(len(self.output_specs)):
             full.append(full[self.repeated_outputs[i]].clone() if i in self.repeated_outputs else next(it))
         return full
+
+
+def _size_output_function(cap: "CapturedGraph"):
+    """`args -> {user-output position: int}` for the size outputs of `cap`."""
+    from torch.utils._sympy.printers import PythonPrinter
+
+    source: dict[str, str] = {}
+    for pos, spec in zip(cap.input_indices, cap.input_specs):
+        for d, dim in enumerate(spec.shape):
+            if isinstance(dim, sympy.Symbol) and str(dim) not in source:
+                source[str(dim)] = f"args[{pos}].shape[{d}]"
+    printer = PythonPrinter()
+    items = []
+    for i, expr in cap.size_outputs.items():
+        missing = {str(x) for x in expr.free_symbols} - set(source)
+        if missing:
+            raise FrontendError(f"size output {i} ({expr}) needs {sorted(missing)}, no input's size")
+        body = printer.doprint(expr.xreplace({x: sympy.Symbol(f"_v_{x}") for x in expr.free_symbols}))
+        items.append(f"{i}: int({body})")
+    lets = "".join(f"    _v_{n} = {src}\n" for n, src in source.items())
+    code = f"def sizes(args):\n{lets}    return {{{', '.join(items)}}}\n"
+    namespace: dict = {}
+    exec(compile(code, "<lowbit size outputs>", "exec"), namespace)
+    return namespace["sizes"]
 
 
 def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -246,7 +287,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     output_node = next(n for n in graph.nodes if n.op == "output")
     outs = list(output_node.args[0])
     placeholder_pos = {n.name: pos for pos, n in enumerate(user_phs)}
-    mutated_inputs, output_specs, constant_outputs = [], [], {}
+    mutated_inputs, output_specs, constant_outputs, size_outputs = [], [], {}, {}
     new_outs = []
     first_position: dict[torch.fx.Node, int] = {}
     repeated: dict[int, int] = {}
@@ -266,7 +307,17 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
             mutated_inputs.append(placeholder_pos[ospec.target])
             add_output(out)
         elif ospec.kind == OutputKind.USER_OUTPUT:
-            if isinstance(out, torch.fx.Node):
+            size = out.meta.get("val") if isinstance(out, torch.fx.Node) else None
+            if isinstance(size, (torch.SymInt, int)) and not isinstance(size, bool):
+                # A size (e.g. passed between parts of a split graph): computed per call.
+                expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+                if expr.is_number:
+                    constant_outputs[user_idx] = int(expr)
+                elif expr.free_symbols <= set(rename):
+                    size_outputs[user_idx] = expr.xreplace(rename)
+                else:
+                    raise FrontendError(f"graph output {out.name} is a data-dependent size {size}")
+            elif isinstance(out, torch.fx.Node):
                 add_output(out)
             else:
                 constant_outputs[user_idx] = out
@@ -279,7 +330,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     used = set().union(*(s.symbols for s in input_specs)) if input_specs else set()
     return CapturedGraph(gm, input_indices, input_specs, frozen, mutated_inputs, output_specs,
                          constant_outputs, repeated, {k: v for k, v in ranges.items() if k in used},
-                         specialized)
+                         specialized, size_outputs)
 
 
 def _concrete(value: Any) -> Any:

@@ -335,3 +335,28 @@ def test_part_of_a_graph_whose_input_size_is_an_expression():
     if len(phs) > 1:  # the part reads S + T from its int inputs: other values must not pass
         with pytest.raises(InputError, match="specialised to the value"):
             compiled(torch.randn(1, 4, 8), 1, 3)
+
+
+def test_size_outputs_are_computed_per_call():
+    """A graph (e.g. a part of a split graph) may return sizes: `x.shape[1] + 1`."""
+    from torch.fx.passes.split_module import split_module
+
+    def f(x):
+        y = torch.tanh(x)
+        return y * (y.shape[1] + 1)
+
+    first = capture(f, (torch.randn(2, 5),), dynamic_dims={0: {1: "T"}})
+    gm = first.graph_module
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    tanh = next(n for n in gm.graph.nodes if n.op == "call_function" and "tanh" in str(n.target))
+    head = split_module(gm, None, lambda n: 0 if order[n] <= order[tanh] else 1).submod_0
+    dims = dynamic_dims_from_meta(head.graph.find_nodes(op="placeholder"))
+    compiled = compile_captured(capture(head, (torch.randn(2, 5),), dynamic_dims=dims))
+    assert compiled.captured.size_outputs and not compiled.captured.specialized
+    for t in (1, 4, 9):
+        x = torch.randn(2, t)
+        outs = compiled(x)
+        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+        sizes = [o for o in outs if isinstance(o, int)]
+        torch.testing.assert_close(tensors[0], torch.tanh(x))
+        assert sizes and all(s in (t, t + 1) for s in sizes), outs
