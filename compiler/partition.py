@@ -7,7 +7,8 @@ see `frontend.NODE_LOCATION_PREFIX`; older messages name `torch.aten.<op>` /
 split with torch's capability-based partitioner, and each supported part is compiled
 alone; the unsupported nodes run in eager between them. This repeats while new
 unsupported ops show up. Each unsupported op is named in one `RuntimeWarning` per
-process.
+process; a whole graph that falls back (capture or a stage failed) is named every time,
+so a second model that falls back is not silent.
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def _warn_once(subject: str, reason: str) -> None:
     if subject in _warned:
         return
     _warned.add(subject)
+    _warn(subject, reason)
+
+
+def _warn(subject: str, reason: str) -> None:
     warnings.warn(f"lowbit: cannot compile {subject} ({reason}); running it in eager",
                   UnsupportedOpWarning, stacklevel=4)
 
@@ -276,7 +281,7 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
             captured = capture(fn, args, () if bind else freezable, dynamic_dims=dynamic_dims)
             fix_dynamic_reshapes(captured.graph_module)
     except FrontendError as e:
-        _warn_once("the graph", f"capture failed: {_first_line(e)}")
+        _warn("the graph", f"capture failed: {_first_line(e)}")
         return fn
     if not bind:
         return _compile_rounds(captured, args, options, known_unsupported, max_rounds)
@@ -336,11 +341,11 @@ def _compile_rounds(captured: CapturedGraph, args: Sequence[Any], options: Compi
             rejected = e
         new = rejected.ops - unsupported
         if not new:
-            _warn_once("the graph", f"stage '{rejected.stage}' failed: {rejected.detail}")
+            _warn("the graph", f"stage '{rejected.stage}' failed: {rejected.detail}")
             return PartitionedGraph(captured, captured.graph_module, set())
         for op in sorted(new):
             _warn_once(op, f"rejected by stage '{rejected.stage}': {rejected.detail}")
         unsupported |= new
         known |= new
-    _warn_once("the graph", f"still failing after {max_rounds} partitioning rounds")
+    _warn("the graph", f"still failing after {max_rounds} partitioning rounds")
     return PartitionedGraph(captured, captured.graph_module, set())
