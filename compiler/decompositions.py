@@ -35,6 +35,10 @@ arithmetic wraps, which is again exact modulo 256), so they are computed as int3
 converted back, exactly as eager returns them. Products whose contraction length is a
 static 0 (which crash there for every dtype, fp32 included) become zeros of the result's
 shape and dtype, as in eager.
+
+`reciprocal` is `1 / x` (integers promoted to the default float dtype, as eager does):
+torch-mlir's lowering asserts `x != 0` at run time ("unimplemented: tensor with zero
+element"), which aborted the process where eager returns inf.
 """
 from __future__ import annotations
 
@@ -170,6 +174,18 @@ def _widened_add_product(op):
     return decomposition
 
 
+def _reciprocal_by_division(x):
+    """`1 / x`, as eager computes `reciprocal` (integers promoted to the default float dtype).
+
+    torch-mlir's lowering guards the division with `cf.assert x != 0, "unimplemented: tensor
+    with zero element"`, which aborts the whole process at run time where eager returns inf."""
+    if not isinstance(x, torch.Tensor) or x.dtype.is_complex:
+        return NotImplemented
+    if not x.dtype.is_floating_point:
+        x = x.to(torch.get_default_dtype())
+    return aten.div.Tensor(aten.ones_like.default(x), x)
+
+
 def _chain(first, fallback):
     """`first`, or `fallback` (the base table's entry) when `first` does not apply."""
     if fallback is None:
@@ -195,6 +211,7 @@ def lowbit_decompositions(base: dict | None = None) -> dict:
         aten.sum.default: _full_sum_in_fp32,
         aten.mean.dim: _mean_in_fp32,
         aten.gelu.default: _gelu_tanh,
+        aten.reciprocal.default: _reciprocal_by_division,
         aten.div.Tensor_mode: _int_floor_divide,
         aten.div.Scalar_mode: _int_floor_divide,
         aten.mm.default: _product(aten.mm.default),

@@ -62,9 +62,6 @@ CI_SUBSET = [
 #: 2026-11-29 (docs/reliability.md); each is an open bug in a part the reliability work does
 #: not own, listed so the suite guards everything else. Remove an entry when it is fixed.
 EXPECTED: dict[str, str] = {
-    "reciprocal||int64": "crash: the first call of a compiled reciprocal whose input holds a 0 aborts the "
-                         "process (SIGABRT, 'unimplemented: tensor with zero element' from "
-                         "libTorchMLIRAggregateCAPI) after every stage compiled; fp32 inputs with a 0 too",
     "var||bfloat16": "crash: SIGSEGV after 'JIT session error: Symbols not found: [ __truncdfbf2 ]' -- the "
                      "f64 -> bf16 truncation needs a compiler-rt builtin the runtime does not provide",
     "var|unbiased|bfloat16": "crash: as var||bfloat16 (__truncdfbf2 missing)",

@@ -128,3 +128,35 @@ def test_byte_integer_and_zero_k_products_match_eager_without_crashing(which):
     wrong = [line for line in lines if line.startswith("WRONG")]
     assert not wrong, wrong
     assert sum(line.startswith("OK") for line in lines) == len(started)
+
+
+RECIPROCAL = r'''
+import warnings, torch, lowbit
+warnings.simplefilter("error", UserWarning)   # an eager fallback would hide the fault
+cases = [
+    torch.tensor([-8.0, 6.0, 0.0, -0.0, 5.0, float("nan"), float("inf"), -float("inf"), 1e-38, 3e38]),
+    torch.tensor([3.0, 0.0, -0.0, 1e-30, 0.1]).bfloat16(),
+    torch.tensor([-8, 6, 0, 5, -1]),
+    torch.tensor([3, 0, -2], dtype=torch.int32),
+    torch.tensor([True, False]),
+]
+for x in cases:
+    print("START", x.dtype, flush=True)
+    torch._dynamo.reset()
+    want = torch.reciprocal(x)
+    got = torch.compile(torch.reciprocal, backend="lowbit", dynamic=False)(x)
+    same = got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan()) \
+        and torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)) \
+        and torch.equal(torch.signbit(got), torch.signbit(want))
+    print("OK" if same else "WRONG", x.dtype, got.tolist(), want.tolist(), flush=True)
+'''
+
+
+def test_reciprocal_of_zero_is_inf_not_an_abort():
+    """torch-mlir's reciprocal asserted x != 0 at run time: SIGABRT ("unimplemented: tensor with
+    zero element") at the first call whose input held a zero; eager gives +-inf."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(RECIPROCAL)], capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, LOWBIT_NUM_THREADS="1"))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (proc.returncode, lines[-1:], proc.stderr[-2000:])
+    assert sum(line.startswith("OK") for line in lines) == 5, proc.stdout
