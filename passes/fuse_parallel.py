@@ -274,7 +274,8 @@ def _extent_value(op: ir.Operation, info, dim: int, group: list[ir.Operation]) -
             n_in = len(owner.operands) - len(owner.results)
             value = owner.operands[n_in + ir.OpResult(value).result_number]
 
-    for operand, amap in zip(list(op.operands), info.maps):
+    # info.maps covers the shaped operands: all of a generic's, only a fill's init.
+    for operand, amap in zip(list(op.operands)[-len(info.maps):], info.maps):
         if not isinstance(operand.type, ir.RankedTensorType):
             continue
         dims = operand_dims(amap)

@@ -223,3 +223,21 @@ func.func @narrow_dyn(%x: tensor<?x16xf32>) -> tensor<?x16xf32> {
   } -> tensor<?x16xf32>
   return %y : tensor<?x16xf32>
 }
+
+// -----
+
+// A fill with a dynamic dim (the zero init of an attention-score matmul) gets the
+// small-extent sequential path too (its extent is read from the fill's init).
+// CHECK-LABEL: func.func @fill_dyn
+// CHECK: %[[T:.+]] = tensor.dim %{{.+}}, %c1 : tensor<16x?x256xf32>
+// CHECK: arith.cmpi sge, %[[T]], %c2 : index
+// CHECK: scf.if
+// CHECK:   scf.forall
+// CHECK:     linalg.fill
+// CHECK: } else {
+// CHECK:   linalg.fill
+func.func @fill_dyn(%e: tensor<16x?x256xf32>) -> tensor<16x?x256xf32> {
+  %zero = arith.constant 0.0 : f32
+  %f = linalg.fill ins(%zero : f32) outs(%e : tensor<16x?x256xf32>) -> tensor<16x?x256xf32>
+  return %f : tensor<16x?x256xf32>
+}
