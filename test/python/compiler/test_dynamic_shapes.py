@@ -360,3 +360,36 @@ def test_size_outputs_are_computed_per_call():
         sizes = [o for o in outs if isinstance(o, int)]
         torch.testing.assert_close(tensors[0], torch.tanh(x))
         assert sizes and all(s in (t, t + 1) for s in sizes), outs
+
+
+def test_lowbit_backend_with_mark_dynamic_compiles_once_for_prefill_lengths():
+    """The real backend (`backend="lowbit"`) routes dynamo's symbolic dims to a dynamic
+    capture: one cache entry serves every prefill length (decode T=1 is dynamo's own
+    specialization, one more)."""
+    from lowbit.compiler.backend import LowbitCallable, lowbit_backend
+
+    made = []
+
+    def backend(gm, example_inputs):
+        fn = lowbit_backend(gm, example_inputs)
+        made.append(fn)
+        return fn
+
+    cfg = LlamaConfig(dim=32, n_heads=2, n_kv_heads=1, hidden_dim=48, max_seq_len=40)
+    block = make_decoder_block(cfg, torch.float32, seed=6)
+    eager = copy.deepcopy(block)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=backend)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = 0
+        for t in (5, 3, 17, 2, 1):
+            x, pos = torch.randn(1, t, cfg.dim), torch.arange(start, start + t)
+            torch._dynamo.mark_dynamic(x, 1)
+            torch._dynamo.mark_dynamic(pos, 0)
+            torch.testing.assert_close(compiled(x, pos), eager(x, pos), rtol=1e-5, atol=2e-5)
+            start += t
+    callables = [fn for fn in made if isinstance(fn, LowbitCallable)]
+    dynamic = [fn for fn in callables if fn.dynamic_dims]
+    assert len(dynamic) == 1 and len(dynamic[0].cache) == 1, [fn.dynamic_dims for fn in callables]
+    assert sum(len(fn.cache) for fn in callables) == 2
