@@ -10,6 +10,7 @@ fit the compiled signature raise `InputError` naming the input, dim and relation
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -47,6 +48,7 @@ def _check(compiled, eager, ref, dtype, what):
     assert e_c <= 2 * e_e + ATOL[dtype], f"{what}: compiled error {e_c:.3g} vs eager error {e_e:.3g}"
 
 
+@functools.lru_cache(maxsize=None)  # compiled once per module run; the block is never mutated
 def _compile_block(dtype, example_len=3):
     model = BlockWithCacheInputs(make_decoder_block(CFG, dtype, seed=11))
     shape = (1, CFG.n_kv_heads, CFG.max_seq_len, CFG.head_dim)
@@ -92,7 +94,7 @@ def test_decoder_block_one_compile_serves_every_length(dtype, example_len):
 
 
 def test_decoder_block_sizes_outside_the_signature_raise_input_error():
-    model, captured, compiled = _compile_block(torch.float32)
+    model, captured, compiled = _compile_block(torch.float32, 1)
     shape = (1, CFG.n_kv_heads, CFG.max_seq_len, CFG.head_dim)
     k, v = torch.zeros(shape), torch.zeros(shape)
     x5 = torch.randn(1, 5, CFG.dim)
