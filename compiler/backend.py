@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -78,6 +79,7 @@ class LowbitCallable:
                              and str(n.meta["example_value"].node.expr) in symbols}
         self.cache: dict[tuple, Callable] = {}
         self.unsupported: set[str] = set()  # ops that fell back to eager, shared by all signatures
+        self._lock = threading.RLock()
         self._guarded: dict[tuple, Callable] = {}  # key -> frozen-tensor check of the entry
         frozen = set(freezable)
         self._keyed = [i for i in range(len(gm.graph.find_nodes(op="placeholder"))) if i not in frozen]
@@ -104,8 +106,13 @@ class LowbitCallable:
     def __call__(self, *args: Any):
         key = self.signature(args)
         fn = self.cache.get(key)
+        if fn is not None and not _accepts(fn, args):
+            fn = None  # e.g. export narrowed a dynamic dim's range: another entry for this call
         if fn is None:
-            fn = self._compile_entry(key, args)
+            with self._lock:  # two threads missing at once compile once
+                fn = self.cache.get(key)
+                if fn is None or not _accepts(fn, args):
+                    fn = self._compile_entry(key, args)
         else:
             check = self._guarded.get(key)
             if check is not None and check(args):
@@ -130,6 +137,13 @@ class LowbitCallable:
         else:
             self._guarded.pop(key, None)
         return fn
+
+
+def _accepts(fn: Callable, args: Sequence[Any]) -> bool:
+    """Whether a compiled entry takes these arguments (sizes in its compiled ranges)."""
+    inner = getattr(fn, "inner", fn)
+    accepts = getattr(inner, "accepts", None)
+    return True if accepts is None else bool(accepts(list(args) + list(getattr(getattr(fn, "binding", None), "derived", []))))
 
 
 def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
