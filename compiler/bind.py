@@ -642,7 +642,10 @@ def _weight_key(node: torch.fx.Node, ev: "_ConstantEvaluator", position: dict, a
     for w in weights:
         if isinstance(w, torch.fx.Node):
             sources |= ev.sources(w, position)
-    tensors = tuple((p, id(args[p]), args[p].data_ptr(), tuple(args[p].shape), str(args[p].dtype))
+    # The version counter is part of the key: packed layers (`_LAYERS`) are looked up by it,
+    # and an in-place update of a source tensor must pack again, not reuse the old bytes.
+    tensors = tuple((p, id(args[p]), args[p].data_ptr(), _version(args[p]), tuple(args[p].shape),
+                     str(args[p].dtype))
                     for p in sorted(sources) if isinstance(args[p], torch.Tensor))
     if len(tensors) != len(sources):
         return ()
