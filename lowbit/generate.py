@@ -18,8 +18,8 @@ What it takes (``model_or_config``):
 
 Then: quantize (``weights``/``activations``, through `lowbit.quantize_`), compile
 (``backend="lowbit"``; ``"inductor"`` or ``"eager"`` for comparisons; a callable backend is
-used as is), run one warm-up prefill + decode step (this is where compiling happens; its
-time is reported as the compile time), then the timed greedy generation: one prefill of
+used as is), run the warm-up (prefill + one decode step, twice; this is where compiling
+happens; its time is reported as the compile time), then the timed greedy generation: one prefill of
 the prompt and ``max_new_tokens - 1`` decode steps. Each new token is passed to
 ``on_token`` as soon as it is known.
 
@@ -321,7 +321,7 @@ class GenerationResult:
     threads: int
     load_s: float                      # building or reading the model (without quantize)
     quantize_s: float
-    compile_s: float | None            # warm-up prefill + decode step incl. compiling (None: eager)
+    compile_s: float | None            # warm-up (2x prefill + decode step) incl. compiling (None: eager)
     prefill_s: float                   # the timed prefill call (prompt -> first new token)
     decode_s: float                    # the timed decode steps (len(tokens) - 1 of them)
     peak_rss_bytes: int
@@ -358,7 +358,7 @@ class GenerationResult:
             f"backend {self.backend}; {self.threads} threads" + (f"; ISA {self.isa}" if self.isa else ""),
             f"load time     = {self.load_s:8.2f} s",
             f"quantize time = {self.quantize_s:8.2f} s",
-            f"compile time  = {comp}{counts}  (warm-up prefill + 1 decode step included)",
+            f"compile time  = {comp}{counts}  (warm-up: 2x prefill + 1 decode step included)",
             f"prompt eval   = {self.prefill_s * 1e3:10.2f} ms / {n_p:4d} tokens "
             f"({self.prefill_s * 1e3 / max(n_p, 1):8.2f} ms per token, {self.prefill_tok_s:9.2f} tokens per second)",
             f"eval time     = {self.decode_s * 1e3:10.2f} ms / {n_d:4d} runs   "
@@ -518,10 +518,14 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         with torch.no_grad():
             compile_s = None
             t = time.perf_counter()
-            runner.reset()
-            first = int(runner.prefill(prompt).argmax())
-            if max_new_tokens > 1:
-                runner.step(first, n_prompt)
+            # Twice: a fresh model's first call can take another path than the steady state
+            # (e.g. transformers' StaticCache initializes its tensors lazily on first use, so
+            # the call after a reset is a different graph for dynamo).
+            for _ in range(2):
+                runner.reset()
+                first = int(runner.prefill(prompt).argmax())
+                if max_new_tokens > 1:
+                    runner.step(first, n_prompt)
             warm = time.perf_counter() - t
             if backend != "eager":
                 compile_s = warm
