@@ -268,16 +268,17 @@ def test_dense_weights_become_packed_matmul(dtype):
 
 @pytest.mark.parametrize("kind", ["ternary", "dense"])
 def test_odd_k_and_n(kind):
-    """K = 72 and N = 40 / 24: no multiple of the 64-row kernel block or the 32-wide panel.
+    """K = 70 and N = 40 / 24: no multiple of the 4-wide K granule, the 64-row kernel block or
+    the 32-wide panel (the activations are zero-padded to the packed K).
     Ternary layers take N and K tails in the kernels; a dense weight whose N is not a multiple
     of the panel width is not pre-packed and stays an ordinary matmul (still compiled)."""
     torch.manual_seed(0)
-    up, down = nn.Linear(72, 40), nn.Linear(40, 24, bias=False)
+    up, down = nn.Linear(70, 40), nn.Linear(40, 24, bias=False)
     if kind == "ternary":
         ternary_(up, 1), ternary_(down, 2)
     model = MLP(up, down).eval()
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 72)
+    _run_ms(compiled, model, 70)
     for b in spy.bound():
         targets = _targets(b)
         if kind == "ternary":
@@ -331,3 +332,41 @@ def test_inplace_update_through_data_is_seen():
         warnings.simplefilter("ignore", RuntimeWarning)
         y = compiled(x)
         torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_inplace_update_of_a_dense_packed_weight_recompiles():
+    """Dense weights are pre-packed too (BRGEMM panels): the same guard applies."""
+    torch.manual_seed(0)
+    model = MLP(nn.Linear(64, 128, bias=False), nn.Linear(128, 64, bias=False)).eval()
+    compiled, _ = _compile(model)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        compiled(x)
+        model.down.weight.mul_(-0.5)
+        with pytest.warns(RuntimeWarning, match="changed after compilation"):
+            y = compiled(x)
+        torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_state_that_is_not_packed_is_read_at_run_time():
+    """A norm weight stays a graph input: an in-place change is seen without recompiling."""
+
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(128)
+            self.proj = ternary_(nn.Linear(128, 64, bias=False), 1)
+
+        def forward(self, x):
+            return self.proj(self.norm(x))
+
+    model = Normed().eval()
+    compiled, spy = _compile(model)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        compiled(x)
+        model.norm.weight.mul_(3.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no recompile, no warning
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert sum(len(c.cache) for c in spy.callables) == 1
