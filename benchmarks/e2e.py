@@ -277,8 +277,8 @@ def probe_worker(args) -> None:
 class Worker:
     """A system's subprocess speaking JSON lines."""
 
-    def __init__(self, name: str, cmd: list[str], timeout: float, log_path: Path):
-        self.name, self.timeout = name, timeout
+    def __init__(self, name: str, cmd: list[str], timeout: float, log_path: Path, max_rss: float = 0):
+        self.name, self.timeout, self.max_rss = name, timeout, max_rss
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, bufsize=1)
@@ -300,8 +300,13 @@ class Worker:
                 self.fail(f"timed out after {timeout or self.timeout:.0f} s")
                 return None
             try:
-                line = self.lines.get(timeout=left)
+                line = self.lines.get(timeout=min(left, 1.0))
             except queue.Empty:
+                rss = _rss_of(self.proc.pid)
+                if self.max_rss and rss > self.max_rss:
+                    self.fail(f"killed by the benchmark: RSS {rss / 2 ** 30:.1f} GiB > --max-rss-gib "
+                              f"{self.max_rss / 2 ** 30:.0f}")
+                    return None
                 continue
             if line is None:
                 self.proc.wait()
@@ -331,6 +336,17 @@ class Worker:
         self.log.flush()
         tail = _tail(self.log_path)
         self.failed = f"{why}" + (f"; last output: {tail}" if tail else "")
+
+
+def _rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _exit_reason(rc: int) -> str:
@@ -443,7 +459,7 @@ def drive(args, on_round=None) -> dict:
         else:
             cmd = [sys.executable, __file__, "--worker", s] + base
         print(f"[e2e] setting up {s}", flush=True)
-        w = Worker(s, cmd, args.timeout, logs / f"{args.model}-{s}.log")
+        w = Worker(s, cmd, args.timeout, logs / f"{args.model}-{s}.log", args.max_rss_gib * 2 ** 30)
         ready = w.receive(args.setup_timeout)
         if ready is None:
             rows[s].update(status="failed", reason=f"setup: {w.failed}")
@@ -561,7 +577,9 @@ def save(result: dict) -> None:
             data = json.loads(RESULTS.read_text())
         except json.JSONDecodeError:
             pass
-    key = result["model"] + ("-quick" if result.get("quick") else "")
+    # one entry per model and system set: runs of other systems stay
+    key = result["model"] + ("-quick" if result.get("quick") else "") + ":" + \
+        ",".join(r["system"] for r in result["systems"])
     data.setdefault("entries", {})[key] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
@@ -578,6 +596,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds for one round of one system")
     p.add_argument("--setup-timeout", type=float, default=1800, help="seconds for a system's load + compile")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/e2e.json")
+    p.add_argument("--max-rss-gib", type=float, default=16.0,
+                   help="kill a worker whose RSS exceeds this and report it (protects a shared machine; 0: off)")
     # internal
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--export", help=argparse.SUPPRESS)
