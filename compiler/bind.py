@@ -411,7 +411,8 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
 def _is_plain_weight(w: torch.fx.Node, ev: _ConstantEvaluator) -> bool:
     """A parameter read directly or through views/transposes/casts (a QAT checkpoint)."""
     views = {aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default,
-             aten._to_copy.default, aten.clone.default, aten.expand.default}
+             aten._to_copy.default, aten.clone.default, aten.expand.default,
+             torch.ops.prims.convert_element_type.default}  # the cast a bf16 Linear decomposes to
     while w.op == "call_function" and w.target in views:
         w = w.args[0]
     return w.op in ("placeholder", "get_attr")
