@@ -370,3 +370,16 @@ def test_state_that_is_not_packed_is_read_at_run_time():
             warnings.simplefilter("error", RuntimeWarning)  # no recompile, no warning
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert sum(len(c.cache) for c in spy.callables) == 1
+
+
+def test_qat_bf16_weights_are_bound():
+    """A bf16 QAT checkpoint: the weight reaches the matmul through a dtype cast; still an
+    fp-weights layer (not a dequant subgraph), bound and run in the kernels."""
+    model = MLP(ternary_(nn.Linear(128, 256), 1), ternary_(nn.Linear(256, 64, bias=False), 2)).eval()
+    model = model.to(torch.bfloat16)
+    compiled, spy = _compile(model)
+    _run_ms(compiled, model, 128, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)
+    for b in spy.bound():
+        assert _targets(b).count(packed_linear) == 2
+        assert {l.origin for l in b.binding.layers} == {"fp-weights"}
+        _assert_state_consumed(b, model, [model.up.weight, model.down.weight])
