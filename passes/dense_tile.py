@@ -197,6 +197,11 @@ class DenseTile(ModulePass):
         tm, tn, _ = self._tile_sizes_for(a[0], p[0] * NB, k, dtype, None, True)
         if a[0] == 0:
             return None
+        if BETA0_ATTR in op.attributes:
+            # A beta-0 tile overwrites C: a zero fill of its init is never read.
+            init = _zero_fill_init(op.operands[2])
+            if init is not None:
+                op.operands[2] = init
         return _Plan(None, None, tm, tn, op=op, dtype=dtype)
 
     @staticmethod

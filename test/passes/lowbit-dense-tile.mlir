@@ -349,3 +349,24 @@ func.func @bf16_rounded_dynamic_m(%x: tensor<?x4xbf16>) -> tensor<?x32xbf16> {
   } -> tensor<?x32xbf16>
   return %b : tensor<?x32xbf16>
 }
+
+// -----
+
+// The bind-time packed form as lowbit-convert-linear-op emits it: a zero-filled init and
+// lowbit.brgemm_beta0. The tile overwrites C, so the fill (a pass over C) is dropped.
+// CHECK-LABEL: func.func @packed_argument_zero_init
+// CHECK-NOT: linalg.fill
+// CHECK: scf.forall
+// CHECK:   linalg.contract {{.*}}lowbit.brgemm = "packed", lowbit.brgemm_beta0
+// CHECK-NOT: linalg.fill
+func.func @packed_argument_zero_init(%x: tensor<?x64xf32>, %p: tensor<4x64x32xf32>) -> tensor<?x4x32xf32> {
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x64xf32>
+  %e = tensor.empty(%m) : tensor<?x4x32xf32>
+  %zero = arith.constant 0.0 : f32
+  %c = linalg.fill ins(%zero : f32) outs(%e : tensor<?x4x32xf32>) -> tensor<?x4x32xf32>
+  %r = linalg.contract indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d3)>, affine_map<(d0, d1, d2, d3) -> (d1, d3, d2)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>]
+      {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+      ins(%x, %p : tensor<?x64xf32>, tensor<4x64x32xf32>) outs(%c : tensor<?x4x32xf32>) -> tensor<?x4x32xf32>
+  return %r : tensor<?x4x32xf32>
+}
