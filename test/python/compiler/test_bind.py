@@ -383,3 +383,35 @@ def test_qat_bf16_weights_are_bound():
         assert _targets(b).count(packed_linear) == 2
         assert {l.origin for l in b.binding.layers} == {"fp-weights"}
         _assert_state_consumed(b, model, [model.up.weight, model.down.weight])
+
+
+def test_packed_linear_eager_op():
+    """The eager implementation of `lowbit.packed_linear` (what a graph part that falls back to
+    eager runs) on a bound layer: any leading dims, bf16, empty x; bad operands raise."""
+    model = MLP(ternary_(nn.Linear(128, 256), 1), ternary_(nn.Linear(256, 64, bias=False), 2)).eval()
+    compiled, spy = _compile(model)
+    with torch.no_grad():
+        compiled(torch.randn(3, 128))
+    layer = spy.bound()[0].binding.layers[0]
+    s = layer.spec
+    attrs = (s.weight_format, s.granularity, s.group_size, s.in_features, s.out_features, layer.kblock,
+             s.act_format)
+    op = torch.ops.lowbit.packed_linear
+    # The Linear's bias may stay a separate add in the graph (mm + add): then the layer has none.
+    w, b = model.up.weight, (model.up.bias if layer.bias is not None else None)
+    for shape in ((5, 128), (2, 3, 128), (128,)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(op(x, layer.packed, layer.bias, *attrs), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    xb = torch.randn(4, 128, dtype=torch.bfloat16)
+    yb = op(xb, layer.packed, layer.bias, *attrs)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), F.linear(xb.float(), w, b), rtol=2e-2, atol=2e-2)
+    assert op(torch.randn(0, 128), layer.packed, layer.bias, *attrs).shape == (0, 256)
+    with pytest.raises(ValueError, match="bytes, the layout needs"):
+        op(torch.randn(2, 128), layer.packed[:-1], layer.bias, *attrs)
+    with pytest.raises(ValueError, match="shape"):
+        op(torch.randn(2, 64), layer.packed, layer.bias, *attrs)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        op(torch.randn(2, 128).double(), layer.packed, layer.bias, *attrs)
+    with pytest.raises(ValueError, match="bias"):
+        op(torch.randn(2, 128), layer.packed, torch.zeros(3), *attrs)
