@@ -36,6 +36,10 @@ converted back, exactly as eager returns them. Products whose contraction length
 static 0 (which crash there for every dtype, fp32 included) become zeros of the result's
 shape and dtype, as in eager.
 
+`var`, `std` and `var_mean` of bf16/fp16 tensors are computed in fp32 and rounded once, as
+eager does: torch-mlir's lowering went through f64, and the f64 -> bf16 truncation needs the
+compiler-rt builtin `__truncdfbf2`, which the JIT cannot resolve (SIGSEGV).
+
 `reciprocal` is `1 / x` (integers promoted to the default float dtype, as eager does):
 torch-mlir's lowering asserts `x != 0` at run time ("unimplemented: tensor with zero
 element"), which aborted the process where eager returns inf.
@@ -93,6 +97,21 @@ def _full_sum_in_fp32(x: torch.Tensor, *, dtype=None):
     if x.dtype not in _NARROW_FLOATS or dtype is not None:
         return NotImplemented
     return aten.sum.default(x.to(torch.float32)).to(x.dtype)
+
+
+def _narrow_in_fp32(op):
+    """`op` (var / std / var_mean) of a bf16/fp16 tensor computed in fp32, rounded once, as
+    eager does (its reduced-precision variance accumulates in fp32). torch-mlir's lowering
+    goes through f64, whose f64 -> bf16 truncation needs `__truncdfbf2`, a compiler-rt builtin
+    the JIT cannot resolve: the process died with SIGSEGV."""
+    def decomposition(x, *args, **kwargs):
+        if not isinstance(x, torch.Tensor) or x.dtype not in _NARROW_FLOATS:
+            return NotImplemented
+        out = op(x.to(torch.float32), *args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.to(x.dtype) for o in out)
+        return out.to(x.dtype)
+    return decomposition
 
 
 def _gelu_tanh(x: torch.Tensor, approximate: str = "none"):
@@ -219,6 +238,9 @@ def lowbit_decompositions(base: dict | None = None) -> dict:
         aten.sum.default: _full_sum_in_fp32,
         aten.mean.dim: _mean_in_fp32,
         aten.gelu.default: _gelu_tanh,
+        aten.var.correction: _narrow_in_fp32(aten.var.correction),
+        aten.var_mean.correction: _narrow_in_fp32(aten.var_mean.correction),
+        aten.std.correction: _narrow_in_fp32(aten.std.correction),
         aten.reciprocal.default: _reciprocal_by_division,
         aten.div.Tensor_mode: _int_floor_divide,
         aten.div.Scalar_mode: _int_floor_divide,

@@ -62,11 +62,8 @@ CI_SUBSET = [
 #: 2026-11-29 (docs/reliability.md); each is an open bug in a part the reliability work does
 #: not own, listed so the suite guards everything else. Remove an entry when it is fixed.
 EXPECTED: dict[str, str] = {
-    "var||bfloat16": "crash: SIGSEGV after 'JIT session error: Symbols not found: [ __truncdfbf2 ]' -- the "
-                     "f64 -> bf16 truncation needs a compiler-rt builtin the runtime does not provide",
-    "var|unbiased|bfloat16": "crash: as var||bfloat16 (__truncdfbf2 missing)",
-    "masked.var||bfloat16": "wrong: differs from eager by up to 0.5 (bf16 variance; same f64 -> bf16 path as "
-                            "var, not yet diagnosed)",
+    "masked.var||bfloat16": "wrong: differs from eager by up to 0.5 (bf16 masked variance, not yet "
+                            "diagnosed; var/std/var_mean in bf16 are right since their fp32 decomposition)",
     "cdouble||float32": "error: the FX importer raises KeyError torch.complex128 and lowbit lets the "
                         "FrontendError reach the user instead of falling back to eager",
     "cdouble||bfloat16": "error: as cdouble||float32",

@@ -160,3 +160,42 @@ def test_reciprocal_of_zero_is_inf_not_an_abort():
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, (proc.returncode, lines[-1:], proc.stderr[-2000:])
     assert sum(line.startswith("OK") for line in lines) == 5, proc.stdout
+
+
+VARIANCE = r'''
+import warnings, torch, lowbit
+warnings.simplefilter("error", UserWarning)
+g = torch.Generator().manual_seed(0)
+x32 = torch.randn(6, 37, generator=g) * 3 + 1
+fns = {
+    "var": lambda t: torch.var(t, dim=1),
+    "var_unbiased0": lambda t: torch.var(t, dim=0, correction=0, keepdim=True),
+    "std": lambda t: torch.std(t, dim=1),
+    "var_mean": lambda t: torch.var_mean(t, dim=1),
+    "var_all": lambda t: torch.var(t),
+}
+for dtype in (torch.bfloat16, torch.float16):
+    x = x32.to(dtype)
+    for name, fn in fns.items():
+        print("START", name, dtype, flush=True)
+        torch._dynamo.reset()
+        want = fn(x)
+        got = torch.compile(fn, backend="lowbit", dynamic=False)(x)
+        want, got = (want if isinstance(want, tuple) else (want,)), (got if isinstance(got, tuple) else (got,))
+        # eager accumulates in fp32 and rounds once: allow one ulp of the narrow type
+        ok = all(g_.dtype == w.dtype and torch.allclose(g_.float(), w.float(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+                 for g_, w in zip(got, want))
+        print("OK" if ok else "WRONG", name, dtype, got[0].float().reshape(-1)[:3].tolist(),
+              want[0].float().reshape(-1)[:3].tolist(), flush=True)
+'''
+
+
+def test_narrow_float_variance_compiles_and_matches():
+    """var/std/var_mean of bf16/fp16 went through f64 and needed __truncdfbf2, which the JIT
+    cannot resolve: SIGSEGV after "JIT session error: Symbols not found"."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(VARIANCE)], capture_output=True, text=True,
+                          timeout=1200, env=dict(os.environ, LOWBIT_NUM_THREADS="1"))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (proc.returncode, lines[-1:], proc.stderr[-2000:])
+    wrong = [line for line in lines if line.startswith("WRONG")]
+    assert not wrong and sum(line.startswith("OK") for line in lines) == 10, proc.stdout
