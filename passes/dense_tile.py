@@ -202,6 +202,8 @@ class DenseTile(ModulePass):
             init = _zero_fill_init(op.operands[2])
             if init is not None:
                 op.operands[2] = init
+            if dtype == "bf16" and ds.element_name(op.results[0].type) == "f32":
+                op = _fold_bf16_store(op)
         return _Plan(None, None, tm, tn, op=op, dtype=dtype)
 
     @staticmethod
@@ -363,6 +365,40 @@ def _empty_like(t: ir.Type, shape_of: ir.Value) -> ir.Value:
                                       attributes={"value": ir.IntegerAttr.get(index, d)}).result
             sizes.append(ir.Operation.create("tensor.dim", results=[index], operands=[shape_of, pos]).result)
     return ir.Operation.create("tensor.empty", results=[t], operands=sizes).result
+
+
+def _fold_bf16_store(op: ir.Operation) -> ir.Operation:
+    """A beta-0 packed contraction whose f32 C is only collapsed to [M, N] and rounded to
+    bf16 (the form lowbit-convert-linear-op emits for a bf16 Linear): rebuilt to store
+    bf16 C itself (the kernel rounds once as it stores), as for a constant B. Returns the
+    op to tile (`op` unchanged when the pattern does not match)."""
+    uses = list(op.results[0].uses)
+    if len(uses) != 1 or uses[0].owner.name != "tensor.collapse_shape":
+        return op
+    collapse = uses[0].owner
+    if str(collapse.attributes["reassociation"]) != "[[0], [1, 2]]":
+        return op
+    round_op = _only_bf16_rounding(collapse.results[0])
+    if round_op is None:
+        return op
+    from torch_mlir.dialects import linalg
+
+    bf16 = ir.BF16Type.get()
+    c_type = ir.RankedTensorType(op.results[0].type)
+    with ir.InsertionPoint(op), op.location:
+        init = _empty_like(ir.RankedTensorType.get(list(c_type.shape), bf16), op.operands[2])
+        maps = [ir.AffineMapAttr(a).value for a in op.attributes["indexing_maps"]]
+        new = linalg.contract(op.operands[0], op.operands[1], outs=[init], indexing_maps=maps).owner
+        for name in (ds.BRGEMM_ATTR, BETA0_ATTR):
+            new.attributes[name] = op.attributes[name]
+        out = ir.Operation.create("tensor.collapse_shape", results=[round_op.results[0].type],
+                                  operands=[new.result], attributes={
+                                      "reassociation": ir.Attribute.parse("[[0], [1, 2]]")}).result
+    round_op.results[0].replace_all_uses_with(out)
+    round_op.erase()
+    collapse.erase()
+    op.erase()
+    return new
 
 
 def _zero_fill_init(c: ir.Value) -> ir.Value | None:

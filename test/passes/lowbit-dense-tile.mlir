@@ -370,3 +370,34 @@ func.func @packed_argument_zero_init(%x: tensor<?x64xf32>, %p: tensor<4x64x32xf3
       ins(%x, %p : tensor<?x64xf32>, tensor<4x64x32xf32>) outs(%c : tensor<?x4x32xf32>) -> tensor<?x4x32xf32>
   return %r : tensor<?x4x32xf32>
 }
+
+// -----
+
+// bf16, bind-time packed, as lowbit-convert-linear-op emits it: zero-filled f32 C,
+// collapsed to [M, N] and rounded to bf16. The tile stores bf16 C itself (beta 0, one
+// rounding in the kernel): no fill, no f32 C, no rounding pass.
+// CHECK-LABEL: func.func @packed_argument_bf16_rounded
+// CHECK-NOT: linalg.fill
+// CHECK: scf.forall {{.+}} -> (tensor<?x2x32xbf16>)
+// CHECK:   linalg.contract {{.*}}lowbit.brgemm = "packed", lowbit.brgemm_beta0{{.*}} outs(%{{.+}} : tensor<?x{{[0-9]+}}x32xbf16>)
+// CHECK: %[[Y:.+]] = tensor.collapse_shape %{{.+}} {{\[\[}}0], [1, 2]] : tensor<?x2x32xbf16> into tensor<?x64xbf16>
+// CHECK-NOT: linalg.generic
+// CHECK: return %[[Y]]
+func.func @packed_argument_bf16_rounded(%x: tensor<?x32x2xbf16>, %p: tensor<2x32x32x2xbf16>) -> tensor<?x64xbf16> {
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x32x2xbf16>
+  %e = tensor.empty(%m) : tensor<?x2x32xf32>
+  %zero = arith.constant 0.0 : f32
+  %c = linalg.fill ins(%zero : f32) outs(%e : tensor<?x2x32xf32>) -> tensor<?x2x32xf32>
+  %r = linalg.contract indexing_maps = [affine_map<(d0, d1, d2, d3, d4) -> (d0, d3, d4)>, affine_map<(d0, d1, d2, d3, d4) -> (d1, d3, d2, d4)>, affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2)>]
+      {lowbit.brgemm = "packed", lowbit.brgemm_beta0}
+      ins(%x, %p : tensor<?x32x2xbf16>, tensor<2x32x32x2xbf16>) outs(%c : tensor<?x2x32xf32>) -> tensor<?x2x32xf32>
+  %y = tensor.collapse_shape %r [[0], [1, 2]] : tensor<?x2x32xf32> into tensor<?x64xf32>
+  %eb = tensor.empty(%m) : tensor<?x64xbf16>
+  %b = linalg.generic {indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]} ins(%y : tensor<?x64xf32>) outs(%eb : tensor<?x64xbf16>) {
+  ^bb0(%in: f32, %out: bf16):
+    %t = arith.truncf %in : f32 to bf16
+    linalg.yield %t : bf16
+  } -> tensor<?x64xbf16>
+  return %b : tensor<?x64xbf16>
+}
