@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.compiler.backend import LowbitCallable, lowbit_backend
-from lowbit.compiler.partition import BoundGraph
+from lowbit.compiler.compile import CompiledGraph
+from lowbit.compiler.partition import BoundGraph, PartitionedGraph, UnsupportedOpWarning, forget_warnings
 
 MS = (1, 3, 17, 65)
 packed_linear = torch.ops.lowbit.packed_linear.default
@@ -118,14 +119,36 @@ def _compile(model):
     return torch.compile(model, backend=spy), spy
 
 
-def _run_ms(compiled, model, k, dtype=torch.float32, ms=MS, rtol=1e-4, atol=1e-4):
+def _run_ms(spy, compiled, model, k, dtype=torch.float32, ms=MS, rtol=1e-4, atol=1e-4):
+    """Compiled vs eager for every M; every graph must really be compiled (an eager fallback
+    computes the right numbers too)."""
     torch.manual_seed(123)
-    for m in ms:
-        x = torch.randn(m, k, dtype=dtype)
-        with torch.no_grad():
-            y, ref = compiled(x), model(x)
-        assert y.shape == ref.shape and y.dtype == ref.dtype
-        torch.testing.assert_close(y, ref, rtol=rtol, atol=atol, msg=lambda s: f"M={m}: {s}")
+    forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for m in ms:
+            x = torch.randn(m, k, dtype=dtype)
+            with torch.no_grad():
+                y, ref = compiled(x), model(x)
+            assert y.shape == ref.shape and y.dtype == ref.dtype
+            torch.testing.assert_close(y, ref, rtol=rtol, atol=atol, msg=lambda s: f"M={m}: {s}")
+    fallback = [str(w.message) for w in caught if issubclass(w.category, UnsupportedOpWarning)]
+    assert not fallback, fallback
+    assert_compiled(spy)
+
+
+def assert_compiled(spy: Spy) -> None:
+    entries = [e for c in spy.callables for e in c.cache.values()]
+    assert entries and all(isinstance(c, LowbitCallable) for c in spy.callables)
+    for e in entries:
+        assert isinstance(e, BoundGraph), f"a graph ran in eager: {e}"
+        inner = e.inner
+        if isinstance(inner, PartitionedGraph):
+            assert not inner.unsupported, inner.unsupported
+            parts = [getattr(m, "compiled", m) for m in inner.gm.children()]
+            assert parts and all(isinstance(p, CompiledGraph) for p in parts), parts
+        else:
+            assert isinstance(inner, CompiledGraph), inner
 
 
 def _targets(bound: BoundGraph) -> list:
@@ -154,7 +177,7 @@ def test_qat_fp_weights_are_bound(kind):
     make = ternary_ if kind == "ternary" else int2_
     model = MLP(make(nn.Linear(128, 256), 1), make(nn.Linear(256, 64, bias=False), 2)).eval()
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 128)
+    _run_ms(spy, compiled, model, 128)
     bound = spy.bound()
     assert bound, "nothing was compiled with bound weights"
     for b in bound:
@@ -173,7 +196,7 @@ def aten_mm_count(bound: BoundGraph) -> int:
 def test_dequant_subgraph_weights_are_bound():
     model = MLP(Packed2BitLinear(128, 256, seed=1), Packed2BitLinear(256, 64, seed=2)).eval()
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 128)
+    _run_ms(spy, compiled, model, 128)
     for b in spy.bound():
         assert _targets(b).count(packed_linear) == 2
         assert {l.origin for l in b.binding.layers} == {"dequant-subgraph"}
@@ -191,7 +214,7 @@ def test_lowbit_linear_layers_are_bound():
     model = MLP(nn.Linear(128, 256), nn.Linear(256, 64, bias=False)).eval()
     lowbit.quantize_(model, lowbit.QuantConfig(weights="ternary", activations="int8"))
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 128, rtol=1e-3, atol=1e-3)
+    _run_ms(spy, compiled, model, 128, rtol=1e-3, atol=1e-3)
     for b in spy.bound():
         assert _targets(b).count(packed_linear) == 2
         assert torch.ops.lowbit.linear.default not in _targets(b)
@@ -202,7 +225,7 @@ def test_lowbit_linear_layers_are_bound():
 def test_siblings_merge_into_one_packed_linear():
     model = QKV().eval()
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 128)
+    _run_ms(spy, compiled, model, 128)
     for b in spy.bound():
         targets = _targets(b)
         assert targets.count(packed_linear) == 1
@@ -227,7 +250,7 @@ def test_siblings_with_n_tail_split_where_blocks_end():
 
     model = M().eval()
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 128)
+    _run_ms(spy, compiled, model, 128)
     for b in spy.bound():
         assert sorted(l.spec.out_features for l in b.binding.layers) == [40, 64]
 
@@ -255,7 +278,7 @@ def test_dense_weights_become_packed_matmul(dtype):
     model = MLP(nn.Linear(128, 256, bias=False), nn.Linear(256, 64, bias=False)).eval().to(dtype)
     compiled, spy = _compile(model)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    _run_ms(compiled, model, 128, dtype=dtype, **tol)
+    _run_ms(spy, compiled, model, 128, dtype=dtype, **tol)
     bound = spy.bound()
     assert bound
     for b in bound:
@@ -278,7 +301,7 @@ def test_odd_k_and_n(kind):
         ternary_(up, 1), ternary_(down, 2)
     model = MLP(up, down).eval()
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 70)
+    _run_ms(spy, compiled, model, 70)
     for b in spy.bound():
         targets = _targets(b)
         if kind == "ternary":
@@ -378,7 +401,7 @@ def test_qat_bf16_weights_are_bound():
     model = MLP(ternary_(nn.Linear(128, 256), 1), ternary_(nn.Linear(256, 64, bias=False), 2)).eval()
     model = model.to(torch.bfloat16)
     compiled, spy = _compile(model)
-    _run_ms(compiled, model, 128, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)
+    _run_ms(spy, compiled, model, 128, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)
     for b in spy.bound():
         assert _targets(b).count(packed_linear) == 2
         assert {l.origin for l in b.binding.layers} == {"fp-weights"}
