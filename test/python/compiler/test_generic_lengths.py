@@ -7,11 +7,14 @@ steps after each prompt, against eager; compiles are counted with
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import lowbit
 from lowbit.compiler.compile_log import counters
+from lowbit.compiler.partition import UnsupportedOpWarning, forget_warnings
 from lowbit.models import LlamaConfig, make_tiny_llama, reset_caches
 
 CFG = LlamaConfig(dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=64, vocab_size=256, n_layers=2)
@@ -40,6 +43,17 @@ def _run(fn, model, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
         nxt = outs[-1][:, -1:].argmax(-1)
         outs.append(fn(nxt, torch.tensor([t + i])))
     return outs
+
+
+@pytest.fixture(autouse=True)
+def _no_eager_fallback():
+    """Compiled vs eager proves nothing if a graph fell back to eager."""
+    forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    fallback = [str(w.message) for w in caught if issubclass(w.category, UnsupportedOpWarning)]
+    assert not fallback, fallback
 
 
 def _close(y, ref, what, rel=1e-3):
