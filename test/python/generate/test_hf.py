@@ -29,12 +29,29 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-# Found while writing these tests (compiler at 7f94388): a decoder block whose q, k AND v
-# weights are all exact-ternary floats (a QAT export) compiles to wrong results for prompts of
-# more than one token (rel. error ~0.8; any two of the three, or M=1, are exact; with
-# LOWBIT_DISABLE_PASSES=lowbit-tile-qlinear it is exact). Reported to the compiler's owner;
-# these checks pass again once it is fixed.
+# Found while writing these tests: a decoder block whose q, k AND v weights are all
+# recognised as ternary (exact-ternary floats of a QAT export at 7f94388; BitNet's packed
+# BitLinear too on the tree of ~20:40 UTC) compiles to wrong results for prompts of more than
+# one token (rel. error ~0.8; any two of the three, or M=1, are exact; with
+# LOWBIT_DISABLE_PASSES=lowbit-tile-qlinear it is exact). Reported to the compiler's owner. On
+# a mismatch the tests recompile with that pass disabled: exact then -> xfail (this bug),
+# still wrong -> fail (another bug). Once the bug is fixed they simply pass.
 QKV_BUG = "compiler bug: exact-ternary fp q/k/v siblings with M > 1 give wrong results"
+
+
+def _known_tile_bug(monkeypatch, rerun) -> None:
+    """Called on a mismatch: xfail if it is the known lowbit-tile-qlinear bug, else fail.
+
+    ``rerun()`` compiles afresh and returns True when the result then matches eager; with
+    the pass disabled the bug disappears, any other cause does not.
+    """
+    torch._dynamo.reset()
+    monkeypatch.setenv("LOWBIT_DISABLE_PASSES", "lowbit-tile-qlinear")
+    ok = rerun()
+    torch._dynamo.reset()
+    if ok:
+        pytest.xfail(QKV_BUG + " (exact with lowbit-tile-qlinear disabled)")
+    pytest.fail("compiled result differs from eager even with lowbit-tile-qlinear disabled")
 
 
 def _bitnet(seed=0):
@@ -70,30 +87,42 @@ def test_prepare_rejects_non_modules():
 
 
 @pytest.mark.parametrize("backend", ["eager", "lowbit"])
-def test_bitnet_forward_compiled_vs_eager(backend):
+def test_bitnet_forward_compiled_vs_eager(backend, monkeypatch):
     model = _bitnet()
     ids = _ids()
     with torch.no_grad():
         ref = model(ids).logits
         hf.prepare(model)
-        model.forward = torch.compile(model.forward, backend=backend)
-        out = model(ids).logits
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
+        forward = model.forward
+
+        def run():
+            model.forward = torch.compile(forward, backend=backend)
+            out = model(ids).logits
+            return ((out - ref).abs().max() / ref.abs().max()).item(), out
+
+        err, out = run()
+        if err >= 1e-4 and backend == "lowbit":
+            _known_tile_bug(monkeypatch, lambda: run()[0] < 1e-4)
     assert err < 1e-4, err
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
-def test_llama_qat_forward_lowbit_vs_eager():
+def test_llama_qat_forward_lowbit_vs_eager(monkeypatch):
     model = _llama()
     ids = _ids()
     with torch.no_grad():
         ref = model(ids).logits
         hf.prepare(model)
-        model.forward = torch.compile(model.forward, backend="lowbit")
-        out = model(ids).logits
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
-    if err >= 1e-4:
-        pytest.xfail(QKV_BUG + f" (max rel. error {err:.2e})")
+        forward = model.forward
+
+        def run():
+            model.forward = torch.compile(forward, backend="lowbit")
+            out = model(ids).logits
+            return ((out - ref).abs().max() / ref.abs().max()).item(), out
+
+        err, out = run()
+        if err >= 1e-4:
+            _known_tile_bug(monkeypatch, lambda: run()[0] < 1e-4)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
@@ -104,17 +133,22 @@ def _hf_generate(model, ids, n, backend, **kw):
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_bitnet_hf_generate_lowbit_same_tokens_as_eager(cache):
+def test_bitnet_hf_generate_lowbit_same_tokens_as_eager(cache, monkeypatch):
     model = _bitnet()
     ids = _ids(5)
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     n = 4
     ref = _hf_generate(model, ids, n, "eager", **kw)
     hf.prepare(model)
+    forward = model.forward
     counter = CompileCounter("lowbit")
-    model.forward = torch.compile(model.forward, backend=counter)
+    model.forward = torch.compile(forward, backend=counter)
     got = _hf_generate(model, ids, n, "lowbit", **kw)
-    assert got == ref
+    if got != ref:
+        def rerun():
+            model.forward = torch.compile(forward, backend="lowbit")
+            return _hf_generate(model, ids, n, "lowbit", **kw) == ref
+        _known_tile_bug(monkeypatch, rerun)
     log.warning("HF BitNet generate(%s cache, %d new tokens): %s", cache, n, counter.as_dict())
     print(f"compile counts, {cache} cache, {n} new tokens: {counter.as_dict()}")
     assert counter.compiles >= 1
@@ -122,13 +156,14 @@ def test_bitnet_hf_generate_lowbit_same_tokens_as_eager(cache):
         pytest.xfail(f"{cache} cache: {counter.compiles} compiles for {n} tokens (issue 9: at most 2 wanted)")
 
 
-def test_llama_generate_api_static_cache_matches_eager(tmp_path):
+def test_llama_generate_api_static_cache_matches_eager(tmp_path, monkeypatch):
     model = _llama()
     path = hf.save_pretrained(model, tmp_path / "llama")
     eager = generate(str(path), [5, 9, 11, 3], 4, backend="eager", cache="static")
     compiled = generate(str(path), [5, 9, 11, 3], 4, backend="lowbit", cache="static")
     if compiled.tokens != eager.tokens:
-        pytest.xfail(QKV_BUG + f" (tokens {compiled.tokens} vs eager {eager.tokens})")
+        _known_tile_bug(monkeypatch, lambda: generate(str(path), [5, 9, 11, 3], 4, backend="lowbit",
+                                                      cache="static").tokens == eager.tokens)
     assert compiled.compile_counts["compiles"] >= 1 and compiled.compile_s > 0
     print(f"lowbit.generate HF Llama static cache: {compiled.compile_counts}")
 
