@@ -212,7 +212,9 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     if dims and isinstance(fn, torch.fx.GraphModule):
         fn, rewritten = _sizes_for_symint_inputs(fn, dims)
         sizes_read |= rewritten
-    module = fn if isinstance(fn, torch.nn.Module) and not dims else _Wrapped(fn)
+    # A module (a dynamo GraphModule) is exported as itself, so that every node keeps the
+    # `nn_module_stack` of the model code it came from (regions rely on it).
+    module = fn if isinstance(fn, torch.nn.Module) else _Wrapped(fn)
     # Outside dynamo's tracing context: a backend may capture while dynamo compiles, and
     # export would otherwise trace in dynamo's fake mode and add guards to its shape env.
     with CAPTURE_LOCK, _export_isolated(), torch._guards.tracing(None):
@@ -396,7 +398,9 @@ def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
 
     per_input = tuple({d: dim(sym) for d, sym in dims[p].items()} if p in dims else None
                       for p in range(len(args)))
-    shapes: Any = (per_input,)  # `_Wrapped.forward(*args)`: one parameter holding every input
+    # `_Wrapped.forward(*args)` has one parameter holding every input; a module's forward one
+    # parameter per input.
+    shapes: Any = (per_input,) if _varargs_forward(module) else per_input
     args = _generic_examples(args, dims)
     for attempt in range(4):
         try:
@@ -409,6 +413,17 @@ def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
             shapes = refine_dynamic_shapes_from_suggested_fixes(
                 "Suggested fixes:\n" + "\n".join("  " + f for f in fixes), shapes)
     raise AssertionError("unreachable")
+
+
+def _varargs_forward(module: torch.nn.Module) -> bool:
+    """Whether `module.forward` takes its inputs as `*args` (one dynamic_shapes entry for all)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _generic_examples(args: tuple, dims: DynamicDims) -> tuple:

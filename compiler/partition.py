@@ -28,7 +28,8 @@ from lowbit.compiler.frontend import (NODE_LOCATION_PREFIX, CapturedGraph, Front
                                       dynamic_dims_from_meta)
 from lowbit.compiler.pipeline import CompileOptions, StageError
 from lowbit.compiler.reshape_fixes import fix_dynamic_reshapes
-from lowbit.compiler.regions import RegionRunner, compile_context, compile_regions, split_regions
+from lowbit.compiler.regions import (RegionRunner, compile_context, compile_regions, restore_module_stacks,
+                                     split_regions)
 from lowbit.compiler.report import register as register_report
 
 _warned: set[str] = set()
@@ -285,6 +286,8 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
         return fn
     if not bind:
         return _compile_rounds(captured, args, options, known_unsupported, max_rounds)
+    if options.regions:
+        restore_module_stacks(captured.graph_module, fn)  # before binding copies them onto its ops
     with timed("bind weights"):
         binding = bind_weights(captured, args, freezable, activations=options.activations)
     inner = None

@@ -46,15 +46,53 @@ def region_of(node: torch.fx.Node) -> Optional[str]:
     return None
 
 
+def restore_module_stacks(gm: torch.fx.GraphModule, source: Any) -> int:
+    """Give nodes of a captured graph the `nn_module_stack` of the dynamo node they come from.
+
+    Exporting a dynamo graph through a wrapper module (as shape-generic capture does) leaves
+    every node with the wrapper's stack only; `from_node` provenance still names the dynamo
+    node each one was made from. Returns how many nodes got a stack back."""
+    if not isinstance(source, torch.fx.GraphModule):
+        return 0
+    by_name = {n.name: n for n in source.graph.nodes if n.meta.get("nn_module_stack")}
+    restored = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or region_of(node) is not None:
+            continue
+        work = list(node.meta.get("from_node") or [])
+        while work:
+            ns = work.pop(0)
+            src = by_name.get(getattr(ns, "name", None))
+            if src is not None:
+                node.meta["nn_module_stack"] = src.meta["nn_module_stack"]
+                restored += 1
+                break
+            work.extend(getattr(ns, "from_node", None) or [])
+    return restored
+
+
 def find_regions(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
     """Node groups, in program order: one per numbered-module instance (repeated layers) and one
     per run of other compute nodes between them. Empty when there is nothing repeated."""
     groups: list[tuple[Optional[str], list[torch.fx.Node]]] = []
     counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue  # placeholders and constants (get_attr) become inputs of the regions
-        key = region_of(node)
+    # placeholders and constants (get_attr) become inputs of the regions
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    keys = [region_of(n) for n in nodes]
+    # Nodes without a module of their own (made by decompositions) between two nodes of one
+    # instance belong to it.
+    i = 0
+    while i < len(keys):
+        if keys[i] is None:
+            j = i
+            while j < len(keys) and keys[j] is None:
+                j += 1
+            if 0 < i and j < len(keys) and keys[i - 1] == keys[j]:
+                keys[i:j] = [keys[j]] * (j - i)
+            i = j
+        else:
+            i += 1
+    for node, key in zip(nodes, keys):
         if groups and groups[-1][0] == key:
             groups[-1][1].append(node)
         else:
