@@ -36,7 +36,7 @@ def _fresh_dynamo():
 # LOWBIT_DISABLE_PASSES=lowbit-tile-qlinear it is exact). Reported to the compiler's owner. On
 # a mismatch the tests recompile with that pass disabled: exact then -> xfail (this bug),
 # still wrong -> fail (another bug). Once the bug is fixed they simply pass.
-QKV_BUG = "compiler bug: exact-ternary fp q/k/v siblings with M > 1 give wrong results"
+QKV_BUG = "compiler bug: q/k/v linears all recognised as ternary give wrong results for M > 1"
 
 
 def _known_tile_bug(monkeypatch, rerun) -> None:
