@@ -148,6 +148,9 @@ def _accepts(fn: Callable, args: Sequence[Any]) -> bool:
 
 def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
     """The `torch_dynamo_backends` entry point (`backend="lowbit"`)."""
+    from lowbit.compiler import env
+
+    env.validate()  # a malformed LOWBIT_* variable is the user's error, not a reason to run eager
     options = CompileOptions(**kwargs.get("options", {})) if kwargs.get("options") else current_options()
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
         # Freezing weights would silently drop gradients; training is not what lowbit compiles.

@@ -19,6 +19,7 @@ listed for reference (``validate`` skips them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -96,6 +97,7 @@ def _target(raw: str) -> dict[str, int]:
         raise _Reject(str(e)) from None
 
 
+@functools.lru_cache(maxsize=None)
 def max_num_threads() -> int:
     """The largest accepted thread count: max(1024, 4 x the CPUs of this machine).
 
