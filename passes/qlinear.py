@@ -483,7 +483,8 @@ def _expand_1d() -> ir.ArrayAttr:
 #
 # `%w` holds the kernels' packed layout (codes, scales and offsets inside the blocks), which
 # linalg cannot read, so until `lowbit-lower-qlinear` replaces it the body only poisons the
-# output with NaN; that pass fails loudly (the op then runs in eager) rather than leave it.
+# output with NaN (computed from a read of every input, see below); that pass fails loudly
+# (the op then runs in eager) rather than leave it.
 
 BOUND_ATTR = "lowbit.bound"
 
@@ -518,10 +519,35 @@ def build_bound_qlinear_function(module: ir.Operation, spec: LowBitSpec, bound: 
     if bound["bias"]:
         args.append(f"%b: tensor<{n}xf32>")
     args.append(f"%out: {yt}")
-    nan = "0x7FC00000" if y_elem == "f32" else "0x7FC0"
-    text = (f"func.func private @{name}({', '.join(args)}) -> {yt} {{\n"
-            f"  %poison = arith.constant {nan} : {y_elem}\n"
-            f"  %y = linalg.fill ins(%poison : {y_elem}) outs(%out : {yt}) -> {yt}\n"
+    # The placeholder body must *read* every input: bufferization decides from the callee's
+    # body which arguments a call reads, and would otherwise reuse x's buffer (shared by
+    # q/k/v) for other values while the kernels still need it.
+    nan = "0x7FC00000"
+    lines = ["  %c0 = arith.constant 0 : index", f"  %nan = arith.constant {nan} : f32",
+             "  %zero = arith.constant 0.0 : f32",
+             f"  %xe = tensor.extract %x[%c0, %c0] : tensor<{ms}x{k}x{x_elem}>"]
+    reads = ["%xe" if x_elem == "f32" else "%xf"]
+    if x_elem != "f32":
+        lines.append(f"  %xf = arith.extf %xe : {x_elem} to f32")
+    lines += [f"  %we = tensor.extract %w[%c0] : tensor<{bound['bytes']}xi8>", "  %wf = arith.sitofp %we : i8 to f32"]
+    reads.append("%wf")
+    if bound["bias"]:
+        lines.append(f"  %be = tensor.extract %b[%c0] : tensor<{n}xf32>")
+        reads.append("%be")
+    if epilogue and epilogue.residual:
+        lines.append(f"  %re = tensor.extract %resid[%c0, %c0] : {yt}")
+        if y_elem != "f32":
+            lines.append(f"  %rf = arith.extf %re : {y_elem} to f32")
+        reads.append("%re" if y_elem == "f32" else "%rf")
+    acc = "%nan"
+    for i, r in enumerate(reads):
+        lines += [f"  %z{i} = arith.mulf {r}, %zero : f32", f"  %p{i} = arith.addf {acc}, %z{i} : f32"]
+        acc = f"%p{i}"
+    if y_elem != "f32":
+        lines.append(f"  %poison = arith.truncf {acc} : f32 to {y_elem}")
+        acc = "%poison"
+    text = (f"func.func private @{name}({', '.join(args)}) -> {yt} {{\n" + "\n".join(lines) + "\n"
+            f"  %y = linalg.fill ins({acc} : {y_elem}) outs(%out : {yt}) -> {yt}\n"
             f"  return %y : {yt}\n}}\n")
     parsed = ir.Module.parse(text)
     func = parsed.body.operations[0].operation
@@ -594,10 +620,15 @@ def emit_bound_qlinear_call(x: ir.Value, func: ir.Operation, n: int, y_elem: ir.
     if residual is not None:
         operands.append(to_2d(residual, n, y_elem))
     operands += list(weights)
-    rows = m
+    dyn = []
     if ir.ShapedType.is_dynamic_size(m):
-        rows = tensor_d.DimOp(x2, arith_d.ConstantOp(ir.IndexType.get(), 0).result).result
-    operands.append(tensor_d.EmptyOp([rows, n], y_elem).result)
+        dyn = [tensor_d.DimOp(x2, arith_d.ConstantOp(ir.IndexType.get(), 0).result).result]
+    # A fresh buffer per call: `bufferization.alloc_tensor`, not `tensor.empty`, which CSE
+    # merges across calls of the same shape -- the callee overwrites its destination without
+    # reading it, so bufferization would let two calls (k and v) share one output buffer.
+    operands.append(ir.Operation.create(
+        "bufferization.alloc_tensor", results=[y2_type], operands=dyn,
+        attributes={"operandSegmentSizes": ir.DenseI32ArrayAttr.get([len(dyn), 0, 0])}).result)
     sym = ir.StringAttr(func.attributes["sym_name"]).value
     call = func_d.CallOp([y2_type], ir.FlatSymbolRefAttr.get(sym), operands)
     call.operation.attributes["no_inline"] = ir.UnitAttr.get()

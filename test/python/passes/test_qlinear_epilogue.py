@@ -181,10 +181,12 @@ def test_not_fused_when_the_result_is_used_twice():
 
 
 def test_explain_shows_the_epilogue():
+    # Epilogue fusion runs on qlinear functions with constant weights (weights="freeze"); layers
+    # whose weights are bound as runtime buffers are not fused yet (README, known gaps).
     layer = _Layer(32, 40, "relu2", act="int8")
     compiled = torch.compile(layer, backend="lowbit")
     x, r = torch.randn(2, 32), torch.randn(2, 40)
-    with torch.no_grad():
+    with torch.no_grad(), lowbit.options(weights="freeze"):
         torch.testing.assert_close(compiled(x, r), layer(x, r), rtol=1e-4, atol=1e-4)
     report = lowbit.explain(layer)
     assert [e["epilogue"] for e in report.matmuls()] == ["relu2"]
