@@ -34,7 +34,7 @@ import operator
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -150,10 +150,10 @@ class _ConstantEvaluator:
         self.values[node] = v
         return v
 
-    def forget_intermediates(self, keep: set[torch.fx.Node]) -> None:
+    def forget_intermediates(self) -> None:
         """Drop computed weight intermediates (they can be large fp32 copies)."""
         for node in list(self.values):
-            if node.op == "call_function" and node not in keep:
+            if node.op == "call_function":
                 del self.values[node]
 
 
@@ -183,8 +183,7 @@ def _location(node: torch.fx.Node) -> str:
 
 def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: Sequence[int], *,
                  activations: str = "none", formats: Sequence[str] | None = None,
-                 group_sizes: Sequence[int] | None = None, tiles_for: Optional[Callable] = None,
-                 merge_siblings: bool = True) -> Binding:
+                 group_sizes: Sequence[int] | None = None, merge_siblings: bool = True) -> Binding:
     """Recognise and pack the low-bit matmuls of `captured` (modified in place).
 
     `state_positions`: caller positions of module state (parameters and buffers): their
@@ -206,7 +205,9 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     ev = _ConstantEvaluator(gm, values)
     report: list[dict] = []
     found: list[_Found] = []
-    dense: list[tuple] = []   # (mm node, x, fp weight [K, N], sources): pre-packed for BRGEMM
+    # [mm node, x, fp weight [K, N], sources, packed panels or None, cache entry or None]:
+    # weights that are not low-bit, pre-packed for BRGEMM below
+    dense: list[list] = []
 
     config = (tuple(formats), tuple(group_sizes), activations)
     for node in list(graph.nodes):
@@ -219,7 +220,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
             if hit is not None:
                 found.append(hit)
             elif cached.dense is not None:
-                dense.append((node, node.args[0], None, set(cached.sources), cached.dense))
+                dense.append([node, node.args[0], None, set(cached.sources), cached.dense, None])
             continue
         n_dense, n_report = len(dense), len(report)
         if node.target in _MM:
@@ -230,13 +231,13 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
             hit.key = key
             found.append(hit)
         if key:
-            _remember(key, hit, report[n_report:], dense[n_dense] if len(dense) > n_dense else None, args)
-        if len(dense) > n_dense:
-            node_, x_, w_, srcs_ = dense[-1]
-            dense[-1] = (node_, x_, w_, srcs_, None)
-        ev.forget_intermediates(set())
+            entry = _remember(key, hit, report[n_report:], args)
+            if len(dense) > n_dense:
+                dense[-1][5] = entry  # the panels, once packed, are remembered with it
+        ev.forget_intermediates()
 
     groups = _sibling_groups(found) if merge_siblings else [[f] for f in found]
+    order = {n: i for i, n in enumerate(graph.nodes)}
     layers: list[BoundLayer] = []
     derived: list[torch.Tensor] = []
     sources: set[int] = set()
@@ -268,7 +269,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
             for f in group:
                 if f.q is None:  # known from an earlier binding of these tensors: evaluate now
                     _materialize(f, ev, position, formats, group_sizes, activations)
-            layer = _pack_group(group, tiles_for)
+            layer = _pack_group(group)
             if gkey is not None:
                 _LAYERS[gkey] = layer
         idx = len(layers)
@@ -276,7 +277,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         bias_ph = add_input(layer.bias, f"lowbit_bias_{idx}") if layer.bias is not None else None
         x = group[0].x
         spec = layer.spec
-        first = min(group, key=lambda f: _order(graph, f.node)).node
+        first = min(group, key=lambda f: order[f.node]).node
         with graph.inserting_before(first):
             call = graph.call_function(torch.ops.lowbit.packed_linear.default,
                                        (x, packed_ph, bias_ph, spec.weight_format, spec.granularity,
@@ -322,10 +323,9 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         from lowbit.compiler.act_quant import absorb_activation_quantization
         absorb_activation_quantization(graph, report)
 
-    for node, x, w, srcs, packed in dense:
+    for node, x, w, srcs, packed, entry in dense:
         if packed is None:
             packed = _pack_dense(w)
-            entry = _dense_entry.get(node)
             if entry is not None and packed is not None:
                 entry.dense_ref = weakref.ref(packed)
         if packed is None:
@@ -350,13 +350,6 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     log.info("bound %d low-bit layer(s) (%d matmuls, %.1f MiB packed) in %.2f s", len(layers), len(found),
              sum(l.nbytes for l in layers) / 2**20, binding.seconds)
     return binding
-
-
-def _order(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    return -1
 
 
 def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, activations,
@@ -393,7 +386,7 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
     if spec is None:
         report.append(dict(where, origin=origin, result="not recognized", reason=why))
         if dense is not None and b is None and wv.dtype == x_val.dtype:
-            dense.append((node, x, wv.detach(), ev.sources(w, position)))
+            dense.append([node, x, wv.detach(), ev.sources(w, position), None, None])
         return None
     bias = None
     if bv is not None:
@@ -485,7 +478,7 @@ _VIEW_LIKE = {aten.view.default, aten._unsafe_view.default, aten.reshape.default
               torch.ops.prims.collapse.default}
 
 
-def _pack_group(group: list[_Found], tiles_for: Optional[Callable]) -> BoundLayer:
+def _pack_group(group: list[_Found]) -> BoundLayer:
     from lowbit.compiler.target import host_target
     from lowbit.passes.tile_qlinear import choose_kblock, k_granule
     from lowbit.quant.formats import LowBitSpec
@@ -586,7 +579,6 @@ class _Entry:
     versions: tuple
     report: Optional[dict]          # the "not recognized" entry, replayed
     dense_ref: Any = None           # weakref to the dense packed panels
-    has_bias: bool = False
 
     @property
     def dense(self):
@@ -597,9 +589,6 @@ _MATCHES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 _MAX_MATCHES = 8192
 _LAYERS: "weakref.WeakValueDictionary[tuple, BoundLayer]" = weakref.WeakValueDictionary()
 _cache_lock = threading.Lock()
-_dense_entry: "weakref.WeakKeyDictionary[torch.fx.Node, _Entry]" = weakref.WeakKeyDictionary()
-
-
 def _subgraph_signature(node: Any, ev: "_ConstantEvaluator", position: dict) -> tuple:
     """Structure of the constant subgraph computing `node` (ops and wiring, not names)."""
     order: dict[torch.fx.Node, int] = {}
@@ -674,20 +663,19 @@ def _version(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
-def _remember(key: tuple, hit: Optional["_Found"], report: list[dict], dense_item, args) -> None:
+def _remember(key: tuple, hit: Optional["_Found"], report: list[dict], args) -> _Entry:
     positions = sorted({p for p, *_ in key[-1]})
     tensors = [args[p] for p in positions]
     entry = _Entry(hit.spec if hit is not None else None, hit.origin if hit is not None else "",
                    tuple(positions), tuple(weakref.ref(t) for t in tensors),
                    tuple(_version(t) for t in tensors),
                    None if hit is not None or not report or report[-1].get("result") != "not recognized"
-                   else dict(report[-1]), None, hit is not None and hit.bias is not None)
-    if dense_item is not None:
-        _dense_entry[dense_item[0]] = entry
+                   else dict(report[-1]))
     with _cache_lock:
         _MATCHES[key] = entry
         while len(_MATCHES) > _MAX_MATCHES:
             _MATCHES.popitem(last=False)
+    return entry
 
 
 def _found_from_cache(node: torch.fx.Node, entry: _Entry, report: list[dict], key: tuple) -> Optional["_Found"]:
