@@ -1,23 +1,7 @@
-"""Reliability suite: differential, corruption and environment tests (see docs/reliability.md)."""
+"""Reliability suite: differential, corruption and environment tests (see docs/reliability.md).
+
+The `slow` marker is defined suite-wide in test/python/conftest.py."""
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(__file__))  # helper modules next to the tests
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: long differential runs (the full OpInfo suite); run only with -m slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    """`slow` tests run only when the -m expression names them (e.g. -m slow): the plain
-    suite (scripts/test.sh, CI) stays within its time budget."""
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

@@ -1,0 +1,18 @@
+"""Suite-wide pytest configuration: the `slow` marker (see docs/reliability.md)."""
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: long runs (full differential suites, real-size models); run only with -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only when the -m expression names them (e.g. -m slow): the plain
+    suite (scripts/test.sh, CI) stays within its time budget."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
