@@ -63,6 +63,8 @@ class BoundLayer:
     bias: Optional[torch.Tensor]
     names: list[str]           # FX node names of the matmuls it replaces
     location: str = ""
+    offsets: Optional[torch.Tensor] = None  # fp32 [N, groups]: float zero points (dequant_match)
+    numerics: str = "bit-exact"
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +98,8 @@ class _Found:
     origin: str
     sources: set[int]
     key: tuple = ()            # identity of the weight (see _weight_key); () = not cacheable
+    offsets: Optional[torch.Tensor] = None  # float zero points folded (see dequant_match)
+    numerics: str = "bit-exact"
 
 
 class _ConstantEvaluator:
@@ -183,13 +187,18 @@ def _location(node: torch.fx.Node) -> str:
 
 def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: Sequence[int], *,
                  activations: str = "none", formats: Sequence[str] | None = None,
-                 group_sizes: Sequence[int] | None = None, merge_siblings: bool = True) -> Binding:
+                 group_sizes: Sequence[int] | None = None, merge_siblings: bool = True,
+                 numerics: str = "bit-exact") -> Binding:
     """Recognise and pack the low-bit matmuls of `captured` (modified in place).
 
     `state_positions`: caller positions of module state (parameters and buffers): their
     values are read now; every other input is an activation. Returns the `Binding`; the
-    caller passes `binding.extend(args)` to the compiled graph.
+    caller passes `binding.extend(args)` to the compiled graph. `numerics`: "bit-exact", or
+    "dequant-rounding" to also accept library weights dequantized in a low precision
+    (`compiler/dequant_match.py`).
     """
+    if numerics not in ("bit-exact", "dequant-rounding"):
+        raise ValueError(f"dequant_numerics must be 'bit-exact' or 'dequant-rounding', got {numerics!r}")
     from lowbit.passes.lib_recognize import DEFAULT_FORMATS, DEFAULT_GROUP_SIZES
 
     start = time.perf_counter()
@@ -209,29 +218,29 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     # weights that are not low-bit, pre-packed for BRGEMM below
     dense: list[list] = []
 
-    config = (tuple(formats), tuple(group_sizes), activations)
+    config = (tuple(formats), tuple(group_sizes), activations, numerics)
     for node in list(graph.nodes):
         if node.op != "call_function" or (node.target not in _MM and node.target is not torch.ops.lowbit.linear.default):
             continue
-        key = _weight_key(node, ev, position, args, config)
+        key, key_positions = _weight_key(node, ev, position, args, config)
         cached = _lookup(key)
         if cached is not None:
-            hit = _found_from_cache(node, cached, report, key)
+            hit = _found_from_cache(node, cached, report, key, key_positions)
             if hit is not None:
                 found.append(hit)
             elif cached.dense is not None:
-                dense.append([node, node.args[0], None, set(cached.sources), cached.dense, None])
+                dense.append([node, node.args[0], None, set(key_positions), cached.dense, None])
             continue
         n_dense, n_report = len(dense), len(report)
         if node.target in _MM:
-            hit = _match_mm(node, ev, position, formats, group_sizes, activations, report, dense)
+            hit = _match_mm(node, ev, position, formats, group_sizes, activations, report, dense, numerics)
         else:
             hit = _match_lowbit_linear(node, ev, position, report)
         if hit is not None:
             hit.key = key
             found.append(hit)
         if key:
-            entry = _remember(key, hit, report[n_report:], args)
+            entry = _remember(key, key_positions, hit, report[n_report:], args)
             if len(dense) > n_dense:
                 dense[-1][5] = entry  # the panels, once packed, are remembered with it
         ev.forget_intermediates()
@@ -268,7 +277,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         if layer is None:
             for f in group:
                 if f.q is None:  # known from an earlier binding of these tensors: evaluate now
-                    _materialize(f, ev, position, formats, group_sizes, activations)
+                    _materialize(f, ev, position, formats, group_sizes, activations, numerics)
             layer = _pack_group(group)
             if gkey is not None:
                 _LAYERS[gkey] = layer
@@ -290,10 +299,17 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         if isinstance(x_val, torch.Tensor):
             call.meta["val"] = x_val.new_empty((*x_val.shape[:-1], spec.out_features))
         offset, anchor = 0, call
+        if layer.offsets is not None:  # float zero points: + group sums of x @ offsets^T
+            from lowbit.compiler.dequant_match import add_offset_correction
+            call_out = add_offset_correction(graph, x, call, layer.offsets, spec, add_input,
+                                             f"lowbit_offsets_{idx}", provenance)
+            anchor = call_out
+        else:
+            call_out = call
         for f in group:
             n = f.spec.out_features
             if len(group) == 1:
-                out = call
+                out = call_out
             else:
                 with graph.inserting_after(anchor):
                     out = graph.call_function(aten.slice.Tensor, (call, -1, offset, offset + n))
@@ -316,7 +332,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         layer.names = [f.node.name for f in group]
         report.append(dict(kind="matmul", origin=layer.origin, result="recognized", format=spec.describe(),
                            location=layer.location, packed_bytes=layer.nbytes,
-                           node=call.name,
+                           node=call.name, numerics=layer.numerics,
                            merged=len(group) if len(group) > 1 else 0))
 
     if any(l.spec.act_format == "none" for l in layers):
@@ -353,7 +369,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
 
 
 def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, activations,
-              report, dense: Optional[list] = None) -> Optional[_Found]:
+              report, dense: Optional[list] = None, numerics: str = "bit-exact") -> Optional[_Found]:
     from lowbit.passes.lib_recognize import find_exact_format
 
     if node.target is aten.addmm.default:
@@ -362,7 +378,12 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
             return None
     else:
         (x, w), b = node.args[:2], None
-    if not isinstance(w, torch.fx.Node) or ev.is_constant(x) or not ev.is_constant(w):
+    if not isinstance(w, torch.fx.Node) or ev.is_constant(x):
+        return None
+    if not ev.is_constant(w):
+        why = _not_state_reason(w, ev)
+        if why:
+            report.append(dict(kind="matmul", location=_location(node), result="not bound", reason=why))
         return None
     if b is not None and not ev.is_constant(b):
         return None
@@ -383,6 +404,22 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
     k, n = wv.shape
     w_nk = wv.detach().t().to(torch.float32).contiguous().numpy()
     spec, qw, why = find_exact_format(w_nk, formats, group_sizes, activations)
+    offsets, numerics_note = None, "bit-exact"
+    if spec is None and numerics == "dequant-rounding" and origin == "dequant-subgraph":
+        from lowbit.compiler.dequant_match import match_dequant, subgraph_leaves
+        leaves, low = subgraph_leaves(w, ev)
+        dm, why2 = match_dequant(wv.detach().t(), leaves, low, _tolerant_formats(formats), group_sizes,
+                                 activations)
+        if dm is not None:
+            spec, offsets = dm.spec, dm.offsets
+            qw = type("QW", (), {})()
+            qw.q, qw.scales, qw.zero_points = dm.q, dm.scales.reshape(spec.scale_shape), dm.zero_points
+            numerics_note = (f"within {dm.tolerance} (max |err| {dm.max_error:.2g}"
+                             + (", float zero point" if dm.zero_kind == "float" else "") + ")")
+            if offsets is not None:
+                origin = "dequant-subgraph (float zero)"
+        else:
+            why = f"{why}; {why2}"
     if spec is None:
         report.append(dict(where, origin=origin, result="not recognized", reason=why))
         if dense is not None and b is None and wv.dtype == x_val.dtype:
@@ -398,7 +435,42 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
         if x_val.dtype != torch.float32:
             return None  # bf16 addmm rounds x@w before adding b; the kernel adds in fp32
     return _Found(node, x, spec, qw.q, qw.scales, qw.zero_points, bias, origin,
-                  ev.sources(w, position) | (ev.sources(b, position) if b is not None else set()))
+                  ev.sources(w, position) | (ev.sources(b, position) if b is not None else set()),
+                  offsets=offsets, numerics=numerics_note)
+
+
+def _tolerant_formats(formats) -> list[str]:
+    """The tolerant path serves library checkpoints: their 4-bit codes (GPTQ/AWQ/torchao int4,
+    3-bit GPTQ codes in int4) run on the int4 kernels even when the bit-exact search is
+    limited to the 1/2-bit formats."""
+    return sorted(set(formats) | {"int4_sym", "int4_asym"})
+
+
+def _not_state_reason(w: torch.fx.Node, ev: _ConstantEvaluator) -> str:
+    """Why a weight that reads module state is not bindable: the runtime inputs it also reads
+    (tensors dynamo passes that are neither parameters, buffers nor module attributes).
+    Empty for products of activations (attention scores: their subgraph holds a matmul)."""
+    seen, inputs, reads_state, work = set(), [], False, [w]
+    while work:
+        n = work.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if n in ev.values:
+                reads_state = True
+            else:
+                inputs.append(n.name)
+        elif n.op == "call_function":
+            if n.target in _MM or n.target in (aten.bmm.default, torch.ops.lowbit.linear.default):
+                return ""
+            if not _is_pure(n):
+                return f"the weight is computed by {n.target}, which has side effects"
+        work.extend(n.all_input_nodes)
+    if not inputs or not reads_state:
+        return ""
+    return ("the weight depends on graph input(s) " + ", ".join(sorted(inputs)[:4])
+            + " that are not module state (not a parameter, buffer or module attribute)")
 
 
 def _is_plain_weight(w: torch.fx.Node, ev: _ConstantEvaluator) -> bool:
@@ -448,6 +520,8 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
     for f in found:
         s = f.spec
         key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format)
+        if "float zero" in f.origin:
+            key = key + (id(f),)  # per-group offsets are added per layer: never merged
         if key not in buckets:
             buckets[key] = []
             order.append(key)
@@ -507,11 +581,13 @@ def _pack_group(group: list[_Found]) -> BoundLayer:
         bias = torch.cat([f.bias if f.bias is not None else torch.zeros(f.spec.out_features)
                           for f in group]).to(torch.float32).contiguous()
     kblock = choose_kblock(spec.in_features, spec.group_width, k_granule(spec.weight_format))
+    offsets = group[0].offsets if len(group) == 1 else None
     pw = pack_weight(q.to(torch.int8).contiguous(), scales.to(torch.float32), spec.weight_format,
                      group=spec.group_width, zero=zero, kblock=kblock)
     origins = {f.origin for f in group}
     return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
-                      pw.data.view(torch.int8), bias, [], _location(group[0].node))
+                      pw.data.view(torch.int8), bias, [], _location(group[0].node), offsets,
+                      group[0].numerics if len({f.numerics for f in group}) == 1 else "mixed")
 
 
 # Side-effecting checks that export leaves on tensors (e.g. after a `.to(dtype)` in a model's own
@@ -574,7 +650,6 @@ def _pack_dense(w: torch.Tensor) -> Optional[torch.Tensor]:
 class _Entry:
     spec: Any                       # LowBitSpec, or None when not low-bit
     origin: str
-    sources: tuple
     refs: tuple                     # weakrefs to the source tensors
     versions: tuple
     report: Optional[dict]          # the "not recognized" entry, replayed
@@ -589,8 +664,12 @@ _MATCHES: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 _MAX_MATCHES = 8192
 _LAYERS: "weakref.WeakValueDictionary[tuple, BoundLayer]" = weakref.WeakValueDictionary()
 _cache_lock = threading.Lock()
-def _subgraph_signature(node: Any, ev: "_ConstantEvaluator", position: dict) -> tuple:
-    """Structure of the constant subgraph computing `node` (ops and wiring, not names)."""
+def _subgraph_signature(node: Any, ev: "_ConstantEvaluator", position: dict, rank: dict) -> tuple:
+    """Structure of the constant subgraph computing `node` (ops and wiring, not names).
+
+    Inputs are named by `rank` (their order among the weight's sources), not by position:
+    another capture of the same model (dynamo's recompile adds or drops size inputs) must
+    give the same key."""
     order: dict[torch.fx.Node, int] = {}
     items = []
 
@@ -600,7 +679,7 @@ def _subgraph_signature(node: Any, ev: "_ConstantEvaluator", position: dict) -> 
         if n in order:
             return ("%", order[n])
         if n.op == "placeholder":
-            sig = ("in", position.get(n))
+            sig = ("in", rank.get(position.get(n)))
         elif n.op == "get_attr":
             t = _fetch_attr(ev.gm, n.target)
             sig = ("attr", id(t))
@@ -617,7 +696,10 @@ def _subgraph_signature(node: Any, ev: "_ConstantEvaluator", position: dict) -> 
 
 
 def _weight_key(node: torch.fx.Node, ev: "_ConstantEvaluator", position: dict, args: Sequence[Any],
-                config: tuple) -> tuple:
+                config: tuple) -> tuple[tuple, tuple[int, ...]]:
+    """(identity key, caller positions of the weight's source tensors); ((), ()) = not cacheable.
+
+    The key holds no positions, so a binding is found again from any capture of the model."""
     if node.target is torch.ops.lowbit.linear.default:
         weights, attrs = node.args[1:5], tuple(node.args[5:])
     elif node.target is aten.addmm.default:
@@ -625,7 +707,7 @@ def _weight_key(node: torch.fx.Node, ev: "_ConstantEvaluator", position: dict, a
     else:
         weights, attrs = (node.args[1],), ()
     if not all(ev.is_constant(w) for w in weights) or ev.is_constant(node.args[0] if node.target is not aten.addmm.default else node.args[1]):
-        return ()
+        return (), ()
     x = node.args[1] if node.target is aten.addmm.default else node.args[0]
     x_val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
     sources = set()
@@ -634,13 +716,15 @@ def _weight_key(node: torch.fx.Node, ev: "_ConstantEvaluator", position: dict, a
             sources |= ev.sources(w, position)
     # The version counter is part of the key: packed layers (`_LAYERS`) are looked up by it,
     # and an in-place update of a source tensor must pack again, not reuse the old bytes.
-    tensors = tuple((p, id(args[p]), args[p].data_ptr(), _version(args[p]), tuple(args[p].shape),
+    positions = tuple(sorted(sources))
+    tensors = tuple((id(args[p]), args[p].data_ptr(), _version(args[p]), tuple(args[p].shape),
                      str(args[p].dtype))
-                    for p in sorted(sources) if isinstance(args[p], torch.Tensor))
+                    for p in positions if isinstance(args[p], torch.Tensor))
     if len(tensors) != len(sources):
-        return ()
+        return (), ()
+    rank = {p: i for i, p in enumerate(positions)}
     return (str(node.target), attrs, config, str(getattr(x_val, "dtype", None)),
-            tuple(_subgraph_signature(w, ev, position) for w in weights), tensors)
+            tuple(_subgraph_signature(w, ev, position, rank) for w in weights), tensors), positions
 
 
 def _lookup(key: tuple) -> Optional[_Entry]:
@@ -663,11 +747,11 @@ def _version(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
-def _remember(key: tuple, hit: Optional["_Found"], report: list[dict], args) -> _Entry:
-    positions = sorted({p for p, *_ in key[-1]})
+def _remember(key: tuple, positions: tuple[int, ...], hit: Optional["_Found"], report: list[dict],
+              args) -> _Entry:
     tensors = [args[p] for p in positions]
     entry = _Entry(hit.spec if hit is not None else None, hit.origin if hit is not None else "",
-                   tuple(positions), tuple(weakref.ref(t) for t in tensors),
+                   tuple(weakref.ref(t) for t in tensors),
                    tuple(_version(t) for t in tensors),
                    None if hit is not None or not report or report[-1].get("result") != "not recognized"
                    else dict(report[-1]))
@@ -678,7 +762,8 @@ def _remember(key: tuple, hit: Optional["_Found"], report: list[dict], args) -> 
     return entry
 
 
-def _found_from_cache(node: torch.fx.Node, entry: _Entry, report: list[dict], key: tuple) -> Optional["_Found"]:
+def _found_from_cache(node: torch.fx.Node, entry: _Entry, report: list[dict], key: tuple,
+                      positions: tuple[int, ...]) -> Optional["_Found"]:
     """A layer recognised before from the same tensors; its codes are computed only if its
     packed layer is not alive any more (`_materialize`)."""
     if entry.spec is None:
@@ -686,17 +771,18 @@ def _found_from_cache(node: torch.fx.Node, entry: _Entry, report: list[dict], ke
             report.append(dict(entry.report, location=_location(node)))
         return None
     x = node.args[1] if node.target is aten.addmm.default else node.args[0]
-    return _Found(node, x, entry.spec, None, None, None, None, entry.origin, set(entry.sources), key)
+    return _Found(node, x, entry.spec, None, None, None, None, entry.origin, set(positions), key)
 
 
 def _materialize(f: "_Found", ev: "_ConstantEvaluator", position: dict, formats, group_sizes,
-                 activations) -> None:
+                 activations, numerics: str = "bit-exact") -> None:
     """Compute the codes, scales and bias of a layer known only from the cache."""
     scratch: list[dict] = []
     if f.node.target is torch.ops.lowbit.linear.default:
         hit = _match_lowbit_linear(f.node, ev, position, scratch)
     else:
-        hit = _match_mm(f.node, ev, position, formats, group_sizes, activations, scratch, None)
+        hit = _match_mm(f.node, ev, position, formats, group_sizes, activations, scratch, None, numerics)
     if hit is None or hit.spec != f.spec:
         raise RuntimeError(f"lowbit.bind: cached recognition of {f.node.name} no longer holds ({scratch})")
     f.q, f.scales, f.zero_points, f.bias = hit.q, hit.scales, hit.zero_points, hit.bias
+    f.offsets, f.numerics = hit.offsets, hit.numerics

@@ -222,6 +222,21 @@ def test_lowbit_linear_layers_are_bound():
         assert [l.spec.act_format for l in b.binding.layers] == ["int8", "int8"]
 
 
+def test_a_recompile_shares_packed_weights():
+    """Dynamo's dynamic recompile adds size inputs, so every weight sits at another graph
+    position: binding must still find its packed layers and panels, not pack a second copy."""
+    model = MLP(nn.Linear(128, 256), nn.Linear(256, 64, bias=False)).eval()
+    lowbit.quantize_(model, lowbit.QuantConfig(weights="ternary", activations="int8"), filter_fn=lambda m, fqn: fqn == "up")
+    compiled, spy = _compile(model)
+    _run_ms(spy, compiled, model, 128, ms=(3, 17), rtol=1e-3, atol=1e-3)
+    first, second = spy.bound()
+    assert first.captured.input_indices != second.captured.input_indices, "positions did not move"
+    assert [l.packed for l in first.binding.layers] and all(
+        a.packed is b.packed for a, b in zip(first.binding.layers, second.binding.layers, strict=True))
+    panels = [[t for t in b.binding.derived if t.dtype == torch.float32] for b in (first, second)]
+    assert panels[0] and all(a is b for a, b in zip(*panels, strict=True))
+
+
 def test_siblings_merge_into_one_packed_linear():
     model = QKV().eval()
     compiled, spy = _compile(model)
