@@ -9,14 +9,18 @@ convention only handles static shapes; `JitFunction` fills those fields per call
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from lowbit.compiler.frontend import CapturedGraph, capture, import_graph
+from lowbit.compiler.frontend import NODE_LOCATION_PREFIX, CapturedGraph, FrontendError, capture, import_graph
+from lowbit.compiler.isolation import run_isolated
 from lowbit.compiler.jit import InputError, JitFunction
-from lowbit.compiler.pipeline import CompileOptions, Pipeline, Stage
+from lowbit.compiler.pipeline import CompileOptions, Pipeline, Stage, StageError
+from lowbit.compiler.worker import enabled as worker_enabled
 from lowbit.compiler.report import register as register_report
 
 ENTRY = "forward"
@@ -89,14 +93,57 @@ def compile_captured(captured: CapturedGraph, options: CompileOptions | None = N
     pipeline = pipeline or Pipeline(options=options)
     if captured.is_dynamic:
         pipeline.stages = descriptor_calling_convention(pipeline.stages)
-    module = import_graph(captured, func_name=ENTRY)
+    module = _import(captured, pipeline)
     pipeline.dump(module, "import")
-    pipeline.run(module)
+    if worker_enabled():
+        module = run_isolated(pipeline, module, captured)
+    else:
+        pipeline.run(module)
     jit = JitFunction(module, ENTRY, captured.input_specs, captured.unique_output_specs(),
                       symbol_ranges=captured.symbol_ranges)
     compiled = CompiledGraph(captured, jit, pipeline)
     register_report(compiled)
     return compiled
+
+
+def _import(captured: CapturedGraph, pipeline: Pipeline):
+    """torch-dialect module of the graph; an importer failure is a `StageError` of stage
+    "import" naming the nodes whose dtypes the importer cannot represent (complex128,
+    uint64, ...), so that the partitioner runs those ops in eager."""
+    try:
+        return import_graph(captured, func_name=ENTRY)
+    except FrontendError as e:
+        nodes = unimportable_nodes(captured.graph_module.graph)
+        named = "".join(f"\n  cannot import {NODE_LOCATION_PREFIX}{n.name} ({why})" for n, why in nodes)
+        directory = pipeline.dump_dir or Path(tempfile.mkdtemp(prefix="lowbit-repro-"))
+        directory.mkdir(parents=True, exist_ok=True)
+        repro = directory / "repro-import.py"
+        repro.write_text(captured.graph_module.code)
+        raise StageError("import", FrontendError(f"{e}{named}"), repro,
+                         "(torch-mlir's FX importer; the reproducer holds the FX graph's code)") from e
+
+
+def unimportable_nodes(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, str]]:
+    """Nodes with a tensor dtype or a dtype argument torch-mlir's FX importer has no type for."""
+    from torch_mlir.extras.fx_importer import TORCH_DTYPE_TO_INT, TORCH_DTYPE_TO_MLIR_TYPE
+
+    def tensor_dtypes(value):
+        vals = value if isinstance(value, (list, tuple)) else [value]
+        return [v.dtype for v in vals if isinstance(v, torch.Tensor)]
+
+    out = []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "get_attr"):
+            continue
+        dtypes = tensor_dtypes(node.meta.get("val"))
+        for arg in node.all_input_nodes:
+            dtypes += tensor_dtypes(arg.meta.get("val"))
+        bad = sorted({str(d) for d in dtypes if d not in TORCH_DTYPE_TO_MLIR_TYPE})
+        bad += sorted({str(a) for a in list(node.args) + list(node.kwargs.values())
+                       if isinstance(a, torch.dtype) and a not in TORCH_DTYPE_TO_INT})
+        if bad:
+            out.append((node, "dtype " + ", ".join(sorted(set(bad)))))
+    return out
 
 
 BARE_POINTER_FUNC_TO_LLVM = "convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}"

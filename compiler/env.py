@@ -210,6 +210,9 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "leaves those passes out of the default pipeline", _pass_names, frozenset()),
     Variable("LOWBIT_LOG", "compile, info or debug (case-insensitive)",
              "logs compile timings (compile) or every lowbit logger at INFO/DEBUG to stderr", _log),
+    Variable("LOWBIT_COMPILE_WORKER", "1/true/yes/on or 0/false/no/off (default on)",
+             "runs the MLIR pipeline in a worker process, so that a crash inside MLIR becomes an eager "
+             "fallback instead of killing the process (off: in-process, no isolation)", _flag, True),
     Variable("LOWBIT_ALLOC_CACHE_MB", "an integer in [0, 1048576] (default 1024; 0 disables the cache)",
              "size of the native runtime's buffer cache", _cache_mb, 1024),
     Variable("LOWBIT_RUNTIME_LIB", "path of an existing liblowbit_runtime shared library",

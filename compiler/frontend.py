@@ -202,6 +202,8 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
     `dynamic_dims` maps an input position to `{dim index: symbol}`, a symbol being a name
     (the same name in two places is one size) or a `torch.export.Dim` (for a range); those
     dims stay symbolic in the graph (see the module docstring)."""
+    from lowbit.compiler.worker import prestart
+    prestart()  # the compile worker imports while this graph is exported and bound
     args = tuple(_concrete(a) for a in example_inputs)
     dims = _normalize_dynamic_dims(dynamic_dims, args)
     # Scalar inputs the compiled graph does not depend on: unused by a GraphModule, or
@@ -802,12 +804,18 @@ class _NodeNamedLocations(ContextCache):
 def import_graph(captured: CapturedGraph, func_name: str = "forward",
                  context: ir.Context | None = None) -> ir.Module:
     """FX graph -> torch-dialect MLIR module (`func.func @<func_name>`)."""
+    return import_fx_graph(captured.graph_module.graph, func_name, context)
+
+
+def import_fx_graph(graph: torch.fx.Graph, func_name: str = "forward",
+                    context: ir.Context | None = None) -> ir.Module:
+    """An ATen FX graph (placeholders with `meta["val"]`) -> torch-dialect MLIR module."""
     context = context or new_context()
     importer = FxImporter(context=context, hooks=LiteralHooks())
     importer._cc.__class__ = _NodeNamedLocations  # same slots: only the location hook differs
-    split_shared_get_attrs(captured.graph_module.graph)
+    split_shared_get_attrs(graph)
     try:
-        importer.import_stateless_graph(captured.graph_module.graph, func_name=func_name)
+        importer.import_stateless_graph(graph, func_name=func_name)
     except Exception as e:
         raise FrontendError(f"torch-mlir's FX importer failed: {type(e).__name__}: {e}") from e
     return importer.module
