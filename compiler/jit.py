@@ -17,20 +17,29 @@ Two calling conventions:
 
 Thread safety: argument arrays are per thread (`threading.local`); nothing a call writes
 is shared with a concurrent call of the same function.
+
+`NativeFunction` is the calling side alone (a C entry address plus its signature); it is what
+an ahead-of-time artifact's loader uses, so this module imports torch-mlir only when a
+`JitFunction` is built. While `emission(...)` is active (ahead-of-time compilation), every
+`JitFunction` is built for that target's CPU features, as position-independent code, so its
+object file can go into an artifact's shared library (`object_bytes`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
+import os
+import tempfile
 import threading
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import sympy
 import torch
 from torch.utils._sympy.printers import PythonPrinter
-from torch_mlir import ir
-from torch_mlir.execution_engine import ExecutionEngine
 
-from lowbit.compiler.frontend import TensorSpec
+if TYPE_CHECKING:
+    from lowbit.compiler.frontend import TensorSpec
 from lowbit.compiler.threads import configure as configure_threads
 from lowbit.runtime.library import load_openmp, load_runtime, openmp_library_path, runtime_library_path
 
@@ -60,20 +69,50 @@ class _ArgumentArray:
         self.packed = (ctypes.c_void_p * max(slots, 1))(*[base + 8 * i for i in range(slots)])
 
 
-class JitFunction:
-    """A JIT-compiled entry `func(inputs..., outputs...)` (see the module docstring)."""
+# The active ahead-of-time emission settings (None: plain JIT for this host).
+_EMISSION: contextvars.ContextVar["Emission | None"] = contextvars.ContextVar("lowbit_emission", default=None)
 
-    def __init__(self, module: ir.Module, func_name: str, input_specs: Sequence[TensorSpec],
-                 output_specs: Sequence[TensorSpec], opt_level: int = 3,
-                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None):
+
+class Emission:
+    """How `JitFunction`s built inside `emission(...)` are code-generated: `annotate(module)`
+    sets the target CPU/features on the lowered module's functions; code is PIC."""
+
+    def __init__(self, key: str, annotate: Any):
+        self.key = key              # part of every cache key of code built under it
+        self.annotate = annotate
+
+
+@contextlib.contextmanager
+def emission(settings: Emission):
+    token = _EMISSION.set(settings)
+    try:
+        yield settings
+    finally:
+        _EMISSION.reset(token)
+
+
+def emission_key() -> str:
+    """'' for plain JIT code, else the active emission's key (code differs per target)."""
+    e = _EMISSION.get()
+    return "" if e is None else e.key
+
+
+class NativeFunction:
+    """A compiled entry `func(inputs..., outputs...)` at a C address, called through its packed
+    form `void f(void **args)` (see the module docstring). `owner` keeps the code alive."""
+
+    def __init__(self, address: int, func_name: str, input_specs: Sequence["TensorSpec"],
+                 output_specs: Sequence["TensorSpec"],
+                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None, owner: Any = None):
         self.func_name = func_name
+        self.owner = owner
         self.input_specs = list(input_specs)
         self.output_specs = list(output_specs)
         self.symbol_ranges = dict(symbol_ranges or {})
         self.dynamic = not all(s.is_static for s in self.input_specs + self.output_specs)
-        self.engine = ExecutionEngine(module, opt_level=opt_level, shared_libs=_shared_libs())
-        self.engine.initialize()
-        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self.engine.raw_lookup(func_name))
+        if not address:
+            raise ValueError(f"entry {func_name!r} has no address")
+        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
         self._n_in = len(self.input_specs)
         self._local = threading.local()
         if self.dynamic:
@@ -195,6 +234,39 @@ class JitFunction:
         self._fn(args.packed)
         return outputs
 
+
+
+class JitFunction(NativeFunction):
+    """A lowered MLIR module JIT-compiled by the ExecutionEngine; calls its entry `func_name`."""
+
+    def __init__(self, module, func_name: str, input_specs: Sequence["TensorSpec"],
+                 output_specs: Sequence["TensorSpec"], opt_level: int = 3,
+                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None):
+        from torch_mlir.execution_engine import ExecutionEngine
+
+        settings = _EMISSION.get()
+        self.emission_key = "" if settings is None else settings.key
+        if settings is not None:
+            settings.annotate(module)
+        self.engine = ExecutionEngine(module, opt_level=opt_level, shared_libs=_shared_libs(),
+                                      enable_pic=settings is not None)
+        self.engine.initialize()
+        super().__init__(self.engine.raw_lookup(func_name), func_name, input_specs, output_specs,
+                         symbol_ranges, owner=self.engine)
+        # The object code, taken now (ahead-of-time builds only): the engine's object buffer is
+        # what a later artifact links.
+        self.object_bytes: bytes | None = self._object_bytes() if settings is not None else None
+
+    def _object_bytes(self) -> bytes:
+        fd, path = tempfile.mkstemp(suffix=".o", prefix="lowbit-entry-")
+        os.close(fd)
+        try:
+            self.engine.dump_to_object_file(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(path)
+
     def dump_object(self, path: str) -> None:
         self.engine.dump_to_object_file(path)
 
@@ -225,7 +297,7 @@ class _DynamicSignature:
     that change per call (the rest are `constant_slots`).
     """
 
-    def __init__(self, input_specs: list[TensorSpec], output_specs: list[TensorSpec],
+    def __init__(self, input_specs: list["TensorSpec"], output_specs: list["TensorSpec"],
                  ranges: dict[str, tuple[int, int | None]]):
         self.input_specs, self.output_specs, self.ranges = input_specs, output_specs, ranges
         self.out_dtypes = [s.dtype for s in output_specs]

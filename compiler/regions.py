@@ -224,11 +224,13 @@ _shared_lock = threading.Lock()
 
 
 def compile_context(options: Any) -> tuple:
-    """What besides a region's structure decides its code: options, ISA, target, passes."""
+    """What besides a region's structure decides its code: options, ISA, target, passes, and
+    the ahead-of-time emission target (`jit.emission_key`: PIC code for another CPU)."""
+    from lowbit.compiler.jit import emission_key
     from lowbit.runtime import current_isa
 
     return (repr(options), current_isa(), os.environ.get("LOWBIT_TARGET", ""),
-            os.environ.get("LOWBIT_DISABLE_PASSES", ""))
+            os.environ.get("LOWBIT_DISABLE_PASSES", ""), emission_key())
 
 
 def compile_regions(fused: torch.fx.GraphModule, inputs: Sequence[Any],
