@@ -53,7 +53,8 @@ def freezable_positions(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
         source = source() if callable(source) else source
         if isinstance(value, torch.Tensor) and ("._buffers[" in source or "_parameters[" in source):
             positions.append(pos)
-    return positions
+    from lowbit.compiler.module_state import attribute_state_positions  # issue 12: hqq's meta dict
+    return sorted(set(positions) | set(attribute_state_positions(gm, example_inputs, positions)))
 
 
 class LowbitCallable:

@@ -264,7 +264,8 @@ def merge_reports(bound: list[dict], pipeline: list[dict]) -> list[dict]:
 
 def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
                           options: CompileOptions, known_unsupported: set[str] | None = None,
-                          max_rounds: int = 8, dynamic_dims: dict | None = None) -> Callable:
+                          max_rounds: int = 8, dynamic_dims: dict | None = None,
+                          on_capture_failure: Callable[[str], None] | None = None) -> Callable:
     """Compile `fn` for `args`; on failure, partition around the ops the pipeline rejects.
 
     Module state (`freezable` positions) stays a runtime input; low-bit matmuls found on
@@ -275,6 +276,11 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
     `known_unsupported` (updated in place) carries ops found unsupported by earlier
     compilations of the same graph, e.g. for another input shape, so they are not retried.
     """
+    from lowbit.compiler.subclasses import compile_subclass_graph  # issue 12 hook
+    compiled = compile_subclass_graph(fn, args, freezable, dynamic_dims, lambda *a, **k: compile_with_fallback(
+        *a[:3], options, known_unsupported, max_rounds, *a[3:], **k), _warn)
+    if compiled is not None:  # tensor-subclass weights: compiled over their inner tensors
+        return compiled
     bind = options.weights == "bind"
     try:
         with warnings.catch_warnings():
@@ -282,14 +288,18 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
             captured = capture(fn, args, () if bind else freezable, dynamic_dims=dynamic_dims)
             fix_dynamic_reshapes(captured.graph_module)
     except FrontendError as e:
-        _warn("the graph", f"capture failed: {_first_line(e)}")
+        if on_capture_failure is not None:
+            on_capture_failure(_first_line(e))
+        else:
+            _warn("the graph", f"capture failed: {_first_line(e)}")
         return fn
     if not bind:
         return _compile_rounds(captured, args, options, known_unsupported, max_rounds)
     if options.regions:
         restore_module_stacks(captured.graph_module, fn)  # before binding copies them onto its ops
     with timed("bind weights"):
-        binding = bind_weights(captured, args, freezable, activations=options.activations)
+        binding = bind_weights(captured, args, freezable, activations=options.activations,
+                               numerics=getattr(options, "dequant_numerics", "bit-exact"))
     inner = None
     if options.regions:
         inner = _compile_by_region(captured, binding.extend(args), options, known_unsupported, max_rounds)

@@ -61,6 +61,10 @@ class CompileOptions:
     # Structurally identical numbered modules (decoder layers) share one compiled function
     # (lowbit.compiler.regions); with weights bound only.
     regions: bool = True
+    # Library weights dequantized in fp16/bf16 (GPTQ, hqq): "dequant-rounding" accepts codes x
+    # the model's own scales within that dtype's rounding; "bit-exact" only exact proofs
+    # (lowbit.compiler.dequant_match, docs/clients.md).
+    dequant_numerics: str = "dequant-rounding"
 
 
 # Passes on the imported torch dialect, before torch-mlir's pipelines (which reject

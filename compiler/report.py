@@ -21,8 +21,8 @@ from lowbit.passes.pack_weights import PACKED_ATTR, dict_attr_values
 from lowbit.passes.qlinear import QLINEAR_ATTR, epilogue_from_attr, qlinear_functions, read_report, spec_from_attr
 from lowbit.passes.tile_qlinear import TILES_ATTR
 
-_COLUMNS = ("kind", "origin", "result", "format", "epilogue", "tiles", "packed_bytes", "isa", "reason",
-            "location")
+_COLUMNS = ("kind", "origin", "result", "format", "numerics", "epilogue", "tiles", "packed_bytes", "isa",
+            "reason", "location")
 
 
 def collect_report(module: ir.Module) -> list[dict]:
