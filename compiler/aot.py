@@ -50,6 +50,7 @@ from lowbit.compiler.artifact_format import (CODE, FORMAT, FORMAT_VERSION, MANIF
 
 log = logging.getLogger("lowbit.aot")
 
+LOADABLE_NAMESPACES = ("aten", "prims", "lowbit")
 OPERATOR_FUNCTIONS = ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne",
                       "lt", "le", "gt", "ge")
 
@@ -241,7 +242,12 @@ class _Writer:
 def op_name(target: Any) -> str:
     """`aten::add.Tensor` for an OpOverload, `operator.getitem` for an operator function."""
     if isinstance(target, torch._ops.OpOverload):
-        return target.name() if "." in target.name() else target.name() + ".default"
+        name = target.name() if "." in target.name() else target.name() + ".default"
+        if target.namespace not in LOADABLE_NAMESPACES:
+            raise UnserializableGraphError(
+                f"op {name} runs in eager (it was not compiled) and is not an ATen or lowbit op, so a process "
+                "that loads the artifact may not have it")
+        return name
     if getattr(target, "__module__", None) == "_operator" and target.__name__ in OPERATOR_FUNCTIONS:
         return f"operator.{target.__name__}"
     if isinstance(target, torch._ops.OpOverloadPacket):
