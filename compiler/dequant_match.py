@@ -40,6 +40,7 @@ UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.flo
 #: Format preference for integer codes (fewest bits first).
 _SYM = ("int1", "ternary", "int2_sym", "int4_sym", "int8")
 _ASYM = ("int2_asym", "int4_asym")
+_BY_BITS = ("int1", "ternary", "int2_sym", "int2_asym", "int4_sym", "int4_asym", "int8")
 
 
 @dataclasses.dataclass
@@ -54,9 +55,8 @@ class DequantMatch:
     zero_kind: str                       # "none" | "integer" | "float"
 
 
-def _groupwise(s: np.ndarray, n: int, k: int, g: int) -> np.ndarray:
-    """[N, g] per-group values expanded to [N, K]."""
-    width = -(-k // g)
+def _groupwise(s: np.ndarray, k: int, width: int) -> np.ndarray:
+    """[N, groups] per-group values expanded to [N, K] (groups of `width`, the last short)."""
     return np.repeat(s, width, axis=1)[:, :k]
 
 
@@ -108,7 +108,7 @@ def match_dequant(w: torch.Tensor, leaves: Sequence[torch.Tensor], low_dtype: to
 
 def _fit(wd, sd, gs, g, u, zero_leaves, formats, act_format, low_dtype, s_tensor) -> Optional[DequantMatch]:
     n, k = wd.shape
-    s_full = _groupwise(sd, n, k, g)
+    s_full = _groupwise(sd, k, gs)
     r = wd / s_full
     tiny = 2.0 ** -30 * s_full
     granularity = "channel" if g == 1 else "group"
@@ -119,15 +119,15 @@ def _fit(wd, sd, gs, g, u, zero_leaves, formats, act_format, low_dtype, s_tensor
     if 2 * u * (np.max(np.abs(c)) + 1) >= 0.25:
         return None  # the dequant dtype cannot tell neighbouring codes apart: nothing to prove
     if np.all(np.abs((c - r) * s_full) <= 2 * u * np.abs(wd) + tiny):
-        for fmt in _SYM + _ASYM:
+        for fmt in _BY_BITS:
             if fmt not in allowed:
                 continue
-            got = _integer_codes(c, fmt, g, k)
+            got = _integer_codes(c, fmt, gs, k)
             if got is None:
                 continue
             q, z = got
             spec = LowBitSpec(fmt, granularity, group_size, k, n, act_format)
-            wq = (q.astype(np.float64) - (0 if z is None else _groupwise(z.astype(np.float64), n, k, g))) * s_full
+            wq = (q.astype(np.float64) - (0 if z is None else _groupwise(z.astype(np.float64), k, gs))) * s_full
             return DequantMatch(spec, torch.from_numpy(q.astype(np.int8)), _f32(sd), None if z is None else
                                 torch.from_numpy(z.astype(np.int8)), None, float(np.max(np.abs(wq - wd))),
                                 f"{_name(low_dtype)} dequant rounding", "integer" if z is not None else "none")
@@ -136,30 +136,30 @@ def _fit(wd, sd, gs, g, u, zero_leaves, formats, act_format, low_dtype, s_tensor
     for z_leaf in zero_leaves:
         for z in _orientations(z_leaf, n, g):
             f = -z.to(torch.float64).numpy()
-            cz = np.rint(r - _groupwise(f, n, k, g))
-            wq = (cz + _groupwise(f, n, k, g)) * s_full
-            if np.all(np.abs(wq - wd) <= 2 * u * (np.abs(wq) + np.abs(_groupwise(f, n, k, g) * s_full)) + tiny):
+            cz = np.rint(r - _groupwise(f, k, gs))
+            wq = (cz + _groupwise(f, k, gs)) * s_full
+            if np.all(np.abs(wq - wd) <= 2 * u * (np.abs(wq) + np.abs(_groupwise(f, k, gs) * s_full)) + tiny):
                 offsets = (cz, f)
                 break
         if offsets is not None:
             break
     if offsets is None:
-        f = _circular_offset(r, n, k, g)
-        cz = np.rint(r - _groupwise(f, n, k, g))
-        wq = (cz + _groupwise(f, n, k, g)) * s_full
-        if not np.all(np.abs(wq - wd) <= 2 * u * (np.abs(wq) + np.abs(_groupwise(f, n, k, g) * s_full)) + tiny):
+        f = _circular_offset(r, n, k, gs)
+        cz = np.rint(r - _groupwise(f, k, gs))
+        wq = (cz + _groupwise(f, k, gs)) * s_full
+        if not np.all(np.abs(wq - wd) <= 2 * u * (np.abs(wq) + np.abs(_groupwise(f, k, gs) * s_full)) + tiny):
             return None
         offsets = (cz, f)
     cz, f = offsets
     for fmt in _SYM:
         if fmt not in allowed:
             continue
-        got = _shift_codes(cz, f, sd, fmt, g, k)
+        got = _shift_codes(cz, f, sd, fmt, gs, k)
         if got is None:
             continue
         q, scale, offset = got
         spec = LowBitSpec(fmt, granularity, group_size, k, n, act_format)
-        wq = q.astype(np.float64) * _groupwise(scale, n, k, g) + _groupwise(offset, n, k, g)
+        wq = q.astype(np.float64) * _groupwise(scale, k, gs) + _groupwise(offset, k, gs)
         return DequantMatch(spec, torch.from_numpy(q.astype(np.int8)), _f32(scale), None,
                             torch.from_numpy(offset.astype(np.float32)), float(np.max(np.abs(wq - wd))),
                             f"{_name(low_dtype)} dequant rounding", "float")
@@ -174,52 +174,52 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _group_minmax(c: np.ndarray, g: int, k: int):
+def _group_minmax(c: np.ndarray, width: int, k: int):
     n = c.shape[0]
-    width = -(-k // g)
+    g = -(-k // width)
     pad = g * width - k
     lo = np.pad(c, ((0, 0), (0, pad)), constant_values=np.inf).reshape(n, g, width).min(-1)
     hi = np.pad(c, ((0, 0), (0, pad)), constant_values=-np.inf).reshape(n, g, width).max(-1)
     return lo, hi
 
 
-def _integer_codes(c: np.ndarray, fmt: str, g: int, k: int):
+def _integer_codes(c: np.ndarray, fmt: str, gs: int, k: int):
     """(q, z or None) for integer codes `c` = q - z in format `fmt`, else None."""
     f = WEIGHT_FORMATS[fmt]
     values = np.array(f.values)
     if not f.asymmetric:
         return (c, None) if np.isin(c, values).all() else None
-    lo, hi = _group_minmax(c, g, k)
+    lo, hi = _group_minmax(c, gs, k)
     z = np.clip(-lo, 0, f.qmax)  # smallest zero point that makes every code >= 0
     if np.any(hi + z > f.qmax) or np.any(lo + z < 0):
         return None
     n = c.shape[0]
-    return c + _groupwise(z, n, k, g), z
+    return c + _groupwise(z, k, gs), z
 
 
-def _shift_codes(cz: np.ndarray, f: np.ndarray, sd: np.ndarray, fmt: str, g: int, k: int):
+def _shift_codes(cz: np.ndarray, f: np.ndarray, sd: np.ndarray, fmt: str, gs: int, k: int):
     """W = (cz + f) s as q * scale + offset with q in the symmetric format `fmt`."""
     n = cz.shape[0]
-    lo, hi = _group_minmax(cz, g, k)
+    lo, hi = _group_minmax(cz, gs, k)
     fm = WEIGHT_FORMATS[fmt]
     if fmt == "int1":  # two adjacent codes a, a+1 -> -1, +1 at half the scale
         if np.any(hi - lo > 1):
             return None
         a = lo
-        q = 2 * (cz - _groupwise(a, n, k, g)) - 1
+        q = 2 * (cz - _groupwise(a, k, gs)) - 1
         return q, sd / 2, (a + f + 0.5) * sd
     if np.any(hi - lo > fm.qmax - fm.qmin):
         return None
     t = lo - fm.qmin  # shift each group's codes to start at qmin
-    q = cz - _groupwise(t, n, k, g)
+    q = cz - _groupwise(t, k, gs)
     if not np.isin(q, np.array(fm.values)).all():
         return None
     return q, sd, (t + f) * sd
 
 
-def _circular_offset(r: np.ndarray, n: int, k: int, g: int) -> np.ndarray:
+def _circular_offset(r: np.ndarray, n: int, k: int, width: int) -> np.ndarray:
     """Per-group fractional offset f in (-0.5, 0.5] with r - f ~ integers."""
-    width = -(-k // g)
+    g = -(-k // width)
     pad = g * width - k
     ang = 2 * math.pi * r
     cs = np.pad(np.cos(ang), ((0, 0), (0, pad))).reshape(n, g, width).sum(-1)
