@@ -86,8 +86,13 @@ def check_runs_here(target: CodeTarget, what: str) -> None:
 
 
 def annotate(target: CodeTarget):
-    """A function setting `target`'s CPU and features on every llvm.func of a lowered module."""
-    def apply(module: Any) -> None:
+    """A function setting `target`'s CPU and features on every llvm.func of a lowered module.
+
+    The entry is also marked `noinline`: the ExecutionEngine adds the packed wrapper
+    `_mlir_<entry>` itself, without these attributes (so for the host CPU), and LLVM may inline
+    a callee whose features are a subset of the caller's -- the entry's whole body would then
+    be compiled for the host. Kept out of line, the wrapper only loads the argument pointers."""
+    def apply(module: Any, entry: str) -> None:
         from torch_mlir import ir
 
         with module.context:
@@ -97,4 +102,6 @@ def annotate(target: CodeTarget):
                 if op.operation.name == "llvm.func":
                     op.attributes["target_cpu"] = cpu
                     op.attributes["target_features"] = feats
+                    if ir.StringAttr(op.attributes["sym_name"]).value == entry:
+                        op.attributes["no_inline"] = ir.UnitAttr.get()
     return apply

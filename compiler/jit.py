@@ -74,8 +74,8 @@ _EMISSION: contextvars.ContextVar["Emission | None"] = contextvars.ContextVar("l
 
 
 class Emission:
-    """How `JitFunction`s built inside `emission(...)` are code-generated: `annotate(module)`
-    sets the target CPU/features on the lowered module's functions; code is PIC."""
+    """How `JitFunction`s built inside `emission(...)` are code-generated: `annotate(module,
+    entry)` sets the target CPU/features on the lowered module's functions; code is PIC."""
 
     def __init__(self, key: str, annotate: Any):
         self.key = key              # part of every cache key of code built under it
@@ -247,7 +247,7 @@ class JitFunction(NativeFunction):
         settings = _EMISSION.get()
         self.emission_key = "" if settings is None else settings.key
         if settings is not None:
-            settings.annotate(module)
+            settings.annotate(module, func_name)
         self.engine = ExecutionEngine(module, opt_level=opt_level, shared_libs=_shared_libs(),
                                       enable_pic=settings is not None)
         self.engine.initialize()
