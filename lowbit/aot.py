@@ -55,18 +55,24 @@ def llama_examples(prompt_len: int, max_seq_len: int) -> tuple[list[tuple], tupl
     return [prefill, decode], ({1: "T"}, {0: "T"})
 
 
-def compile_preset(preset: str, path: str | os.PathLike, *, max_seq_len: int = 256, seed: int = 0,
+def compile_preset(preset, path: str | os.PathLike, *, max_seq_len: int = 256, seed: int = 0,
                    weights: str = "ternary", activations: str = "int8", target: str | None = None,
                    overwrite: bool = False, prompt_len: int = 8) -> str:
-    """Build a `lowbit.generate` preset Llama (seeded weights) and compile it to `path`."""
+    """Build a `lowbit.generate` preset Llama (a name or a `LlamaConfig`; seeded weights, as
+    `lowbit.generate` builds them) and compile it to `path`."""
     from lowbit.generate import PRESETS, build_llama
+    from lowbit.models import LlamaConfig
 
-    if preset not in PRESETS:
+    if isinstance(preset, LlamaConfig):
+        base, name = preset, next((k for k, v in PRESETS.items() if v == preset), "custom")
+    elif preset in PRESETS:
+        base, name = PRESETS[preset], preset
+    else:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(PRESETS[preset], max_seq_len=max_seq_len, max_batch=1)
+    cfg = dataclasses.replace(base, max_seq_len=max_seq_len, max_batch=1)
     model, _ = build_llama(cfg, seed, weights, activations)
     examples, dyn = llama_examples(prompt_len, max_seq_len)
-    info = {"kind": "llama", "preset": preset, "seed": seed, "weights": weights, "activations": activations,
+    info = {"kind": "llama", "preset": name, "seed": seed, "weights": weights, "activations": activations,
             "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers}
     return compile(model, examples, dyn, path, target=target, overwrite=overwrite, model_info=info)
 

@@ -5,7 +5,11 @@
     lowbit generate --model path/to/hf-dir --prompt "Hello" --cache static
     lowbit generate --preset 1b --set n_layers=2 --json out.json
 
-Subcommands: ``generate`` (greedy generation with llama.cpp-style timings; see lowbit.generate).
+    lowbit compile --preset demo -o demo.lowbit         # an ahead-of-time artifact (see lowbit.aot)
+    lowbit compile --preset demo -o demo-avx2.lowbit --target avx2
+
+Subcommands: ``generate`` (greedy generation with llama.cpp-style timings; see lowbit.generate),
+``compile`` (a preset Llama compiled to an artifact directory that runs without torch-mlir).
 """
 from __future__ import annotations
 
@@ -118,10 +122,55 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_compile(sub) -> None:
+    from lowbit.generate import ACTIVATION_CHOICES, PRESETS, WEIGHT_CHOICES
+    p = sub.add_parser("compile", help="compile a preset Llama ahead of time into an artifact directory",
+                       description="Build a preset Llama (seeded weights), compile prefill (any length) and "
+                                   "decode, and write code.so + weights.safetensors + manifest.json to -o. "
+                                   "Load it with lowbit.aot.load / lowbit.aot.load_llama (no torch-mlir needed).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="artifact directory to write")
+    p.add_argument("--max-seq-len", type=int, default=256, help="KV cache length (longest prompt + new tokens)")
+    p.add_argument("--target", choices=["avx512", "avx2", "portable"], default=None,
+                   help="CPU the code is built for (default: the best this CPU runs)")
+    p.add_argument("--weights", choices=[w for w in WEIGHT_CHOICES if w != "none"], default="ternary")
+    p.add_argument("--activations", choices=ACTIVATION_CHOICES, default="int8")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset's LlamaConfig field (e.g. --set n_layers=4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", "-f", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--verbose", "-v", action="store_true", help="log lowbit's diagnostics")
+    p.set_defaults(func=_run_compile)
+
+
+def _run_compile(args) -> int:
+    import time
+
+    import lowbit.aot
+    from lowbit.compiler.artifact_format import ArtifactError
+    from lowbit.generate import PRESETS
+
+    cfg = _config_overrides(PRESETS[args.preset], args.set)
+    t = time.perf_counter()
+    try:
+        path = lowbit.aot.compile_preset(cfg, args.output, max_seq_len=args.max_seq_len, seed=args.seed,
+                                         weights=args.weights, activations=args.activations, target=args.target,
+                                         overwrite=args.force)
+    except (ArtifactError, ValueError) as e:
+        print(f"lowbit compile: error: {e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - t
+    art = lowbit.aot.load(path)
+    print(f"{art.describe()}\ncompiled in {seconds:.1f} s (trace, compile, link: "
+          f"{art.manifest['build']['seconds']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit: low-bit LLMs compiled for the CPU")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
+    _add_compile(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
