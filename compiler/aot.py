@@ -285,7 +285,7 @@ def _entry_manifest(fn) -> dict:
 
 
 # ----------------------------------------------------------------------------- linking
-def link(entries: list, out_path: str) -> list[str]:
+def link(entries: list, out_path: str, extra_flags: Sequence[str] = ()) -> list[str]:
     """Objects of `entries` -> one shared library; returns the entry symbols."""
     for tool in ("objcopy", "gcc"):
         if shutil.which(tool) is None:
@@ -306,7 +306,7 @@ def link(entries: list, out_path: str) -> list[str]:
             _run(["objcopy", f"--redefine-sym={packed}={symbol}", obj])
             objects.append(obj)
             symbols.append(symbol)
-        _run(["gcc", "-shared", "-o", out_path, *objects, "-lm", "-Wl,-z,now"])
+        _run(["gcc", "-shared", "-o", out_path, *objects, "-lm", "-Wl,-z,now", *extra_flags])
     return symbols
 
 

@@ -159,7 +159,7 @@ def _partition_and_compile(captured: CapturedGraph, args: Sequence[Any], unsuppo
                 sub_captured = capture(sub, example, frozen,
                                        dynamic_dims=dynamic_dims_from_meta(sub.graph.find_nodes(op="placeholder")))
                 fix_dynamic_reshapes(sub_captured.graph_module)
-            compiled = compile_captured(sub_captured, options)
+            compiled = cached_compile(sub_captured, options)
         except StageError as e:
             raise _Rejected(rejected_ops(str(e.cause), sub_captured.graph_module), e.stage,
                             _first_line(e.cause)) from e
@@ -338,6 +338,30 @@ def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: Co
     return PartitionedGraph(captured, fused, set())
 
 
+def cached_compile(captured: CapturedGraph, options: CompileOptions) -> CompiledGraph:
+    """`compile_captured`, through the persistent compile cache (`compile_cache`) when it is on
+    and no ahead-of-time emission is active (artifacts need their own object code)."""
+    from lowbit.compiler import compile_cache
+    from lowbit.compiler.jit import emission_key
+
+    if emission_key() or not compile_cache.enabled():
+        return compile_captured(captured, options)
+    key = compile_cache.key(captured, options)
+    hit = compile_cache.lookup(key)
+    if hit is not None:
+        counters["cache_hits"] += 1
+        from lowbit.compiler.pipeline import Pipeline
+
+        pipeline = Pipeline(options=options)
+        pipeline.report = hit.report
+        compiled = CompiledGraph(captured, hit.fn, pipeline)
+        register_report(compiled)
+        return compiled
+    compiled = compile_captured(captured, options)
+    compile_cache.store(key, compiled.jit, compiled.report)
+    return compiled
+
+
 def _compile_rounds(captured: CapturedGraph, args: Sequence[Any], options: CompileOptions,
                     known_unsupported: set[str] | None, max_rounds: int) -> Callable:
     known = known_unsupported if known_unsupported is not None else set()
@@ -346,7 +370,7 @@ def _compile_rounds(captured: CapturedGraph, args: Sequence[Any], options: Compi
         try:
             if not unsupported:
                 with timed(f"compile a graph of {len(captured.graph_module.graph.nodes)} nodes"):
-                    return compile_captured(captured, options)
+                    return cached_compile(captured, options)
             return _partition_and_compile(captured, args, unsupported, options)
         except StageError as e:
             rejected = _Rejected(rejected_ops(str(e.cause), captured.graph_module), e.stage, _first_line(e.cause))

@@ -1,5 +1,12 @@
 """Suite-wide pytest configuration: the `slow` marker (see docs/reliability.md)."""
+import os
+
 import pytest
+
+# lowbit's persistent compile cache (compiler/compile_cache.py) stays off in tests: no writes to
+# the user's home, and compile counters mean what the tests expect. Cache tests turn it on
+# with a temporary LOWBIT_CACHE_DIR.
+os.environ.setdefault("LOWBIT_CACHE", "0")
 
 
 def pytest_configure(config):

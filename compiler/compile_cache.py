@@ -1,0 +1,263 @@
+"""A persistent cache of compiled code for `torch.compile(backend="lowbit")`, across processes.
+
+What is cached: the machine code of each compiled graph part (what `compile_captured` makes
+of one captured graph: a whole graph, a region, a partition), as a one-entry shared library
+built like an artifact's (`aot.link`), plus its signature and pipeline report. Capture,
+weight binding, regions and partitioning still run in every process (they are cheap and
+they bind the model's own tensors); a hit skips the MLIR pipeline and LLVM code generation.
+
+The key (sha256) covers everything the code depends on and nothing else:
+- the captured FX graph's code (ops, wiring, constant arguments, the bound layers' formats
+  and tilings as `lowbit.packed_linear` arguments), input/output specs with their size
+  symbols and ranges, specialised scalars, and the bytes of any tensor frozen into the code;
+- `CompileOptions`, `LOWBIT_TARGET`, `LOWBIT_DISABLE_PASSES`, the runtime's ISA, this CPU's
+  model name and flags (the JIT tunes for the host);
+- lowbit, torch, torch-mlir versions, the runtime ABI and this cache's format version.
+Weights are not in the key: bound weights are runtime buffers, so one entry serves every
+model with the same structure (and different weights).
+
+Where: `$LOWBIT_CACHE_DIR`, else `$XDG_CACHE_HOME/lowbit`, else `~/.cache/lowbit` (subdirectory
+`compile-v1`). `LOWBIT_CACHE=0` (or false/no/off) turns it off. `LOWBIT_CACHE_SIZE` bounds it
+(default 2G; K/M/G suffixes): after each store the least recently used entries (by the time
+of their last hit) are removed until it fits. Writes are atomic (temporary file + rename, the
+library before its JSON, so a JSON means a complete entry); stores and evictions hold an
+exclusive `flock` on `<dir>/.lock`, so concurrent processes neither corrupt nor half-delete
+entries. An entry that fails its checksum or does not load is deleted and recompiled.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("lowbit.cache")
+
+CACHE_FORMAT = 1
+DEFAULT_MAX_BYTES = 2 << 30
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+
+class CacheConfigError(ValueError):
+    """LOWBIT_CACHE or LOWBIT_CACHE_SIZE holds a value they do not accept."""
+
+
+def enabled() -> bool:
+    raw = os.environ.get("LOWBIT_CACHE", "").strip().lower()
+    if raw in _OFF:
+        return False
+    if raw in _ON:
+        return True
+    raise CacheConfigError(f"LOWBIT_CACHE={os.environ['LOWBIT_CACHE']!r}: expected 1/true/yes/on or "
+                           "0/false/no/off")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LOWBIT_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = os.path.join(xdg, "lowbit") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
+    return Path(base) / f"compile-v{CACHE_FORMAT}"
+
+
+def max_bytes() -> int:
+    raw = os.environ.get("LOWBIT_CACHE_SIZE", "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = raw.upper().removesuffix("B").removesuffix("I")
+    unit = text[-1] if text and text[-1] in units else ""
+    try:
+        value = int(float(text[: len(text) - len(unit)]) * units[unit])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise CacheConfigError(f"LOWBIT_CACHE_SIZE={raw!r}: expected a size such as 500M or 2G")
+    return value
+
+
+# ----------------------------------------------------------------------------- key
+def _context() -> dict:
+    from lowbit.compiler.aot import versions
+    from lowbit.compiler.aot_target import cpu_flags
+    from lowbit.runtime import current_isa
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"versions": versions(), "isa": current_isa(), "cpu": model, "flags": sorted(cpu_flags()),
+            "LOWBIT_TARGET": os.environ.get("LOWBIT_TARGET", ""),
+            "LOWBIT_DISABLE_PASSES": os.environ.get("LOWBIT_DISABLE_PASSES", ""), "format": CACHE_FORMAT}
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().contiguous()
+    if not t.numel():
+        return f"empty{tuple(t.shape)}{t.dtype}"
+    raw = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
+    return hashlib.sha256(memoryview(raw.reshape(-1).numpy())).hexdigest() + f"{tuple(t.shape)}{t.dtype}"
+
+
+def key(captured: Any, options: Any) -> str:
+    gm = captured.graph_module
+    consts = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = getattr(gm, node.target, None)
+        consts[node.target] = _tensor_digest(value) if isinstance(value, torch.Tensor) else repr(value)
+    payload = {
+        "context": _context(),
+        "options": repr(options),
+        "code": gm.code,
+        "inputs": [str(s) for s in captured.input_specs],
+        "outputs": [str(s) for s in captured.output_specs],
+        "unique_outputs": [str(s) for s in captured.unique_output_specs()],
+        "ranges": {k: list(v) for k, v in sorted(captured.symbol_ranges.items())},
+        "specialized": {str(k): repr(v) for k, v in captured.specialized.items()},
+        "frozen": {str(k): _tensor_digest(v) for k, v in captured.frozen.items()},
+        "constants": consts,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- storage
+@contextlib.contextmanager
+def _locked(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _drop(directory: Path, k: str) -> None:
+    for suffix in (".json", ".so"):
+        with contextlib.suppress(OSError):
+            (directory / f"{k}{suffix}").unlink()
+
+
+class _Loaded:
+    """What a hit gives: the entry (a `NativeFunction`) and its pipeline report."""
+
+    def __init__(self, fn, report: list):
+        self.fn, self.report = fn, report
+
+
+def lookup(k: str) -> _Loaded | None:
+    from lowbit.compiler.artifact_format import spec_from_json
+    from lowbit.compiler.jit import NativeFunction
+    from lowbit.runtime.library import load_openmp, load_runtime
+
+    directory = cache_dir()
+    meta_path = directory / f"{k}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    so = directory / f"{k}.so"
+    try:
+        data = so.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError("checksum mismatch")
+        load_openmp()
+        load_runtime()
+        lib = ctypes.CDLL(str(so), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        address = ctypes.cast(getattr(lib, meta["symbol"]), ctypes.c_void_p).value
+        syms: dict = {}
+        fn = NativeFunction(address, meta["func"], [spec_from_json(s, syms) for s in meta["inputs"]],
+                            [spec_from_json(s, syms) for s in meta["outputs"]],
+                            {n: (lo, hi) for n, (lo, hi) in meta["symbol_ranges"].items()}, owner=lib)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("compile cache entry %s is damaged (%s); removing it", so, e)
+        with _locked(directory):
+            _drop(directory, k)
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(meta_path)  # LRU: the last hit
+    return _Loaded(fn, list(meta.get("report", [])))
+
+
+def store(k: str, jit: Any, report: list) -> None:
+    """Link `jit`'s object code into the cache under `k` (never raises: a failed store only
+    logs, the compiled code in this process is unaffected)."""
+    from lowbit.compiler.aot import _entry_manifest, link
+
+    try:
+        report_json = json.loads(json.dumps(report))
+    except (TypeError, ValueError):
+        log.info("compile cache: report of %s is not JSON; not cached", k[:12])
+        return
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
+            obj = os.path.join(tmp, "entry.o")
+            jit.dump_object(obj)
+
+            class _Entry:
+                func_name = jit.func_name
+                object_bytes = Path(obj).read_bytes()
+
+            so_tmp = os.path.join(tmp, "entry.so")
+            # JIT code is not position independent: the library keeps text relocations.
+            (symbol,) = link([_Entry], so_tmp, extra_flags=["-Wl,-z,notext"])
+            data = Path(so_tmp).read_bytes()
+        meta = _entry_manifest(jit)
+        meta.update(symbol=symbol, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), report=report_json,
+                    created=time.time())
+        with _locked(directory):
+            _atomic_write(directory / f"{k}.so", data)
+            _atomic_write(directory / f"{k}.json", json.dumps(meta).encode())
+            _evict(directory, max_bytes())
+    except Exception as e:  # the cache is an optimisation: never fail a compile for it
+        log.warning("compile cache: storing %s failed: %s", k[:12], e)
+
+
+def _evict(directory: Path, limit: int) -> None:
+    entries = []
+    total = 0
+    for meta in directory.glob("*.json"):
+        so = meta.with_suffix(".so")
+        try:
+            size = meta.stat().st_size + (so.stat().st_size if so.exists() else 0)
+            entries.append((meta.stat().st_mtime, meta.stem, size))
+        except OSError:
+            continue
+        total += size
+    entries.sort()
+    while total > limit and entries:
+        _, k, size = entries.pop(0)
+        log.info("compile cache: evicting %s (%d bytes; cache %d > %d bytes)", k[:12], size, total, limit)
+        _drop(directory, k)
+        total -= size
+
+
+def entries() -> list[str]:
+    """Keys currently in the cache."""
+    return sorted(p.stem for p in cache_dir().glob("*.json"))
