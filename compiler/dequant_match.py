@@ -87,6 +87,11 @@ def match_dequant(w: torch.Tensor, leaves: Sequence[torch.Tensor], low_dtype: to
     u = UNIT_ROUNDOFF.get(low_dtype, 2.0 ** -24)
     floats = [t for t in leaves if t.is_floating_point() and t.numel() > 0]
     tried = False
+    # group sizes: the allowed ones, and those the scale tensors imply (any multiple of 8
+    # that divides K: libraries pick their own, e.g. 24 or 100-wide rows cut in 4)
+    implied = {k // (t.numel() // n) for t in floats if t.numel() % n == 0 and 0 < t.numel() // n <= k
+               and k % (t.numel() // n) == 0}
+    group_sizes = sorted(set(group_sizes) | {gs for gs in implied if gs % 8 == 0}, reverse=True)
     for gs, g in _group_counts(k, group_sizes):
         scale_leaves = [t for t in floats if t.numel() == n * g]
         for leaf in scale_leaves:
@@ -134,8 +139,7 @@ def _fit(wd, sd, gs, g, u, zero_leaves, formats, act_format, low_dtype, s_tensor
     # float zero point: W = (c + f) * s with f the per-group fraction
     offsets = None
     for z_leaf in zero_leaves:
-        for z in _orientations(z_leaf, n, g):
-            f = -z.to(torch.float64).numpy()
+        for z, f in _zero_candidates(z_leaf, sd, n, g):
             cz = np.rint(r - _groupwise(f, k, gs))
             wq = (cz + _groupwise(f, k, gs)) * s_full
             if np.all(np.abs(wq - wd) <= 2 * u * (np.abs(wq) + np.abs(_groupwise(f, k, gs) * s_full)) + tiny):
@@ -164,6 +168,15 @@ def _fit(wd, sd, gs, g, u, zero_leaves, formats, act_format, low_dtype, s_tensor
                             torch.from_numpy(offset.astype(np.float32)), float(np.max(np.abs(wq - wd))),
                             f"{_name(low_dtype)} dequant rounding", "float")
     return None
+
+
+def _zero_candidates(z_leaf: torch.Tensor, sd: np.ndarray, n: int, g: int):
+    """(z, f) readings of a zero-point tensor: `(q - z) * s` (hqq, f = -z) or `q * s - z`
+    (quanto's shift, f = -z / s)."""
+    for z in _orientations(z_leaf, n, g):
+        zd = z.to(torch.float64).numpy()
+        yield z, -zd
+        yield z, -zd / sd
 
 
 def _f32(a) -> torch.Tensor:
