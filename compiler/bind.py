@@ -65,6 +65,7 @@ class BoundLayer:
     location: str = ""
     offsets: Optional[torch.Tensor] = None  # fp32 [N, groups]: float zero points (dequant_match)
     numerics: str = "bit-exact"
+    perm: Optional[torch.Tensor] = None     # int64 [K]: act-order, the kernel reads x[:, perm]
 
     @property
     def nbytes(self) -> int:
@@ -100,6 +101,7 @@ class _Found:
     key: tuple = ()            # identity of the weight (see _weight_key); () = not cacheable
     offsets: Optional[torch.Tensor] = None  # float zero points folded (see dequant_match)
     numerics: str = "bit-exact"
+    perm: Optional[torch.Tensor] = None     # act-order column order (see dequant_match)
 
 
 class _ConstantEvaluator:
@@ -286,6 +288,14 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         bias_ph = add_input(layer.bias, f"lowbit_bias_{idx}") if layer.bias is not None else None
         x = group[0].x
         spec = layer.spec
+        if layer.perm is not None:  # act-order: the codes are packed with groups contiguous
+            perm_ph = add_input(layer.perm, f"lowbit_perm_{idx}")
+            first_node = min(group, key=lambda f: order[f.node]).node
+            with graph.inserting_before(first_node):
+                x = graph.call_function(aten.index_select.default, (x, 1, perm_ph))
+            x_meta = group[0].x.meta.get("val")
+            if isinstance(x_meta, torch.Tensor):
+                x.meta["val"] = x_meta.new_empty(x_meta.shape)
         first = min(group, key=lambda f: order[f.node]).node
         with graph.inserting_before(first):
             call = graph.call_function(torch.ops.lowbit.packed_linear.default,
@@ -404,20 +414,23 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
     k, n = wv.shape
     w_nk = wv.detach().t().to(torch.float32).contiguous().numpy()
     spec, qw, why = find_exact_format(w_nk, formats, group_sizes, activations)
-    offsets, numerics_note = None, "bit-exact"
+    offsets, perm, numerics_note = None, None, "bit-exact"
     if spec is None and numerics == "dequant-rounding" and origin == "dequant-subgraph":
         from lowbit.compiler.dequant_match import match_dequant, subgraph_leaves
         leaves, low = subgraph_leaves(w, ev)
         dm, why2 = match_dequant(wv.detach().t(), leaves, low, _tolerant_formats(formats), group_sizes,
                                  activations)
         if dm is not None:
-            spec, offsets = dm.spec, dm.offsets
+            spec, offsets, perm = dm.spec, dm.offsets, dm.perm
             qw = type("QW", (), {})()
             qw.q, qw.scales, qw.zero_points = dm.q, dm.scales.reshape(spec.scale_shape), dm.zero_points
             numerics_note = (f"within {dm.tolerance} (max |err| {dm.max_error:.2g}"
                              + (", float zero point" if dm.zero_kind == "float" else "") + ")")
             if offsets is not None:
                 origin = "dequant-subgraph (float zero)"
+            if perm is not None:
+                origin = "dequant-subgraph (act-order)"
+                numerics_note = numerics_note[:-1] + ", act-order g_idx)"
         else:
             why = f"{why}; {why2}"
     if spec is None:
@@ -436,7 +449,7 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
             return None  # bf16 addmm rounds x@w before adding b; the kernel adds in fp32
     return _Found(node, x, spec, qw.q, qw.scales, qw.zero_points, bias, origin,
                   ev.sources(w, position) | (ev.sources(b, position) if b is not None else set()),
-                  offsets=offsets, numerics=numerics_note)
+                  offsets=offsets, numerics=numerics_note, perm=perm)
 
 
 def _tolerant_formats(formats) -> list[str]:
@@ -520,7 +533,7 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
     for f in found:
         s = f.spec
         key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format)
-        if "float zero" in f.origin:
+        if "float zero" in f.origin or "act-order" in f.origin:
             key = key + (id(f),)  # per-group offsets are added per layer: never merged
         if key not in buckets:
             buckets[key] = []
@@ -587,7 +600,8 @@ def _pack_group(group: list[_Found]) -> BoundLayer:
     origins = {f.origin for f in group}
     return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
                       pw.data.view(torch.int8), bias, [], _location(group[0].node), offsets,
-                      group[0].numerics if len({f.numerics for f in group}) == 1 else "mixed")
+                      group[0].numerics if len({f.numerics for f in group}) == 1 else "mixed",
+                      group[0].perm if len(group) == 1 else None)
 
 
 # Side-effecting checks that export leaves on tensors (e.g. after a `.to(dtype)` in a model's own
@@ -785,4 +799,4 @@ def _materialize(f: "_Found", ev: "_ConstantEvaluator", position: dict, formats,
     if hit is None or hit.spec != f.spec:
         raise RuntimeError(f"lowbit.bind: cached recognition of {f.node.name} no longer holds ({scratch})")
     f.q, f.scales, f.zero_points, f.bias = hit.q, hit.scales, hit.zero_points, hit.bias
-    f.offsets, f.numerics = hit.offsets, hit.numerics
+    f.offsets, f.numerics, f.perm = hit.offsets, hit.numerics, hit.perm

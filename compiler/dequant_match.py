@@ -53,6 +53,7 @@ class DequantMatch:
     max_error: float                     # max |W - W'|
     tolerance: str                       # e.g. "fp16 dequant rounding"
     zero_kind: str                       # "none" | "integer" | "float"
+    perm: Optional[torch.Tensor] = None  # int64 [K]: act-order, the kernel reads x[..., perm]
 
 
 def _groupwise(s: np.ndarray, k: int, width: int) -> np.ndarray:
@@ -79,7 +80,36 @@ def match_dequant(w: torch.Tensor, leaves: Sequence[torch.Tensor], low_dtype: to
                   ) -> tuple[Optional[DequantMatch], str]:
     """Recognise `w` ([N, K], as the matmul reads it) as codes x scales (+ zero points) read
     from `leaves` (the float tensors of module state its subgraph reads). Returns
-    (match, "") or (None, reason)."""
+    (match, "") or (None, reason).
+
+    Act-order (GPTQ `desc_act`): when an integer leaf of K elements maps each k to its group
+    (`g_idx`, not sorted), the columns are reordered so that groups are contiguous; the match
+    carries the permutation, and the caller feeds the kernel `x[..., perm]`."""
+    found, why = _match(w, leaves, low_dtype, formats, group_sizes, act_format)
+    if found is not None:
+        return found, ""
+    n, k = w.shape
+    for perm in _group_orders(leaves, k):
+        pf, _ = _match(w[:, perm], leaves, low_dtype, formats, group_sizes, act_format)
+        if pf is not None:
+            pf.perm = perm
+            return pf, ""
+    return None, why
+
+
+def _group_orders(leaves: Sequence[torch.Tensor], k: int):
+    """Stable sorts of act-order group indices: integer leaves of K values that are not
+    non-decreasing, whose sort makes every group a contiguous run."""
+    for t in leaves:
+        if t.is_floating_point() or t.dtype == torch.bool or t.numel() != k or t.dim() != 1:
+            continue
+        gi = t.detach().to(torch.int64)
+        if gi.min() < 0 or bool((gi[1:] >= gi[:-1]).all()):
+            continue
+        yield torch.sort(gi, stable=True).indices
+
+
+def _match(w, leaves, low_dtype, formats, group_sizes, act_format):
     n, k = w.shape
     wd = w.detach().to(torch.float64).numpy()
     if not np.all(np.isfinite(wd)):

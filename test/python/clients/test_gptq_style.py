@@ -1,6 +1,6 @@
 """GPTQ-style int32-packed weights with fp16 scales (fixture `gptq_style.py`, no package needed):
 recognised within fp16 dequant rounding, compiled output vs eager; the bit-exact option rejects
-them; act-order `g_idx` is reported as not recognised (runs unbound, correct)."""
+them; act-order `g_idx` (permuted groups) is bound with a column permutation of x."""
 import pytest
 import torch
 
@@ -42,9 +42,12 @@ def test_bad_numerics_option_raises():
             torch.compile(model, backend="lowbit")(torch.randn(2, 64))
 
 
-def test_act_order_is_reported_not_bound():
-    model = GPTQStyleLinear(256, 64, 4, 64, seed=4, act_order=True)
-    x = torch.randn(3, 256)
-    report, _ = compile_and_compare(model, (x,), dequant_dtype=torch.float16, k_max=256)
-    rows = [e for e in report.matmuls() if e.get("origin") == "dequant-subgraph"]
-    assert rows and rows[0]["result"] == "not recognized" and "act-order" in rows[0]["reason"], report
+@pytest.mark.parametrize("bits", [2, 4])
+def test_act_order_g_idx(bits):
+    """desc_act checkpoints: g_idx permutes K; the kernel reads x[:, perm] with groups contiguous."""
+    model = torch.nn.Sequential(GPTQStyleLinear(256, 64, bits, 64, seed=4, act_order=True), torch.nn.ReLU(),
+                                GPTQStyleLinear(64, 29, bits, 32, seed=5, act_order=True))
+    for t in (1, 4):
+        report, _ = compile_and_compare(model, (torch.randn(t, 256),), dequant_dtype=torch.float16, k_max=256)
+    rows = recognized(report, count=2)
+    assert all("act-order" in r["numerics"] for r in rows), report
