@@ -8,8 +8,10 @@ convention only handles static shapes; `JitFunction` fills those fields per call
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,12 +56,14 @@ class CompiledGraph:
     Mutated arguments (e.g. a KV cache) receive their new values after the call.
     """
 
-    def __init__(self, captured: CapturedGraph, jit: JitFunction, pipeline: Pipeline):
+    def __init__(self, captured: CapturedGraph, jit: JitFunction, pipeline: Pipeline,
+                 traps: "Traps | None" = None):
         self.captured = captured
         self.jit = jit
         self.pipeline = pipeline
         self.frozen_guard = FrozenGuard(captured.frozen)
         self.report = pipeline.report
+        self.traps = traps
 
     def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
         """Caller positions of frozen tensors changed since compilation."""
@@ -81,7 +85,53 @@ class CompiledGraph:
                     raise InputError(f"input {pos}: the compiled graph is specialised to the value "
                                      f"{value!r}, got {args[pos]!r}")
         inputs = [args[i] for i in cap.input_indices]
-        return cap.finish_call(args, self.jit(*inputs))
+        if self.traps is None:
+            return cap.finish_call(args, self.jit(*inputs))
+        return cap.finish_call(args, self.traps.call(self.jit, inputs))
+
+
+class Traps:
+    """The trap flag of compiled code (passes/guard_traps.py): cleared before a
+    call, read after it; a set bit raises the exception eager raises for that fault.
+
+    The flag is one word per compiled module, so calls of one module that can trap are
+    serialized (only graphs with integer division or data-dependent indexing have one)."""
+
+    def __init__(self, address: int, messages: list[str]):
+        self.flag = ctypes.c_int32.from_address(address)
+        self.messages = messages
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def of(module, jit: JitFunction) -> "Traps | None":
+        from lowbit.passes.guard_traps import FLAG_LOOKUP, TRAPS_ATTR
+        from torch_mlir import ir
+        if TRAPS_ATTR not in module.operation.attributes:
+            return None
+        messages = [ir.StringAttr(a).value for a in ir.ArrayAttr(module.operation.attributes[TRAPS_ATTR])]
+        address = jit.engine.raw_lookup(FLAG_LOOKUP)
+        if not address:
+            raise RuntimeError(f"compiled code has trap checks but no '{FLAG_LOOKUP}' flag")
+        return Traps(address, messages)
+
+    def call(self, jit: JitFunction, inputs: list) -> list:
+        with self.lock:
+            self.flag.value = 0
+            outs = jit(*inputs)
+            bits = self.flag.value
+        if bits:
+            raise self.error(bits)
+        return outs
+
+    def error(self, bits: int) -> Exception:
+        from lowbit.passes.guard_traps import DIVISION_BY_ZERO
+        raised = [m for i, m in enumerate(self.messages) if bits & (1 << i)]
+        if DIVISION_BY_ZERO in raised:
+            return RuntimeError("ZeroDivisionError")  # eager's exception, word for word
+        detail = "; ".join(raised)
+        if any("index" in m for m in raised):
+            return IndexError(f"index out of range in compiled code ({detail}); eager raises here too")
+        return RuntimeError(f"a run-time check of compiled code failed: {detail}")
 
 
 def _differs(arg: Any, value: Any) -> bool:
@@ -101,7 +151,7 @@ def compile_captured(captured: CapturedGraph, options: CompileOptions | None = N
         pipeline.run(module)
     jit = JitFunction(module, ENTRY, captured.input_specs, captured.unique_output_specs(),
                       symbol_ranges=captured.symbol_ranges)
-    compiled = CompiledGraph(captured, jit, pipeline)
+    compiled = CompiledGraph(captured, jit, pipeline, Traps.of(module, jit))
     register_report(compiled)
     return compiled
 

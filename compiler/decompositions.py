@@ -135,15 +135,12 @@ def _int_floor_divide(a, b, rounding_mode=None):
     """Exact `floor(a / b)` for integer tensors / scalars (a must be a tensor)."""
     if rounding_mode != "floor" or not _is_int_tensor(a) or not _is_int_operand(b):
         return NotImplemented
+    if isinstance(b, int) and b == 0:
+        b = torch.zeros_like(a)  # a tensor division, so that the guard below raises as eager does
     if isinstance(b, torch.Tensor):
-        # A zero divisor: eager raises ZeroDivisionError, which compiled code cannot yet; the
-        # float64 lowering this replaces returned garbage there, `arith.divsi` would trap
-        # (SIGFPE, killing the process), so zero divisors divide by 1 (a known gap, like
-        # trunc division / remainder / fmod by zero, which do trap: docs/reliability.md).
-        b = torch.where(b == 0, torch.ones_like(b), b)
+        # A zero divisor reaches `arith.divsi`, which lowbit-guard-traps turns into eager's
+        # RuntimeError("ZeroDivisionError") instead of a SIGFPE.
         q = aten.div.Tensor_mode(a, b, rounding_mode="trunc")
-    elif b == 0:
-        return NotImplemented
     else:
         q = aten.div.Scalar_mode(a, b, rounding_mode="trunc")
     r = a - q * b                                    # exact: |q * b| <= |a|

@@ -366,4 +366,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (BrokenPipeError, KeyboardInterrupt):  # the parent went away: nothing to report to
+        sys.exit(0)
