@@ -223,7 +223,7 @@ def capture(fn: torch.nn.Module | torch.fx.GraphModule, example_inputs: Sequence
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ep = _export(module, args, dims)
+                ep = _export(module, args, dims, _dynamo_upper_bounds(fn, dims))
         except Exception as e:  # torch.export raises many exception types
             raise FrontendError(f"torch.export could not capture the graph: {type(e).__name__}: {e}") from e
         check_operand_dtypes(ep.graph_module)  # eager's dtype errors, which fake tensors skip
@@ -377,7 +377,27 @@ def _normalize_dynamic_dims(dynamic_dims: DynamicDims | None, args: tuple) -> Dy
     return out
 
 
-def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
+def _dynamo_upper_bounds(fn: Any, dims: DynamicDims) -> dict[str, int]:
+    """Finite upper bounds dynamo holds for the dynamic dims' symbols (`mark_dynamic(max=...)`),
+    by symbol name: export is given the same range, so a guard dynamo already proved for it
+    (e.g. transformers' `q_len != cache_len` with a static cache) does not fail the export."""
+    if not isinstance(fn, torch.fx.GraphModule):
+        return {}
+    phs = fn.graph.find_nodes(op="placeholder")
+    out: dict[str, int] = {}
+    for pos, ds in dims.items():
+        ev = phs[pos].meta.get("example_value") if pos < len(phs) else None
+        for d, name in ds.items():
+            size = ev.shape[d] if isinstance(ev, torch.Tensor) and d < ev.dim() else None
+            if isinstance(name, str) and isinstance(size, torch.SymInt):
+                upper = size.node.shape_env.var_to_range.get(size.node.expr)
+                upper = getattr(upper, "upper", None)
+                if upper is not None and upper.is_integer and upper.is_number and upper < 2 ** 62:
+                    out[name] = int(upper)  # unbounded (int_oo) is left to export
+    return out
+
+
+def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims, upper: dict[str, int] | None = None):
     # Export marks its inputs' dynamic dims on the tensor objects and strips every marking
     # afterwards -- including the caller's `mark_dynamic`, which dynamo guards on (a backend
     # capturing dynamo's example inputs would make dynamo recompile on every call). Export
@@ -395,7 +415,8 @@ def _export(module: torch.nn.Module, args: tuple, dims: DynamicDims):
         if not isinstance(symbol, str):
             return symbol
         if symbol not in made:
-            made[symbol] = torch.export.Dim(symbol, min=1)
+            bound = {"max": upper[symbol]} if upper and symbol in upper else {}
+            made[symbol] = torch.export.Dim(symbol, min=1, **bound)
         return made[symbol]
 
     per_input = tuple({d: dim(sym) for d, sym in dims[p].items()} if p in dims else None
