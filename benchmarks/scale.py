@@ -304,7 +304,8 @@ def table(r: dict) -> str:
         m = r.get("greedy_match")
         out.append(f"64-token greedy generation: {r['generation_s']:.1f} s, compiles {r['generation_compiles']}; "
                    + (f"matches eager for {m}/{len(r['generation_tokens'])} tokens" if m is not None
-                      else f"eager reference failed: {r.get('eager_failure')}"))
+                      else f"eager reference failed: {r['eager_failure']}" if r.get("eager_failure")
+                      else "not compared with eager (--no-eager)"))
     return "\n".join(out)
 
 

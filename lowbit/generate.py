@@ -242,13 +242,31 @@ def resolve_backend(backend: str | Callable) -> Callable:
 
 
 # ----------------------------------------------------------------------------- runners
+def mark_seq_dynamic(t: torch.Tensor, dim: int, max_len: int | None = None) -> torch.Tensor:
+    """Tell dynamo that ``t``'s ``dim`` is a sequence length: symbolic from the first trace.
+
+    Without it dynamo compiles the first prompt length static and recompiles shape-generic at
+    the second one (automatic dynamic shapes), i.e. one compile more than needed. Only sizes
+    >= 2 are marked: dynamo specialises 0 and 1 anyway (decode, T=1, is its own graph).
+    The mark lives on this tensor object only; nothing global changes.
+    """
+    if t.shape[dim] >= 2:
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    return t
+
+
 class _LlamaRunner:
-    """`lowbit.models.TinyLlama`: ``forward(tokens, input_pos)`` with its static KV cache."""
+    """`lowbit.models.TinyLlama`: ``forward(tokens, input_pos)`` with its static KV cache.
+
+    ``dynamic``: mark the prompt length symbolic (`mark_seq_dynamic`), so that prefill of every
+    length is one compiled graph and decode one more. Off for backends that are best with one
+    specialisation per shape (inductor ``dynamic=False`` in the benchmarks).
+    """
 
     kind = "lowbit.models.TinyLlama"
 
-    def __init__(self, model: TinyLlama, fn: Callable):
-        self.model, self.fn = model, fn
+    def __init__(self, model: TinyLlama, fn: Callable, dynamic: bool = True):
+        self.model, self.fn, self.dynamic = model, fn, dynamic
         self.max_len = model.cfg.max_seq_len
         self.vocab = model.cfg.vocab_size
 
@@ -256,7 +274,11 @@ class _LlamaRunner:
         reset_caches(self.model)
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fn(tokens.view(1, -1), torch.arange(tokens.numel()))[0, -1]
+        ids, pos = tokens.view(1, -1), torch.arange(tokens.numel())
+        if self.dynamic:
+            mark_seq_dynamic(ids, 1)
+            mark_seq_dynamic(pos, 0)
+        return self.fn(ids, pos)[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         return self.fn(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
@@ -267,10 +289,11 @@ class _HFRunner:
 
     kind = "transformers"
 
-    def __init__(self, model: nn.Module, fn: Callable, cache: str, max_len: int):
+    def __init__(self, model: nn.Module, fn: Callable, cache: str, max_len: int, dynamic: bool = True):
         if cache not in ("static", "dynamic"):
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
         self.model, self.fn, self.cache_kind, self.max_len = model, fn, cache, max_len
+        self.dynamic = dynamic  # mark sequence dims dynamic (`lowbit.hf.mark_seq_dims`)
         self.vocab = model.config.get_text_config().vocab_size
         self.cache = None
         import inspect
@@ -292,8 +315,12 @@ class _HFRunner:
 
     def _call(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         pos = torch.arange(start, start + ids.shape[1])
-        out = self.fn(input_ids=ids, cache_position=pos, position_ids=pos.view(1, -1), use_cache=True,
+        kwargs = dict(input_ids=ids, cache_position=pos, position_ids=pos.view(1, -1), use_cache=True,
                       **{self.cache_arg: self.cache}, **self.keep_arg)
+        if self.dynamic:
+            from lowbit.hf import mark_seq_dims
+            mark_seq_dims(kwargs)
+        out = self.fn(**kwargs)
         return out.logits[0, -1]
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -404,6 +431,11 @@ def _describe_cfg(cfg: LlamaConfig) -> str:
 def _compile(fn: Callable, backend: str | Callable, counter: CompileCounter | None) -> Callable:
     if backend == "eager":
         return fn
+    if backend == "lowbit":
+        # Before any trace: see `lowbit.hf.compile` (a guard on torch.compiler.is_exporting's
+        # code object would otherwise cost one recompile of a graph that calls it).
+        from lowbit.compiler.frontend import _install_thread_aware_readers
+        _install_thread_aware_readers()
     # inductor's best case: static shapes, one specialization per shape (prefill, decode)
     kwargs = {"dynamic": False} if backend == "inductor" else {}
     return torch.compile(fn, backend=counter if counter is not None else backend, **kwargs)
@@ -504,14 +536,15 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         vocab = hf_model.config.get_text_config().vocab_size
         prompt = _as_prompt(prompt_tokens, vocab, seed, tokenizer)
         fn = _compile(hf_model.forward, backend, counter)
-        runner: Any = _HFRunner(hf_model, fn, cache, prompt.numel() + max_new_tokens)
+        runner: Any = _HFRunner(hf_model, fn, cache, prompt.numel() + max_new_tokens,
+                                dynamic=backend not in ("inductor", "eager"))
     else:
         model = model_or_config if isinstance(model_or_config, TinyLlama) else model
         prompt = _as_prompt(prompt_tokens, model.cfg.vocab_size, seed)
         if prompt.numel() + max_new_tokens > model.cfg.max_seq_len:
             raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"KV cache (max_seq_len {model.cfg.max_seq_len})")
-        runner = _LlamaRunner(model, _compile(model, backend, counter))
+        runner = _LlamaRunner(model, _compile(model, backend, counter), dynamic=backend not in ("inductor", "eager"))
 
     n_prompt = prompt.numel()
     try:

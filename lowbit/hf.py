@@ -11,6 +11,9 @@ import time, and every function that needs it raises an ImportError that says ho
   subclass whose methods are the original, undecorated functions (the same code
   transformers wraps), so dynamo traces plain methods. The weights, ``isinstance`` checks
   and ``state_dict`` are unchanged; calling it again is a no-op.
+- `compile(model, backend="lowbit")`: ``torch.compile`` of ``model.forward`` with the
+  sequence dims marked dynamic on every call, so ``model.generate()`` compiles at most twice
+  (prefill, decode) for every prompt length, with the static and the dynamic cache.
 - `make_bitnet` / `make_llama` build ``BitNetForCausalLM`` (through transformers' own
   ``replace_with_bitnet_linear``: packed uint8 ternary weights, per-token int8 activations)
   and ``LlamaForCausalLM`` (QAT-style: fp weights that are exactly ternary times a
@@ -169,6 +172,103 @@ def nested_compiled_helpers(model: nn.Module) -> list[str]:
                 found.add(f"{fqn or '<root>'}.{name}")
         found.update(f"{fqn or '<root>'}.{n}" for n in _instance_wrappers(module))
     return sorted(found)
+
+
+# ----------------------------------------------------------------------------- compile
+# Inputs of a transformers causal LM's forward whose dim grows with the sequence.
+_SEQ_DIMS = {"input_ids": (1,), "inputs_embeds": (1,), "position_ids": (-1,), "cache_position": (0,),
+             "attention_mask": (-1,)}
+
+
+def mark_seq_dims(kwargs: dict[str, Any]) -> None:
+    """Mark the sequence dims of a forward call's tensors dynamic (see `compile`).
+
+    With a static cache of length L, the query length gets the range [2, L - 1]: transformers'
+    mask code takes another branch when the query fills the whole cache (``q_len == L``), and
+    a range that holds L makes torch.export reject the graph (a guard ``q_len != L`` it
+    cannot express). A prefill that fills the cache leaves no room for a new token anyway.
+    """
+    from lowbit.generate import mark_seq_dynamic
+    caches = [kwargs.get(name) for name in ("past_key_values", "cache")]
+    static_len = min((int(layer.max_cache_len) for c in caches for layer in getattr(c, "layers", ()) or ()
+                      if not _is_dynamic_layer(layer) and isinstance(getattr(layer, "max_cache_len", None), int)),
+                     default=None)
+    for name, dims in _SEQ_DIMS.items():
+        t = kwargs.get(name)
+        if not isinstance(t, torch.Tensor) or not t.ndim:
+            continue
+        for d in dims:
+            d %= t.ndim
+            if static_len is not None and name != "attention_mask" and 2 <= t.shape[d] < static_len:
+                torch._dynamo.mark_dynamic(t, d, min=2, max=static_len - 1)
+            else:
+                mark_seq_dynamic(t, d)
+    for cache in caches:
+        for layer in getattr(cache, "layers", ()) or ():
+            # Only caches that grow (DynamicLayer and subclasses): a static cache keeps its size.
+            if _is_dynamic_layer(layer):
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if isinstance(t, torch.Tensor) and t.ndim >= 2:
+                        mark_seq_dynamic(t, t.ndim - 2)
+
+
+def _is_dynamic_layer(layer: Any) -> bool:
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return False
+    return isinstance(layer, DynamicLayer)
+
+
+class _DynamicSeqForward:
+    """``model.forward`` replacement: marks sequence dims dynamic, then calls the compiled forward."""
+
+    def __init__(self, compiled: Any, original: Any):
+        self.compiled, self.original = compiled, original
+        import functools
+        functools.update_wrapper(self, original)  # generate() inspects forward's signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:  # positional input_ids (a user calling model(ids))
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = args[1:]
+        mark_seq_dims(kwargs)
+        return self.compiled(*args, **kwargs)
+
+
+def compile(model: nn.Module, backend: Any = "lowbit", **compile_kwargs: Any) -> nn.Module:
+    """Compile a transformers causal LM for ``generate()``: at most two compiles for all lengths.
+
+    ``model.forward = torch.compile(model.forward, backend=...)`` as transformers documents it
+    works, but dynamo then traces the first prompt length static, the first decode step with
+    the cache length static, and recompiles shape-generic when a length changes (with the
+    default dynamic cache the key/value length changes every step: one more compile for the
+    second step, one for the second prompt length). This marks every sequence dim dynamic
+    before each call (``input_ids``, ``attention_mask``, ``position_ids``, ``cache_position``
+    and a growing cache's keys/values; `lowbit.generate.mark_seq_dynamic`), so prefill of any
+    length is one graph and decode one more, with the static and the dynamic cache. The marks
+    are set on the call's tensors only; dynamo's global configuration is untouched.
+
+    Also runs `prepare` (nested ``torch.compile`` helpers of BitNet). Returns ``model`` with
+    ``model.forward`` replaced; ``model.forward.original`` is the uncompiled forward.
+    """
+    import torch._dynamo  # noqa: F401  (mark_dynamic)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile expects an nn.Module, got {type(model).__name__}")
+    prepare(model)
+    # lowbit's capture makes torch.compiler.is_exporting thread-aware by replacing its code
+    # object on first use; transformers' mask code calls it, so dynamo guards on that code
+    # object and the first graph traced before the replacement would be recompiled once.
+    # Doing the replacement now, before any trace, keeps the count at two.
+    from lowbit.compiler.frontend import _install_thread_aware_readers
+    _install_thread_aware_readers()
+    forward = model.forward
+    if isinstance(forward, _DynamicSeqForward):
+        forward = forward.original
+    if backend == "lowbit":
+        from lowbit.compiler.backend import lowbit_backend as backend  # noqa: F811
+    model.forward = _DynamicSeqForward(torch.compile(forward, backend=backend, **compile_kwargs), forward)
+    return model
 
 
 # ----------------------------------------------------------------------------- building

@@ -205,7 +205,8 @@ class RecognizeActQuant(ModulePass):
             if any(v == s for s in seen):
                 continue
             seen.append(v)
-            if v != a2 and is_float_type(v.type) and isinstance(v.type, ir.RankedTensorType):
+            if (v != a2 and is_float_type(v.type) and isinstance(v.type, ir.RankedTensorType)
+                    and ir.RankedTensorType(v.type).has_static_shape):
                 shape = static_shape(v.type)
                 if shape and shape[-1] == k and int(np.prod(shape)) == want:
                     out.append(v)

@@ -101,3 +101,31 @@ def test_greedy_generation_matches_eager():
     assert len(got) == 16
     assert got == ref
     assert counters["backend_compiles"] - before["backend_compiles"] <= 2
+
+
+def test_runner_marks_the_length_dynamic_two_compiles_from_any_first_length():
+    """`lowbit.generate`'s runner marks the prompt length dynamic before the first trace, so a
+    first prompt of T >= 2 compiles the shape-generic prefill graph at once: prefill at every
+    length + decode = 2 compiles whatever the order (left to dynamo, a first prompt of 17 is
+    compiled static and the second length compiles again: 3)."""
+    from lowbit.generate import _LlamaRunner, mark_seq_dynamic
+    model = _model(seed=2)
+    runner = _LlamaRunner(model, torch.compile(model, backend="lowbit"))
+    ref_runner = _LlamaRunner(model, model, dynamic=False)
+    g = torch.Generator().manual_seed(2)
+    before = counters.copy()
+    with torch.no_grad():
+        for t in (17, 3, 1, CFG.max_seq_len - 2):
+            prompt = torch.randint(0, CFG.vocab_size, (t,), generator=g)
+            runner.reset()
+            y = runner.prefill(prompt)
+            tok = int(y.argmax())
+            y2 = runner.step(tok, t)
+            ref_runner.reset()
+            _close(y, ref_runner.prefill(prompt), f"T={t} prefill")
+            _close(y2, ref_runner.step(tok, t), f"T={t} decode")
+    compiles = counters["backend_compiles"] - before["backend_compiles"]
+    assert compiles == 2, f"{compiles} backend compiles"
+    one = torch.zeros(1, 1)
+    mark_seq_dynamic(one, 1)  # size 1 is left alone (dynamo would specialise it anyway)
+    assert not getattr(one, "_dynamo_weak_dynamic_indices", None)
