@@ -1,7 +1,7 @@
 """Compile-time visibility: what compiled, how often, and where the time went.
 
-Every stage of the pipeline, every binding and every graph compile logs its wall time to the
-`lowbit.compile` logger (INFO). `LOWBIT_LOG=compile` (or `LOWBIT_LOG=debug` for every lowbit
+Every stage of the pipeline, every binding and every graph compile logs its wall time and the
+process's resident/peak memory to the `lowbit.compile` logger (INFO). `LOWBIT_LOG=compile` (or `LOWBIT_LOG=debug` for every lowbit
 logger) sends those records to stderr; applications can configure the logger themselves.
 Long compiles show a progress bar (tqdm, only once a compile has run for a few seconds).
 
@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -44,15 +45,27 @@ def configure_from_env() -> None:
     target.propagate = False  # one line per record, whatever the root logger does
 
 
+def memory() -> tuple[float, float]:
+    """(resident, peak resident) of this process in GiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        rss = 0
+    return rss / 2**30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 @contextlib.contextmanager
 def timed(what: str):
-    """Log `what` and its wall time when the block ends (also on error)."""
+    """Log `what`, its wall time and the process's memory when the block ends (also on error)."""
     configure_from_env()
     start = time.perf_counter()
     try:
         yield
     finally:
-        log.info("%s: %.2f s", what, time.perf_counter() - start)
+        if log.isEnabledFor(logging.INFO):
+            rss, peak = memory()
+            log.info("%s: %.2f s (rss %.2f GiB, peak %.2f GiB)", what, time.perf_counter() - start, rss, peak)
 
 
 def progress(items, desc: str, total: int | None = None):

@@ -223,15 +223,17 @@ SAMPLE_ROWS = 8
 def _search(w, formats, group_sizes, act_format):
     n, k = w.shape
     wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-    # Per-channel and per-group scales make every row its own problem, so a spec that fails
-    # on a few rows fails on all of them: rejecting on a row sample first turns the proof
-    # that a large fp weight is not low-bit from a minute of full-matrix passes into
-    # milliseconds. (Per-tensor scales couple the rows; those specs go to the full check.)
+    # A spec that fails on a few rows fails on all of them: per-channel and per-group scales
+    # make every row its own problem, and a per-tensor scale that fits the whole matrix fits
+    # any subset of its rows (the sample's smallest non-zero |w| is that scale). Rejecting on
+    # a row sample first turns the proof that a large fp weight (an output head) is not
+    # low-bit from seconds of full-matrix passes, with several fp copies of it, into
+    # milliseconds.
     rows = np.unique(np.linspace(0, n - 1, SAMPLE_ROWS).astype(np.int64)) if n > 2 * SAMPLE_ROWS else None
     sample = w[rows] if rows is not None else None
     sample_t = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)) if rows is not None else None
     for spec in candidate_specs(n, k, formats, group_sizes, act_format):
-        if sample is not None and spec.granularity != "tensor":
+        if sample is not None:
             small = dataclasses.replace(spec, out_features=len(rows))
             if _exact(sample, sample_t, small) is None:
                 continue
