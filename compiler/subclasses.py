@@ -280,7 +280,7 @@ def compile_subclass_graph(fn, args: Sequence[Any], freezable: Sequence[int], dy
         return None
     failures: list[str] = []
     inner = compile_fn(flat.gm, flat.args, flat.freezable, flat.dynamic_dims, on_capture_failure=failures.append)
-    if inner is flat.gm and all(hasattr(plan.cls, "dequantize") for plan in flat.plans if isinstance(plan, _Wrapper)):
+    if inner is flat.gm and all(_own_dequantize(plan.cls) for plan in flat.plans if isinstance(plan, _Wrapper)):
         log.info("capture through %s failed (%s); retrying with the weights dequantized",
                  ", ".join(sorted(set(flat.types.values()))), failures[-1] if failures else "")
         flat = flatten_subclass_inputs(fn, args, freezable, dynamic_dims, dequantize=True)
@@ -290,3 +290,9 @@ def compile_subclass_graph(fn, args: Sequence[Any], freezable: Sequence[int], dy
                           f"{', '.join(sorted(set(flat.types.values())))}: {failures[-1] if failures else '?'}")
         return fn
     return FlattenedCall(inner, flat, args)
+
+
+def _own_dequantize(cls: type) -> bool:
+    """The subclass defines its own `dequantize()` (torch.Tensor's would just dispatch)."""
+    fn = getattr(cls, "dequantize", None)
+    return callable(fn) and fn is not torch.Tensor.dequantize
