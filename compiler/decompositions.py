@@ -17,9 +17,10 @@ fails).
 lowering uses 0.797724 and is off by up to 5e-5. bf16/fp16 inputs are computed in fp32
 and rounded once, as eager does.
 
-Sums and means of bf16/fp16 tensors accumulate in fp32 and round once, as eager PyTorch
-does; torch-mlir's lowering would accumulate in the narrow type (a 4096-wide bf16 mean
-then loses two orders of magnitude of accuracy).
+Sums and means with a bf16/fp16 result (the input's dtype or an explicit `dtype=`) accumulate
+in fp32 and round once, as eager PyTorch does; torch-mlir's lowering would accumulate in the
+narrow type (a 4096-wide bf16 mean then loses two orders of magnitude of accuracy; masked.var
+in bf16, which sums with dtype=bfloat16, was 0.5 off a variance of 24).
 
 Integer floor division (`div(..., rounding_mode="floor")`, what `//` and `floor_divide`
 become) is computed by torch-mlir through float64, which is inexact beyond 2**53:
@@ -81,22 +82,32 @@ def _index_put_as_select(self: torch.Tensor, indices, values: torch.Tensor, accu
 _NARROW_FLOATS = (torch.bfloat16, torch.float16)
 
 
+def _narrow_result(x: torch.Tensor, dtype) -> torch.dtype | None:
+    """The bf16/fp16 result dtype of a sum/mean (an explicit `dtype=` included: masked.var
+    sums with dtype=bfloat16), or None when the result is not a narrow float."""
+    out = dtype if dtype is not None else x.dtype
+    return out if out in _NARROW_FLOATS and not x.dtype.is_complex else None
+
+
 def _sum_in_fp32(x: torch.Tensor, dims=None, keepdim: bool = False, *, dtype=None):
-    if x.dtype not in _NARROW_FLOATS or dtype is not None:
+    out = _narrow_result(x, dtype)
+    if out is None:
         return NotImplemented
-    return aten.sum.dim_IntList(x.to(torch.float32), dims, keepdim).to(x.dtype)
+    return aten.sum.dim_IntList(x.to(out).to(torch.float32), dims, keepdim).to(out)
 
 
 def _mean_in_fp32(x: torch.Tensor, dims=None, keepdim: bool = False, *, dtype=None):
-    if x.dtype not in _NARROW_FLOATS or dtype is not None:
+    out = _narrow_result(x, dtype)
+    if out is None:
         return NotImplemented
-    return aten.mean.dim(x.to(torch.float32), dims, keepdim).to(x.dtype)
+    return aten.mean.dim(x.to(out).to(torch.float32), dims, keepdim).to(out)
 
 
 def _full_sum_in_fp32(x: torch.Tensor, *, dtype=None):
-    if x.dtype not in _NARROW_FLOATS or dtype is not None:
+    out = _narrow_result(x, dtype)
+    if out is None:
         return NotImplemented
-    return aten.sum.default(x.to(torch.float32)).to(x.dtype)
+    return aten.sum.default(x.to(out).to(torch.float32)).to(out)
 
 
 def _narrow_in_fp32(op):

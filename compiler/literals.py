@@ -39,8 +39,9 @@ class LiteralHooks(FxImporterHooks):
     def resolve_literal(self, gni, literal, info):
         if not isinstance(literal, torch.Tensor) or literal.dtype not in _ELEMENT_TYPES:
             return None
-        if literal.numel() <= 1:
-            return None  # torch-mlir's splat path handles scalars well
+        if literal.numel() <= 1 and literal.dtype != torch.bfloat16:
+            # torch-mlir's splat path handles scalars well, except bf16 (it needs ml_dtypes)
+            return None
         hit = self._cache.get(id(literal))
         if hit is not None and hit[0] is literal:
             return hit[1]

@@ -62,18 +62,9 @@ CI_SUBSET = [
 #: 2026-11-29 (docs/reliability.md); each is an open bug in a part the reliability work does
 #: not own, listed so the suite guards everything else. Remove an entry when it is fixed.
 EXPECTED: dict[str, str] = {
-    "masked.var||bfloat16": "sample 0 wrong: differs from eager by up to 0.5 (bf16 masked variance, not yet "
-                            "diagnosed; var/std/var_mean in bf16 are right since their fp32 decomposition); "
-                            "sample 1 error: importing a bf16 constant needs the ml_dtypes package, which is "
-                            "not installed, and the FrontendError reaches the user instead of a fallback",
-    "cdouble||float32": "error: the FX importer raises KeyError torch.complex128 and lowbit lets the "
-                        "FrontendError reach the user instead of falling back to eager",
-    "cdouble||bfloat16": "error: as cdouble||float32",
-    "cdouble||int64": "error: as cdouble||float32",
-    "hash_tensor||float32": "error: the FX importer raises KeyError torch.uint64 (FrontendError reaches the "
-                            "user instead of an eager fallback)",
-    "hash_tensor||bfloat16": "error: as hash_tensor||float32",
-    "hash_tensor||int64": "error: as hash_tensor||float32",
+    # Empty: masked.var bf16 (sums with dtype=bfloat16 accumulated in bf16; its bf16 scalar
+    # literal needed ml_dtypes), cdouble and hash_tensor (importer KeyError complex128 / uint64
+    # reached the user) are fixed: docs/reliability.md.
 }
 
 TOL = {"float32": (1e-4, 1e-5), "bfloat16": (1.6e-2, 1e-2), "float64": (1e-7, 1e-7)}
