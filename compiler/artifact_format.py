@@ -58,6 +58,7 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _ST_NAMES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int8": "I8",
              "uint8": "U8", "int16": "I16", "int32": "I32", "int64": "I64", "bool": "BOOL"}
 _ST_DTYPES = {v: _DTYPES[k] for k, v in _ST_NAMES.items()}
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _DTYPES.values()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -248,7 +249,7 @@ class MappedTensors:
                     count *= int(d)
             except (KeyError, TypeError, ValueError):
                 raise CorruptArtifactError(f"{self.path}: bad header entry for {name!r}") from None
-            if end - begin != count * torch.empty((), dtype=dtype).element_size() or self.data_start + end > size:
+            if end - begin != count * _ITEMSIZE[dtype] or self.data_start + end > size:
                 raise CorruptArtifactError(f"{self.path}: tensor {name!r} lies outside the file or has a "
                                            f"size that does not match its shape (file is {size} bytes)")
 

@@ -245,8 +245,47 @@ class _Runner:
         return tuple(outs)
 
 
+class _Ref:
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _template(j: Any) -> Any:
+    """An argument's JSON -> Python values with `_Ref`s where nodes are read."""
+    return value_from_json(j, _Ref)
+
+
+def _binder(template: Any) -> Callable[[list], Any]:
+    """A function env -> the argument value, made once per node (calls stay cheap)."""
+    if isinstance(template, _Ref):
+        i = template.i
+        return lambda env: env[i]
+    if isinstance(template, (list, tuple)):
+        parts = [_binder(x) for x in template]
+        if not any(_has_ref(x) for x in template):
+            return lambda env: template
+        kind = type(template)
+        return lambda env: kind(p(env) for p in parts)
+    if isinstance(template, dict) and any(_has_ref(x) for x in template.values()):
+        items = [(k, _binder(v)) for k, v in template.items()]
+        return lambda env: {k: p(env) for k, p in items}
+    return lambda env: template
+
+
+def _has_ref(t: Any) -> bool:
+    if isinstance(t, _Ref):
+        return True
+    if isinstance(t, (list, tuple)):
+        return any(_has_ref(x) for x in t)
+    if isinstance(t, dict):
+        return any(_has_ref(x) for x in t.values())
+    return False
+
+
 class _Graph:
-    """An FX node list interpreted without FX (ops resolved once)."""
+    """An FX node list interpreted without FX (ops resolved and arguments bound once)."""
 
     def __init__(self, j: dict, build: Callable[[dict], Callable], tensor: Callable[[str], torch.Tensor]):
         self.steps: list[tuple] = []
@@ -256,28 +295,30 @@ class _Graph:
                 self.steps.append(("in", None, None, None))
             elif op == "constant":
                 self.steps.append(("const", tensor(n["tensor"]), None, None))
-            elif op == "call":
-                self.steps.append(("call", _resolve_op(n["target"]), n["args"], n["kwargs"]))
-            elif op == "module":
-                self.steps.append(("call", build(n["body"]), n["args"], n["kwargs"]))
+            elif op in ("call", "module"):
+                fn = _resolve_op(n["target"]) if op == "call" else build(n["body"])
+                args = _template(n["args"])
+                kwargs = _template(n["kwargs"])
+                if not isinstance(args, list) or not isinstance(kwargs, dict):
+                    raise CorruptArtifactError(f"graph node {k}: bad arguments")
+                self.steps.append(("call", fn, _binder(args), _binder(kwargs) if kwargs else None))
             elif op == "output":
-                self.steps.append(("out", None, n["value"], None))
+                self.steps.append(("out", None, _binder(_template(n["value"])), None))
             else:
                 raise CorruptArtifactError(f"graph node {k}: unknown op {op!r}")
 
     def __call__(self, *args):
         env: list[Any] = []
         it = iter(args)
-        get = env.__getitem__
         for kind, fn, a, kw in self.steps:
             if kind == "call":
-                env.append(fn(*value_from_json(a, get), **value_from_json(kw, get)))
+                env.append(fn(*a(env), **kw(env)) if kw is not None else fn(*a(env)))
             elif kind == "in":
                 env.append(next(it))
             elif kind == "const":
                 env.append(fn)
             else:
-                return value_from_json(a, get)
+                return a(env)
         raise CorruptArtifactError("graph without output")
 
 
