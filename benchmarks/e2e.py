@@ -15,6 +15,7 @@ own quantizer to TQ2_0 / TQ1_0 (lossless for these tensors), Q4_0 and F16 for re
 
 Systems (`--systems`, comma-separated):
   lowbit                 quantize_ ternary weights + int8 activations, torch.compile(backend="lowbit")
+  lowbit-int8head        the same with the output head quantized too (int8 weights + activations)
   eager-bf16             the same ternary values as bf16 nn.Linear weights, eager PyTorch
   inductor-bf16          same model, torch.compile(backend="inductor", dynamic=False)
   llamacpp-tq2_0         llama-cpp-python 0.3.36 (GGML_NATIVE), TQ2_0 layers, llama.cpp's default
@@ -60,6 +61,10 @@ VENV = Path(os.environ.get("LOWBIT_LLAMACPP_VENV", Path.home() / ".cache" / "low
 
 SYSTEMS: dict[str, dict] = {
     "lowbit": dict(kind="torch", weights="ternary", activations="int8", dtype="float32", backend="lowbit"),
+    # the same with the output head on the integer kernels (int8 weights per channel, int8
+    # activations), as llama.cpp's default TQ2_0 file quantizes its head (Q6_K)
+    "lowbit-int8head": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
+                            backend="lowbit", head="int8"),
     "eager-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="eager"),
     "inductor-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="inductor"),
     "llamacpp-tq2_0": dict(kind="llamacpp", type="TQ2_0", head=None),
@@ -68,7 +73,8 @@ SYSTEMS: dict[str, dict] = {
     "llamacpp-q4_0": dict(kind="llamacpp", type="Q4_0", head=None),
     "llamacpp-f16": dict(kind="llamacpp", type="F16", head=None),
 }
-DEFAULT_SYSTEMS = ["lowbit", "llamacpp-tq2_0", "llamacpp-tq2_0-f32head", "llamacpp-tq1_0", "llamacpp-q4_0",
+DEFAULT_SYSTEMS = ["lowbit", "lowbit-int8head", "llamacpp-tq2_0", "llamacpp-tq2_0-f32head", "llamacpp-tq1_0",
+                   "llamacpp-q4_0",
                    "llamacpp-f16", "eager-bf16", "inductor-bf16"]
 MODELS = ("1b", "2b4t", "demo", "tiny")
 
@@ -140,7 +146,7 @@ def torch_worker(args) -> None:
     cfg = _config(args.model, args.seq)
     t = time.perf_counter()
     model, quantize_s = build_llama(cfg, args.seed, spec["weights"], spec["activations"],
-                                    getattr(torch, spec["dtype"]))
+                                    dtype=getattr(torch, spec["dtype"]), head=spec.get("head", "none"))
     load_s = time.perf_counter() - t - quantize_s
     counter = None
     fn = model

@@ -50,7 +50,7 @@ def _config_overrides(cfg, items: list[str]):
 
 
 def _add_generate(sub) -> None:
-    from lowbit.generate import ACTIVATION_CHOICES, BACKENDS, PRESETS, WEIGHT_CHOICES
+    from lowbit.generate import ACTIVATION_CHOICES, BACKENDS, HEAD_CHOICES, PRESETS, WEIGHT_CHOICES
     p = sub.add_parser("generate", help="greedy generation with prefill/decode tok/s, compile time, peak RSS",
                        description="Greedy generation with a compiled low-bit model; prints tokens as they "
                                    "come and llama.cpp-style timings.")
@@ -66,6 +66,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--weights", choices=WEIGHT_CHOICES, help="decoder linears' format (presets: ternary; "
                    "HF models: none = as they are)")
     p.add_argument("--activations", choices=ACTIVATION_CHOICES, help="int8 (BitNet a8) or none")
+    p.add_argument("--head", choices=HEAD_CHOICES, default="none",
+                   help="output head format: none (fp), int8 or int4 (int8 activations; integer kernels)")
     p.add_argument("--backend", choices=BACKENDS, default="lowbit")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads (default: torch's)")
@@ -105,7 +107,8 @@ def _run_generate(args) -> int:
     try:
         result = generate(target, prompt, args.max_new_tokens, weights=args.weights,
                           activations=args.activations, backend=args.backend, dtype=args.dtype,
-                          threads=args.threads, seed=args.seed, cache=args.cache, on_token=on_token)
+                          threads=args.threads, seed=args.seed, cache=args.cache, head=args.head,
+                          on_token=on_token)
     except (GenerationError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if not args.quiet and streamed:
             out.write("\n")

@@ -61,6 +61,11 @@ PRESETS: dict[str, LlamaConfig] = {
 BACKENDS = ("lowbit", "inductor", "eager")
 WEIGHT_CHOICES = ("none", "ternary", "int1", "int2", "int2_sym", "int4", "int4_asym", "int8")
 ACTIVATION_CHOICES = ("none", "int8")
+#: Output head formats (``head=``): "none" keeps it fp; the others quantize it through
+#: ``lowbit.quantize_`` (per-channel int8 / per-group-of-32 int4 weights, int8 per-token
+#: activations), so it runs on the integer kernels. At 1B the fp32 head streams more bytes per
+#: token than all ternary layers together (llama.cpp ships a Q6_K head with TQ2_0).
+HEAD_CHOICES = ("none", "int8", "int4")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -145,15 +150,29 @@ def _quant_config(weights: str, activations: str):
     return lowbit.QuantConfig(weights=weights, activations=activations)
 
 
+def head_config(head: str):
+    """The `QuantConfig` of the output head for a ``head=`` choice (None: keep it fp)."""
+    import lowbit
+    if head not in HEAD_CHOICES:
+        raise ValueError(f"head must be one of {HEAD_CHOICES}, got {head!r}")
+    if head == "none":
+        return None
+    if head == "int4":
+        return lowbit.QuantConfig(weights="int4_sym", group_size=32, activations="int8")
+    return lowbit.QuantConfig(weights="int8", activations="int8")
+
+
 def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activations: str = "int8",
-                dtype: torch.dtype = torch.float32) -> tuple[TinyLlama, float]:
+                dtype: torch.dtype = torch.float32, head: str = "none") -> tuple[TinyLlama, float]:
     """The preset model with `block_tensors` weights; returns (model, seconds spent in quantize_).
 
     Layers are made and quantized one at a time (peak memory: the quantized model plus one
     fp layer). ``weights="none"`` keeps the exact-ternary fp weights (QAT-style) in ``dtype``.
+    ``head``: see `HEAD_CHOICES` (quantized in fp32, before any cast to ``dtype``).
     """
     import lowbit
     qconfig = _quant_config(weights, activations)
+    hconfig = head_config(head)
     model = TinyLlama(dataclasses.replace(cfg, n_layers=0), dtype)
     model.cfg = cfg
     quantize_s = 0.0
@@ -175,6 +194,10 @@ def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activ
                 quantize_s += time.perf_counter() - t
             _cast_float_params_(block, dtype)
             model.layers.append(block)
+        if hconfig is not None:
+            t = time.perf_counter()
+            lowbit.quantize_(model, hconfig, filter_fn=lambda m, fqn: fqn == "output")
+            quantize_s += time.perf_counter() - t
         for m in (model.tok_embeddings, model.norm, model.output):
             _cast_float_params_(m, dtype)
     return model.eval().requires_grad_(False), quantize_s
@@ -355,6 +378,7 @@ class GenerationResult:
     compile_counts: dict[str, Any] | None = None
     text: str | None = None            # decoded new tokens when a tokenizer is known
     isa: str | None = None
+    head: str = "none"                 # output head format (HEAD_CHOICES)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -381,7 +405,8 @@ class GenerationResult:
             counts = f" ({self.compile_counts['graphs']} graph(s), {self.compile_counts['compiles']} compile(s))"
         n_p, n_d = len(self.prompt_tokens), self.decode_steps
         lines = [
-            f"model: {self.model}; weights {self.weights}, activations {self.activations}, {self.dtype}; "
+            f"model: {self.model}; weights {self.weights}, activations {self.activations}, head {self.head}, "
+            f"{self.dtype}; "
             f"backend {self.backend}; {self.threads} threads" + (f"; ISA {self.isa}" if self.isa else ""),
             f"load time     = {self.load_s:8.2f} s",
             f"quantize time = {self.quantize_s:8.2f} s",
@@ -446,7 +471,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
              max_new_tokens: int = 32, *,
              weights: str | None = None, activations: str | None = None,
              backend: str | Callable = "lowbit", dtype: str | torch.dtype = torch.float32,
-             threads: int | None = None, seed: int = 0, cache: str = "static",
+             threads: int | None = None, seed: int = 0, cache: str = "static", head: str = "none",
              on_token: Callable[[int], None] | None = None,
              count_compiles: bool = True) -> GenerationResult:
     """Greedy generation with figures; see the module docstring.
@@ -463,6 +488,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         dtype: of the model's float weights and activations (``float32`` / ``bfloat16``).
         threads: torch and compiled-code threads (None: leave as is).
         cache: for Hugging Face models, ``"static"`` (``StaticCache``) or ``"dynamic"``.
+        head: the output head's format (`HEAD_CHOICES`; presets, configs and TinyLlama modules).
         on_token: called with each new token id as soon as it is produced.
         count_compiles: wrap the backend in a `CompileCounter` (reported in the result).
     """
@@ -475,6 +501,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         dtype = DTYPES[dtype]
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    head_config(head)  # validates
     if isinstance(backend, str) and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or a callable, got {backend!r}")
     if threads is not None:
@@ -504,7 +531,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         vocab = cfg.vocab_size
         prompt = _as_prompt(prompt_tokens, vocab, seed)
         cfg = dataclasses.replace(cfg, max_seq_len=prompt.numel() + max_new_tokens, max_batch=1)
-        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype)
+        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype, head=head)
         described = _describe_cfg(cfg)
     elif isinstance(model_or_config, TinyLlama):
         model = model_or_config
@@ -521,11 +548,15 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         activations = "none" if activations is None else activations
         qconfig = _quant_config(weights, activations)
         target = hf_model if hf_model is not None else model_or_config
+        t = time.perf_counter()
         if qconfig is not None:
-            t = time.perf_counter()
             prefix = "model.layers." if hf_model is not None else "layers."
             lowbit.quantize_(target, qconfig, filter_fn=lambda m, fqn: fqn.startswith(prefix))
-            quantize_s = time.perf_counter() - t
+        hconfig = head_config(head)
+        if hconfig is not None:
+            name = "lm_head" if hf_model is not None else "output"
+            lowbit.quantize_(target, hconfig, filter_fn=lambda m, fqn: fqn == name)
+        quantize_s = time.perf_counter() - t
     load_s = time.perf_counter() - t_load - quantize_s
 
     counter = CompileCounter(backend) if count_compiles and backend != "eager" else None
@@ -599,7 +630,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         weights=weights, activations=activations, dtype=str(dtype).replace("torch.", ""),
         threads=torch.get_num_threads(), load_s=load_s, quantize_s=quantize_s, compile_s=compile_s,
         prefill_s=prefill_s, decode_s=decode_s, peak_rss_bytes=peak_rss_bytes(),
-        compile_counts=counter.as_dict() if counter is not None else None, text=text, isa=isa)
+        compile_counts=counter.as_dict() if counter is not None else None, text=text, isa=isa, head=head)
 
 
 def greedy_reference(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:

@@ -54,6 +54,29 @@ def test_lowbit_generate_matches_eager_and_reports_figures():
         assert key in text
 
 
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_quantized_head_runs_on_the_integer_kernels_and_matches_eager(head):
+    """``head=`` quantizes the output projection through QuantConfig (int8 activations); the
+    compiled model gives the eager model's tokens (same quantized head) with 2 compiles, and
+    the head is a recognised low-bit layer in explain."""
+    from lowbit.generate import head_config
+    prompt, n = list(range(3, 12)), 5
+    r = generate(SMALL, prompt, n, head=head, threads=2)
+    assert r.head == head and "head " + head in r.summary()
+    cfg = dataclasses.replace(SMALL, max_seq_len=len(prompt) + n)
+    model, _ = build_llama(cfg, 0, "ternary", "int8", head=head)
+    assert isinstance(model.output, lowbit.LowBitLinear)
+    assert model.output.spec.weight_format == head_config(head).weights
+    assert r.tokens == greedy_reference(model, torch.tensor(prompt), n)
+    assert r.compile_counts["compiles"] == 2
+    compiled = torch.compile(model, backend="lowbit")
+    with torch.no_grad():
+        compiled(torch.tensor([prompt]), torch.arange(len(prompt)))
+    entries = [e for e in lowbit.explain(model).entries if e.get("kind") == "matmul"
+               and e.get("result") == "recognized"]
+    assert any(str(e.get("format", "")).startswith(head_config(head).weights) for e in entries), entries
+
+
 def test_eager_backend_fp_weights():
     r = generate(SMALL, [5, 6, 7, 8], 5, weights="none", backend="eager")
     assert r.compile_s is None and r.compile_counts is None
@@ -107,6 +130,7 @@ def test_presets_have_the_documented_sizes():
     (dict(backend="tvm"), ValueError, "backend must be one of"),
     (dict(threads=0), ValueError, "threads"),
     (dict(model_or_config=3.5), TypeError, "preset name"),
+    (dict(head="q6_k"), ValueError, "head must be one of"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, exc, match):
     args = dict(model_or_config=SMALL, prompt_tokens=4, max_new_tokens=2, backend="eager")
