@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from typing import Any, Sequence
 
 import torch
@@ -77,20 +78,23 @@ def compile_preset(preset, path: str | os.PathLike, *, max_seq_len: int = 256, s
     return compile(model, examples, dyn, path, target=target, overwrite=overwrite, model_info=info)
 
 
-class AOTLlama:
+class AOTLlama(torch.nn.Module):
     """A loaded Llama artifact (`compile_preset`, or any `TinyLlama` compiled with
-    `model_info={"kind": "llama", "max_seq_len": ..., "vocab_size": ...}`): the calls
-    `lowbit.generate`'s runner makes (reset, prefill, step) and greedy generation."""
+    `model_info={"kind": "llama", "max_seq_len": ..., "vocab_size": ...}`) as a module called
+    like `TinyLlama` (`forward(tokens, input_pos)`, `cfg.max_seq_len`, `cfg.vocab_size`), so
+    `lowbit.generate`'s Llama runner drives it; plus reset / prefill / step / generate."""
 
     def __init__(self, artifact: Any):
+        super().__init__()
         info = artifact.model_info
         if info.get("kind") != "llama":
             raise ValueError(f"{artifact.path} is not a Llama artifact (model info {info})")
         self.artifact = artifact
         self.max_len = int(info["max_seq_len"])
         self.vocab = int(info["vocab_size"])
+        self.cfg = types.SimpleNamespace(max_seq_len=self.max_len, vocab_size=self.vocab)
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.artifact(tokens, input_pos)
 
     def reset(self) -> None:

@@ -78,6 +78,14 @@ def test_prompt_lengths_and_numpy(tiny_artifact):
         np.testing.assert_array_equal(got_np, got.numpy())
 
 
+def test_generation_loop_drives_the_loaded_module(tiny_artifact):
+    import lowbit
+    llama = lowbit.aot.load_llama(tiny_artifact)
+    assert isinstance(llama, torch.nn.Module)
+    tokens = greedy_reference(llama, torch.tensor(PROMPT), 6)   # lowbit.generate's Llama runner
+    assert tokens == llama.generate(PROMPT, 6)
+
+
 def test_bad_inputs(tiny_artifact):
     art = lowbit.aot.load(tiny_artifact)
     with pytest.raises(InputError, match="expected 2 inputs"):
