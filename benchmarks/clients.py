@@ -152,6 +152,12 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads, "dim": args.dim,
             "cpu": _cpu(), "rounds": args.rounds, "model": f"Linear({args.dim},{args.dim}) ReLU Linear({args.dim},{args.dim})"}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and RESULTS.exists():  # a partial run keeps the other cases' rows
+        old = json.loads(RESULTS.read_text())
+        rerun = {r["case"] for r in results}
+        results = [r for r in old.get("results", []) if r["case"] not in rerun] + results
+        results.sort(key=lambda r: list(CASES).index(r["case"]) if r["case"] in CASES else len(CASES))
+        meta["partial_runs"] = old.get("meta", {}).get("partial_runs", []) + [{"date": meta["date"], "cases": sorted(rerun)}]
     RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)} ({meta['cpu']}, {args.threads} threads)")
 

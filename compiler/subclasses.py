@@ -218,9 +218,12 @@ class FlattenedCall:
     def __init__(self, compiled: Callable, flat: Flattened, args: Sequence[Any]):
         self.compiled = compiled
         self.flat = flat
-        # explain(model) finds compiled graphs by the ids of the model's parameters.
-        self.state_ids = set(getattr(compiled, "state_ids", set())) | {
-            id(args[p]) for p in flat.types}
+        # explain(model) finds compiled graphs (the registered inner one) by the ids of the
+        # model's parameters, which are the subclass tensors, not their inner tensors.
+        self.state_ids = {id(args[p]) for p in flat.types}
+        inner_ids = getattr(compiled, "state_ids", None)
+        if isinstance(inner_ids, set):
+            inner_ids |= self.state_ids
 
     def __call__(self, *args):
         return self.compiled(*self.flat.flatten(args))

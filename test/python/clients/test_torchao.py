@@ -26,6 +26,13 @@ def test_weight_only(dtype, fmt, granularity):
     recognized(report, count=2, fmt=fmt)
 
 
+def test_explain_finds_bias_free_subclass_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40, bias=False))
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(32)))
+    report, _ = compile_and_compare(model, (torch.randn(2, 64),), dequant_dtype=torch.float32, k_max=64)
+    recognized(report, count=1, fmt="int2_sym/group32")
+
+
 def test_weight_only_asymmetric_bf16():
     model = _mlp(1).to(torch.bfloat16)
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(32),
