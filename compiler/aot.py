@@ -50,6 +50,7 @@ from lowbit.compiler.artifact_format import (CODE, FORMAT, FORMAT_VERSION, MANIF
 
 log = logging.getLogger("lowbit.aot")
 
+TRAP_FLAG = "_mlir_lowbit_traps"   # lowbit.passes.guard_traps.FLAG_SYMBOL: the run-time check flag word
 LOADABLE_NAMESPACES = ("aten", "prims", "lowbit")
 OPERATOR_FUNCTIONS = ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne",
                       "lt", "le", "gt", "ge")
@@ -150,11 +151,12 @@ def trace(model: Callable, example_sets: list[tuple], dynamic_shapes) -> list[_R
 class _Writer:
     def __init__(self):
         self.entries: list[Any] = []              # JitFunction, index = entry number
+        self.traps: list[Any] = []                # its Traps (run-time checks) or None
         self._entry_ids: dict[int, int] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self._by_content: dict[tuple, str] = {}
 
-    def entry(self, fn) -> str:
+    def entry(self, fn, traps=None) -> str:
         if getattr(fn, "object_bytes", None) is None:
             raise UnserializableGraphError(
                 f"compiled entry {getattr(fn, 'func_name', fn)!r} was not built for an artifact (no object code); "
@@ -163,6 +165,7 @@ class _Writer:
         if i is None:
             i = self._entry_ids[id(fn)] = len(self.entries)
             self.entries.append(fn)
+            self.traps.append(traps)
         return f"e{i}"
 
     def tensor(self, t: torch.Tensor, prefix: str) -> str:
@@ -188,7 +191,8 @@ class _Writer:
         from lowbit.compiler.partition import BoundGraph, PartitionedGraph
 
         if isinstance(obj, CompiledGraph):
-            return {"kind": "compiled", "entry": self.entry(obj.jit), "contract": contract(obj.captured)}
+            return {"kind": "compiled", "entry": self.entry(obj.jit, getattr(obj, "traps", None)),
+                    "contract": contract(obj.captured)}
         if isinstance(obj, PartitionedGraph):
             return {"kind": "partitioned", "contract": contract(obj.captured), "graph": self.graph(obj.gm)}
         if isinstance(obj, BoundGraph):
@@ -277,6 +281,18 @@ def contract(cap) -> dict:
     }
 
 
+def traps_manifest(traps, symbol: str) -> dict | None:
+    """The run-time checks of an entry (`compile.Traps`): its flag symbol and, per bit, the
+    message and the kind of exception eager raises (zero: ZeroDivisionError text, index:
+    IndexError, other: RuntimeError)."""
+    if traps is None:
+        return None
+    from lowbit.passes.guard_traps import DIVISION_BY_ZERO
+
+    kinds = ["zero" if m == DIVISION_BY_ZERO else "index" if "index" in m else "other" for m in traps.messages]
+    return {"symbol": symbol, "messages": list(traps.messages), "kinds": kinds}
+
+
 def _entry_manifest(fn) -> dict:
     return {"symbol": None, "func": fn.func_name, "dynamic": fn.dynamic,
             "inputs": [spec_to_json(s) for s in fn.input_specs],
@@ -302,8 +318,8 @@ def link(entries: list, out_path: str, extra_flags: Sequence[str] = ()) -> list[
             symbol = f"lowbit_entry_{i}"
             # Every entry defines `forward`, `_mlir_forward` and its helpers: keep only the
             # packed entry global, under a name of its own.
-            _run(["objcopy", f"--keep-global-symbol={packed}", raw, obj])
-            _run(["objcopy", f"--redefine-sym={packed}={symbol}", obj])
+            _run(["objcopy", f"--keep-global-symbol={packed}", f"--keep-global-symbol={TRAP_FLAG}", raw, obj])
+            _run(["objcopy", f"--redefine-sym={packed}={symbol}", f"--redefine-sym={TRAP_FLAG}=lowbit_traps_{i}", obj])
             objects.append(obj)
             symbols.append(symbol)
         _run(["gcc", "-shared", "-o", out_path, *objects, "-lm", "-Wl,-z,now", *extra_flags])
@@ -403,6 +419,7 @@ def compile(model: Callable, example_inputs, dynamic_shapes=None, path: str | os
         for i, (fn, sym) in enumerate(zip(writer.entries, symbols)):
             e = _entry_manifest(fn)
             e["symbol"] = sym
+            e["traps"] = traps_manifest(writer.traps[i], f"lowbit_traps_{i}")
             entries[f"e{i}"] = e
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,

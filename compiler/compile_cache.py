@@ -12,7 +12,9 @@ The key (sha256) covers everything the code depends on and nothing else:
   symbols and ranges, specialised scalars, and the bytes of any tensor frozen into the code;
 - `CompileOptions`, `LOWBIT_TARGET`, `LOWBIT_DISABLE_PASSES`, the runtime's ISA, this CPU's
   model name and flags (the JIT tunes for the host);
-- lowbit, torch, torch-mlir versions, the runtime ABI and this cache's format version.
+- lowbit, torch, torch-mlir versions, the runtime ABI and this cache's format version, and a
+  sha256 of lowbit's compiler/passes/quant sources and runtime library (a development
+  checkout changes code generation without a version change).
 Weights are not in the key: bound weights are runtime buffers, so one entry serves every
 model with the same structure (and different weights).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -98,9 +101,27 @@ def _context() -> dict:
             model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
         pass
-    return {"versions": versions(), "isa": current_isa(), "cpu": model, "flags": sorted(cpu_flags()),
+    return {"versions": versions(), "source": source_fingerprint(), "isa": current_isa(), "cpu": model,
+            "flags": sorted(cpu_flags()),
             "LOWBIT_TARGET": os.environ.get("LOWBIT_TARGET", ""),
             "LOWBIT_DISABLE_PASSES": os.environ.get("LOWBIT_DISABLE_PASSES", ""), "format": CACHE_FORMAT}
+
+
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """sha256 of lowbit's compiler, passes and quant sources and of the runtime library: a
+    development checkout changes code generation without changing `lowbit.__version__`."""
+    import lowbit
+    from lowbit.runtime.library import runtime_library_path
+
+    root = Path(lowbit.compiler.__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for sub in ("compiler", "passes", "quant"):
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    h.update(Path(runtime_library_path()).read_bytes())
+    return h.hexdigest()
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -165,8 +186,8 @@ def _drop(directory: Path, k: str) -> None:
 class _Loaded:
     """What a hit gives: the entry (a `NativeFunction`) and its pipeline report."""
 
-    def __init__(self, fn, report: list):
-        self.fn, self.report = fn, report
+    def __init__(self, fn, report: list, traps=None):
+        self.fn, self.report, self.traps = fn, report, traps
 
 
 def lookup(k: str) -> _Loaded | None:
@@ -193,6 +214,12 @@ def lookup(k: str) -> _Loaded | None:
         fn = NativeFunction(address, meta["func"], [spec_from_json(s, syms) for s in meta["inputs"]],
                             [spec_from_json(s, syms) for s in meta["outputs"]],
                             {n: (lo, hi) for n, (lo, hi) in meta["symbol_ranges"].items()}, owner=lib)
+        traps = None
+        if meta.get("traps"):
+            from lowbit.compiler.compile import Traps
+
+            flag = ctypes.cast(getattr(lib, meta["traps"]["symbol"]), ctypes.c_void_p).value
+            traps = Traps(flag, list(meta["traps"]["messages"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("compile cache entry %s is damaged (%s); removing it", so, e)
         with _locked(directory):
@@ -200,13 +227,13 @@ def lookup(k: str) -> _Loaded | None:
         return None
     with contextlib.suppress(OSError):
         os.utime(meta_path)  # LRU: the last hit
-    return _Loaded(fn, list(meta.get("report", [])))
+    return _Loaded(fn, list(meta.get("report", [])), traps)
 
 
-def store(k: str, jit: Any, report: list) -> None:
+def store(k: str, jit: Any, report: list, traps: Any = None) -> None:
     """Link `jit`'s object code into the cache under `k` (never raises: a failed store only
     logs, the compiled code in this process is unaffected)."""
-    from lowbit.compiler.aot import _entry_manifest, link
+    from lowbit.compiler.aot import _entry_manifest, link, traps_manifest
 
     try:
         report_json = json.loads(json.dumps(report))
@@ -229,7 +256,7 @@ def store(k: str, jit: Any, report: list) -> None:
             (symbol,) = link([_Entry], so_tmp, extra_flags=["-Wl,-z,notext"])
             data = Path(so_tmp).read_bytes()
         meta = _entry_manifest(jit)
-        meta.update(symbol=symbol, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), report=report_json,
+        meta.update(symbol=symbol, traps=traps_manifest(traps, "lowbit_traps_0"), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), report=report_json,
                     created=time.time())
         with _locked(directory):
             _atomic_write(directory / f"{k}.so", data)

@@ -354,11 +354,11 @@ def cached_compile(captured: CapturedGraph, options: CompileOptions) -> Compiled
 
         pipeline = Pipeline(options=options)
         pipeline.report = hit.report
-        compiled = CompiledGraph(captured, hit.fn, pipeline)
+        compiled = CompiledGraph(captured, hit.fn, pipeline, hit.traps)
         register_report(compiled)
         return compiled
     compiled = compile_captured(captured, options)
-    compile_cache.store(key, compiled.jit, compiled.report)
+    compile_cache.store(key, compiled.jit, compiled.report, getattr(compiled, "traps", None))
     return compiled
 
 

@@ -28,6 +28,7 @@ import json
 import logging
 import operator
 import os
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -206,14 +207,42 @@ def _no_nodes(_):
     raise CorruptArtifactError("a constant refers to a graph node")
 
 
+class _Traps:
+    """The run-time checks of an entry: compiled code or-s a bit into its flag word when a
+    division by zero or an out-of-range index happens; the call then raises what eager raises
+    (`lowbit.passes.guard_traps`; calls of one entry with checks are serialized)."""
+
+    def __init__(self, address: int, messages: list[str], kinds: list[str]):
+        self.flag = ctypes.c_int32.from_address(address)
+        self.messages, self.kinds = messages, kinds
+        self.lock = threading.Lock()
+
+    def call(self, fn: NativeFunction, inputs: list) -> list:
+        with self.lock:
+            self.flag.value = 0
+            outs = fn(*inputs)
+            bits = self.flag.value
+        if bits:
+            raised = [i for i in range(len(self.messages)) if bits & (1 << i)]
+            if any(self.kinds[i] == "zero" for i in raised):
+                raise RuntimeError("ZeroDivisionError")
+            detail = "; ".join(self.messages[i] for i in raised)
+            if any(self.kinds[i] == "index" for i in raised):
+                raise IndexError(f"index out of range in compiled code ({detail}); eager raises here too")
+            raise RuntimeError(f"a run-time check of compiled code failed: {detail}")
+        return outs
+
+
 class _Compiled:
-    def __init__(self, fn: NativeFunction, contract: _Contract):
-        self.fn, self.contract = fn, contract
+    def __init__(self, fn: NativeFunction, contract: _Contract, traps: _Traps | None):
+        self.fn, self.contract, self.traps = fn, contract, traps
 
     def __call__(self, *args):
         c = self.contract
         if c.specialized:
             c.check(args)
+        if self.traps is not None:
+            return c.finish(args, self.traps.call(self.fn, c.select(args)))
         return c.finish(args, self.fn(*c.select(args)))
 
 
@@ -365,6 +394,7 @@ class LoadedArtifact:
         self.model_info = manifest.get("model", {})
         self.target = manifest["target"]["name"]
         self.entries: dict[str, NativeFunction] = {}
+        self.traps: dict[str, _Traps] = {}
         for name, e in manifest["entries"].items():
             syms: dict[str, sympy.Symbol] = {}
             try:
@@ -376,6 +406,14 @@ class LoadedArtifact:
                 address, e["symbol"], [spec_from_json(s, syms) for s in e["inputs"]],
                 [spec_from_json(s, syms) for s in e["outputs"]],
                 {k: (lo, hi) for k, (lo, hi) in e["symbol_ranges"].items()}, owner=lib)
+            t = e.get("traps")
+            if t is not None:
+                try:
+                    flag = ctypes.cast(getattr(lib, t["symbol"]), ctypes.c_void_p).value
+                except AttributeError:
+                    raise CorruptArtifactError(f"{os.path.join(path, CODE)}: no trap flag {t['symbol']!r} "
+                                               "(the library does not match the manifest)") from None
+                self.traps[name] = _Traps(flag, list(t["messages"]), list(t["kinds"]))
         self._initial: dict[str, torch.Tensor | None] = {}
         self.state: dict[str, torch.Tensor] = {}
         for name, s in manifest["state"].items():
@@ -404,7 +442,7 @@ class LoadedArtifact:
             fn = self.entries.get(j["entry"])
             if fn is None:
                 raise CorruptArtifactError(f"{os.path.join(self.path, MANIFEST)}: unknown entry {j['entry']!r}")
-            return _Compiled(fn, _Contract(j["contract"]))
+            return _Compiled(fn, _Contract(j["contract"]), self.traps.get(j["entry"]))
         if kind == "partitioned":
             return _Partitioned(_Graph(j["graph"], self._build, self._tensor), _Contract(j["contract"]))
         if kind == "bound":

@@ -115,3 +115,22 @@ def test_concurrent_processes_then_warm_process(cache, tmp_path):
     warm = json.loads(r.stdout.strip().splitlines()[-1])
     assert warm["hits"] >= 1 and warm["pipelines"] == 0 and warm["err"] < 1e-4
     assert not list(cache.glob(".build-*")) and not list(cache.glob(".*.so.*"))  # no leftovers
+
+
+class IntDiv(torch.nn.Module):
+    def forward(self, x, y):
+        return (x * 3) // y + 1
+
+
+def test_hit_keeps_run_time_checks(cache):
+    x, y = torch.randint(-50, 50, (4, 9)), torch.randint(1, 7, (4, 9))
+    for _ in range(2):  # store, then hit
+        torch._dynamo.reset()
+        with torch.no_grad():
+            fn = torch.compile(IntDiv(), backend="lowbit")
+            torch.testing.assert_close(fn(x, y), IntDiv()(x, y))
+    assert counters["cache_hits"] >= 1
+    bad = y.clone()
+    bad[2, 5] = 0
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        fn(x, bad)

@@ -132,3 +132,24 @@ def test_api_errors(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(ArtifactError, match="exists"):
         lowbit.aot.compile(Mlp(), (torch.randn(2, 67),), None, tmp_path / "exists")
+
+
+class IntDiv(torch.nn.Module):
+    def forward(self, x, y):
+        return (x * 3) // y + 1
+
+
+def test_run_time_checks_survive_in_artifacts(tmp_path):
+    x, y = torch.randint(-50, 50, (2, 9)), torch.randint(1, 7, (2, 9))
+    path = lowbit.aot.compile(IntDiv(), (x, y), ({1: "N"}, {1: "N"}), tmp_path / "div")
+    manifest = __import__("json").loads((tmp_path / "div" / "manifest.json").read_text())
+    assert any(e["traps"] for e in manifest["entries"].values())
+    art = lowbit.aot.load(path)
+    for n in (2, 9, 31):
+        x, y = torch.randint(-50, 50, (2, n)), torch.randint(1, 7, (2, n))
+        torch.testing.assert_close(art(x, y), IntDiv()(x, y))
+    y[1, 3] = 0
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        IntDiv()(x, y)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        art(x, y)
