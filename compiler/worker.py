@@ -182,8 +182,7 @@ class CompileWorker:
             "op": "run", "stages": [list(s) for s in stages], "dump_dir": dump_dir, "dump_start": dump_start,
             "env": {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_")},
             "isa": current_isa(),
-            "log_level": min(logging.getLogger("lowbit").getEffectiveLevel(),
-                             logging.getLogger("lowbit.compile").getEffectiveLevel()),
+            "log_level": _lowest_lowbit_level(),
         }
         with self._lock:
             self.start()
@@ -247,6 +246,13 @@ def _close_pipes(proc: subprocess.Popen) -> None:
                 stream.close()
         except OSError:
             pass
+
+
+def _lowest_lowbit_level() -> int:
+    """The most verbose level any `lowbit*` logger of this process listens at (the worker
+    collects records from that level on; replaying them applies this process's filters)."""
+    names = ["lowbit"] + [n for n in logging.Logger.manager.loggerDict if n.startswith("lowbit.")]
+    return min(logging.getLogger(n).getEffectiveLevel() for n in names)
 
 
 def _replay_logs(records) -> None:
@@ -313,8 +319,8 @@ def _handle_run(header: dict, payload: bytes, out) -> None:
     lowbit_logger.handlers = [collect]
     lowbit_logger.propagate = False
     lowbit_logger.setLevel(header.get("log_level", logging.WARNING))
-    for name in ("lowbit.compile",):
-        logging.getLogger(name).setLevel(logging.NOTSET)
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("lowbit.")]:
+        logging.getLogger(name).setLevel(logging.NOTSET)  # all follow the parent's lowest level
     stage_name = None
     try:
         if header.get("isa") and header["isa"] != current_isa():
