@@ -113,6 +113,29 @@ class _Recorded:
                 self.shapes.append(None)
 
 
+def _outputs_without_running(gm: torch.fx.GraphModule, args) -> Any:
+    """What dynamo needs back from the graph during tracing: outputs of the right shapes and
+    dtypes (zeros). They come from running the graph on fake tensors: running it for real would
+    run every low-bit layer through its eager reference op (minutes for a 1B model) and write
+    the model's KV caches. Falls back to the real run if the graph has no fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        mode = FakeTensorMode()
+        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with mode:
+            out = gm.forward(*fakes)
+    except Exception as e:  # noqa: BLE001 (any failure: compute the outputs for real)
+        log.info("tracing: no fake run of the graph (%s: %s); running it", type(e).__name__, e)
+        return gm.forward(*args)
+
+    def real(t):
+        if isinstance(t, torch.Tensor):
+            return torch.zeros([int(d) for d in t.shape], dtype=t.dtype)
+        return t
+    return torch.utils._pytree.tree_map(real, out)
+
+
 def trace(model: Callable, example_sets: list[tuple], dynamic_shapes) -> list[_Recorded]:
     """Dynamo graphs of `model` for each example set (as `torch.compile` makes them)."""
     import torch._dynamo
@@ -126,7 +149,7 @@ def trace(model: Callable, example_sets: list[tuple], dynamic_shapes) -> list[_R
         pending.append(rec)
 
         def run(*args):
-            out = gm.forward(*args)
+            out = _outputs_without_running(gm, args)
             rec.outputs = out
             return out
         return run
@@ -363,7 +386,7 @@ def compile(model: Callable, example_inputs, dynamic_shapes=None, path: str | os
         raise ArtifactError("lowbit.aot.compile needs path= (the artifact directory to write)")
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
-        raise ArtifactError(f"{path} exists (pass overwrite=True to replace it)")
+        raise ArtifactError(f"{path} exists (overwrite=True, or lowbit compile --force, replaces it)")
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if not isinstance(model, torch.nn.Module):
@@ -385,6 +408,10 @@ def compile(model: Callable, example_inputs, dynamic_shapes=None, path: str | os
     with lowbit_options(**(options or {})):
         recorded = trace(model, sets, dynamic_shapes)
     trace_s = time.perf_counter() - t0
+    with torch.no_grad():  # the tracing runs wrote the model's buffers (KV caches): undo that
+        for name, t in model.named_buffers():
+            if name in initial and not torch.equal(t, initial[name]):
+                t.copy_(initial[name])
 
     writer = _Writer()
     programs = []
