@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CASES = {
     "fp32-dense": ("torch (baseline)", "nn.Linear fp32, not quantized"),
+    "lowbit-int2-g32": ("lowbit (baseline)", "lowbit.quantize_(QuantConfig('int2_sym', group_size=32))"),
     "torchao-int1-g32": ("torchao", "IntxWeightOnlyConfig(int1, PerGroup(32))"),
     "torchao-int2-g32": ("torchao", "IntxWeightOnlyConfig(int2, PerGroup(32))"),
     "torchao-int4-g32": ("torchao", "IntxWeightOnlyConfig(int4, PerGroup(32))"),
@@ -47,6 +48,10 @@ def build(case: str, dim: int):
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
     if case == "fp32-dense":
+        return mlp
+    if case == "lowbit-int2-g32":
+        import lowbit
+        lowbit.quantize_(mlp, lowbit.QuantConfig(weights="int2_sym", group_size=32))
         return mlp
     if case.startswith("torchao"):
         from torchao.quantization import IntxWeightOnlyConfig, quantize_
