@@ -8,8 +8,9 @@ inputs like any other, with a *source* naming where it read them (`L['self'].met
 function was given is module state in fact: binding may read it now and pack weights from it,
 with the same change detection as parameters (identity, version counter).
 
-Tensors the graph writes in place (a cache kept in a plain attribute) are left as runtime
-inputs: a weight packed from them would be stale after the first call.
+Tensors the graph writes in place (a cache kept in a plain attribute), tensors with dynamic
+sizes, and attributes of objects passed as arguments (`L['past_key_values'].key_cache`: per-call
+data) are left as runtime inputs: a weight packed from them would be stale.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ log = logging.getLogger("lowbit.module_state")
 
 # `L['self']`, `L['args'][0]`, `G['table']`: the root a dynamo source starts from.
 _ROOT = re.compile(r"^(?:L|G)\[[^\]]*\](?:\[\d+\])?")
+# Roots that are the module itself (`torch.compile(module)` traces `fn`, a method `self`) or a
+# global: an object passed as an argument (a KV cache object) holds per-call data, not state.
+_MODULE_ROOT = re.compile(r"^(?:L\['(?:self|fn)'\]|G\[)")
 
 
 def source_name(node: torch.fx.Node) -> str:
@@ -36,7 +40,7 @@ def is_attribute_source(name: str) -> bool:
     """The source reads an attribute of an object passed in (`L['self'].meta['scale']`), not
     an argument itself (`L['x']`, `L['args'][0]`)."""
     m = _ROOT.match(name)
-    return bool(m) and "." in name[m.end():]
+    return bool(m) and "." in name[m.end():] and bool(_MODULE_ROOT.match(name))
 
 
 def _written_in_place(node: torch.fx.Node) -> bool:
@@ -61,7 +65,9 @@ def attribute_state_positions(gm: torch.fx.GraphModule, args: Sequence[Any],
         if pos in known or not isinstance(value, torch.Tensor):
             continue
         name = source_name(node)
-        if is_attribute_source(name) and not _written_in_place(node):
+        example = node.meta.get("example_value")
+        dynamic = isinstance(example, torch.Tensor) and any(not isinstance(d, int) for d in example.shape)
+        if is_attribute_source(name) and not dynamic and not _written_in_place(node):
             out.append(pos)
             log.debug("input %d (%s) is module state held outside parameters/buffers", pos, name)
     return out

@@ -73,3 +73,33 @@ def test_subclass_capture_failure_warns_per_graph():
         torch.testing.assert_close(out, x @ lin.weight.inner.t())
         messages = [str(w.message) for w in caught if issubclass(w.category, UnsupportedOpWarning)]
         assert any("tensor-subclass" in m and "Opaque" in m for m in messages), messages
+
+
+def test_which_sources_are_module_state():
+    from lowbit.compiler.module_state import is_attribute_source
+    assert is_attribute_source("L['fn']._modules['0'].meta['zero']")   # hqq's meta dict
+    assert is_attribute_source("L['self'].bias")
+    assert not is_attribute_source("L['x']")
+    assert not is_attribute_source("L['args'][0]")
+    assert not is_attribute_source("L['past_key_values'].key_cache[0]")  # an argument's data
+
+
+class CacheObject:
+    def __init__(self):
+        self.k = torch.randn(40, 64)
+
+
+class UsesArgumentObject(torch.nn.Module):
+    def forward(self, x, cache):
+        return x @ cache.k.t()
+
+
+def test_argument_object_tensors_stay_runtime_inputs():
+    """A tensor held by an object passed as an argument changes per call: never bound."""
+    torch._dynamo.reset()
+    model, cache, x = UsesArgumentObject(), CacheObject(), torch.randn(3, 64)
+    compiled = torch.compile(model, backend="lowbit")
+    with torch.no_grad():
+        compiled(x, cache)
+        cache.k = torch.randn(40, 64)  # a new tensor, same shape: must be read at run time
+        torch.testing.assert_close(compiled(x, cache), x @ cache.k.t())
