@@ -237,7 +237,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         if node.target in _MM:
             hit = _match_mm(node, ev, position, formats, group_sizes, activations, report, dense, numerics)
         else:
-            hit = _match_lowbit_linear(node, ev, position, report)
+            hit = _match_lowbit_linear(node, ev, position, report, unpack=False)
         if hit is not None:
             hit.key = key
             found.append(hit)
@@ -281,6 +281,8 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                 if f.q is None:  # known from an earlier binding of these tensors: evaluate now
                     _materialize(f, ev, position, formats, group_sizes, activations, numerics)
             layer = _pack_group(group)
+            for f in group:
+                f.q = None  # the packed layer holds the codes now
             if gkey is not None:
                 _LAYERS[gkey] = layer
         idx = len(layers)
@@ -347,7 +349,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
 
     if any(l.spec.act_format == "none" for l in layers):
         from lowbit.compiler.act_quant import absorb_activation_quantization
-        absorb_activation_quantization(graph, report)
+        absorb_activation_quantization(graph, report, layers=layers)
 
     for node, x, w, srcs, packed, entry in dense:
         if packed is None:
@@ -496,7 +498,10 @@ def _is_plain_weight(w: torch.fx.Node, ev: _ConstantEvaluator) -> bool:
     return w.op in ("placeholder", "get_attr")
 
 
-def _match_lowbit_linear(node, ev: _ConstantEvaluator, position, report) -> Optional[_Found]:
+def _match_lowbit_linear(node, ev: _ConstantEvaluator, position, report, unpack: bool = True) -> Optional[_Found]:
+    """A `lowbit.linear` on module state. Its spec is in the op's arguments; with
+    `unpack=False` the codes are left in storage (`q` None) until the layer is packed, so a
+    model's layers are not all unpacked to int8 at once (that was the compile's memory peak)."""
     from lowbit.quant.formats import LowBitSpec
     from lowbit.quant.packing import unpack_codes
 
@@ -513,7 +518,7 @@ def _match_lowbit_linear(node, ev: _ConstantEvaluator, position, report) -> Opti
     pv, sv = ev.value(packed), ev.value(scales)
     zv = ev.value(zp) if zp is not None else None
     bv = ev.value(bias) if bias is not None else None
-    q = unpack_codes(pv.detach(), spec.format, spec.in_features)
+    q = unpack_codes(pv.detach(), spec.format, spec.in_features) if unpack else None
     s = sv.detach().to(torch.float32).reshape(spec.scale_shape)
     z = None if zv is None else zv.detach().to(torch.int8).reshape(spec.scale_shape)
     b = None if bv is None else bv.detach().to(torch.float32).reshape(-1).contiguous()
@@ -790,7 +795,8 @@ def _found_from_cache(node: torch.fx.Node, entry: _Entry, report: list[dict], ke
 
 def _materialize(f: "_Found", ev: "_ConstantEvaluator", position: dict, formats, group_sizes,
                  activations, numerics: str = "bit-exact") -> None:
-    """Compute the codes, scales and bias of a layer known only from the cache."""
+    """Compute the codes, scales and bias of a layer known only from the cache, or whose codes
+    were left in storage by the match (`_match_lowbit_linear(unpack=False)`)."""
     scratch: list[dict] = []
     if f.node.target is torch.ops.lowbit.linear.default:
         hit = _match_lowbit_linear(f.node, ev, position, scratch)
