@@ -81,7 +81,7 @@ class LowbitPassManager:
         self.context = context
         self.pipeline = pipeline
         self.passes: list[ModulePass] = []
-        self._error: BaseException | None = None
+        self._errors: list[BaseException] = []
         with context:
             self.pm = PassManager("builtin.module")
             pending: list[str] = []
@@ -114,26 +114,31 @@ class LowbitPassManager:
             raise PipelineError(f"cannot parse pipeline elements '{text}': {e}") from None
 
     def _wrap(self, instance: ModulePass):
+        # The C++ PassManager holds this function; it must not reference `self` (which holds
+        # the PassManager): Python's GC cannot see that cycle through C++, so every pass
+        # manager and its whole MLIR context (~3 MB) used to stay alive forever.
+        errors = self._errors
+
         def run(op, pass_):
             try:
                 with op.context, ir.Location.unknown(op.context):
                     instance.run(op)
             except BaseException as e:  # re-raised by run() after the PassManager returns
-                self._error = e
+                errors.append(e)
                 pass_.signal_pass_failure()
         return run
 
     def run(self, module: ir.Module | ir.Operation) -> None:
         op = module.operation if isinstance(module, ir.Module) else module
-        self._error = None
+        self._errors.clear()
         try:
             self.pm.run(op)
-        except ir.MLIRError as e:
-            if self._error is not None:
-                raise self._error from None
+        except ir.MLIRError:
+            if self._errors:
+                raise self._errors[0] from None
             raise
-        if self._error is not None:
-            raise self._error
+        if self._errors:
+            raise self._errors[0]
 
 
 def run_pipeline(module: ir.Module, pipeline: str) -> None:
