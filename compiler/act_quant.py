@@ -7,7 +7,16 @@ Runs on a bound ATen graph (`lowbit.compiler.bind`), where shapes may be symboli
     t  = <op of r and of x's subgraph>                                      t = r / s
 
 and produces `t = lowbit.packed_linear(x, packed, None, ..., act_format="int8")`: the kernel
-quantizes x itself and divides by the scale in its epilogue. This is the FX twin of the IR pass
+quantizes x itself and divides by the scale in its epilogue.
+
+When the model's own arithmetic differs from the documented one (Hugging Face BitNet computes
+`s = 127 * (1 / max)` -- PyTorch's `127 / t` -- and rescales by `r / (s * weight_scale)`), the
+second form keeps it exactly: if the layer's input is a float cast of an int8 tensor (values
+proven integers in [-128, 127]) and the weight is per-tensor ternary with a power-of-two scale
+(read from the packed weight), `packed_linear(xq, ..., act_format="none")` becomes
+`act_format="int8_unit"`: the integer kernels take xq with scale 1, and every op of the model
+(its scale, quantization and rescale) stays in the graph as it is. Bit-exact because every
+partial sum is an integer times the power-of-two scale below 2**24 (K < 2**17). This is the FX twin of the IR pass
 `lowbit-recognize-act-quant` (which needs static shapes) and uses the same proof: the
 subgraphs are not trusted by their op names but *evaluated with PyTorch* on the pass's probe
 rows (ties, zero rows, huge, denormal and sub-floor values, negative maxima, maxima where
@@ -52,19 +61,107 @@ def _hint(d) -> int:
 
 
 def absorb_activation_quantization(graph: torch.fx.Graph, report: list[dict], search_depth: int = 12,
-                                   seed: int = 0) -> int:
-    """Rewrite every verified pattern (see the module docstring); returns how many."""
+                                   seed: int = 0, layers: Optional[list] = None) -> int:
+    """Rewrite every verified pattern (see the module docstring); returns how many.
+
+    ``layers``: bind's `BoundLayer`s in placeholder order (``lowbit_packed_<i>``), for the
+    int8_unit form's scale check; without them only the first form is tried."""
     count = 0
+    by_name = {f"lowbit_packed_{i}": layer for i, layer in enumerate(layers or [])}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _packed_op():
             continue
-        if node.args[9] != "none" or node.args[2] is not None:
+        if node.args[9] != "none":
             continue
-        done = _absorb(graph, node, report, search_depth, seed)
+        done = _unit_scale(node, by_name, report)
+        if not done and node.args[2] is None:
+            done = _absorb(graph, node, report, search_depth, seed)
         count += int(done)
     if count:
         graph.eliminate_dead_code()
     return count
+
+
+_CASTS = {"_to_copy", "convert_element_type"}
+# ops that only rearrange (never change) values: prims' collapse appears for dynamic shapes
+_SHAPE_ONLY = (_VIEWS - _CASTS) | {"collapse", "collapse_view", "view_of", "expand", "permute", "transpose", "t"}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _int8_source(x: torch.fx.Node, depth: int = 8) -> Optional[torch.fx.Node]:
+    """The int8 tensor x is a (view of a) float cast of, else None."""
+    n = x
+    for _ in range(depth):
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+            return None
+        name = _name(n)
+        src = n.args[0] if n.args else None
+        if name in _CASTS and isinstance(src, torch.fx.Node):
+            v_in, v_out = _val(src), _val(n)
+            if isinstance(v_in, torch.Tensor) and isinstance(v_out, torch.Tensor) and v_out.dtype in _FLOATS:
+                if v_in.dtype == torch.int8:
+                    return src
+                if v_in.dtype in _FLOATS:  # float -> float casts keep integers < 256 exact
+                    n = src
+                    continue
+            return None
+        if name in _SHAPE_ONLY and isinstance(src, torch.fx.Node):
+            n = src
+            continue
+        return None
+    return None
+
+
+def _pow2_tensor_scale(layer) -> tuple[Optional[float], str]:
+    """The per-tensor scale of a packed ternary layer if it is a power of two, with why not."""
+    import math
+    from lowbit.runtime.qgemm import PackedWeight, packed_layout, qlinear, unpack_weight
+    spec = layer.spec
+    if spec.weight_format != "ternary" or spec.granularity != "tensor":
+        return None, f"the weight is {spec.describe()}, not per-tensor ternary"
+    if spec.in_features >= 2 ** 17:
+        return None, f"K = {spec.in_features}: integer sums could exceed 2**24"
+    total, kbb, nbb, nkb = packed_layout("ternary", spec.out_features, spec.in_features, layer.kblock)
+    pw = PackedWeight(layer.packed.view(torch.uint8), "ternary", spec.out_features, spec.in_features,
+                      layer.kblock, kbb, nbb, nkb)
+    q = unpack_weight(pw)
+    nz = q.nonzero()
+    if nz.numel() == 0:
+        return 1.0, ""  # all-zero weight: any scale gives exact zeros
+    n, k = (int(i) for i in nz[0])
+    e = torch.zeros(1, spec.in_features)
+    e[0, k] = 1.0
+    s = abs(float(qlinear(e, pw, mode="weight_only")[0, n]))
+    mant, _ = math.frexp(s)
+    if s == 0.0 or mant != 0.5:
+        return None, f"the weight's scale {s!r} is not a power of two"
+    return s, ""
+
+
+def _unit_scale(node: torch.fx.Node, layers: dict, report: list[dict]) -> bool:
+    """The int8_unit form (see the module docstring)."""
+    src = _int8_source(node.args[0])
+    if src is None:
+        return False
+    layer = layers.get(getattr(node.args[1], "name", None))
+    where = dict(kind="act-quant", location=node.name)
+    if layer is None:
+        report.append(dict(where, result="not absorbed", reason="the packed weight is unknown to the pass"))
+        return False
+    scale, why = _pow2_tensor_scale(layer)
+    if scale is None:
+        report.append(dict(where, result="not absorbed", reason=why))
+        return False
+    args = list(node.args)
+    args[9] = "int8_unit"
+    node.args = tuple(args)
+    for entry in report:  # the layer's own entry now describes the int8 layer
+        if entry.get("node") == node.name:
+            entry["format"] = str(entry.get("format", "")).replace("a=none", "a=int8_unit")
+    report.append(dict(where, result="absorbed", numerics="exact",
+                       format="int8 values from the model (scale 1); the model's rescale kept"))
+    log.info("int8 activations of %s taken as they are (act_format int8_unit)", node.name)
+    return True
 
 
 def _single_user_through_views(node: torch.fx.Node) -> Optional[torch.fx.Node]:

@@ -9,7 +9,10 @@ scales and offsets inside the blocks, docs/kernels.md) and passed as a graph *in
                           int out_features, int kblock, str act_format) -> Tensor
 
 so the compiled code carries the layer's format, shape and tiling but never its bytes
-(weights are data, not code). The eager implementation runs the runtime's whole-layer
+(weights are data, not code). ``act_format``: "none" (fp activations), "int8" (the kernel
+quantizes x per token) or "int8_unit" (x already holds int8 values, quantized by the model
+itself; the kernel takes them with scale 1 and the model's own ops rescale the result; made by
+`lowbit.compiler.act_quant` for per-tensor ternary weights only). The eager implementation runs the runtime's whole-layer
 kernel (`lowbit.runtime.qgemm.qlinear`), so a graph after binding still runs in eager
 (the fallback for parts the pipeline rejects) with the same numerics as compiled code.
 """
@@ -60,6 +63,16 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
                       kbb, nbb, nkb)
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], out_features))
+    if act_format == "int8_unit":
+        from lowbit.quant.op import _unit_activations
+        _unit_activations(x)  # integers in [-128, 127], else a ValueError naming a value
+        if spec.weight_format != "ternary" or spec.granularity != "tensor" or spec.in_features >= 2 ** 17:
+            raise ValueError("lowbit.packed_linear: act_format 'int8_unit' is defined for per-tensor ternary "
+                             f"weights with K < 2**17, got {spec.describe()}")
+        # Integer x times ternary codes: every partial sum is an integer below 2**24, so the
+        # weight-only kernel's fp32 sums equal the int8 kernels' exact ones (the scale is a
+        # power of two for the layers act_quant rewrites).
+        return qlinear(x.contiguous(), pw, bias, mode="weight_only")
     mode = "int8" if act_format == "int8" else "weight_only"
     return qlinear(x.contiguous(), pw, bias, mode=mode)
 

@@ -41,6 +41,7 @@ from lowbit.passes.tile_qlinear import KERNEL_NB, TILES_ATTR
 
 T_INT8, T_F32, T_BF16 = 1, 2, 3
 F_BETA1, F_BIAS = 1, 2
+F_AUNIT = 64  # lowbit_qquant_act: activations already int8 values (act_format int8_unit), scale 1
 F_ACT = {"relu": 8, "silu": 16, "relu2": 32}  # LOWBIT_QF_ACT_*
 _TYPE_CODE = {"f32": T_F32, "bf16": T_BF16}
 _ELEM_BYTES = {"f32": 4, "bf16": 2}
@@ -180,7 +181,7 @@ class LowerQLinear(ModulePass):
         n_tile = min(tiles["n_tile"], n)  # one tile of all rows when N fits in one
         num_nt, num_mt = -(-n // n_tile), -(-m // m_tile)
         n_last, m_last = n - (num_nt - 1) * n_tile, m - (num_mt - 1) * m_tile
-        int8 = spec.act_format == "int8"
+        int8 = spec.act_format in ("int8", "int8_unit")
         atype = T_INT8 if int8 else _TYPE_CODE[x_elem]
         ctype = _TYPE_CODE[y_elem]
         flags = F_BIAS if packed["bias"] else 0
@@ -230,7 +231,7 @@ class LowerQLinear(ModulePass):
                 emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
                 deallocs.append((var, f"memref<{shape}x{elem}>"))
             emit(f"  %xtype = arith.constant {_TYPE_CODE[x_elem]} : i32")
-            emit("  %qflags = arith.constant 0 : i32")
+            emit(f"  %qflags = arith.constant {F_AUNIT if spec.act_format == 'int8_unit' else 0} : i32")
             consts = {"m": m, "k": k, "kb": kblock, "kp": kp, "nkb": nkb}
             for key, value in consts.items():
                 emit(f"  %q_{key} = arith.constant {value} : i64")
@@ -344,7 +345,7 @@ def _bound_text(name, spec, tiles, bound, fn_type, wfmt, epilogue):
     num_nt = -(-n // n_tile)
     n_last = n - (num_nt - 1) * n_tile
     chunks = _m_chunks(max(1, tiles["m_tile"]))
-    int8 = spec.act_format == "int8"
+    int8 = spec.act_format in ("int8", "int8_unit")
     atype = T_INT8 if int8 else _TYPE_CODE[x_elem]
     ctype = _TYPE_CODE[y_elem]
     flags = F_BIAS if bound["bias"] else 0
@@ -400,7 +401,7 @@ def _bound_text(name, spec, tiles, bound, fn_type, wfmt, epilogue):
             emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
             deallocs.append((var, f"memref<?x{elem}>"))
         emit(f"  %xtype = arith.constant {_TYPE_CODE[x_elem]} : i32")
-        emit("  %qflags = arith.constant 0 : i32")
+        emit(f"  %qflags = arith.constant {F_AUNIT if spec.act_format == 'int8_unit' else 0} : i32")
         for key, value in {"k": k, "kb": kblock, "kp": kp, "nkb": nkb}.items():
             emit(f"  %q_{key} = arith.constant {value} : i64")
         emit("  %qrc = func.call @lowbit_qquant_act(%xtype, %xp, %m, %q_k, %q_k, %q_kb, %qflags, "

@@ -224,7 +224,7 @@ def _reference_body(spec: LowBitSpec, m: int, xt: str, yt: str, has_zp: bool, ha
     weight += "      %w = arith.mulf %qf, %sv : f32\n"
     contraction_maps = ("indexing_maps = [affine_map<(m, n, k) -> (m, k)>, affine_map<(m, n, k) -> (n, k)>,"
                         " affine_map<(m, n, k) -> (m, n)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]")
-    if spec.act_format == "none":
+    if spec.act_format in ("none", "int8_unit"):  # int8_unit: x holds integers, scale 1
         lines.append(
             f"  %acc = linalg.generic {{{contraction_maps}}}\n"
             f"      ins(%x, %q : tensor<{m}x{k}x{xt}>, tensor<{n}x{k}xi8>) outs(%acc0 : tensor<{m}x{n}xf32>) {{\n"

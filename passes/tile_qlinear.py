@@ -85,7 +85,7 @@ class TileQLinear(ModulePass):
             m = x_type.shape[0]
             if ir.ShapedType.is_dynamic_size(m):
                 m = 1 << 30  # shape-generic code: tiles for any token count
-            act_bytes = 1 if spec.act_format == "int8" else (4 if str(x_type.element_type) == "f32" else 2)
+            act_bytes = 1 if spec.act_format in ("int8", "int8_unit") else (4 if str(x_type.element_type) == "f32" else 2)
             tiles = choose_tiles(m, spec.out_features, spec.in_features, spec.group_width,
                                  spec.weight_format, act_bytes, target, threads)
             for key in ("m_tile", "n_tile", "kblock"):

@@ -79,7 +79,9 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
 #: Short names accepted by :class:`lowbit.QuantConfig`; the op and all metadata use canonical names.
 WEIGHT_FORMAT_ALIASES = {"int2": "int2_asym", "int4": "int4_sym", "binary": "int1"}
 
-ACTIVATION_FORMATS = ("none", "int8")
+# "int8_unit": the model quantized the activations itself (they hold integers in [-128, 127],
+# e.g. a cast from int8); the kernels take them as int8 with scale 1 and the model rescales.
+ACTIVATION_FORMATS = ("none", "int8", "int8_unit")
 GRANULARITIES = ("tensor", "channel", "group")
 
 #: Group sizes must be a positive multiple of this, so every group starts on a byte

@@ -59,6 +59,17 @@ def reference_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
 
 
+def _unit_activations(x: torch.Tensor) -> torch.Tensor:
+    """act_format ``int8_unit``: x must already hold int8 values (integers in [-128, 127])."""
+    xf = x.to(torch.float32)
+    bad = (xf != xf.round()) | (xf < -128) | (xf > 127)
+    if bool(bad.any()):
+        v = xf[bad][0].item()
+        raise ValueError(f"lowbit.linear: act_format 'int8_unit' needs integer activations in [-128, 127], "
+                         f"got {v!r}")
+    return xf
+
+
 def _int8_activation_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                             zero_points: Optional[torch.Tensor], spec: LowBitSpec) -> torch.Tensor:
     """``y = sum_b (sum_{g in b} fp32(isum[b,g]) * s[n,g]) / s_x[m,b]`` with exact integer sums.
@@ -67,7 +78,10 @@ def _int8_activation_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tens
     integer dot products are exact (computed in float64, |sum| < 2**53 for any K < 2**37).
     """
     k = spec.in_features
-    xq, s_x = quantize_activations_int8(x, spec.act_group_size)
+    if spec.act_format == "int8_unit":
+        xq, s_x = _unit_activations(x), torch.ones((x.shape[0], 1), dtype=torch.float32)
+    else:
+        xq, s_x = quantize_activations_int8(x, spec.act_group_size)
     w = q.to(torch.int32)
     if zero_points is not None:
         w = w - expand_groups(zero_points.to(torch.int32), spec)

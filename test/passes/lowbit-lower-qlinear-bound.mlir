@@ -151,3 +151,17 @@ func.func private @lowbit_qlinear_0(%arg0: tensor<?x64xf32>, %arg1: tensor<3072x
   %0 = linalg.fill ins(%cst : f32) outs(%arg2 : tensor<?x128xf32>) -> tensor<?x128xf32>
   return %0 : tensor<?x128xf32>
 }
+
+// -----
+
+// act_format int8_unit (lowbit.compiler.act_quant: the model quantized x itself, e.g. HF
+// BitNet): the int8 path with the unit-scale flag (LOWBIT_QF_AUNIT = 64) on the activation
+// call, int8 A (type 1) in the dispatch.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0(
+// CHECK: %[[UNIT:.+]] = arith.constant 64 : i32
+// CHECK: call @lowbit_qquant_act(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %[[UNIT]],
+// CHECK: call @lowbit_qgemm_dispatch(%{{.+}}, %c1_i32
+
+func.func private @lowbit_qlinear_0(%arg0: memref<?x64xf32>, %arg1: memref<1536xi8>, %arg2: memref<?x64xf32>) attributes {lowbit.bound = {bias = 0 : i64, bytes = 1536 : i64, kblock = 64 : i64, kblock_bytes = 1536 : i64, nblock_bytes = 1536 : i64, num_kblocks = 1 : i64}, lowbit.qlinear = {act_format = "int8_unit", act_group_size = 0 : i64, granularity = "tensor", group_size = 0 : i64, in_features = 64 : i64, origin = "bound", out_features = 64 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 64 : i64, m_tile = 8192 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}

@@ -576,7 +576,10 @@ void quant_act_avx512(const QuantArgs& qa) {
     }
     return bad ? kNaN : _mm512_reduce_max_ps(mx);
   };
-  auto scale_of = [&](float amax) { return amax != amax ? kNaN : 127.0f / std::max(amax, 1e-5f); };
+  const bool unit = qa.flags & LOWBIT_QF_AUNIT;  // x already int8 values: scale 1
+  auto scale_of = [&](float amax) {
+    return amax != amax ? kNaN : unit ? 1.0f : 127.0f / std::max(amax, 1e-5f);
+  };
   for (int64_t r = 0; r < qa.m; ++r) {
     float s_row = 0.0f;
     if (!per_block) {

@@ -124,7 +124,8 @@ int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k, in
                           int64_t kblock, int32_t flags, int8_t* xq, int64_t ldq, float* scale,
                           int32_t* rowsum, int64_t ld_aux) {
   if (xtype != LOWBIT_QT_F32 && xtype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
-  if (flags & ~LOWBIT_QF_ASCALE_PER_BLOCK) return -LOWBIT_E_UNSUPPORTED;
+  if (flags & ~(LOWBIT_QF_ASCALE_PER_BLOCK | LOWBIT_QF_AUNIT)) return -LOWBIT_E_UNSUPPORTED;
+  if ((flags & LOWBIT_QF_AUNIT) && (flags & LOWBIT_QF_ASCALE_PER_BLOCK)) return -LOWBIT_E_UNSUPPORTED;
   if (m < 0 || k <= 0 || kblock <= 0) return -LOWBIT_E_SHAPE;
   if (kblock % 4 != 0) return -LOWBIT_E_ALIGNMENT;
   const int64_t nkb = (k + kblock - 1) / kblock;

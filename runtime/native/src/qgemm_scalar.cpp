@@ -114,6 +114,7 @@ void tile_scalar(const Desc& d, const Args& g) {
 // 0 and row sum 0, and the tiles' division by the scale makes the outputs NaN.
 void quant_act_scalar(const QuantArgs& qa) {
   const bool per_block = qa.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  const bool unit = qa.flags & LOWBIT_QF_AUNIT;  // x already int8 values: scale 1
   const float kNaN = __builtin_nanf("");
   // amax over [k0, k1), NaN if any value is NaN or +-Inf.
   auto amax_of = [&](int64_t x0, int64_t k0, int64_t k1) {
@@ -131,7 +132,7 @@ void quant_act_scalar(const QuantArgs& qa) {
     float s_row = 0.0f;
     if (!per_block) {
       const float amax = amax_of(x0, 0, qa.k);
-      s_row = amax != amax ? kNaN : 127.0f / fmaxf(amax, 1e-5f);  // (fmaxf would drop a NaN)
+      s_row = amax != amax ? kNaN : unit ? 1.0f : 127.0f / fmaxf(amax, 1e-5f);  // (fmaxf would drop a NaN)
       qa.scale[r] = s_row;
     }
     for (int64_t b = 0; b < qa.nkb; ++b) {

@@ -241,3 +241,53 @@ def test_patch_transformers_fixes_models_compiled_without_prepare():
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_bitlinear_runs_on_the_int8_kernels_bit_exact(isa):
+    """transformers' BitLinear (activations quantized by the model with `127 * (1 / max)`, result
+    rescaled by `r / (s_x * weight_scale)`): compiled, its int8 activations go to the integer
+    kernels as they are (act_format int8_unit) and the output equals eager bit for bit, for
+    M in {1, 3, 17}, K with a tail, activations from 1e-7 to 1e3, on every ISA."""
+    from transformers.integrations.bitnet import BitLinear, pack_weights
+    import lowbit
+    from lowbit.runtime import library
+    if isa not in library.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    before = library.current_isa()
+    library.set_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(4)
+        for k, n in ((64, 64), (200, 72)):
+            layer = BitLinear(k, n, bias=False, device="cpu", dtype=torch.float32)
+            with torch.no_grad():
+                layer.weight.copy_(pack_weights(torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)))
+                layer.weight_scale.fill_(8.0)
+            hf.prepare(layer).eval().requires_grad_(False)
+            compiled = torch.compile(layer, backend="lowbit")
+            for m in (1, 3, 17):
+                x = torch.randn(1, m, k, generator=g) * torch.logspace(-7, 3, m).view(1, m, 1)
+                with torch.no_grad():
+                    assert torch.equal(compiled(x), layer(x)), (k, n, m)
+            formats = [e.get("format") for e in lowbit.explain(layer).matmuls() if e.get("result") == "recognized"]
+            assert formats and all(f == "ternary/tensor a=int8_unit" for f in formats), formats
+            torch._dynamo.reset()
+    finally:
+        library.set_isa(before)
+
+
+def test_bitnet_explain_every_bitlinear_on_the_int8_path():
+    import lowbit
+    model = _bitnet()
+    ids = _ids(7)
+    with torch.no_grad():
+        ref = model(ids).logits
+        hf.compile(model)
+        out = model(ids).logits
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    recognized = [e for e in lowbit.explain(model).matmuls() if e.get("result") == "recognized"
+                  and e.get("origin") == "dequant-subgraph"]
+    n_bitlinear = 7 * model.config.num_hidden_layers
+    assert len(recognized) == n_bitlinear, recognized
+    assert all(e["format"] == "ternary/tensor a=int8_unit" for e in recognized), recognized

@@ -196,3 +196,57 @@ def test_bad_bias_and_attributes(ternary):
         call(x, packed, scales, zp, bias, fmt, gran, gs, k, n, "int4", ags)
     with pytest.raises(ValueError, match="per-tensor scales are only defined for ternary"):
         LowBitSpec("int2_sym", "tensor", 0, 40, 8)
+
+
+def test_int8_unit_activations_are_taken_as_they_are():
+    """act_format int8_unit: x already holds int8 values (quantized by the model): y = (x @ q^T) * s
+    with scale 1 for x, exactly; anything else than integers in [-128, 127] is a ValueError."""
+    torch.manual_seed(3)
+    k, n = 200, 40
+    q = torch.randint(-1, 2, (n, k)).float()
+    lin = torch.nn.Linear(k, n, bias=False)
+    lin.weight.data = q * 0.25
+    layer = LowBitLinear.from_float(lin, QuantConfig(weights="ternary", activations="int8_unit"))
+    assert layer.spec.act_format == "int8_unit"
+    x = torch.randint(-128, 128, (5, k)).float()
+    y = layer(x)
+    assert torch.equal(y, (x.double() @ q.double().T * 0.25).float())
+    for bad in (0.5, 128.0, -129.0, float("nan")):
+        xb = x.clone()
+        xb[2, 7] = bad
+        with pytest.raises(ValueError, match="int8_unit"):
+            layer(xb)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_runtime_unit_scale_flag_copies_int8_values(isa):
+    """lowbit_qquant_act with LOWBIT_QF_AUNIT: scale 1, xq = x, row sums, K tail zero-padded."""
+    import ctypes
+    from lowbit.runtime import library
+    from lowbit.runtime.qgemm import _lib
+    if isa not in library.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    before = library.current_isa()
+    library.set_isa(isa)
+    try:
+        m, k, kb = 3, 70, 32
+        nkb = -(-k // kb)
+        x = torch.randint(-128, 128, (m, k)).float()
+        xq = torch.full((m, nkb * kb), 99, dtype=torch.int8)
+        s = torch.zeros(m)
+        rs = torch.zeros(m, nkb, dtype=torch.int32)
+        rc = _lib().lowbit_qquant_act(2, ctypes.c_void_p(x.data_ptr()), m, k, k, kb, 64,
+                                      ctypes.c_void_p(xq.data_ptr()), nkb * kb, ctypes.c_void_p(s.data_ptr()),
+                                      ctypes.c_void_p(rs.data_ptr()), nkb)
+        assert rc == 0
+        assert torch.equal(s, torch.ones(m))
+        assert torch.equal(xq[:, :k].float(), x) and not xq[:, k:].any()
+        padded = torch.nn.functional.pad(x, (0, nkb * kb - k)).view(m, nkb, kb).sum(-1)
+        assert torch.equal(rs, padded.to(torch.int32))
+        # with a per-block scale the flag is rejected (one scale per token only)
+        rc = _lib().lowbit_qquant_act(2, ctypes.c_void_p(x.data_ptr()), m, k, k, kb, 64 | 4,
+                                      ctypes.c_void_p(xq.data_ptr()), nkb * kb, ctypes.c_void_p(s.data_ptr()),
+                                      ctypes.c_void_p(rs.data_ptr()), nkb)
+        assert rc < 0
+    finally:
+        library.set_isa(before)

@@ -82,6 +82,8 @@ enum {
   LOWBIT_QF_ACT_RELU = 1 << 3,       /* act(v) = max(v, 0) */
   LOWBIT_QF_ACT_SILU = 1 << 4,       /* act(v) = v * sigmoid(v) = v / (1 + exp(-v)), fp32 */
   LOWBIT_QF_ACT_RELU2 = 1 << 5,      /* act(v) = max(v, 0)^2 (squared ReLU) */
+  LOWBIT_QF_AUNIT = 1 << 6,          /* lowbit_qquant_act only: x already holds int8 values (the
+                                        model quantized it): scale 1, xq = x (act_format int8_unit) */
 };
 #define LOWBIT_QF_ACT_MASK (LOWBIT_QF_ACT_RELU | LOWBIT_QF_ACT_SILU | LOWBIT_QF_ACT_RELU2)
 
@@ -107,6 +109,7 @@ LOWBIT_API int32_t lowbit_qunpack(int32_t wfmt, const uint8_t* packed, int64_t n
 /* Dynamic int8 activation quantization (per token, or per (token, K-block)), fused with
  * the per-K-block row sums the kernels need for the zero-point / code-offset correction:
  *   s = 127 / max(amax, 1e-5)  (amax over the row, or over the K-block)
+ *   s = 1 with LOWBIT_QF_AUNIT (per token only): x holds integers in [-128, 127] already
  *   xq[m][k] = clamp(round_half_even(x[m][k] * s), -128, 127), 0 for k in [k, nkb*kblock)
  *   rowsum[m][i] = sum of xq[m][k] over K-block i.
  * x: fp32 or bf16 [m][ldx]; xq: [m][ldq], ldq >= nkb*kblock (nkb = ceil(k/kblock));
