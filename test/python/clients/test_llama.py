@@ -42,6 +42,7 @@ def test_llama_hqq_2bit():
         lin, hqq.BaseQuantizeConfig(nbits=2, group_size=32), compute_dtype=torch.float32, device="cpu"))
     rows = _run(model, torch.float32, cfg)
     assert all("float zero point" in r["numerics"] for r in rows)
+    assert any(int(r.get("merged") or 0) == 3 for r in rows), rows  # q/k/v share x: one kernel call
 
 
 def test_llama_gptq_style_4bit():
