@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from lowbit.compiler import heap
 from lowbit.compiler.frontend import CapturedGraph, TensorSpec
 from lowbit.compiler.packed_linear import packed_linear  # noqa: F401  (registers the op)
 
@@ -375,8 +374,6 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     graph.eliminate_dead_code()
     _drop_unused_inputs(captured, graph)
     gm.recompile()
-    dense.clear()   # evaluated fp weights (the panels are inputs now)
-    heap.release()  # unpacked codes and evaluated weights were freed: give the pages back
     binding = Binding(layers, derived, sorted(sources), report, sorted(state), time.perf_counter() - start)
     log.info("bound %d low-bit layer(s) (%d matmuls, %.1f MiB packed) in %.2f s", len(layers), len(found),
              sum(l.nbytes for l in layers) / 2**20, binding.seconds)
