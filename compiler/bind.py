@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from lowbit.compiler import heap
 from lowbit.compiler.frontend import CapturedGraph, TensorSpec
 from lowbit.compiler.packed_linear import packed_linear  # noqa: F401  (registers the op)
 
@@ -324,7 +325,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                 out = call_out
             else:
                 with graph.inserting_after(anchor):
-                    out = graph.call_function(aten.slice.Tensor, (call_out, -1, offset, offset + n))
+                    out = graph.call_function(aten.slice.Tensor, (call, -1, offset, offset + n))
                 out.meta.update(provenance)
                 anchor = out
                 if isinstance(x_val, torch.Tensor):
@@ -374,6 +375,8 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     graph.eliminate_dead_code()
     _drop_unused_inputs(captured, graph)
     gm.recompile()
+    dense.clear()   # evaluated fp weights (the panels are inputs now)
+    heap.release()  # unpacked codes and evaluated weights were freed: give the pages back
     binding = Binding(layers, derived, sorted(sources), report, sorted(state), time.perf_counter() - start)
     log.info("bound %d low-bit layer(s) (%d matmuls, %.1f MiB packed) in %.2f s", len(layers), len(found),
              sum(l.nbytes for l in layers) / 2**20, binding.seconds)
@@ -452,16 +455,6 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
     return _Found(node, x, spec, qw.q, qw.scales, qw.zero_points, bias, origin,
                   ev.sources(w, position) | (ev.sources(b, position) if b is not None else set()),
                   offsets=offsets, numerics=numerics_note, perm=perm)
-
-
-def _merged_numerics(notes: list[str]) -> str:
-    """One note for merged siblings: the member with the largest error speaks for all."""
-    import re
-
-    def err(note):
-        m = re.search(r"max \|err\| ([0-9.e+-]+)", note)
-        return float(m.group(1)) if m else 0.0
-    return max(notes, key=err)
 
 
 def _tolerant_formats(formats) -> list[str]:
@@ -548,10 +541,8 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
     for f in found:
         s = f.spec
         key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format)
-        if "act-order" in f.origin:
-            key = key + (id(f),)  # each layer reads x in its own column order: never merged
-        elif "float zero" in f.origin:
-            key = key + ("float zero",)  # merged only with layers whose offsets concatenate
+        if "float zero" in f.origin or "act-order" in f.origin:
+            key = key + (id(f),)  # per-group offsets are added per layer: never merged
         if key not in buckets:
             buckets[key] = []
             order.append(key)
@@ -611,16 +602,13 @@ def _pack_group(group: list[_Found]) -> BoundLayer:
         bias = torch.cat([f.bias if f.bias is not None else torch.zeros(f.spec.out_features)
                           for f in group]).to(torch.float32).contiguous()
     kblock = choose_kblock(spec.in_features, spec.group_width, k_granule(spec.weight_format))
-    offsets = None
-    if all(f.offsets is not None for f in group):
-        offsets = torch.cat([f.offsets.reshape(f.spec.out_features, -1) for f in group]) if len(group) > 1 \
-            else group[0].offsets
+    offsets = group[0].offsets if len(group) == 1 else None
     pw = pack_weight(q.to(torch.int8).contiguous(), scales.to(torch.float32), spec.weight_format,
                      group=spec.group_width, zero=zero, kblock=kblock)
     origins = {f.origin for f in group}
     return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
                       pw.data.view(torch.int8), bias, [], _location(group[0].node), offsets,
-                      _merged_numerics([f.numerics for f in group]),
+                      group[0].numerics if len({f.numerics for f in group}) == 1 else "mixed",
                       group[0].perm if len(group) == 1 else None)
 
 
