@@ -325,7 +325,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                 out = call_out
             else:
                 with graph.inserting_after(anchor):
-                    out = graph.call_function(aten.slice.Tensor, (call, -1, offset, offset + n))
+                    out = graph.call_function(aten.slice.Tensor, (call_out, -1, offset, offset + n))
                 out.meta.update(provenance)
                 anchor = out
                 if isinstance(x_val, torch.Tensor):
@@ -457,6 +457,16 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
                   offsets=offsets, numerics=numerics_note, perm=perm)
 
 
+def _merged_numerics(notes: list[str]) -> str:
+    """One note for merged siblings: the member with the largest error speaks for all."""
+    import re
+
+    def err(note):
+        m = re.search(r"max \|err\| ([0-9.e+-]+)", note)
+        return float(m.group(1)) if m else 0.0
+    return max(notes, key=err)
+
+
 def _tolerant_formats(formats) -> list[str]:
     """The tolerant path serves library checkpoints: their 4-bit codes (GPTQ/AWQ/torchao int4,
     3-bit GPTQ codes in int4) run on the int4 kernels even when the bit-exact search is
@@ -541,8 +551,10 @@ def _sibling_groups(found: list[_Found]) -> list[list[_Found]]:
     for f in found:
         s = f.spec
         key = (_same_value_key(f.x), s.weight_format, s.granularity, s.group_size, s.in_features, s.act_format)
-        if "float zero" in f.origin or "act-order" in f.origin:
-            key = key + (id(f),)  # per-group offsets are added per layer: never merged
+        if "act-order" in f.origin:
+            key = key + (id(f),)  # each layer reads x in its own column order: never merged
+        elif "float zero" in f.origin:
+            key = key + ("float zero",)  # merged only with layers whose offsets concatenate
         if key not in buckets:
             buckets[key] = []
             order.append(key)
@@ -602,13 +614,16 @@ def _pack_group(group: list[_Found]) -> BoundLayer:
         bias = torch.cat([f.bias if f.bias is not None else torch.zeros(f.spec.out_features)
                           for f in group]).to(torch.float32).contiguous()
     kblock = choose_kblock(spec.in_features, spec.group_width, k_granule(spec.weight_format))
-    offsets = group[0].offsets if len(group) == 1 else None
+    offsets = None
+    if all(f.offsets is not None for f in group):
+        offsets = torch.cat([f.offsets.reshape(f.spec.out_features, -1) for f in group]) if len(group) > 1 \
+            else group[0].offsets
     pw = pack_weight(q.to(torch.int8).contiguous(), scales.to(torch.float32), spec.weight_format,
                      group=spec.group_width, zero=zero, kblock=kblock)
     origins = {f.origin for f in group}
     return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
                       pw.data.view(torch.int8), bias, [], _location(group[0].node), offsets,
-                      group[0].numerics if len({f.numerics for f in group}) == 1 else "mixed",
+                      _merged_numerics([f.numerics for f in group]),
                       group[0].perm if len(group) == 1 else None)
 
 
