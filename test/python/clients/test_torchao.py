@@ -59,3 +59,22 @@ def test_small_llama_int2():
     tokens = torch.randint(0, 96, (1, 7))
     report, _ = compile_and_compare(model, (tokens, torch.arange(7)), dequant_dtype=torch.float32, k_max=352, calls=1)
     recognized(report, fmt="int2_sym")
+
+
+def test_dynamic_lengths_compile_twice():
+    """Dynamo's dynamic-shape recompile works through the flattened subclass graph."""
+    import warnings
+
+    from lowbit.compiler.compile_log import counters
+    from lowbit.compiler.partition import UnsupportedOpWarning
+    model = _mlp(3)
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(32)))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lowbit")
+    before = counters["backend_compiles"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedOpWarning)
+        for t in (1, 5, 9, 17, 3):
+            x = torch.randn(t, 96)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert counters["backend_compiles"] - before <= 3
