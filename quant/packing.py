@@ -7,6 +7,9 @@ set, non-zero padding bits) so corrupt tensors raise instead of decoding to garb
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from .formats import WeightFormat, get_weight_format, packed_row_bytes
@@ -146,6 +149,9 @@ def unpack_codes(packed: torch.Tensor, fmt: WeightFormat | str, k: int) -> torch
     n, nbytes = packed.shape
     if fmt.bits == 8:
         return codes_to_values(packed, fmt)
+    fast = _unpack_by_table(packed, fmt, k)
+    if fast is not None:
+        return fast
     per_byte = fmt.codes_per_byte
     mask = (1 << fmt.bits) - 1
     out = torch.empty((n, k), dtype=torch.int8)
@@ -175,6 +181,39 @@ def unpack_codes(packed: torch.Tensor, fmt: WeightFormat | str, k: int) -> torch
             f"corrupt packed weight: padding bits after K={k} in row {row} are not zero")
     codes_to_values(codes[:, :k], fmt)  # raises for the invalid code
     raise AssertionError("unpack_codes: a block was rejected but the tensor is valid")
+
+
+#: Marks codes outside a format's value set in `_byte_table`; no format has the value -128
+#: below 8 bits.
+_INVALID = -128
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(fmt: WeightFormat) -> np.ndarray:
+    """int8 [256, codes_per_byte]: the values of the codes each possible byte holds."""
+    values = np.full(1 << fmt.bits, _INVALID, dtype=np.int8)
+    values[: fmt.num_codes] = fmt.values
+    byte = np.arange(256)[:, None]
+    shifts = fmt.bits * np.arange(fmt.codes_per_byte)[None, :]
+    return values[(byte >> shifts) & ((1 << fmt.bits) - 1)]
+
+
+def _unpack_by_table(packed: torch.Tensor, fmt: WeightFormat, k: int) -> torch.Tensor | None:
+    """`unpack_codes` as one table lookup per byte (numpy, single-threaded: torch's
+    element-wise ops on the same data waited on OpenMP barriers for seconds per layer on a
+    busy machine). None when the data is corrupt: the caller's checks then name the problem."""
+    n, nbytes = packed.shape
+    per_byte = fmt.codes_per_byte
+    pn = packed.contiguous().numpy()
+    tail = k % per_byte
+    if tail and np.any(pn[:, -1] >> (fmt.bits * tail)):
+        return None  # non-zero padding bits
+    values = _byte_table(fmt)[pn].reshape(n, nbytes * per_byte)
+    if tail:
+        values = values[:, :k]
+    if fmt.num_codes < (1 << fmt.bits) and np.any(values == _INVALID):
+        return None
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def check_packed_tensor(packed: torch.Tensor, fmt: WeightFormat | str, k: int, n: int | None = None) -> None:
