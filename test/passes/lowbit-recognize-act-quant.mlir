@@ -305,3 +305,65 @@ func.func @rescale_by_reciprocal(%x: tensor<2x4xf32>) -> tensor<2x3xf32> {
   } -> tensor<2x3xf32>
   return %y : tensor<2x3xf32>
 }
+
+// -----
+
+// The walk back from the layer's input meets a dynamic-shaped value (the static x is a cast
+// of a tensor<?x4xf32>, as in a graph with a symbolic sequence length): it is skipped as a
+// candidate instead of failing the stage, and the static x is absorbed.
+// CHECK: result = "absorbed"
+// CHECK: func.func @dynamic_source(%[[XD:.+]]: tensor<?x4xf32>)
+// CHECK: %[[X:.+]] = tensor.cast %[[XD]]
+// CHECK: call @lowbit_qlinear_1(%[[X]])
+
+#id = affine_map<(d0, d1) -> (d0, d1)>
+#row = affine_map<(d0, d1) -> (d0)>
+#vec = affine_map<(d0) -> (d0)>
+func.func @dynamic_source(%xd: tensor<?x4xf32>) -> tensor<2x3xf32> {
+  %x = tensor.cast %xd : tensor<?x4xf32> to tensor<2x4xf32>
+  %w = arith.constant dense<[[0.5, -0.5, 0.0, 0.5], [0.0, 0.5, 0.5, -0.5], [-0.5, 0.0, 0.0, 0.5]]> : tensor<3x4xf32>
+  %zero = arith.constant 0.0 : f32
+  %one = arith.constant 1.0 : f32
+  %eps = arith.constant 1.0e-05 : f32
+  %c127 = arith.constant 127.0 : f32
+  %cm128 = arith.constant -128.0 : f32
+  %e = tensor.empty() : tensor<2xf32>
+  %a0 = linalg.fill ins(%zero : f32) outs(%e : tensor<2xf32>) -> tensor<2xf32>
+  %amax = linalg.generic {indexing_maps = [#id, #row], iterator_types = ["parallel", "reduction"]}
+      ins(%x : tensor<2x4xf32>) outs(%a0 : tensor<2xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %a = math.absf %in : f32
+    %m = arith.maximumf %a, %out : f32
+    linalg.yield %m : f32
+  } -> tensor<2xf32>
+  %s = linalg.generic {indexing_maps = [#vec, #vec], iterator_types = ["parallel"]}
+      ins(%amax : tensor<2xf32>) outs(%e : tensor<2xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %c = arith.maximumf %in, %eps : f32
+    %d = arith.divf %c127, %c : f32
+    linalg.yield %d : f32
+  } -> tensor<2xf32>
+  %ex = tensor.empty() : tensor<2x4xf32>
+  %xq = linalg.generic {indexing_maps = [#id, #row, #id], iterator_types = ["parallel", "parallel"]}
+      ins(%x, %s : tensor<2x4xf32>, tensor<2xf32>) outs(%ex : tensor<2x4xf32>) {
+  ^bb0(%in: f32, %sv: f32, %out: f32):
+    %p = arith.mulf %in, %sv : f32
+    %r = math.roundeven %p : f32
+    %lo = arith.maximumf %r, %cm128 : f32
+    %hi = arith.minimumf %lo, %c127 : f32
+    linalg.yield %hi : f32
+  } -> tensor<2x4xf32>
+  %ey = tensor.empty() : tensor<2x3xf32>
+  %acc0 = linalg.fill ins(%zero : f32) outs(%ey : tensor<2x3xf32>) -> tensor<2x3xf32>
+  %wt_e = tensor.empty() : tensor<4x3xf32>
+  %wt = linalg.transpose ins(%w : tensor<3x4xf32>) outs(%wt_e : tensor<4x3xf32>) permutation = [1, 0]
+  %mm = linalg.matmul ins(%xq, %wt : tensor<2x4xf32>, tensor<4x3xf32>) outs(%acc0 : tensor<2x3xf32>) -> tensor<2x3xf32>
+  %y = linalg.generic {indexing_maps = [#id, #row, #id], iterator_types = ["parallel", "parallel"]}
+      ins(%mm, %s : tensor<2x3xf32>, tensor<2xf32>) outs(%ey : tensor<2x3xf32>) {
+  ^bb0(%in: f32, %sv: f32, %out: f32):
+    %d = arith.divf %in, %sv : f32
+    linalg.yield %d : f32
+  } -> tensor<2x3xf32>
+  return %y : tensor<2x3xf32>
+}
+
