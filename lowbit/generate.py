@@ -331,10 +331,21 @@ class _HFRunner:
         if self.cache_kind == "static":
             if self.cache is None:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+                self._initialize_static_cache()
             else:
                 self.cache.reset()
         else:
             self.cache = DynamicCache(config=self.model.config)
+
+    def _initialize_static_cache(self) -> None:
+        """Allocate the static cache's tensors now: lazily allocated, the first prefill would be
+        a graph of its own for dynamo (uninitialised cache) that no later call reuses."""
+        shape = getattr(self.model, "_get_static_cache_init_shape", lambda: None)()
+        if shape is None or not hasattr(self.cache, "early_initialization"):
+            return
+        self.cache.early_initialization(batch_size=1, num_heads=shape[0], head_dim=shape[1],
+                                        dtype=getattr(self.model, "dtype", torch.float32),
+                                        device=getattr(self.model, "device", torch.device("cpu")))
 
     def _call(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         pos = torch.arange(start, start + ids.shape[1])
