@@ -158,6 +158,7 @@ class Vectorize(ModulePass):
                 failures.append(f"{name} {plan.vector_sizes}: {reason}"[:300])
         run_transform(module, _CLEANUP, f"{self.NAME} cleanup")
         clear_tags(module)
+        copy_strided_gather_bases(module)
         if failures:
             log.info("%s: %d op(s) left as scalar loops: %s", self.NAME, len(failures), "; ".join(failures))
 
@@ -318,6 +319,70 @@ _CLEANUP = """    %funcs = transform.structured.match ops{["func.func"]} in %roo
       transform.apply_patterns.canonicalization
     } : !transform.any_op
     transform.apply_cse to %funcs : !transform.any_op"""
+
+
+def copy_strided_gather_bases(module: ir.Operation) -> int:
+    """Give every `vector.gather` of rank >= 2 a base that bufferizes contiguously.
+
+    The vectorizer turns `tensor.extract` into a gather whose lane offsets linearize the
+    n-d indices over the base's *shape* (row-major), but bufferization lowers the gather on
+    the base's buffer, whose rows may be further apart: `z[:, :40][idx]` read row 1 at
+    offset 40 instead of 48 (a wrong answer). A base that may be a strided view is copied
+    once, right after it is made (`bufferization.alloc_tensor() copy(...)`: contiguous).
+    Returns how many copies were made."""
+    copies: dict = {}
+    for f in func_ops(module):
+        for op in [o for o in walk(f) if o.name == "vector.gather"]:
+            base = op.operands[0]
+            if not isinstance(base.type, ir.RankedTensorType) or base.type.rank < 2 or _contiguous(base):
+                continue
+            key = base.get_name() if hasattr(base, "get_name") else id(base)
+            copy = copies.get(key)
+            if copy is None:
+                with ir.InsertionPoint(_ancestor_in_block_of(op, base)), op.location:
+                    copy = ir.Operation.create(
+                        "bufferization.alloc_tensor", results=[base.type], operands=[base],
+                        attributes={"operandSegmentSizes": ir.DenseI32ArrayAttr.get([0, 1, 0])}).result
+                copies[key] = copy
+            op.operands[0] = copy
+    return len(copies)
+
+
+def _contiguous(value: ir.Value) -> bool:
+    """Whether `value` certainly bufferizes to an identity-layout buffer: function arguments
+    (identity layout at function boundaries) and results of ops that allocate; an
+    `extract_slice` only if it keeps whole rows (offsets and sizes full in every dim but
+    the first, unit strides)."""
+    owner = value.owner
+    if isinstance(owner, ir.Block):
+        return owner.owner.operation.name == "func.func"
+    op = owner.operation if hasattr(owner, "operation") else owner
+    if op.name == "tensor.extract_slice":
+        src = op.operands[0].type
+        res = value.type
+        sizes = list(ir.DenseI64ArrayAttr(op.attributes["static_sizes"]))
+        offsets = list(ir.DenseI64ArrayAttr(op.attributes["static_offsets"]))
+        strides = list(ir.DenseI64ArrayAttr(op.attributes["static_strides"]))
+        if res.rank != src.rank or any(s != 1 for s in strides) or any(o != 0 for o in offsets[1:]):
+            return False
+        if any(ir.ShapedType.is_dynamic_size(d) for d in src.shape[1:]):
+            return False
+        return sizes[1:] == list(src.shape[1:]) and _contiguous(op.operands[0])
+    if op.name in ("tensor.expand_shape", "tensor.collapse_shape", "tensor.cast"):
+        return _contiguous(op.operands[0])
+    return op.name in ("tensor.empty", "bufferization.alloc_tensor", "linalg.generic", "linalg.fill",
+                       "arith.constant", "tensor.splat", "tensor.pad", "tensor.concat")
+
+
+def _ancestor_in_block_of(op: ir.Operation, value: ir.Value) -> ir.Operation:
+    """The ancestor of `op` (or `op`) that sits in the block defining `value`: a copy
+    placed before it is computed once, outside any loop `op` is in."""
+    owner = value.owner
+    block = owner if isinstance(owner, ir.Block) else owner.operation.block
+    cur = op.operation
+    while cur.block != block:
+        cur = cur.parent.operation
+    return cur
 
 
 def _inside(op: ir.Operation, name: str) -> bool:
