@@ -87,8 +87,25 @@ class LowbitCallable:
 
     def _compile(self, args: Sequence[Any]) -> Callable:
         counters["backend_compiles"] += 1
-        return compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported,
-                                     dynamic_dims=self.dynamic_dims)
+        from lowbit.compiler import compile_cache
+        from lowbit.compiler.jit import emission_key
+
+        key = None
+        if compile_cache.enabled() and not emission_key() and self.options.weights == "bind":
+            key = compile_cache.program_key(self.gm, args, self.freezable, self.dynamic_dims, self._size_inputs,
+                                            self.options)
+            hit = compile_cache.lookup_program(key, args)
+            if hit is not None:
+                from lowbit.compiler.report import register as register_report
+
+                counters["program_cache_hits"] += 1
+                register_report(hit)
+                return hit
+        compiled = compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported,
+                                         dynamic_dims=self.dynamic_dims)
+        if key is not None:
+            compile_cache.store_program(key, compiled)
+        return compiled
 
     def signature(self, args: Sequence[Any]) -> tuple:
         key = []

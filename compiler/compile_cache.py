@@ -178,7 +178,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _drop(directory: Path, k: str) -> None:
-    for suffix in (".json", ".so"):
+    for suffix in (".json", ".so", ".safetensors"):
         with contextlib.suppress(OSError):
             (directory / f"{k}{suffix}").unlink()
 
@@ -230,16 +230,16 @@ def lookup(k: str) -> _Loaded | None:
     return _Loaded(fn, list(meta.get("report", [])), traps)
 
 
-def store(k: str, jit: Any, report: list, traps: Any = None) -> None:
-    """Link `jit`'s object code into the cache under `k` (never raises: a failed store only
-    logs, the compiled code in this process is unaffected)."""
+def store(k: str, jit: Any, report: list, traps: Any = None) -> bool:
+    """Link `jit`'s object code into the cache under `k`; False if that failed (never raises:
+    a failed store only logs, the compiled code in this process is unaffected)."""
     from lowbit.compiler.aot import _entry_manifest, link, traps_manifest
 
     try:
         report_json = json.loads(json.dumps(report))
     except (TypeError, ValueError):
         log.info("compile cache: report of %s is not JSON; not cached", k[:12])
-        return
+        return False
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -262,17 +262,18 @@ def store(k: str, jit: Any, report: list, traps: Any = None) -> None:
             _atomic_write(directory / f"{k}.so", data)
             _atomic_write(directory / f"{k}.json", json.dumps(meta).encode())
             _evict(directory, max_bytes())
+        return True
     except Exception as e:  # the cache is an optimisation: never fail a compile for it
         log.warning("compile cache: storing %s failed: %s", k[:12], e)
+        return False
 
 
 def _evict(directory: Path, limit: int) -> None:
     entries = []
     total = 0
     for meta in directory.glob("*.json"):
-        so = meta.with_suffix(".so")
         try:
-            size = meta.stat().st_size + (so.stat().st_size if so.exists() else 0)
+            size = sum(f.stat().st_size for f in directory.glob(meta.stem + ".*"))
             entries.append((meta.stat().st_mtime, meta.stem, size))
         except OSError:
             continue
@@ -286,5 +287,157 @@ def _evict(directory: Path, limit: int) -> None:
 
 
 def entries() -> list[str]:
-    """Keys currently in the cache."""
-    return sorted(p.stem for p in cache_dir().glob("*.json"))
+    """Keys of the compiled parts currently in the cache."""
+    return sorted(p.stem for p in cache_dir().glob("*.json") if p.with_suffix(".so").exists())
+
+
+def programs() -> list[str]:
+    """Keys of the whole programs currently in the cache."""
+    return sorted(p.stem for p in cache_dir().glob("*.json") if p.with_suffix(".safetensors").exists())
+
+
+# ----------------------------------------------------------------------------- whole programs
+# A dynamo graph's whole compiled program (what the backend returns for one signature), keyed
+# by the graph, its inputs' signature and the bytes of the module state (packed weights are
+# derived from them): a hit skips capture, binding and regions too, not only code generation.
+# The program refers to its compiled parts by their part keys (above) and stores the derived
+# packed tensors in `<key>.safetensors`.
+
+def program_key(gm: Any, args: Any, freezable: Any, dynamic_dims: Any, size_inputs: Any, options: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"context": _context(), "options": repr(options), "code": gm.code,
+                         "freezable": list(freezable), "dynamic": repr(sorted((k, sorted(v.items()))
+                                                                              for k, v in dynamic_dims.items())),
+                         }, sort_keys=True, default=str).encode())
+    frozen = set(freezable)
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            dyn = dynamic_dims.get(i, {})
+            h.update(repr((i, [None if d in dyn else s for d, s in enumerate(a.shape)], str(a.dtype),
+                           a.requires_grad)).encode())
+            if i in frozen:
+                h.update(_tensor_digest(a).encode())
+        elif i in size_inputs:
+            h.update(repr((i, "size")).encode())
+        else:
+            h.update(repr((i, type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else "?")).encode())
+    return "p" + h.hexdigest()
+
+
+class _ProgramWriter:
+    """`aot._Writer` whose compiled entries are compile-cache parts (by key), not objects."""
+
+    def __new__(cls):
+        from lowbit.compiler.aot import _Writer
+
+        class W(_Writer):
+            def callable(self, obj):
+                from lowbit.compiler.aot import contract
+                from lowbit.compiler.artifact_format import UnserializableGraphError
+                from lowbit.compiler.compile import CompiledGraph
+
+                if isinstance(obj, CompiledGraph):
+                    k = getattr(obj, "cache_key", None)
+                    if k is None:
+                        raise UnserializableGraphError("a compiled part is not in the cache")
+                    return {"kind": "compiled", "entry": k, "contract": contract(obj.captured)}
+                return super().callable(obj)
+        return W()
+
+
+def store_program(k: str, compiled: Any) -> bool:
+    from lowbit.compiler.artifact_format import write_safetensors
+    from lowbit.compiler.partition import BoundGraph
+
+    if not isinstance(compiled, BoundGraph):
+        return False
+    try:
+        writer = _ProgramWriter()
+        body = writer.callable(compiled)
+        meta = {"body": body, "sources": list(compiled.binding.sources),
+                "state_positions": list(compiled.binding.state_positions),
+                "report": json.loads(json.dumps(compiled.report)), "created": time.time()}
+        directory = cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{k}.safetensors.")
+        os.close(fd)
+        try:
+            write_safetensors(tmp, writer.tensors)
+            with _locked(directory):
+                os.replace(tmp, directory / f"{k}.safetensors")
+                _atomic_write(directory / f"{k}.json", json.dumps(meta).encode())
+                _evict(directory, max_bytes())
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return True
+    except Exception as e:  # noqa: BLE001 (an optimisation: never fail a compile for it)
+        log.info("compile cache: program %s not stored: %s", k[:12], e)
+        return False
+
+
+class CachedProgram:
+    """A whole program from the cache, with the interface `backend.LowbitCallable` expects of
+    a `partition.BoundGraph` (guards on the tensors the packed buffers came from)."""
+
+    def __init__(self, body, binding, args, report: list, weights):
+        from lowbit.compiler.compile import FrozenGuard
+
+        self.inner = body.inner
+        self._body = body
+        self.binding = binding
+        self.captured = None
+        self.report = report
+        self._weights = weights  # keeps the mapping alive
+        self.frozen_guard = FrozenGuard({p: args[p] for p in binding.sources if isinstance(args[p], torch.Tensor)})
+        self._source_ptrs = [(p, args[p].data_ptr()) for p in binding.sources if isinstance(args[p], torch.Tensor)]
+
+    def frozen_inputs_changed(self, args):
+        return self.frozen_guard.changed(args)
+
+    @property
+    def guarded(self) -> bool:
+        return bool(self.binding.sources)
+
+    def state_replaced(self, args) -> bool:
+        return all(args[p].data_ptr() != ptr for p, ptr in self._source_ptrs)
+
+    def __call__(self, *args):
+        return self._body(*args)
+
+
+def lookup_program(k: str, args: Any) -> CachedProgram | None:
+    import types
+
+    from lowbit.compiler.artifact_format import MappedTensors
+    from lowbit.runtime.artifact import build_part
+
+    directory = cache_dir()
+    meta_path = directory / f"{k}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        weights = MappedTensors(directory / f"{k}.safetensors")
+        parts: dict[str, Any] = {}
+
+        def entry(name):
+            if name not in parts:
+                hit = lookup(name)
+                if hit is None:
+                    raise KeyError(f"part {name[:12]} is no longer cached")
+                parts[name] = (hit.fn, hit.traps)
+            return parts[name]
+        body = build_part(meta["body"], entry, weights.get, str(meta_path))
+        binding = types.SimpleNamespace(derived=list(body.derived), sources=list(meta["sources"]),
+                                        state_positions=list(meta["state_positions"]))
+        program = CachedProgram(body, binding, args, list(meta.get("report", [])), weights)
+    except Exception as e:  # noqa: BLE001 (damaged or partly evicted: compile again)
+        log.info("compile cache: program %s unusable (%s); compiling", k[:12], e)
+        with _locked(directory):
+            _drop(directory, k)
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(meta_path)
+    return program

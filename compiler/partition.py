@@ -355,10 +355,12 @@ def cached_compile(captured: CapturedGraph, options: CompileOptions) -> Compiled
         pipeline = Pipeline(options=options)
         pipeline.report = hit.report
         compiled = CompiledGraph(captured, hit.fn, pipeline, hit.traps)
+        compiled.cache_key = key
         register_report(compiled)
         return compiled
     compiled = compile_captured(captured, options)
-    compile_cache.store(key, compiled.jit, compiled.report, getattr(compiled, "traps", None))
+    if compile_cache.store(key, compiled.jit, compiled.report, getattr(compiled, "traps", None)):
+        compiled.cache_key = key  # whole programs stored in the cache refer to it
     return compiled
 
 

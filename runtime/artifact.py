@@ -245,6 +245,12 @@ class _Compiled:
     def __init__(self, fn: NativeFunction, contract: _Contract, traps: _Traps | None):
         self.fn, self.contract, self.traps = fn, contract, traps
 
+    def accepts(self, args) -> bool:
+        c = self.contract
+        if any(type(args[p]) is not type(v) or args[p] != v for p, v in c.specialized.items()):
+            return False
+        return self.fn.accepts(c.select(args))
+
     def __call__(self, *args):
         c = self.contract
         if c.specialized:
@@ -359,6 +365,28 @@ class _Graph:
         raise CorruptArtifactError("graph without output")
 
 
+def build_part(j: dict, entry: Callable[[str], tuple], tensor: Callable[[str], torch.Tensor],
+               where: str) -> Callable:
+    """A callable for a serialized program part (`compiler/aot.py`'s `_Writer.callable`).
+    `entry(name)` gives an entry's (NativeFunction, traps or None), `tensor(name)` a stored
+    tensor; `where` names the file in errors."""
+    def build(j: dict) -> Callable:
+        kind = j.get("kind")
+        if kind == "compiled":
+            fn, traps = entry(j["entry"])
+            return _Compiled(fn, _Contract(j["contract"]), traps)
+        if kind == "partitioned":
+            return _Partitioned(_Graph(j["graph"], build, tensor), _Contract(j["contract"]))
+        if kind == "bound":
+            return _Bound(build(j["inner"]), [tensor(n) for n in j["derived"]])
+        if kind == "graph":
+            return _Graph(j["graph"], build, tensor)
+        if kind == "runner":
+            return _Runner(build(j["inner"]), bool(j["single"]))
+        raise CorruptArtifactError(f"{where}: unknown program part {kind!r}")
+    return build(j)
+
+
 class _Program:
     def __init__(self, j: dict, art: "LoadedArtifact"):
         syms: dict[str, sympy.Symbol] = {}
@@ -445,21 +473,13 @@ class LoadedArtifact:
         return self.weights.get(name)
 
     def _build(self, j: dict) -> Callable:
-        kind = j.get("kind")
-        if kind == "compiled":
-            fn = self.entries.get(j["entry"])
-            if fn is None:
-                raise CorruptArtifactError(f"{os.path.join(self.path, MANIFEST)}: unknown entry {j['entry']!r}")
-            return _Compiled(fn, _Contract(j["contract"]), self.traps.get(j["entry"]))
-        if kind == "partitioned":
-            return _Partitioned(_Graph(j["graph"], self._build, self._tensor), _Contract(j["contract"]))
-        if kind == "bound":
-            return _Bound(self._build(j["inner"]), [self._tensor(n) for n in j["derived"]])
-        if kind == "graph":
-            return _Graph(j["graph"], self._build, self._tensor)
-        if kind == "runner":
-            return _Runner(self._build(j["inner"]), bool(j["single"]))
-        raise CorruptArtifactError(f"{os.path.join(self.path, MANIFEST)}: unknown program part {kind!r}")
+        return build_part(j, self._entry, self._tensor, os.path.join(self.path, MANIFEST))
+
+    def _entry(self, name: str):
+        fn = self.entries.get(name)
+        if fn is None:
+            raise CorruptArtifactError(f"{os.path.join(self.path, MANIFEST)}: unknown entry {name!r}")
+        return fn, self.traps.get(name)
 
     def reset(self) -> None:
         """Restore mutable state (KV caches) to its initial values."""

@@ -50,6 +50,50 @@ def test_hit_with_other_weights(cache, rows):
     assert counters["cache_hits"] > hits and counters["pipelines"] == runs
 
 
+def test_whole_program_hit_same_weights(cache):
+    x = torch.randn(6, 37)
+    model = Net(3)
+    torch.testing.assert_close(_run(model, x), model(x), rtol=1e-5, atol=1e-5)
+    assert compile_cache.programs()
+    hits, runs = counters["program_cache_hits"], counters["pipelines"]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fn = torch.compile(model, backend="lowbit")
+        torch.testing.assert_close(fn(x), model(x), rtol=1e-5, atol=1e-5)
+        assert counters["program_cache_hits"] == hits + 1 and counters["pipelines"] == runs
+        model.w.mul_(0.5)   # an in-place weight update: read at run time, or rebound if packed
+        torch.testing.assert_close(fn(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_program_hit_guards_packed_weights(cache):
+    import warnings
+    import lowbit
+    from lowbit.generate import PRESETS, build_llama
+    import dataclasses
+    cfg = dataclasses.replace(PRESETS["tiny"], n_layers=1, max_seq_len=16)
+    model, _ = build_llama(cfg)
+    tokens, pos = torch.randint(0, cfg.vocab_size, (1, 5)), torch.arange(5)
+    outs = []
+    for _ in range(2):  # compile and store, then a whole-program hit
+        torch._dynamo.reset()
+        lowbit.models.reset_caches(model)
+        with torch.no_grad():
+            fn = torch.compile(model, backend="lowbit")
+            outs.append(fn(tokens, pos))
+    assert counters["program_cache_hits"] >= 1
+    torch.testing.assert_close(outs[1], outs[0])
+    layer = model.layers[0].feed_forward.w1
+    with torch.no_grad():
+        layer.scales.mul_(2.0)     # in place: the packed buffers are stale
+        lowbit.models.reset_caches(model)
+        with pytest.warns(RuntimeWarning, match="recompiling"):
+            got = fn(tokens, pos)
+        lowbit.models.reset_caches(model)
+        want = model(tokens, pos)
+    err = (got - want).abs()
+    assert err.max() <= 2e-2 * want.abs().max()
+
+
 def test_off_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", "0")
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -96,7 +140,8 @@ SCRIPT = """
     with torch.no_grad():
         y = torch.compile(Net(), backend="lowbit")(x)
     err = float((y - Net()(x)).abs().max())
-    print(json.dumps({{"hits": counters["cache_hits"], "pipelines": counters["pipelines"], "err": err}}))
+    print(json.dumps({{"hits": counters["cache_hits"], "programs": counters["program_cache_hits"],
+                      "pipelines": counters["pipelines"], "err": err}}))
 """
 
 
@@ -113,7 +158,7 @@ def test_concurrent_processes_then_warm_process(cache, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     warm = json.loads(r.stdout.strip().splitlines()[-1])
-    assert warm["hits"] >= 1 and warm["pipelines"] == 0 and warm["err"] < 1e-4
+    assert warm["programs"] == 1 and warm["pipelines"] == 0 and warm["err"] < 1e-4
     assert not list(cache.glob(".build-*")) and not list(cache.glob(".*.so.*"))  # no leftovers
 
 
