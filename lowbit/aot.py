@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import types
 from typing import Any, Sequence
 
@@ -71,10 +72,12 @@ def compile_preset(preset, path: str | os.PathLike, *, max_seq_len: int = 256, s
     else:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
     cfg = dataclasses.replace(base, max_seq_len=max_seq_len, max_batch=1)
+    t = time.perf_counter()
     model, _ = build_llama(cfg, seed, weights, activations)
+    build_s = time.perf_counter() - t
     examples, dyn = llama_examples(prompt_len, max_seq_len)
     info = {"kind": "llama", "preset": name, "seed": seed, "weights": weights, "activations": activations,
-            "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers}
+            "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers, "build_s": round(build_s, 3)}
     return compile(model, examples, dyn, path, target=target, overwrite=overwrite, model_info=info)
 
 
