@@ -16,7 +16,8 @@ Reported:
 - calls that compiled: compilations lowbit's backend ran (its per-signature compile entry,
   counted by a wrapper around `lowbit.compiler.backend.lowbit_backend`), the graphs dynamo
   handed to it, and dynamo's own unique-graph counter;
-- peak RSS of the child (ru_maxrss) after the sequence, and against the issue's budget:
+- peak RSS of the child (ru_maxrss) after the sequence, and against the issue's budget
+  (the compile worker's own peak, VmHWM, is reported beside it and summed):
   weights as held (packed block weights + fp32 embedding/head) + 1.5 GiB;
 - greedy tokens of a 64-token generation (16-token prompt) from the compiled model vs the
   same model in eager PyTorch (lowbit's reference op), in a second process: leading match.
@@ -69,6 +70,26 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _worker_peak() -> int:
+    """Peak RSS of lowbit's compile worker process (VmHWM), 0 if none ran. The MLIR pipeline
+    runs there, so its memory is part of what compiling costs the user's machine."""
+    try:
+        from lowbit.compiler.worker import shared_worker
+        pid = shared_worker().pid
+    except Exception:
+        return 0
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def child_compiled(args) -> None:
     t_start = time.perf_counter()
     import torch
@@ -107,7 +128,7 @@ def child_compiled(args) -> None:
         dyn = dict(torch._dynamo.utils.counters["stats"])
         emit(dict(phase="sequence", seq_end_epoch=seq_end, phases=phases, compile_counts=counter.as_dict(),
                   dynamo_stats={k: int(v) for k, v in dyn.items()}, peak_rss=_peak(),
-                  since_start=time.perf_counter() - t_start))
+                  worker_peak_rss=_worker_peak(), since_start=time.perf_counter() - t_start))
         runner.reset()
         prompt = _prompt(args.seed, GEN_PROMPT, cfg.vocab_size)
         c0 = counter.compiles
@@ -237,7 +258,7 @@ def main(argv=None) -> int:
         s = by["sequence"][0]
         result.update(status="ok", sequence_wall_s=s["seq_end_epoch"] - spawn, phases=s["phases"],
                       compile_counts=s["compile_counts"], dynamo_stats=s["dynamo_stats"],
-                      peak_rss=s["peak_rss"])
+                      peak_rss=s["peak_rss"], worker_peak_rss=s.get("worker_peak_rss", 0))
     else:
         result.update(status="failed", reason=failure or "the child ended before finishing the sequence",
                       phases=[m for m in by.get("length", [])])
@@ -298,8 +319,10 @@ def table(r: dict) -> str:
                        f"compiles {ph['compiles']}")
         out.append(f"calls that compiled: {cc['compiles']} (goal <= 2); graphs handed to lowbit {cc['graphs']}; "
                    f"dynamo unique graphs {r['dynamo_stats'].get('unique_graphs', '?')}")
+        worker = r.get("worker_peak_rss", 0)
         out.append(f"peak RSS {r['peak_rss'] / gib:.2f} GiB vs budget {r['budget_bytes'] / gib:.2f} GiB "
-                   f"(weights as held {r['held_bytes'] / gib:.2f} GiB + 1.5 GiB)")
+                   f"(weights as held {r['held_bytes'] / gib:.2f} GiB + 1.5 GiB); compile worker peak "
+                   f"{worker / gib:.2f} GiB (sum {(r['peak_rss'] + worker) / gib:.2f} GiB)")
     if "generation_tokens" in r:
         m = r.get("greedy_match")
         out.append(f"64-token greedy generation: {r['generation_s']:.1f} s, compiles {r['generation_compiles']}; "

@@ -108,13 +108,24 @@ def ternary_codes(name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.randint(-1, 2, shape, generator=_generator(seed, name), dtype=torch.int8)
 
 
-def float_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Seeded fp32 tensors: N(0, 1) embedding, N(0, 1/dim) head, 1 +- 0.1 norm weights."""
+def float_tensor(name: str, shape: tuple[int, ...], seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Seeded fp32 tensors: N(0, 1) embedding, N(0, 1/dim) head, 1 +- 0.1 norm weights.
+
+    With `out` (an fp32 tensor of `shape`) the values are generated in place: a 2B4T-sized
+    embedding is 1.3 GB, and a temporary plus its scaled copy was the build's memory peak."""
     gen = _generator(seed, name)
+    t = torch.empty(shape) if out is None else out
+    t.normal_(generator=gen)  # the same draws as torch.randn(shape, generator=gen)
     if len(shape) == 1:
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        return t.mul_(0.1).add_(1.0)
     std = 1.0 if "embeddings" in name else 1.0 / math.sqrt(shape[1])
-    return torch.randn(shape, generator=gen) * std
+    return t.mul_(std)
+
+
+def outer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the embedding, final norm and output head."""
+    return {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,),
+            "output.weight": (cfg.vocab_size, cfg.dim)}
 
 
 def block_tensors(cfg: LlamaConfig, layer: int, seed: int) -> dict[str, tuple[torch.Tensor, float] | torch.Tensor]:
@@ -130,11 +141,7 @@ def block_tensors(cfg: LlamaConfig, layer: int, seed: int) -> dict[str, tuple[to
 
 def outer_tensors(cfg: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
     """Embedding, final norm and output head (fp32)."""
-    return {
-        "tok_embeddings.weight": float_tensor("tok_embeddings.weight", (cfg.vocab_size, cfg.dim), seed),
-        "norm.weight": float_tensor("norm.weight", (cfg.dim,), seed),
-        "output.weight": float_tensor("output.weight", (cfg.vocab_size, cfg.dim), seed),
-    }
+    return {name: float_tensor(name, shape, seed) for name, shape in outer_shapes(cfg).items()}
 
 
 def _quant_config(weights: str, activations: str):
@@ -177,8 +184,12 @@ def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activ
     model.cfg = cfg
     quantize_s = 0.0
     with torch.no_grad():
-        for name, t in outer_tensors(cfg, seed).items():
-            model.get_parameter(name).copy_(t)
+        for name, shape in outer_shapes(cfg).items():
+            param = model.get_parameter(name)
+            if param.dtype == torch.float32 and param.is_contiguous():
+                float_tensor(name, shape, seed, out=param)
+            else:
+                param.copy_(float_tensor(name, shape, seed))
         for i in range(cfg.n_layers):
             block = DecoderBlock(cfg, dtype)
             for name, value in block_tensors(cfg, i, seed).items():
