@@ -172,6 +172,20 @@ def _log(raw: str) -> str:
     return raw.lower()
 
 
+def _cache_size(raw: str) -> int:
+    # The rules of compile_cache.max_bytes: a number with an optional K/M/G/T (KiB, MB...) suffix.
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = raw.upper().removesuffix("B").removesuffix("I")
+    unit = text[-1] if text and text[-1] in units else ""
+    try:
+        value = int(float(text[:len(text) - len(unit)]) * units[unit])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise _Reject("not a size")
+    return value
+
+
 def _existing_file(raw: str) -> Path:
     path = Path(raw).expanduser()
     if not path.is_file():
@@ -213,6 +227,13 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("LOWBIT_COMPILE_WORKER", "1/true/yes/on or 0/false/no/off (default on)",
              "runs the MLIR pipeline in a worker process, so that a crash inside MLIR becomes an eager "
              "fallback instead of killing the process (off: in-process, no isolation)", _flag, True),
+    Variable("LOWBIT_CACHE", "1/true/yes/on or 0/false/no/off (default on)",
+             "the persistent compile cache of backend='lowbit' (compiler/compile_cache.py)", _flag, True),
+    Variable("LOWBIT_CACHE_DIR", "a directory (created if missing; default $XDG_CACHE_HOME/lowbit or "
+             "~/.cache/lowbit)", "where the persistent compile cache lives", _dump_dir),
+    Variable("LOWBIT_CACHE_SIZE", "a size such as 500M or 2G (K/M/G/T suffixes; default 2G)",
+             "bound of the persistent compile cache (least recently used entries are removed)", _cache_size,
+             2 << 30),
     Variable("LOWBIT_ALLOC_CACHE_MB", "an integer in [0, 1048576] (default 1024; 0 disables the cache)",
              "size of the native runtime's buffer cache", _cache_mb, 1024),
     Variable("LOWBIT_RUNTIME_LIB", "path of an existing liblowbit_runtime shared library",
