@@ -33,8 +33,10 @@ import json
 import os
 import queue
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -175,8 +177,12 @@ def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, 
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit-scale-{kind}-{os.getpid()}.log"
     spawn = time.time()
     t0 = time.perf_counter()
+    # A cold process means a cold compile cache too: an empty cache directory per child
+    # (lowbit keeps compiled code on disk across processes; benchmarks/aot.py measures that).
+    cache_dir = tempfile.mkdtemp(prefix="lowbit-scale-cache-")
+    env = dict(os.environ, LOWBIT_CACHE_DIR=cache_dir)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: ([lines.put(l) for l in proc.stdout], lines.put(None)), daemon=True).start()
         msgs, failure = [], None
@@ -212,6 +218,7 @@ def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, 
     if failure:
         tail = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()][-3:]
         failure += ("; last output: " + " | ".join(tail))[-800:] if tail else ""
+    shutil.rmtree(cache_dir, ignore_errors=True)
     return msgs, failure, spawn, wall
 
 
