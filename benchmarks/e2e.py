@@ -42,14 +42,17 @@ spread are part of every entry.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import queue
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -286,8 +289,12 @@ class Worker:
     def __init__(self, name: str, cmd: list[str], timeout: float, log_path: Path, max_rss: float = 0):
         self.name, self.timeout, self.max_rss = name, timeout, max_rss
         self.log = open(log_path, "w")
+        # Compile seconds are a cold compile's: each worker gets an empty lowbit compile cache
+        # (compiled code is otherwise reused from disk across processes; see benchmarks/aot.py).
+        self.cache_dir = tempfile.mkdtemp(prefix="lowbit-e2e-cache-")
+        atexit.register(shutil.rmtree, self.cache_dir, True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=dict(os.environ, LOWBIT_CACHE_DIR=self.cache_dir))
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.failed: str | None = None
