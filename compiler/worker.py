@@ -125,8 +125,10 @@ class CompileWorker:
         self.argv = list(argv) if argv else [sys.executable, "-m", "lowbit.compiler.worker"]
         self._proc: subprocess.Popen | None = None
         self._ready = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # one request at a time
+        self._start_lock = threading.Lock()  # prestart() may race with a request
         self.starts = 0  # how many processes were started (tests, diagnostics)
+        self._owner = os.getpid()
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +136,10 @@ class CompileWorker:
 
     def start(self) -> None:
         """Start the process if none is running (returns at once: it imports in the background)."""
+        with self._start_lock:
+            self._start()
+
+    def _start(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
         self._ready = False
@@ -156,6 +162,8 @@ class CompileWorker:
         self._ready = True
 
     def stop(self) -> None:
+        if self._owner != os.getpid():
+            return  # a forked child: the worker is its parent's
         proc, self._proc, self._ready = self._proc, None, False
         if proc is None:
             return
@@ -261,14 +269,17 @@ def _replay_logs(records) -> None:
 
 
 _worker: CompileWorker | None = None
+_worker_pid: int | None = None
 _worker_lock = threading.Lock()
 
 
 def shared_worker() -> CompileWorker:
-    global _worker
+    """This process's worker. A forked child gets its own (the pipes it inherited belong to
+    its parent's requests)."""
+    global _worker, _worker_pid
     with _worker_lock:
-        if _worker is None:
-            _worker = CompileWorker()
+        if _worker is None or _worker_pid != os.getpid():
+            _worker, _worker_pid = CompileWorker(), os.getpid()
             atexit.register(_worker.stop)
         return _worker
 

@@ -142,3 +142,29 @@ def test_unimportable_dtypes_fall_back_naming_the_op():
     assert torch.equal(got, f(x))
     messages = [str(w.message) for w in caught if "lowbit" in str(w.message)]
     assert any("prims.convert_element_type" in m and "complex128" in m for m in messages), messages
+
+
+FORK = r'''
+import json, os, torch, lowbit
+from lowbit.compiler.worker import shared_worker
+x = torch.randn(3, 4)
+f = torch.compile(lambda x: torch.tanh(x) * 2, backend="lowbit", dynamic=False)
+out = {"parent": bool(torch.allclose(f(x), torch.tanh(x) * 2, atol=1e-6))}
+w0 = shared_worker()
+pid = os.fork()
+if pid == 0:
+    g = torch.compile(lambda x: torch.sin(x) + 1, backend="lowbit", dynamic=False)
+    ok = torch.allclose(g(x), torch.sin(x) + 1, atol=1e-6) and shared_worker() is not w0
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+out["child"] = os.waitstatus_to_exitcode(status)
+h = torch.compile(lambda x: torch.cos(x) + 1, backend="lowbit", dynamic=False)
+out["parent_after"] = bool(torch.allclose(h(x), torch.cos(x) + 1, atol=1e-6)) and shared_worker() is w0
+print(json.dumps(out))
+'''
+
+
+def test_a_forked_child_gets_its_own_worker():
+    """The inherited pipes belong to the parent's requests: a child sharing them would mix
+    its frames into the parent's."""
+    assert _run(FORK) == {"parent": True, "child": 0, "parent_after": True}
