@@ -18,7 +18,7 @@ def __getattr__(name: str):
         # itself is callable (forwards to the function), so both spellings work.
         import lowbit.generate as _generate_module
         return _generate_module
-    if name in ("runtime", "compiler", "passes", "quant", "aot"):
+    if name in ("runtime", "compiler", "passes", "quant", "aot", "hf"):
         import importlib
         return importlib.import_module(f"lowbit.{name}")
     if name == "options":
