@@ -94,7 +94,7 @@ class LowbitCallable:
         if compile_cache.enabled() and not emission_key() and self.options.weights == "bind":
             key = compile_cache.program_key(self.gm, args, self.freezable, self.dynamic_dims, self._size_inputs,
                                             self.options)
-            hit = compile_cache.lookup_program(key, args)
+            hit = compile_cache.lookup_program(key, args, self.freezable)
             if hit is not None:
                 from lowbit.compiler.report import register as register_report
 
@@ -104,7 +104,7 @@ class LowbitCallable:
         compiled = compile_with_fallback(self.gm, args, self.freezable, self.options, self.unsupported,
                                          dynamic_dims=self.dynamic_dims)
         if key is not None:
-            compile_cache.store_program(key, compiled)
+            compile_cache.store_program(key, args, self.freezable, compiled)
         return compiled
 
     def signature(self, args: Sequence[Any]) -> tuple:

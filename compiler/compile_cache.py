@@ -304,23 +304,39 @@ def programs() -> list[str]:
 # packed tensors in `<key>.safetensors`.
 
 def program_key(gm: Any, args: Any, freezable: Any, dynamic_dims: Any, size_inputs: Any, options: Any) -> str:
+    """The key of a whole program. Module state the program writes (KV caches) is left out of
+    the weights digest: its contents at compile time do not change the program. Which positions
+    those are is only known after a compile; it is kept per graph in `<pre-key>.mutable`."""
     h = hashlib.sha256()
     h.update(json.dumps({"context": _context(), "options": repr(options), "code": gm.code,
                          "freezable": list(freezable), "dynamic": repr(sorted((k, sorted(v.items()))
                                                                               for k, v in dynamic_dims.items())),
                          }, sort_keys=True, default=str).encode())
-    frozen = set(freezable)
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             dyn = dynamic_dims.get(i, {})
             h.update(repr((i, [None if d in dyn else s for d, s in enumerate(a.shape)], str(a.dtype),
                            a.requires_grad)).encode())
-            if i in frozen:
-                h.update(_tensor_digest(a).encode())
         elif i in size_inputs:
             h.update(repr((i, "size")).encode())
         else:
             h.update(repr((i, type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else "?")).encode())
+    return "p" + h.hexdigest()
+
+
+def _mutable_positions(pre: str) -> list[int] | None:
+    try:
+        return [int(i) for i in json.loads((cache_dir() / f"{pre}.mutable").read_text())]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def program_weights_key(pre: str, args: Any, freezable: Any, mutable: list[int]) -> str:
+    h = hashlib.sha256(pre.encode())
+    skip = set(mutable)
+    for i in sorted(freezable):
+        if i not in skip and isinstance(args[i], torch.Tensor):
+            h.update(f"{i}:{_tensor_digest(args[i])}".encode())
     return "p" + h.hexdigest()
 
 
@@ -345,13 +361,15 @@ class _ProgramWriter:
         return W()
 
 
-def store_program(k: str, compiled: Any) -> bool:
+def store_program(pre: str, args: Any, freezable: Any, compiled: Any) -> bool:
     from lowbit.compiler.artifact_format import write_safetensors
     from lowbit.compiler.partition import BoundGraph
 
-    if not isinstance(compiled, BoundGraph):
+    if not isinstance(compiled, BoundGraph) or getattr(compiled.inner, "captured", None) is None:
         return False
     try:
+        mutable = sorted(i for i in compiled.inner.captured.mutated_inputs if i < len(args))
+        k = program_weights_key(pre, args, freezable, mutable)
         writer = _ProgramWriter()
         body = writer.callable(compiled)
         meta = {"body": body, "sources": list(compiled.binding.sources),
@@ -366,13 +384,14 @@ def store_program(k: str, compiled: Any) -> bool:
             with _locked(directory):
                 os.replace(tmp, directory / f"{k}.safetensors")
                 _atomic_write(directory / f"{k}.json", json.dumps(meta).encode())
+                _atomic_write(directory / f"{pre}.mutable", json.dumps(mutable).encode())
                 _evict(directory, max_bytes())
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         return True
     except Exception as e:  # noqa: BLE001 (an optimisation: never fail a compile for it)
-        log.info("compile cache: program %s not stored: %s", k[:12], e)
+        log.info("compile cache: program %s not stored: %s", pre[:12], e)
         return False
 
 
@@ -406,12 +425,16 @@ class CachedProgram:
         return self._body(*args)
 
 
-def lookup_program(k: str, args: Any) -> CachedProgram | None:
+def lookup_program(pre: str, args: Any, freezable: Any) -> CachedProgram | None:
     import types
 
     from lowbit.compiler.artifact_format import MappedTensors
     from lowbit.runtime.artifact import build_part
 
+    mutable = _mutable_positions(pre)
+    if mutable is None:
+        return None
+    k = program_weights_key(pre, args, freezable, mutable)
     directory = cache_dir()
     meta_path = directory / f"{k}.json"
     try:

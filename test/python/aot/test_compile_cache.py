@@ -74,9 +74,11 @@ def test_whole_program_hit_guards_packed_weights(cache):
     model, _ = build_llama(cfg)
     tokens, pos = torch.randint(0, cfg.vocab_size, (1, 5)), torch.arange(5)
     outs = []
-    for _ in range(2):  # compile and store, then a whole-program hit
+    for i in range(2):  # compile and store, then a whole-program hit
         torch._dynamo.reset()
         lowbit.models.reset_caches(model)
+        if i:  # KV cache contents (state the program writes) are not part of the key
+            model.layers[0].attention.cache.k.normal_()
         with torch.no_grad():
             fn = torch.compile(model, backend="lowbit")
             outs.append(fn(tokens, pos))
