@@ -29,24 +29,24 @@ def _parse_prompt(text: str | None, length: int):
     return text  # free text: needs the model directory's tokenizer
 
 
-def _config_overrides(cfg, items: list[str]):
+def _config_overrides(cfg, items: list[str], command: str = "generate"):
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"lowbit generate: --set expects KEY=VALUE, got {item!r}")
+            raise SystemExit(f"lowbit {command}: --set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         if key not in fields:
-            raise SystemExit(f"lowbit generate: unknown config field {key!r} (fields: {', '.join(fields)})")
+            raise SystemExit(f"lowbit {command}: unknown config field {key!r} (fields: {', '.join(fields)})")
         current = getattr(cfg, key)
         try:
             changes[key] = type(current)(value) if not isinstance(current, str) else value
         except ValueError:
-            raise SystemExit(f"lowbit generate: {key}={value!r} is not a valid {type(current).__name__}") from None
+            raise SystemExit(f"lowbit {command}: {key}={value!r} is not a valid {type(current).__name__}") from None
     try:
         return dataclasses.replace(cfg, **changes)
     except ValueError as e:
-        raise SystemExit(f"lowbit generate: {e}") from None
+        raise SystemExit(f"lowbit {command}: {e}") from None
 
 
 def _add_generate(sub) -> None:
@@ -153,7 +153,7 @@ def _run_compile(args) -> int:
     from lowbit.compiler.artifact_format import ArtifactError
     from lowbit.generate import PRESETS
 
-    cfg = _config_overrides(PRESETS[args.preset], args.set)
+    cfg = _config_overrides(PRESETS[args.preset], args.set, "compile")
     t = time.perf_counter()
     try:
         path = lowbit.aot.compile_preset(cfg, args.output, max_seq_len=args.max_seq_len, seed=args.seed,

@@ -12,5 +12,5 @@ def test_existing_output_needs_force(tmp_path, capsys):
 
 def test_bad_config_field(tmp_path):
     import pytest
-    with pytest.raises(SystemExit, match="unknown config field 'layers'"):
+    with pytest.raises(SystemExit, match="lowbit compile: unknown config field .layers."):
         main(["compile", "--preset", "tiny", "-o", str(tmp_path / "x"), "--set", "layers=3"])
