@@ -274,6 +274,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         derived.append(tensor)
         return ph
 
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # matmul node -> what computes it now
     for group in groups:
         gkey = tuple(f.key for f in group) if all(f.key for f in group) else None
         layer = _LAYERS.get(gkey) if gkey is not None else None
@@ -290,6 +291,8 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
         packed_ph = add_input(layer.packed, f"lowbit_packed_{idx}")
         bias_ph = add_input(layer.bias, f"lowbit_bias_{idx}") if layer.bias is not None else None
         x = group[0].x
+        while x in replaced:  # the input is an earlier layer's output, rewritten above
+            x = replaced[x]
         spec = layer.spec
         if layer.perm is not None:  # act-order: the codes are packed with groups contiguous
             perm_ph = add_input(layer.perm, f"lowbit_perm_{idx}")
@@ -339,6 +342,7 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
                 cast.meta.update(provenance)
                 out = anchor = cast
             f.node.replace_all_uses_with(out)
+            replaced[f.node] = out
             graph.erase_node(f.node)
             sources |= f.sources
         layers.append(layer)

@@ -222,6 +222,22 @@ def test_lowbit_linear_layers_are_bound():
         assert [l.spec.act_format for l in b.binding.layers] == ["int8", "int8"]
 
 
+@pytest.mark.parametrize("kind", ["lowbit_linear", "qat"])
+def test_layers_in_a_row_are_bound(kind):
+    """A layer whose input is the previous layer's output, with nothing in between: the
+    second packed_linear must read the first one's replacement, not the erased node."""
+    model = nn.Sequential(nn.Linear(96, 80), nn.Linear(80, 80), nn.Linear(80, 40)).eval()
+    if kind == "qat":
+        for i, layer in enumerate(model):
+            ternary_(layer, i)
+    else:
+        lowbit.quantize_(model, lowbit.QuantConfig(weights="ternary", activations="int8"))
+    compiled, spy = _compile(model)
+    _run_ms(spy, compiled, model, 96, rtol=1e-3, atol=1e-3)
+    for b in spy.bound():
+        assert _targets(b).count(packed_linear) == 3
+
+
 def test_a_recompile_shares_packed_weights():
     """Dynamo's dynamic recompile adds size inputs, so every weight sits at another graph
     position: binding must still find its packed layers and panels, not pack a second copy."""
