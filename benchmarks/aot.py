@@ -141,7 +141,7 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--target", default=None, choices=[None, "avx512", "avx2", "portable"])
+    ap.add_argument("--target", default=None, choices=[None, "avx512-bf16", "avx512", "avx2", "portable"])
     ap.add_argument("--no-jit", action="store_true", help="skip the torch.compile cold/warm comparison")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()

@@ -9,9 +9,14 @@ AVX2-only or SSE2-only objects on an AVX-512 machine; no other code generator is
 
 | target     | LLVM CPU    | needs (/proc/cpuinfo flags)                                   |
 |------------|-------------|---------------------------------------------------------------|
+| `avx512-bf16` | x86-64-v4 + VNNI + VBMI + BF16 | `avx512`'s + avx512_bf16              |
 | `avx512`   | x86-64-v4 + VNNI + VBMI | x86-64-v3's + avx512f/bw/cd/dq/vl, avx512_vnni, avx512vbmi |
 | `avx2`     | x86-64-v3   | avx, avx2, bmi1, bmi2, f16c, fma, abm (lzcnt), movbe          |
 | `portable` | x86-64      | sse2                                                          |
+
+bf16 <-> fp32 conversions need AVX512-BF16 instructions or compiler-rt's `__truncsfbf2`, which
+the ExecutionEngine cannot resolve: bf16 models compile for `avx512-bf16` (the default where the
+CPU has it) but not for the other targets (the compile fails, naming the missing symbol).
 
 The runtime's own kernels pick their ISA at run time (`lowbit.runtime.current_isa`), so the
 packed weights are the same for every target.
@@ -34,10 +39,11 @@ class CodeTarget:
 
 
 _V3 = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe")
+_V4 = _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512vbmi")
 TARGETS = {
-    "avx512": CodeTarget("avx512", "x86-64-v4", ("+avx512vnni", "+avx512vbmi"),
-                         _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni",
-                                "avx512vbmi")),
+    "avx512-bf16": CodeTarget("avx512-bf16", "x86-64-v4", ("+avx512vnni", "+avx512vbmi", "+avx512bf16"),
+                              _V4 + ("avx512_bf16",)),
+    "avx512": CodeTarget("avx512", "x86-64-v4", ("+avx512vnni", "+avx512vbmi"), _V4),
     "avx2": CodeTarget("avx2", "x86-64-v3", ("-avx512f",), _V3),
     "portable": CodeTarget("portable", "x86-64", ("-avx",), ("sse2",)),
 }
@@ -69,7 +75,7 @@ def get(name: str) -> CodeTarget:
 
 
 def best_for_host() -> CodeTarget:
-    for name in ("avx512", "avx2", "portable"):
+    for name in ("avx512-bf16", "avx512", "avx2", "portable"):
         if not missing_features(TARGETS[name]):
             return TARGETS[name]
     return TARGETS["portable"]

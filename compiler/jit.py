@@ -111,7 +111,9 @@ class NativeFunction:
         self.symbol_ranges = dict(symbol_ranges or {})
         self.dynamic = not all(s.is_static for s in self.input_specs + self.output_specs)
         if not address:
-            raise ValueError(f"entry {func_name!r} has no address")
+            raise ValueError(f"compiled entry {func_name!r} has no address: the JIT could not link the code "
+                             "(an unresolved symbol, e.g. __truncsfbf2 for bf16 code built for a CPU without "
+                             "AVX512-BF16)")
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
         self._n_in = len(self.input_specs)
         self._local = threading.local()

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--out", default="demo.lowbit")
     ap.add_argument("--max-seq-len", type=int, default=128)
-    ap.add_argument("--target", default=None, choices=["avx512", "avx2", "portable"])
+    ap.add_argument("--target", default=None, choices=["avx512-bf16", "avx512", "avx2", "portable"])
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("-n", type=int, default=16)
     ap.add_argument("--run-only", action="store_true", help="load and generate only (no compiling)")

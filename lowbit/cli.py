@@ -134,7 +134,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="artifact directory to write")
     p.add_argument("--max-seq-len", type=int, default=256, help="KV cache length (longest prompt + new tokens)")
-    p.add_argument("--target", choices=["avx512", "avx2", "portable"], default=None,
+    p.add_argument("--target", choices=["avx512-bf16", "avx512", "avx2", "portable"], default=None,
                    help="CPU the code is built for (default: the best this CPU runs)")
     p.add_argument("--weights", choices=[w for w in WEIGHT_CHOICES if w != "none"], default="ternary")
     p.add_argument("--activations", choices=ACTIVATION_CHOICES, default="int8")

@@ -153,3 +153,20 @@ def test_run_time_checks_survive_in_artifacts(tmp_path):
         IntDiv()(x, y)
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         art(x, y)
+
+
+def test_bf16_model(tmp_path):
+    if missing_features(TARGETS["avx512-bf16"]):
+        pytest.skip("bf16 code needs AVX512-BF16 (see aot_target)")
+    model = Mlp().to(torch.bfloat16).eval()
+    path = lowbit.aot.compile(model, (torch.randn(5, 67, dtype=torch.bfloat16),), ({0: "B"},), tmp_path / "bf16")
+    art = lowbit.aot.load(path)
+    assert art.target == "avx512-bf16"
+    for n in SIZES:
+        x = torch.randn(n, 67, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want = model(x).float()
+        got = art(x)
+        assert got.dtype == torch.bfloat16
+        # a few bf16 roundings apart (eager rounds after every op, compiled code less often)
+        assert float((got.float() - want).abs().max()) <= 2 ** -5 * float(want.abs().max())
