@@ -38,6 +38,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -331,12 +332,31 @@ def _mutable_positions(pre: str) -> list[int] | None:
         return None
 
 
+# id(tensor) -> (weak reference, version, data pointer, digest): the module state is hashed once
+# per process, not once per graph (prefill and decode graphs read the same weights). Reused only
+# while the same tensor object is alive at the same version and address.
+_DIGESTS: dict[int, tuple] = {}
+
+
+def _state_digest(t: torch.Tensor) -> str:
+    if t.is_inference():
+        return _tensor_digest(t)  # no version counter: nothing proves it unchanged
+    hit = _DIGESTS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
+        return hit[3]
+    digest = _tensor_digest(t)
+    if len(_DIGESTS) > 100_000:
+        _DIGESTS.clear()
+    _DIGESTS[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), digest)
+    return digest
+
+
 def program_weights_key(pre: str, args: Any, freezable: Any, mutable: list[int]) -> str:
     h = hashlib.sha256(pre.encode())
     skip = set(mutable)
     for i in sorted(freezable):
         if i not in skip and isinstance(args[i], torch.Tensor):
-            h.update(f"{i}:{_tensor_digest(args[i])}".encode())
+            h.update(f"{i}:{_state_digest(args[i])}".encode())
     return "p" + h.hexdigest()
 
 
