@@ -22,6 +22,21 @@ from lowbit.compiler.partition import compile_with_fallback
 from lowbit.compiler.pipeline import CompileOptions
 
 log = logging.getLogger("lowbit.backend")
+
+
+def _unwrap_nested_compiles() -> None:
+    """transformers' BitNet layers carry helpers wrapped in their own `torch.compile`, on which
+    dynamo fails before any backend is reached ("object of type 'NoneType' has no len()").
+    `torch.compile(..., backend="lowbit")` imports this module, before dynamo traces: when
+    transformers is loaded, unwrap those helpers on its classes (`lowbit.hf.patch_transformers`;
+    same arithmetic in eager), so a user's plain `torch.compile(model.forward)` just works."""
+    import sys
+    if "transformers" in sys.modules:
+        from lowbit.hf import patch_transformers
+        patch_transformers()
+
+
+_unwrap_nested_compiles()
 _options_stack: list[CompileOptions] = []
 
 

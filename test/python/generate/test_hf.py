@@ -245,6 +245,29 @@ def test_patch_transformers_fixes_models_compiled_without_prepare():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
+def test_plain_torch_compile_of_a_bitnet_just_works():
+    """No `prepare`, no `lowbit.hf` call: `torch.compile(model.forward, backend="lowbit")` as
+    transformers documents it; the backend's import unwraps transformers' nested compiles."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from lowbit import hf\n"
+        "m = hf.make_bitnet(hf.bitnet_config(vocab_size=128, hidden_size=64, intermediate_size=128,"
+        " num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()\n"
+        "assert hf.nested_compiled_helpers(m)  # BitLinear's nested torch.compile helpers\n"
+        "ids = torch.arange(3, 9).view(1, -1)\n"
+        "with torch.no_grad():\n"
+        "    ref = m(ids).logits\n"
+        "    m.forward = torch.compile(m.forward, backend='lowbit')\n"
+        "    out = m(ids).logits\n"
+        "torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(__import__("os").environ, LOWBIT_CACHE="0"))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_bitlinear_runs_on_the_int8_kernels_bit_exact(isa):
     """transformers' BitLinear (activations quantized by the model with `127 * (1 / max)`, result
