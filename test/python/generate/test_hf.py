@@ -67,18 +67,30 @@ def _ids(n=6, vocab=128):
 
 
 def test_prepare_unwraps_nested_compiled_helpers():
-    from transformers.integrations.bitnet import BitLinear
-    model = _bitnet()
-    before = hf.nested_compiled_helpers(model)
-    assert any(name.endswith(".activation_quant") for name in before), before
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert hf.prepare(model) is model
-    assert hf.nested_compiled_helpers(model) == []
-    hf.prepare(model)  # idempotent
-    layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, BitLinear) and type(layer).__name__ == "BitLinear"
-    after = model.state_dict()
-    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    """In a fresh process: importing lowbit's backend (any torch.compile(backend="lowbit")
+    in this pytest worker) unwraps transformers' helpers process-wide, so a model made here
+    may have none left for `prepare` to unwrap."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from transformers.integrations.bitnet import BitLinear\n"
+        "from lowbit import hf\n"
+        "model = hf.make_bitnet(hf.bitnet_config(vocab_size=128, hidden_size=64, intermediate_size=128,"
+        " num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
+        "before = hf.nested_compiled_helpers(model)\n"
+        "assert any(name.endswith('.activation_quant') for name in before), before\n"
+        "state = {k: v.clone() for k, v in model.state_dict().items()}\n"
+        "assert hf.prepare(model) is model\n"
+        "assert hf.nested_compiled_helpers(model) == []\n"
+        "hf.prepare(model)  # idempotent\n"
+        "layer = model.model.layers[0].self_attn.q_proj\n"
+        "assert isinstance(layer, BitLinear) and type(layer).__name__ == 'BitLinear'\n"
+        "after = model.state_dict()\n"
+        "assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
 def test_prepare_rejects_non_modules():
