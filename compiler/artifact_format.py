@@ -5,14 +5,13 @@ processes that have neither. What lives here:
 
 * `ArtifactError` and its kinds (every problem names the file and what is wrong);
 * JSON forms of dtypes, size expressions (a small tree of whitelisted sympy nodes: never
-  `eval`), tensor signatures (`Spec`) and FX argument values;
+  `eval`), tensor signatures (`TensorSpec`) and FX argument values;
 * an aligned safetensors writer and a zero-copy reader (every tensor starts on a 64-byte
   boundary; gaps are filled by `__pad__.*` byte tensors, so the file stays a valid
   safetensors file with no holes), and sha256 of files.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import mmap
@@ -22,6 +21,8 @@ from typing import Any
 
 import sympy
 import torch
+
+from lowbit.compiler.tensor_spec import TensorSpec
 
 FORMAT = "lowbit-artifact"
 FORMAT_VERSION = 1
@@ -125,32 +126,12 @@ def expr_from_json(j: Any, symbols: dict[str, sympy.Symbol] | None = None) -> An
     return fn(*[expr_from_json(a, symbols) for a in j["a"]])
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """Shape (ints or sympy expressions) and dtype of an entry's input or output (the fields
-    `lowbit.compiler.jit` reads of a `TensorSpec`)."""
-
-    shape: tuple
-    dtype: torch.dtype
-
-    @property
-    def is_static(self) -> bool:
-        return all(isinstance(d, int) for d in self.shape)
-
-    @property
-    def symbols(self) -> set[str]:
-        return {str(x) for d in self.shape if not isinstance(d, int) for x in d.free_symbols}
-
-    def __str__(self) -> str:
-        return f"{dtype_name(self.dtype)}[{', '.join(str(d) for d in self.shape)}]"
-
-
 def spec_to_json(spec: Any) -> dict:
     return {"dtype": dtype_name(spec.dtype), "shape": [expr_to_json(d) for d in spec.shape]}
 
 
-def spec_from_json(j: dict, symbols: dict[str, sympy.Symbol]) -> Spec:
-    return Spec(tuple(expr_from_json(d, symbols) for d in j["shape"]), dtype_of(j["dtype"]))
+def spec_from_json(j: dict, symbols: dict[str, sympy.Symbol]) -> TensorSpec:
+    return TensorSpec(tuple(expr_from_json(d, symbols) for d in j["shape"]), dtype_of(j["dtype"]))
 
 
 # ----------------------------------------------------------------------------- files

@@ -38,6 +38,7 @@ from torch_mlir.extras.fx_importer import ContextCache, FxImporter
 from lowbit.compiler.decompositions import lowbit_decompositions
 from lowbit.compiler.literals import LiteralHooks, split_shared_get_attrs
 from lowbit.compiler.passmanager import new_context
+from lowbit.compiler.tensor_spec import TensorSpec  # noqa: F401  (re-exported: the frontend's signatures)
 
 log = logging.getLogger("lowbit.compiler.frontend")
 
@@ -47,30 +48,6 @@ DynamicDims = dict[int, dict[int, Any]]
 
 class FrontendError(RuntimeError):
     """The PyTorch program could not be captured as a static ATen graph."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of a graph input or output. A dim is an int, or (dynamic graphs) a
-    sympy expression over the graph's size symbols, e.g. `T` or `2*T`."""
-
-    shape: tuple
-    dtype: torch.dtype
-
-    @staticmethod
-    def of(t: torch.Tensor) -> "TensorSpec":
-        return TensorSpec(tuple(t.shape), t.dtype)
-
-    @property
-    def is_static(self) -> bool:
-        return all(isinstance(d, int) for d in self.shape)
-
-    @property
-    def symbols(self) -> set[str]:
-        return {str(x) for d in self.shape if not isinstance(d, int) for x in d.free_symbols}
-
-    def __str__(self) -> str:
-        return f"{str(self.dtype).replace('torch.', '')}[{', '.join(str(d) for d in self.shape)}]"
 
 
 @dataclasses.dataclass

@@ -32,14 +32,13 @@ import ctypes
 import os
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import sympy
 import torch
 from torch.utils._sympy.printers import PythonPrinter
 
-if TYPE_CHECKING:
-    from lowbit.compiler.frontend import TensorSpec
+from lowbit.compiler.tensor_spec import TensorSpec
 from lowbit.compiler.threads import configure as configure_threads
 from lowbit.runtime.library import load_openmp, load_runtime, openmp_library_path, runtime_library_path
 
