@@ -191,17 +191,25 @@ class _Loaded:
         self.fn, self.report, self.traps = fn, report, traps
 
 
+def _read_meta(k: str):
+    """(cache directory, path, parsed JSON) of entry `k`'s metadata; None if absent or unreadable."""
+    directory = cache_dir()
+    meta_path = directory / f"{k}.json"
+    try:
+        return directory, meta_path, json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def lookup(k: str) -> _Loaded | None:
     from lowbit.compiler.artifact_format import spec_from_json
     from lowbit.compiler.jit import NativeFunction
     from lowbit.runtime.library import load_openmp, load_runtime
 
-    directory = cache_dir()
-    meta_path = directory / f"{k}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
+    found = _read_meta(k)
+    if found is None:
         return None
+    directory, meta_path, meta = found
     so = directory / f"{k}.so"
     try:
         data = so.read_bytes()
@@ -455,12 +463,10 @@ def lookup_program(pre: str, args: Any, freezable: Any) -> CachedProgram | None:
     if mutable is None:
         return None
     k = program_weights_key(pre, args, freezable, mutable)
-    directory = cache_dir()
-    meta_path = directory / f"{k}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
+    found = _read_meta(k)
+    if found is None:
         return None
+    directory, meta_path, meta = found
     try:
         weights = MappedTensors(directory / f"{k}.safetensors")
         parts: dict[str, Any] = {}
