@@ -57,6 +57,8 @@ import threading
 import time
 from pathlib import Path
 
+from proc_status import status_bytes  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "e2e.json"
 CACHE = Path(os.environ.get("LOWBIT_BENCH_CACHE", Path.home() / ".cache" / "lowbit" / "e2e"))
@@ -315,7 +317,7 @@ class Worker:
             try:
                 line = self.lines.get(timeout=min(left, 1.0))
             except queue.Empty:
-                rss = _rss_of(self.proc.pid)
+                rss = status_bytes(self.proc.pid)
                 if self.max_rss and rss > self.max_rss:
                     self.fail(f"killed by the benchmark: RSS {rss / 2 ** 30:.1f} GiB > --max-rss-gib "
                               f"{self.max_rss / 2 ** 30:.0f}")
@@ -349,17 +351,6 @@ class Worker:
         self.log.flush()
         tail = _tail(self.log_path)
         self.failed = f"{why}" + (f"; last output: {tail}" if tail else "")
-
-
-def _rss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _exit_reason(rc: int) -> str:

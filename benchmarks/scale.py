@@ -41,6 +41,8 @@ import threading
 import time
 from pathlib import Path
 
+from proc_status import status_bytes  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale.json"
 DECODE = 32
@@ -80,16 +82,7 @@ def _worker_peak() -> int:
         pid = shared_worker().pid
     except Exception:
         return 0
-    if pid is None:
-        return 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return 0 if pid is None else status_bytes(pid, "VmHWM")
 
 
 def child_compiled(args) -> None:
@@ -156,18 +149,6 @@ def child_eager(args) -> None:
     emit(dict(phase="generation", tokens=toks, seconds=time.perf_counter() - t, peak_rss=_peak()))
 
 
-def _rss_of(pid: int) -> int:
-    """Current resident set of a process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, float, float]:
     """Run a child, collect its JSON lines; returns (messages, failure, spawn epoch, wall s)."""
     cmd = [sys.executable, __file__, "--child", kind, "--config", args.config, "--seed", str(args.seed),
@@ -202,7 +183,7 @@ def run_child(kind: str, args, timeout: float) -> tuple[list[dict], str | None, 
                 proc.kill()
                 failure = f"timed out after {timeout:.0f} s"
                 break
-            rss = _rss_of(proc.pid)
+            rss = status_bytes(proc.pid)
             if args.max_rss_gib and rss > args.max_rss_gib * 2 ** 30:
                 proc.kill()
                 failure = f"killed by the benchmark: RSS {rss / 2 ** 30:.1f} GiB > --max-rss-gib {args.max_rss_gib}"
