@@ -330,20 +330,19 @@ def copy_strided_gather_bases(module: ir.Operation) -> int:
     offset 40 instead of 48 (a wrong answer). A base that may be a strided view is copied
     once, right after it is made (`bufferization.alloc_tensor() copy(...)`: contiguous).
     Returns how many copies were made."""
-    copies: dict = {}
+    copies: dict[ir.Value, ir.Value] = {}  # values hash by the IR value, not the wrapper
     for f in func_ops(module):
         for op in [o for o in walk(f) if o.name == "vector.gather"]:
             base = op.operands[0]
             if not isinstance(base.type, ir.RankedTensorType) or base.type.rank < 2 or _contiguous(base):
                 continue
-            key = base.get_name() if hasattr(base, "get_name") else id(base)
-            copy = copies.get(key)
+            copy = copies.get(base)
             if copy is None:
                 with ir.InsertionPoint(_ancestor_in_block_of(op, base)), op.location:
                     copy = ir.Operation.create(
                         "bufferization.alloc_tensor", results=[base.type], operands=[base],
                         attributes={"operandSegmentSizes": ir.DenseI32ArrayAttr.get([0, 1, 0])}).result
-                copies[key] = copy
+                copies[base] = copy
             op.operands[0] = copy
     return len(copies)
 
