@@ -160,6 +160,8 @@ LOWER_TO_LLVM = [
     # Integer division, data-dependent loads and per-element asserts set flags that the
     # caller turns into eager's exceptions, instead of trapping or aborting the process.
     "lowbit-guard-traps",
+    # Zero-element entry arguments (`memref<5x0xf32>`) keep the bare-pointer convention.
+    "lowbit-empty-memref-args",
     "func.func(convert-linalg-to-loops)",
     # scf.forall -> OpenMP (libiomp5 at run time; lowbit.compiler.threads sets the count).
     "scf-forall-to-parallel",

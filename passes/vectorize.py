@@ -37,7 +37,7 @@ from torch_mlir import ir
 
 from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.vectorize_support import (
-    TAG, clear_tags, func_ops, generalize_named_ops, index_list, is_codegen_op,
+    TAG, clear_tags, fold_empty_iteration_ops, func_ops, generalize_named_ops, index_list, is_codegen_op,
     loop_info, match, run_transform, tag, walk,
 )
 
@@ -140,6 +140,9 @@ class Vectorize(ModulePass):
         if self.unroll < 1 or self.vector_bits < 0 or self.vector_bits % 64:
             raise PassError(f"{self.NAME}: bad options vector-bits={self.vector_bits} unroll={self.unroll}")
         generalize_named_ops(module, self.NAME)
+        empty = fold_empty_iteration_ops(module)  # a 0-lane vector crashed MLIR
+        if empty:
+            log.debug("%s: %d op(s) with an empty iteration space folded to their inits", self.NAME, empty)
         # Plan and tag every op first: each transform below may erase or clone other ops,
         # so Python handles are not kept across transforms; tags find the ops again.
         plans: dict[int, tuple[str, TilePlan]] = {}

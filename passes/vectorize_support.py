@@ -170,3 +170,30 @@ def generalize_named_ops(module: ir.Operation, what: str) -> None:
                           f"    %g = transform.structured.generalize %n : (!transform.any_op) -> !transform.any_op",
                   f"{what}: generalize")
     clear_tags(module)
+
+
+def fold_empty_iteration_ops(module: ir.Operation) -> int:
+    """Replace codegen ops with a static zero-trip loop by their `outs` operands.
+
+    An op whose iteration space is empty (`x.sum(-1)` of a `[5, 0]` tensor: the reduction
+    loop runs 0 times) writes nothing, so each result is its init tensor unchanged (the
+    fill before a reduction: zeros for a sum, eager's result). Tiling and vectorizing such
+    an op would ask for a 0-lane vector, which crashed MLIR (SIGSEGV). Returns how many ops
+    were folded."""
+    empty = []
+    for f in func_ops(module):
+        for op in walk(f):  # collected first: erasing an op frees the ops of its body
+            if not is_codegen_op(op):
+                continue
+            info = loop_info(op)
+            if info is None or 0 not in info.ranges:
+                continue
+            outs = list(op.opview.outputs)
+            if len(outs) == len(op.results) and all(o.type == r.type for o, r in zip(outs, op.results)):
+                empty.append(op)
+    for op in empty:
+        # read now: an init may be the result of an op folded just before (a fill)
+        for result, init in zip(op.results, list(op.opview.outputs)):
+            result.replace_all_uses_with(init)
+        op.erase()
+    return len(empty)
