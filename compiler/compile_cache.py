@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 log = logging.getLogger("lowbit.cache")
 
@@ -312,12 +313,32 @@ def programs() -> list[str]:
 # The program refers to its compiled parts by their part keys (above) and stores the derived
 # packed tensors in `<key>.safetensors`.
 
+def _graph_code(gm: Any) -> str:
+    """The graph's Python code without the placeholders' type annotations. Generated from the
+    graph, not read from `gm.code`: on dynamo's lazy graph modules that property also compiles
+    the code (an `exec`), which a hit never runs. Annotations name the Python class of each
+    input (`torch.nn.parameter.Parameter`, or the subclass lowbit switches module state to
+    while a compiled graph watches it, `module_state.watch_data_writes`): not part of what is
+    compiled, and they would make the same graph traced before and after another compile
+    differ. Inputs' dtypes, shapes and which are module state are keyed separately."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    saved = [n.type for n in placeholders]
+    try:
+        for n in placeholders:
+            n.type = None
+        return gm.graph.python_code(root_module="self").src
+    finally:
+        for n, t in zip(placeholders, saved):
+            n.type = t
+
+
 def program_key(gm: Any, args: Any, freezable: Any, dynamic_dims: Any, size_inputs: Any, options: Any) -> str:
     """The key of a whole program. Module state the program writes (KV caches) is left out of
     the weights digest: its contents at compile time do not change the program. Which positions
     those are is only known after a compile; it is kept per graph in `<pre-key>.mutable`."""
     h = hashlib.sha256()
-    h.update(json.dumps({"context": _context(), "options": repr(options), "code": gm.code,
+    code = _graph_code(gm)
+    h.update(json.dumps({"context": _context(), "options": repr(options), "code": code,
                          "freezable": list(freezable), "dynamic": repr(sorted((k, sorted(v.items()))
                                                                               for k, v in dynamic_dims.items())),
                          }, sort_keys=True, default=str).encode())
@@ -340,22 +361,82 @@ def _mutable_positions(pre: str) -> list[int] | None:
         return None
 
 
-# id(tensor) -> (weak reference, version, data pointer, digest): the module state is hashed once
-# per process, not once per graph (prefill and decode graphs read the same weights). Reused only
-# while the same tensor object is alive at the same version and address.
+# The module state's digest in program keys: a fast non-cryptographic 128-bit hash (two
+# XXH64 of the bytes, native code in the runtime library, ~16 GB/s on one core against sha256's
+# ~2 GB/s). The key detects any change of the weights short of a crafted collision, which
+# the cache need not resist: a program's packed buffers come from the weights that key it,
+# so whoever could choose colliding weights already chooses the model's outputs.
+_SEEDS = (0x6C6F77626974, 0x636163686531)  # "lowbit", "cache1"
+
+
+@functools.lru_cache(maxsize=1)
+def _digest_fn():
+    from lowbit.runtime.library import load_runtime
+
+    fn = load_runtime().lowbit_artifact_digest128
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, ctypes.c_uint64,
+                   ctypes.POINTER(ctypes.c_uint64)]
+    return fn
+
+
+def fast_digest(data: Any, nbytes: int | None = None) -> str:
+    """The 128-bit digest (hex) of a contiguous byte range: a `bytes`-like object, or an address
+    and `nbytes`."""
+    out = (ctypes.c_uint64 * 2)()
+    if isinstance(data, int):
+        if nbytes is None or nbytes < 0:
+            raise ValueError("fast_digest(address, nbytes): nbytes must be a non-negative int")
+        _digest_fn()(data, nbytes, _SEEDS[0], _SEEDS[1], out)
+    else:
+        view = memoryview(data).cast("B")
+        buf = (ctypes.c_char * len(view)).from_buffer_copy(view) if view.readonly else \
+            (ctypes.c_char * len(view)).from_buffer(view)
+        _digest_fn()(ctypes.addressof(buf), len(view), _SEEDS[0], _SEEDS[1], out)
+    return f"{out[0]:016x}{out[1]:016x}"
+
+
+def _state_bytes_digest(t: torch.Tensor) -> str:
+    """Digest of a module-state tensor's contents (logical order), dtype and shape."""
+    if t.device.type != "cpu" or t.layout != torch.strided or is_traceable_wrapper_subclass(t):
+        return _tensor_digest(t)  # wrapper subclasses, other devices: the portable sha256 path
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if not t.numel():
+        return f"empty{tuple(t.shape)}{t.dtype}"
+    return "x" + fast_digest(t.data_ptr(), t.numel() * t.element_size()) + f"{tuple(t.shape)}{t.dtype}"
+
+
+# id(tensor) -> (weak reference, identity, digest): the module state is hashed once per process,
+# not once per graph (prefill and decode graphs read the same weights). Reused only while the
+# same tensor object is alive with the same version counter (every in-place op through the
+# tensor or a view of it bumps it), data pointer, storage, shape, strides and dtype. Inference
+# tensors have no version counter: they are hashed every time. (A write through `.data` moves
+# the tensor's counter only while lowbit watches it, `module_state`; the memo sees exactly what
+# the run-time version-counter guards see.)
 _DIGESTS: dict[int, tuple] = {}
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return (t._version, t.data_ptr(), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(),
+            t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def _state_digest(t: torch.Tensor) -> str:
     if t.is_inference():
-        return _tensor_digest(t)  # no version counter: nothing proves it unchanged
+        return _state_bytes_digest(t)  # no version counter: nothing proves it unchanged
     hit = _DIGESTS.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
-        return hit[3]
-    digest = _tensor_digest(t)
+    try:
+        ident = _identity(t)
+    except (RuntimeError, NotImplementedError, TypeError):  # no storage of its own: no memo
+        return _state_bytes_digest(t)
+    if hit is not None and hit[0]() is t and hit[1] == ident:
+        return hit[2]
+    digest = _state_bytes_digest(t)
     if len(_DIGESTS) > 100_000:
         _DIGESTS.clear()
-    _DIGESTS[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), digest)
+    _DIGESTS[id(t)] = (weakref.ref(t), ident, digest)
     return digest
 
 
