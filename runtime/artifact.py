@@ -137,6 +137,7 @@ def _resolve_op(name: str) -> Callable:
     except ValueError:
         raise CorruptArtifactError(f"bad op name {name!r}") from None
     if ns == "lowbit":
+        import lowbit.compiler.index_put_rows  # noqa: F401  (registers lowbit.index_put_rows)
         import lowbit.compiler.packed_linear  # noqa: F401  (registers lowbit.packed_linear / packed_matmul)
         import lowbit.quant  # noqa: F401  (registers lowbit.linear)
     try:
