@@ -370,11 +370,6 @@ def test_rebinding_a_parameter_is_seen():
         torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`param.data.mul_()` writes through a `.data` alias, whose version counter is not the "
-    "parameter's: the bound graph's guard (version counter + data pointer of the source tensors) "
-    "does not see it and the compiled code keeps the weights packed at compile time. Eager sees "
-    "the new values. Reported to the lead."))
 def test_inplace_update_through_data_is_seen():
     model = MLP(ternary_(nn.Linear(128, 256), 1), ternary_(nn.Linear(256, 64), 2)).eval()
     compiled, _ = _compile(model)
