@@ -144,16 +144,69 @@ def compile_captured(captured: CapturedGraph, options: CompileOptions | None = N
     if captured.is_dynamic:
         pipeline.stages = descriptor_calling_convention(pipeline.stages)
     module = _import(captured, pipeline)
+    mark_writable_inputs(module, captured)
     pipeline.dump(module, "import")
     if worker_enabled():
         module = run_isolated(pipeline, module, captured)
     else:
         pipeline.run(module)
     jit = JitFunction(module, ENTRY, captured.input_specs, captured.unique_output_specs(),
-                      symbol_ranges=captured.symbol_ranges)
+                      symbol_ranges=captured.symbol_ranges, alias_outputs=inplace_outputs(module, captured))
     compiled = CompiledGraph(captured, jit, pipeline, Traps.of(module, jit))
     register_report(compiled)
     return compiled
+
+
+def _entry(module):
+    from torch_mlir import ir
+    for op in module.body.operations:
+        if op.operation.name == "func.func" and ir.StringAttr(op.operation.attributes["sym_name"]).value == ENTRY:
+            return op.operation
+    raise FrontendError(f"the imported module has no '{ENTRY}' function")
+
+
+def mark_writable_inputs(module, captured: CapturedGraph) -> None:
+    """Tell bufferization which entry arguments it may write: only the inputs the graph
+    mutates (their new values are results, e.g. KV caches). Everything else -- the user's
+    tensors, weights bound as buffers -- is read-only (`bufferization.writable = false`),
+    so an op updating a copy of an input never writes into the caller's tensor. Also
+    records the input count for `lowbit-inplace-results`."""
+    from torch_mlir import ir
+    from lowbit.passes.inplace_results import NUM_INPUTS_ATTR
+
+    func = _entry(module)
+    mutated = set(captured.mutated_inputs)
+    with module.context:
+        old = list(ir.ArrayAttr(func.attributes["arg_attrs"])) if "arg_attrs" in func.attributes else []
+        attrs = []
+        for k, pos in enumerate(captured.input_indices):
+            entries = {a.name: a.attr for a in ir.DictAttr(old[k])} if k < len(old) else {}
+            entries["bufferization.writable"] = ir.BoolAttr.get(pos in mutated)
+            attrs.append(ir.DictAttr.get(entries))
+        func.attributes["arg_attrs"] = ir.ArrayAttr.get(attrs)
+        func.attributes[NUM_INPUTS_ATTR] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64),
+                                                              len(captured.input_indices))
+
+
+def inplace_outputs(module, captured: CapturedGraph) -> dict[int, int]:
+    """{entry output index: entry input index} for mutated inputs the compiled code updated
+    in place (`lowbit.inplace_results`, passes/inplace_results.py) whose output is that
+    input's new value: the JIT passes the input as the output buffer."""
+    from torch_mlir import ir
+    from lowbit.passes.inplace_results import RESULTS_ATTR
+
+    attrs = module.operation.attributes
+    if RESULTS_ATTR not in attrs:
+        return {}
+    unique = [i for i in range(len(captured.output_specs)) if i not in captured.repeated_outputs]
+    n_mut = len(captured.mutated_inputs)
+    aliases = {}
+    for pair in ir.ArrayAttr(attrs[RESULTS_ATTR]):
+        i, u = (ir.IntegerAttr(v).value for v in ir.ArrayAttr(pair))
+        full = unique[u] if u < len(unique) else None
+        if full is not None and full < n_mut and captured.mutated_inputs[full] == captured.input_indices[i]:
+            aliases[u] = i
+    return aliases
 
 
 def _import(captured: CapturedGraph, pipeline: Pipeline):

@@ -102,9 +102,14 @@ class NativeFunction:
 
     def __init__(self, address: int, func_name: str, input_specs: Sequence["TensorSpec"],
                  output_specs: Sequence["TensorSpec"],
-                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None, owner: Any = None):
+                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None, owner: Any = None,
+                 alias_outputs: dict[int, int] | None = None):
         self.func_name = func_name
         self.owner = owner
+        # output index -> input index: the code updates that input in place and copies it to
+        # the output only when given another buffer (passes/inplace_results.py), so the
+        # input itself is passed as the output.
+        self.alias_outputs = dict(alias_outputs or {})
         self.input_specs = list(input_specs)
         self.output_specs = list(output_specs)
         self.symbol_ranges = dict(symbol_ranges or {})
@@ -199,7 +204,19 @@ class NativeFunction:
             return self._call_dynamic(inputs)
         inputs = self.check_inputs(inputs)
         outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in self._outputs]
+        if self.alias_outputs:
+            self._alias(inputs, outputs)
         return self.call_unchecked(inputs, outputs)
+
+    def _alias(self, inputs: list, outputs: list) -> None:
+        """Pass each in-place updated input as its own output buffer. An input sharing
+        memory with another input is replaced by a copy first: the code writes it in
+        place, and the other input must still read the old values."""
+        storages = [t.untyped_storage().data_ptr() for t in inputs]
+        for out, i in self.alias_outputs.items():
+            if storages.count(storages[i]) > 1:
+                inputs[i] = inputs[i].clone()
+            outputs[out] = inputs[i]
 
     def _call_dynamic(self, inputs) -> list[torch.Tensor]:
         sig = self._signature
@@ -210,6 +227,8 @@ class NativeFunction:
             raise self._diagnose(inputs)
         inputs = [t if t.is_contiguous() else t.contiguous() for t in inputs]
         outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(sig.output_shapes(symbols), sig.out_dtypes)]
+        if self.alias_outputs:
+            self._alias(inputs, outputs)
         args = self._arguments()
         sig.fill(args.storage, inputs, outputs, symbols)
         configure_threads()
@@ -242,7 +261,8 @@ class JitFunction(NativeFunction):
 
     def __init__(self, module, func_name: str, input_specs: Sequence["TensorSpec"],
                  output_specs: Sequence["TensorSpec"], opt_level: int = 3,
-                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None):
+                 symbol_ranges: dict[str, tuple[int, int | None]] | None = None,
+                 alias_outputs: dict[int, int] | None = None):
         from torch_mlir.execution_engine import ExecutionEngine
 
         settings = _EMISSION.get()
@@ -253,7 +273,7 @@ class JitFunction(NativeFunction):
                                       enable_pic=settings is not None)
         self.engine.initialize()
         super().__init__(self.engine.raw_lookup(func_name), func_name, input_specs, output_specs,
-                         symbol_ranges, owner=self.engine)
+                         symbol_ranges, owner=self.engine, alias_outputs=alias_outputs)
         # The object code, taken now (ahead-of-time builds only): the engine's object buffer is
         # what a later artifact links.
         self.object_bytes: bytes | None = self._object_bytes() if settings is not None else None

@@ -71,6 +71,7 @@ class CompileOptions:
 # custom ops such as torch.lowbit.linear).
 LOWBIT_TORCH = [
     "lowbit-convert-linear-op",
+    "lowbit-convert-index-put",
 ]
 
 # torch-mlir's torch -> linalg pipelines, spelled out without the final
@@ -143,6 +144,9 @@ BUFFERIZE = [
     "cse",
     "drop-equivalent-buffer-results",
     "buffer-results-to-out-params{hoist-static-allocs=true modify-public-functions=true}",
+    # An updated input returned as a result (a KV cache) is copied to its out-param only
+    # when the caller passed a different buffer: the JIT passes the input itself.
+    "lowbit-inplace-results",
     "canonicalize",
     "buffer-deallocation-pipeline",
     "canonicalize",

@@ -16,8 +16,10 @@ Matches, on bufferized IR before `convert-linalg-to-loops`:
   memref's element count; lanes outside are disabled (a gather gives its pass-through
   value, a scatter writes nothing) and trap bit 1 is raised;
 * `cf.assert` inside a `linalg.generic` body (torch-mlir's per-element checks, e.g.
-  "index must be smaller than dim size"): instead of aborting the process, a failed check
-  raises its own trap bit (2 + the message's index, at most 30 messages).
+  "index must be smaller than dim size"), and `cf.assert` tagged `lowbit.trap` anywhere
+  (lowbit's own checks whose failing path skips the unsafe work, e.g. the row loop of
+  `lowbit-convert-index-put`): instead of aborting the process, a failed check raises its
+  own trap bit (2 + the message's index, at most 30 messages).
 
 The bits are or-ed atomically into the public global `@_mlir_lowbit_traps : memref<i32>`; the
 module attribute `lowbit.traps` lists each bit's message. The caller (lowbit.compiler.compile)
@@ -40,6 +42,7 @@ from lowbit.passes.vectorize_support import walk
 FLAG_SYMBOL = "_mlir_lowbit_traps"
 FLAG_LOOKUP = "lowbit_traps"
 TRAPS_ATTR = "lowbit.traps"
+TRAP_ATTR = "lowbit.trap"  # on a cf.assert anywhere: a check lowbit emitted that continues safely when it fails
 DIVISION_BY_ZERO = "integer division by zero"
 INDEX_OUT_OF_RANGE = "index out of range"
 MAX_BITS = 32
@@ -59,7 +62,7 @@ class GuardTraps(ModulePass):
         ops = walk(module)
         divisions = [op for op in ops if op.name in SIGNED | UNSIGNED and _needs_guard(op)]
         loads = [op for op in ops if op.name == "memref.load" and _in_generic_body(op)]
-        asserts = [op for op in ops if op.name == "cf.assert" and _in_generic_body(op)]
+        asserts = [op for op in ops if op.name == "cf.assert" and (TRAP_ATTR in op.attributes or _in_generic_body(op))]
         gathers = [op for op in ops if op.name in ("vector.gather", "vector.scatter") and _identity_layout(op)]
         if not (divisions or loads or asserts or gathers):
             return

@@ -142,3 +142,27 @@ func.func @gather(%m: memref<?x4xf32>, %lanes: vector<4xindex>, %mask: vector<4x
   %g = vector.gather %m[%c0, %c0] [%lanes], %mask, %pass : memref<?x4xf32>, vector<4xindex>, vector<4xi1>, vector<4xf32> into vector<4xf32>
   return %g : vector<4xf32>
 }
+
+// -----
+
+// An assert tagged lowbit.trap outside any generic (lowbit-convert-index-put's row loop, whose
+// failing path rewrites a row as it is): raises the bit of its message, "index out of range"
+// (bit 1, an IndexError), and the loop goes on.
+// CHECK-LABEL: module attributes {lowbit.traps = ["integer division by zero", "index out of range"]}
+// CHECK-LABEL: func.func @tagged
+// CHECK-NOT: cf.assert
+// CHECK: scf.for
+// CHECK: %[[FAILED:.+]] = arith.xori %{{.+}}, %true
+// CHECK: scf.if %[[FAILED]]
+// CHECK: memref.atomic_rmw ori %c2_i32
+func.func @tagged(%m: memref<?xi64>, %n: index) {
+  %c0 = arith.constant 0 : index
+  %c1 = arith.constant 1 : index
+  %c8 = arith.constant 8 : i64
+  scf.for %t = %c0 to %n step %c1 {
+    %v = memref.load %m[%t] : memref<?xi64>
+    %ok = arith.cmpi slt, %v, %c8 : i64
+    cf.assert %ok, "index out of range" {lowbit.trap}
+  }
+  return
+}
