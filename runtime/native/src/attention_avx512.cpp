@@ -1,0 +1,130 @@
+// Fused attention, AVX-512 path (16 fp32 lanes; bf16 widened by shifts, rounded by integer
+// arithmetic to nearest even, so no AVX512-BF16 instruction is needed).
+#include <immintrin.h>
+
+#include "attention_internal.h"
+#include "bf16.h"
+
+namespace lowbit::attn {
+namespace {
+
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 load_bf16_mask(const uint16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline __m256i round_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline __mmask16 tail(int64_t r) { return __mmask16((1u << r) - 1); }
+
+// exp(x) for x <= 0 (scores minus their max): Cody-Waite reduction, Cephes' degree-7 polynomial,
+// 2^n by scalef (underflows to 0 for very negative x). Relative error ~2e-7.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct Avx512 {
+  static void to_f32(const char* src, float* dst, int64_t n, bool bf16) {
+    if (!bf16) {
+      memcpy(dst, src, size_t(n) * sizeof(float));
+      return;
+    }
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16(s + i));
+    if (i < n) _mm512_mask_storeu_ps(dst + i, tail(n - i), load_bf16_mask(s + i, tail(n - i)));
+  }
+  static float dot(const float* a, const float* b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+      const __mmask16 k = tail(n - i);
+      s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+  static void axpy(float* y, float a, const float* x, int64_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+      const __mmask16 k = tail(n - i);
+      _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i)));
+    }
+  }
+  static void scal(float* y, float c, int64_t n) {
+    const __m512 vc = _mm512_set1_ps(c);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(vc, _mm512_loadu_ps(y + i)));
+    if (i < n) {
+      const __mmask16 k = tail(n - i);
+      _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(k, y + i)));
+    }
+  }
+  static float max(const float* s, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
+    if (i < n) m = _mm512_mask_max_ps(m, tail(n - i), m, _mm512_maskz_loadu_ps(tail(n - i), s + i));
+    return _mm512_reduce_max_ps(m);
+  }
+  static float exp_sum(float* s, int n, float mx) {
+    const __m512 vm = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+      const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : tail(n - i);
+      const __m512 x = _mm512_mask_loadu_ps(ninf, k, s + i);
+      const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_UQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, vm)));
+      _mm512_mask_storeu_ps(s + i, k, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
+  static void store(const float* acc, float c, char* dst, int64_t n, bool bf16) {
+    const __m512 vc = _mm512_set1_ps(c);
+    int64_t i = 0;
+    if (!bf16) {
+      float* d = reinterpret_cast<float*>(dst);
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_mul_ps(vc, _mm512_loadu_ps(acc + i)));
+      if (i < n) _mm512_mask_storeu_ps(d + i, tail(n - i), _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(tail(n - i), acc + i)));
+      return;
+    }
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256((__m256i*)(d + i), round_bf16(_mm512_mul_ps(vc, _mm512_loadu_ps(acc + i))));
+    if (i < n)
+      _mm256_mask_storeu_epi16(d + i, tail(n - i), round_bf16(_mm512_mul_ps(vc, _mm512_maskz_loadu_ps(tail(n - i), acc + i))));
+  }
+};
+
+}  // namespace
+
+void heads_avx512(const Args& a) { run_heads<Avx512>(a); }
+
+}  // namespace lowbit::attn

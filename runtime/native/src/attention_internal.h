@@ -1,0 +1,157 @@
+// Fused attention core (lowbit/attention.h), written once over per-ISA primitives.
+//
+// Each ISA's translation unit (attention_scalar.cpp, attention_avx2.cpp, attention_avx512.cpp)
+// defines a primitives struct P and instantiates `run_heads<P>`, compiled with that ISA's flags:
+//   P::to_f32(src, dst, n, bf16)     dst = src as fp32
+//   P::dot(a, b, n)                  sum a[i] * b[i]
+//   P::axpy(y, a, x, n)              y += a * x
+//   P::scal(y, c, n)                 y *= c
+//   P::exp_sum(s, n, m)              s[i] = exp(s[i] - m) (0 where s[i] == -inf), returns the sum
+//   P::max(s, n)                     max of s (-inf for an all -inf row)
+//   P::store(acc, c, dst, n, bf16)   dst = acc * c, rounded to bf16 (nearest even) when bf16
+#ifndef LOWBIT_ATTENTION_INTERNAL_H
+#define LOWBIT_ATTENTION_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#include "lowbit/attention.h"
+
+namespace lowbit::attn {
+
+struct Args {
+  bool bf16;
+  const char* q;
+  const char* k;
+  const char* v;
+  const uint8_t* mask;
+  char* out;
+  int64_t B, H, Hkv, T, S, D;
+  int64_t mb, mh, mt, ms;
+  float scale;
+  bool causal;
+  int64_t bh_begin, bh_end;
+};
+
+using HeadsFn = void (*)(const Args&);
+void heads_scalar(const Args&);
+void heads_avx2(const Args&);
+void heads_avx512(const Args&);
+
+constexpr int kQB = 4;   // queries per block: each K/V row read serves kQB queries
+constexpr int kKB = 64;  // keys per block: the unit of skipping and of the online softmax
+
+template <class P>
+void run_heads(const Args& a) {
+  const int64_t D = a.D, S = a.S, T = a.T;
+  const size_t es = a.bf16 ? 2 : 4;
+  thread_local std::vector<float> storage;
+  const size_t need = size_t(2 * kQB * D + 2 * D + kQB * kKB);
+  if (storage.size() < need) storage.resize(need);
+  float* qf = storage.data();       // [kQB][D] queries as fp32
+  float* acc = qf + kQB * D;        // [kQB][D] running P.V
+  float* kf = acc + kQB * D;        // [D] one key as fp32 (bf16 only)
+  float* vf = kf + D;               // [D] one value as fp32 (bf16 only)
+  float* s = vf + D;                // [kQB][kKB] scores, then probabilities
+  uint8_t allow[kQB][kKB];
+  uint8_t col[kKB];
+  const int64_t group = a.H / a.Hkv;
+  const float ninf = -INFINITY;
+
+  for (int64_t bh = a.bh_begin; bh < a.bh_end; ++bh) {
+    const int64_t b = bh / a.H, h = bh % a.H, hk = h / group;
+    const char* qh = a.q + size_t((b * a.H + h) * T * D) * es;
+    const char* kh = a.k + size_t((b * a.Hkv + hk) * S * D) * es;
+    const char* vh = a.v + size_t((b * a.Hkv + hk) * S * D) * es;
+    char* oh = a.out + size_t((b * a.H + h) * T * D) * es;
+    const uint8_t* mh = nullptr;
+    int64_t m_row = 0, m_col = 0;
+    if (a.mask) {
+      mh = a.mask + ((a.mb > 1 ? b : 0) * a.mh + (a.mh > 1 ? h : 0)) * a.mt * a.ms;
+      m_row = a.mt > 1 ? a.ms : 0;
+      m_col = a.ms > 1 ? 1 : 0;
+    }
+    for (int64_t t0 = 0; t0 < T; t0 += kQB) {
+      const int nq = int(T - t0 < kQB ? T - t0 : kQB);
+      float m[kQB], l[kQB];
+      for (int i = 0; i < nq; ++i) {
+        P::to_f32(qh + size_t((t0 + i) * D) * es, qf + i * D, D, a.bf16);
+        memset(acc + i * D, 0, size_t(D) * sizeof(float));
+        m[i] = ninf;
+        l[i] = 0.f;
+      }
+      int64_t kend = S;
+      if (a.causal && t0 + nq < kend) kend = t0 + nq;  // keys after the block's last query
+      for (int64_t k0 = 0; k0 < kend; k0 += kKB) {
+        const int nk = int(kend - k0 < kKB ? kend - k0 : kKB);
+        bool any = false;
+        memset(col, 0, size_t(nk));
+        for (int i = 0; i < nq; ++i) {
+          const uint8_t* mrow = mh ? mh + (t0 + i) * m_row + k0 * m_col : nullptr;
+          const int64_t last = a.causal ? t0 + i - k0 : nk - 1;  // highest visible key in block
+          for (int j = 0; j < nk; ++j) {
+            uint8_t ok = j <= last;
+            if (mrow) ok &= mrow[j * m_col] != 0;
+            allow[i][j] = ok;
+            col[j] |= ok;
+            any |= ok;
+          }
+        }
+        if (!any) continue;  // nobody sees these keys: K and V rows are not read
+        for (int j = 0; j < nk; ++j) {
+          if (!col[j]) {
+            for (int i = 0; i < nq; ++i) s[i * kKB + j] = ninf;
+            continue;
+          }
+          const char* kr = kh + size_t((k0 + j) * D) * es;
+          const float* kv = reinterpret_cast<const float*>(kr);
+          if (a.bf16) {
+            P::to_f32(kr, kf, D, true);
+            kv = kf;
+          }
+          for (int i = 0; i < nq; ++i)
+            s[i * kKB + j] = allow[i][j] ? P::dot(qf + i * D, kv, D) * a.scale : ninf;
+        }
+        bool live[kQB];
+        for (int i = 0; i < nq; ++i) {
+          float* si = s + i * kKB;
+          const float mx = P::max(si, nk);
+          live[i] = mx != ninf;
+          if (!live[i]) continue;
+          const float mnew = mx > m[i] ? mx : m[i];
+          if (m[i] != ninf && mnew != m[i]) {
+            const float corr = expf(m[i] - mnew);
+            l[i] *= corr;
+            P::scal(acc + i * D, corr, D);
+          }
+          m[i] = mnew;
+          l[i] += P::exp_sum(si, nk, mnew);
+        }
+        for (int j = 0; j < nk; ++j) {
+          if (!col[j]) continue;
+          const char* vr = vh + size_t((k0 + j) * D) * es;
+          const float* vv = reinterpret_cast<const float*>(vr);
+          if (a.bf16) {
+            P::to_f32(vr, vf, D, true);
+            vv = vf;
+          }
+          for (int i = 0; i < nq; ++i) {
+            const float p = s[i * kKB + j];
+            if (live[i] && p != 0.f) P::axpy(acc + i * D, p, vv, D);
+          }
+        }
+      }
+      for (int i = 0; i < nq; ++i) {
+        // All keys masked: a zero row (eager CPU SDPA's answer), not 0/0. NaN stays NaN.
+        const float inv = l[i] == 0.f ? 0.f : 1.f / l[i];
+        P::store(acc + i * D, inv, oh + size_t((t0 + i) * D) * es, D, a.bf16);
+      }
+    }
+  }
+}
+
+}  // namespace lowbit::attn
+#endif
