@@ -50,7 +50,7 @@ def _config_overrides(cfg, items: list[str], command: str = "generate"):
 
 
 def _add_generate(sub) -> None:
-    from lowbit.generate import ACTIVATION_CHOICES, BACKENDS, HEAD_CHOICES, PRESETS, WEIGHT_CHOICES
+    from lowbit.generate import ACTIVATION_CHOICES, BACKENDS, EMBEDDING_CHOICES, HEAD_CHOICES, PRESETS, WEIGHT_CHOICES
     p = sub.add_parser("generate", help="greedy generation with prefill/decode tok/s, compile time, peak RSS",
                        description="Greedy generation with a compiled low-bit model; prints tokens as they "
                                    "come and llama.cpp-style timings.")
@@ -68,6 +68,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--activations", choices=ACTIVATION_CHOICES, help="int8 (BitNet a8) or none")
     p.add_argument("--head", choices=HEAD_CHOICES, default="none",
                    help="output head format: none (fp), int8 or int4 (int8 activations; integer kernels)")
+    p.add_argument("--embedding", choices=EMBEDDING_CHOICES, default="none",
+                   help="embedding table format: none (fp), int8 (per row) or int4 (groups of 32); saves memory")
     p.add_argument("--backend", choices=BACKENDS, default="lowbit")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads (default: torch's)")
@@ -107,7 +109,7 @@ def _run_generate(args) -> int:
     try:
         result = generate(target, prompt, args.max_new_tokens, weights=args.weights,
                           activations=args.activations, backend=args.backend, dtype=args.dtype,
-                          threads=args.threads, seed=args.seed, cache=args.cache, head=args.head,
+                          threads=args.threads, seed=args.seed, cache=args.cache, head=args.head, embedding=args.embedding,
                           on_token=on_token)
     except (GenerationError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if not args.quiet and streamed:

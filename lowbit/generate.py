@@ -66,6 +66,10 @@ ACTIVATION_CHOICES = ("none", "int8")
 #: activations), so it runs on the integer kernels. At 1B the fp32 head streams more bytes per
 #: token than all ternary layers together (llama.cpp ships a Q6_K head with TQ2_0).
 HEAD_CHOICES = ("none", "int8", "int4")
+#: Embedding table formats (``embedding=``): "none" keeps it fp; "int8" (per row) and "int4"
+#: (groups of 32) make it a `lowbit.quant.LowBitEmbedding` (weight-only; one row is read per
+#: token, so this saves memory, not time: llama.cpp ships a Q4_K embedding with TQ2_0).
+EMBEDDING_CHOICES = ("none", "int8", "int4")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -169,17 +173,32 @@ def head_config(head: str):
     return lowbit.QuantConfig(weights="int8", activations="int8")
 
 
+def embedding_config(embedding: str):
+    """The `QuantConfig` of the embedding table for an ``embedding=`` choice (None: keep it fp)."""
+    import lowbit
+    if embedding not in EMBEDDING_CHOICES:
+        raise ValueError(f"embedding must be one of {EMBEDDING_CHOICES}, got {embedding!r}")
+    if embedding == "none":
+        return None
+    if embedding == "int4":
+        return lowbit.QuantConfig(weights="int4_sym", group_size=32)
+    return lowbit.QuantConfig(weights="int8", granularity="channel")
+
+
 def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activations: str = "int8",
-                dtype: torch.dtype = torch.float32, head: str = "none") -> tuple[TinyLlama, float]:
+                dtype: torch.dtype = torch.float32, head: str = "none",
+                embedding: str = "none") -> tuple[TinyLlama, float]:
     """The preset model with `block_tensors` weights; returns (model, seconds spent in quantize_).
 
     Layers are made and quantized one at a time (peak memory: the quantized model plus one
     fp layer). ``weights="none"`` keeps the exact-ternary fp weights (QAT-style) in ``dtype``.
-    ``head``: see `HEAD_CHOICES` (quantized in fp32, before any cast to ``dtype``).
+    ``head``: see `HEAD_CHOICES` (quantized in fp32, before any cast to ``dtype``);
+    ``embedding``: see `EMBEDDING_CHOICES` (likewise).
     """
     import lowbit
     qconfig = _quant_config(weights, activations)
     hconfig = head_config(head)
+    econfig = embedding_config(embedding)
     model = TinyLlama(dataclasses.replace(cfg, n_layers=0), dtype)
     model.cfg = cfg
     quantize_s = 0.0
@@ -208,6 +227,10 @@ def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activ
         if hconfig is not None:
             t = time.perf_counter()
             lowbit.quantize_(model, hconfig, filter_fn=lambda m, fqn: fqn == "output")
+            quantize_s += time.perf_counter() - t
+        if econfig is not None:
+            t = time.perf_counter()
+            lowbit.quantize_(model, econfig, filter_fn=lambda m, fqn: fqn == "tok_embeddings")
             quantize_s += time.perf_counter() - t
         for m in (model.tok_embeddings, model.norm, model.output):
             _cast_float_params_(m, dtype)
@@ -401,6 +424,7 @@ class GenerationResult:
     text: str | None = None            # decoded new tokens when a tokenizer is known
     isa: str | None = None
     head: str = "none"                 # output head format (HEAD_CHOICES)
+    embedding: str = "none"            # embedding table format (EMBEDDING_CHOICES)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -428,6 +452,7 @@ class GenerationResult:
         n_p, n_d = len(self.prompt_tokens), self.decode_steps
         lines = [
             f"model: {self.model}; weights {self.weights}, activations {self.activations}, head {self.head}, "
+            + (f"embedding {self.embedding}, " if self.embedding != "none" else "") +
             f"{self.dtype}; "
             f"backend {self.backend}; {self.threads} threads" + (f"; ISA {self.isa}" if self.isa else ""),
             f"load time     = {self.load_s:8.2f} s",
@@ -494,7 +519,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
              weights: str | None = None, activations: str | None = None,
              backend: str | Callable = "lowbit", dtype: str | torch.dtype = torch.float32,
              threads: int | None = None, seed: int = 0, cache: str = "static", head: str = "none",
-             on_token: Callable[[int], None] | None = None,
+             embedding: str = "none", on_token: Callable[[int], None] | None = None,
              count_compiles: bool = True) -> GenerationResult:
     """Greedy generation with figures; see the module docstring.
 
@@ -511,6 +536,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         threads: torch and compiled-code threads (None: leave as is).
         cache: for Hugging Face models, ``"static"`` (``StaticCache``) or ``"dynamic"``.
         head: the output head's format (`HEAD_CHOICES`; presets, configs and TinyLlama modules).
+        embedding: the embedding table's format (`EMBEDDING_CHOICES`; likewise).
         on_token: called with each new token id as soon as it is produced.
         count_compiles: wrap the backend in a `CompileCounter` (reported in the result).
     """
@@ -524,6 +550,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     head_config(head)  # validates
+    embedding_config(embedding)
     if isinstance(backend, str) and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or a callable, got {backend!r}")
     if threads is not None:
@@ -553,7 +580,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         vocab = cfg.vocab_size
         prompt = _as_prompt(prompt_tokens, vocab, seed)
         cfg = dataclasses.replace(cfg, max_seq_len=prompt.numel() + max_new_tokens, max_batch=1)
-        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype, head=head)
+        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype, head=head, embedding=embedding)
         described = _describe_cfg(cfg)
     elif isinstance(model_or_config, TinyLlama):
         model = model_or_config
@@ -578,6 +605,10 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         if hconfig is not None:
             name = "lm_head" if hf_model is not None else "output"
             lowbit.quantize_(target, hconfig, filter_fn=lambda m, fqn: fqn == name)
+        econfig = embedding_config(embedding)
+        if econfig is not None:
+            name = "model.embed_tokens" if hf_model is not None else "tok_embeddings"
+            lowbit.quantize_(target, econfig, filter_fn=lambda m, fqn: fqn == name)
         quantize_s = time.perf_counter() - t
     load_s = time.perf_counter() - t_load - quantize_s
 
@@ -652,7 +683,8 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         weights=weights, activations=activations, dtype=str(dtype).replace("torch.", ""),
         threads=torch.get_num_threads(), load_s=load_s, quantize_s=quantize_s, compile_s=compile_s,
         prefill_s=prefill_s, decode_s=decode_s, peak_rss_bytes=peak_rss_bytes(),
-        compile_counts=counter.as_dict() if counter is not None else None, text=text, isa=isa, head=head)
+        compile_counts=counter.as_dict() if counter is not None else None, text=text, isa=isa, head=head,
+        embedding=embedding)
 
 
 def greedy_reference(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:

@@ -15,6 +15,7 @@ from .formats import (
     canonical_weight_format,
     get_weight_format,
 )
+from .embedding import LowBitEmbedding
 from .module import LowBitLinear
 from .op import reference_linear
 from .packing import CorruptPackedWeightError, pack_codes, unpack_codes
@@ -29,7 +30,7 @@ from .serialization import CheckpointError, load_quantized, read_quantized, save
 
 __all__ = [
     "ACTIVATION_FORMATS", "GRANULARITIES", "WEIGHT_FORMAT_ALIASES", "WEIGHT_FORMATS",
-    "CheckpointError", "CorruptPackedWeightError", "LowBitLinear", "LowBitSpec", "QuantConfig",
+    "CheckpointError", "CorruptPackedWeightError", "LowBitEmbedding", "LowBitLinear", "LowBitSpec", "QuantConfig",
     "QuantizedWeight", "WeightFormat", "canonical_weight_format", "dequantize_weight",
     "exact_representation", "get_weight_format", "load_quantized", "pack_codes",
     "quantize_", "quantize_activations_int8", "quantize_weight", "read_quantized",

@@ -1,4 +1,5 @@
-"""`quantize_`: swap matching ``nn.Linear`` modules of a model for `LowBitLinear`, in place."""
+"""`quantize_`: swap matching ``nn.Linear`` modules of a model for `LowBitLinear` (and
+``nn.Embedding`` modules a filter selects for `LowBitEmbedding`), in place."""
 from __future__ import annotations
 
 from typing import Callable, Union
@@ -6,6 +7,7 @@ from typing import Callable, Union
 from torch import nn
 
 from .config import QuantConfig
+from .embedding import LowBitEmbedding
 from .module import LowBitLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -24,7 +26,9 @@ def quantize_(model: nn.Module, config: QuantConfig | ConfigFn | None = None,
             Calling ``quantize_`` several times with different filters also mixes formats:
             layers that are already `LowBitLinear` are never touched again.
         filter_fn: ``(module, fqn) -> bool`` like torchao; default selects every nn.Linear.
-            Non-Linear modules are skipped whatever it returns.
+            An ``nn.Embedding`` is quantized only when a filter selects it (weights "int8" or
+            "int4_sym", activations "none": a `LowBitEmbedding`); other modules are skipped
+            whatever it returns.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -39,8 +43,9 @@ def quantize_(model: nn.Module, config: QuantConfig | ConfigFn | None = None,
     # Exact type match: subclasses such as MultiheadAttention's out_proj are used through
     # their .weight by their owner, so swapping them would break the owner.
     targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
-               if type(m) is nn.Linear and (filter_fn is None or filter_fn(m, fqn))]
-    replaced: dict[int, LowBitLinear] = {}  # a Linear shared by several parents stays shared
+               if (type(m) is nn.Linear and (filter_fn is None or filter_fn(m, fqn)))
+               or (type(m) is nn.Embedding and filter_fn is not None and filter_fn(m, fqn))]
+    replaced: dict[int, nn.Module] = {}  # a module shared by several parents stays shared
     for fqn, linear in targets:
         if id(linear) in replaced:
             _set_submodule(model, fqn, replaced[id(linear)])
@@ -52,7 +57,8 @@ def quantize_(model: nn.Module, config: QuantConfig | ConfigFn | None = None,
             raise TypeError(f"config function returned {type(layer_config).__name__} for {fqn!r}, "
                             "expected QuantConfig or None")
         try:
-            replacement = LowBitLinear.from_float(linear, layer_config)
+            kind = LowBitEmbedding if type(linear) is nn.Embedding else LowBitLinear
+            replacement = kind.from_float(linear, layer_config)
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot quantize {fqn!r}: {e}") from e
         replaced[id(linear)] = replacement

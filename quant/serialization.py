@@ -99,6 +99,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike,
 
     ``metadata`` adds user string entries to the header (keys starting with "lowbit." are reserved).
     """
+    from .embedding import LowBitEmbedding
+    embeddings = [fqn for fqn, m in model.named_modules() if isinstance(m, LowBitEmbedding)]
+    if embeddings:
+        raise NotImplementedError(f"save_quantized does not record LowBitEmbedding layers yet ({embeddings[0]!r}); "
+                                  "save the model with a float embedding and quantize it after loading")
     layers = {fqn: {"spec": m.spec.to_dict(), "bias": m.bias is not None}
               for fqn, m in model.named_modules() if isinstance(m, LowBitLinear)}
     extra_keys = {_join(fqn, "_extra_state") for fqn in layers}
