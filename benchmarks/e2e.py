@@ -16,6 +16,7 @@ own quantizer to TQ2_0 / TQ1_0 (lossless for these tensors), Q4_0 and F16 for re
 Systems (`--systems`, comma-separated):
   lowbit                 quantize_ ternary weights + int8 activations, torch.compile(backend="lowbit")
   lowbit-int8head        the same with the output head quantized too (int8 weights + activations)
+  lowbit-int4head        the same with an int4 head (symmetric, groups of 32: 5 bits per weight)
   eager-bf16             the same ternary values as bf16 nn.Linear weights, eager PyTorch
   inductor-bf16          same model, torch.compile(backend="inductor", dynamic=False)
   llamacpp-tq2_0         llama-cpp-python 0.3.36 (GGML_NATIVE), TQ2_0 layers, llama.cpp's default
@@ -70,6 +71,9 @@ SYSTEMS: dict[str, dict] = {
     # activations), as llama.cpp's default TQ2_0 file quantizes its head (Q6_K)
     "lowbit-int8head": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
                             backend="lowbit", head="int8"),
+    # int4 head (symmetric, groups of 32, fp32 scales: 5 bits per weight, fewer bytes than Q6_K)
+    "lowbit-int4head": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
+                            backend="lowbit", head="int4"),
     "eager-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="eager"),
     "inductor-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="inductor"),
     "llamacpp-tq2_0": dict(kind="llamacpp", type="TQ2_0", head=None),
