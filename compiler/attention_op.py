@@ -105,7 +105,7 @@ def supported(q, k, v, mask, dropout_p: float, is_causal: bool, enable_gqa: bool
     if hkv != hv or d != dk or d != dv or d < 1 or hkv < 1 or h % hkv or (h != hkv and not enable_gqa):
         return False
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() > 4 or is_causal:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or is_causal:
             return False
     return True
 

@@ -9,6 +9,12 @@ lowers to a loop over the index that writes the T new rows in place and raises e
 IndexError for an index out of range. Every other `index_put` form keeps torch-mlir's
 lowering (and falls back to eager if that fails).
 
+`scaled_dot_product_attention` with 4-D float32/bfloat16 inputs, no dropout and a boolean
+mask (or none) becomes `lowbit::attention` (lowbit.compiler.attention_op), which
+`lowbit-convert-attention` turns into a call of the runtime's fused attention kernel
+(no materialized [B, H, T, S] scores; masked key blocks are not read). Other forms keep
+torch-mlir's decomposition.
+
 `gelu(approximate="tanh")` is spelled out with the exact sqrt(2/pi): torch-mlir's
 lowering uses 0.797724 and is off by up to 5e-5. bf16/fp16 inputs are computed in fp32
 and rounded once, as eager does.
@@ -47,6 +53,7 @@ import math
 
 import torch
 
+import lowbit.compiler.attention_op as _attention_op  # registers torch.ops.lowbit.attention
 import lowbit.compiler.index_put_rows  # noqa: F401  (registers torch.ops.lowbit.index_put_rows)
 
 aten = torch.ops.aten
@@ -64,6 +71,22 @@ def _index_put_as_rows(self: torch.Tensor, indices, values: torch.Tensor, accumu
     indexed_shape[d] = idx.shape[0]
     values = values.to(self.dtype).expand(indexed_shape)
     return torch.ops.lowbit.index_put_rows(self, d, idx.to(torch.int64), values)
+
+
+def _sdpa_as_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False):
+    """`F.scaled_dot_product_attention` -> `lowbit::attention` (the fused kernel) when the form
+    is supported (lowbit.compiler.attention_op.supported); else torch-mlir's decomposition.
+    `LOWBIT_DISABLE_PASSES=lowbit-convert-attention` keeps the decomposition (what compiled
+    attention was before the kernel), rather than an op nothing would lower."""
+    from lowbit.compiler.pipeline import disabled_passes
+    if not _attention_op.supported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+        return NotImplemented
+    if "lowbit-convert-attention" in disabled_passes():
+        return NotImplemented
+    d = query.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return torch.ops.lowbit.attention(query, key, value, attn_mask, scale, bool(is_causal))
 
 
 _NARROW_FLOATS = (torch.bfloat16, torch.float16)
@@ -229,6 +252,7 @@ def lowbit_decompositions(base: dict | None = None) -> dict:
     table = dict(base or {})
     ours = {
         aten.index_put.default: _index_put_as_rows,
+        aten.scaled_dot_product_attention.default: _sdpa_as_attention,
         aten.sum.dim_IntList: _sum_in_fp32,
         aten.sum.default: _full_sum_in_fp32,
         aten.mean.dim: _mean_in_fp32,

@@ -72,6 +72,7 @@ class CompileOptions:
 LOWBIT_TORCH = [
     "lowbit-convert-linear-op",
     "lowbit-convert-index-put",
+    "lowbit-convert-attention",
 ]
 
 # torch-mlir's torch -> linalg pipelines, spelled out without the final
@@ -156,6 +157,7 @@ BUFFERIZE = [
 # After bufferization: linalg ops and qlinear bodies become microkernel calls.
 RUNTIME_CALLS = [
     "lowbit-lower-qlinear",
+    "lowbit-lower-attention",
     "lowbit-dense-brgemm-calls",
     "symbol-dce",
 ]
