@@ -105,6 +105,17 @@ struct Avx2 {
     }
     return r;
   }
+  static void dot4x4(const float* q, const float* const* k, int64_t n, float out[kQB][4]) {
+    for (int i = 0; i < kQB; ++i)
+      for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, k[c], n);
+  }
+  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const float* const* v) {
+    for (int c = 0; c < nc; ++c)
+      for (int i = 0; i < nq; ++i) {
+        const float w = p[i * kKB + cols[c]];
+        if (w != 0.f) axpy(acc + i * n, w, v[c], n);
+      }
+  }
   static void store(const float* acc, float c, char* dst, int64_t n, bool bf16) {
     if (!bf16) {
       float* d = reinterpret_cast<float*>(dst);

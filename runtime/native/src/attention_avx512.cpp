@@ -106,6 +106,49 @@ struct Avx512 {
     }
     return _mm512_reduce_add_ps(sum);
   }
+  // 4 queries x 4 keys: 16 accumulators, each q / k vector load feeds 4 FMAs.
+  static void dot4x4(const float* q, const float* const* k, int64_t n, float out[kQB][4]) {
+    __m512 acc[kQB][4];
+    for (int i = 0; i < kQB; ++i)
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = n - d >= 16 ? __mmask16(0xffff) : tail(n - d);
+      __m512 kv[4];
+      for (int c = 0; c < 4; ++c) kv[c] = _mm512_maskz_loadu_ps(m, k[c] + d);
+      for (int i = 0; i < kQB; ++i) {
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + i * n + d);
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(qv, kv[c], acc[i][c]);
+      }
+    }
+    for (int i = 0; i < kQB; ++i)
+      for (int c = 0; c < 4; ++c) out[i][c] = _mm512_reduce_add_ps(acc[i][c]);
+  }
+  // acc[i] += sum_c p[i][cols[c]] * v[c], 64 columns of D at a time kept in registers
+  // (nq x 4 accumulators) over all visible keys of the block.
+  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const float* const* v) {
+    for (int64_t d0 = 0; d0 < n; d0 += 64) {
+      __mmask16 m[4];
+      for (int u = 0; u < 4; ++u) {
+        const int64_t r = n - d0 - 16 * u;
+        m[u] = r >= 16 ? __mmask16(0xffff) : r > 0 ? tail(r) : __mmask16(0);
+      }
+      __m512 a[kQB][4];
+      for (int i = 0; i < kQB; ++i)
+        for (int u = 0; u < 4; ++u)
+          a[i][u] = i < nq ? _mm512_maskz_loadu_ps(m[u], acc + i * n + d0 + 16 * u) : _mm512_setzero_ps();
+      for (int c = 0; c < nc; ++c) {
+        __m512 vv[4];
+        for (int u = 0; u < 4; ++u) vv[u] = _mm512_maskz_loadu_ps(m[u], v[c] + d0 + 16 * u);
+        for (int i = 0; i < kQB; ++i) {
+          if (i >= nq) break;
+          const __m512 w = _mm512_set1_ps(p[i * kKB + cols[c]]);
+          for (int u = 0; u < 4; ++u) a[i][u] = _mm512_fmadd_ps(w, vv[u], a[i][u]);
+        }
+      }
+      for (int i = 0; i < nq; ++i)
+        for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(acc + i * n + d0 + 16 * u, m[u], a[i][u]);
+    }
+  }
   static void store(const float* acc, float c, char* dst, int64_t n, bool bf16) {
     const __m512 vc = _mm512_set1_ps(c);
     int64_t i = 0;

@@ -9,6 +9,8 @@
 //   P::exp_sum(s, n, m)              s[i] = exp(s[i] - m) (0 where s[i] == -inf), returns the sum
 //   P::max(s, n)                     max of s (-inf for an all -inf row)
 //   P::store(acc, c, dst, n, bf16)   dst = acc * c, rounded to bf16 (nearest even) when bf16
+//   P::dot4x4(q, k, n, out)          out[i][c] = dot(q + i * n, k[c], n) for 4 queries x 4 keys
+//   P::pv(acc, nq, n, p, cols, nc, v) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq)
 #ifndef LOWBIT_ATTENTION_INTERNAL_H
 #define LOWBIT_ATTENTION_INTERNAL_H
 
@@ -49,15 +51,17 @@ void run_heads(const Args& a) {
   const int64_t D = a.D, S = a.S, T = a.T;
   const size_t es = a.bf16 ? 2 : 4;
   thread_local std::vector<float> storage;
-  const size_t need = size_t(2 * kQB * D + 2 * D + kQB * kKB);
+  const size_t need = size_t(2 * kQB * D + 2 * kKB * D + kQB * kKB);
   if (storage.size() < need) storage.resize(need);
   float* qf = storage.data();       // [kQB][D] queries as fp32
   float* acc = qf + kQB * D;        // [kQB][D] running P.V
-  float* kf = acc + kQB * D;        // [D] one key as fp32 (bf16 only)
-  float* vf = kf + D;               // [D] one value as fp32 (bf16 only)
-  float* s = vf + D;                // [kQB][kKB] scores, then probabilities
+  float* kblk = acc + kQB * D;      // [kKB][D] the block's visible keys as fp32 (bf16 only)
+  float* vblk = kblk + kKB * D;     // [kKB][D] the block's visible values as fp32 (bf16 only)
+  float* s = vblk + kKB * D;        // [kQB][kKB] scores, then probabilities
   uint8_t allow[kQB][kKB];
   uint8_t col[kKB];
+  int vis[kKB];                     // visible columns of the block
+  const float* rows[kKB];           // their K (then V) rows as fp32
   const int64_t group = a.H / a.Hkv;
   const float ninf = -INFINITY;
 
@@ -101,26 +105,45 @@ void run_heads(const Args& a) {
           }
         }
         if (!any) continue;  // nobody sees these keys: K and V rows are not read
+        int nv = 0;
         for (int j = 0; j < nk; ++j) {
-          if (!col[j]) {
-            for (int i = 0; i < nq; ++i) s[i * kKB + j] = ninf;
-            continue;
-          }
-          const char* kr = kh + size_t((k0 + j) * D) * es;
-          const float* kv = reinterpret_cast<const float*>(kr);
-          if (a.bf16) {
-            P::to_f32(kr, kf, D, true);
-            kv = kf;
-          }
-          for (int i = 0; i < nq; ++i)
-            s[i * kKB + j] = allow[i][j] ? P::dot(qf + i * D, kv, D) * a.scale : ninf;
+          if (col[j]) vis[nv++] = j;
+          else for (int i = 0; i < nq; ++i) s[i * kKB + j] = ninf;
         }
-        bool live[kQB];
+        // Visible keys only (a column nobody sees is never read), as fp32.
+        for (int c = 0; c < nv; ++c) {
+          const char* kr = kh + size_t((k0 + vis[c]) * D) * es;
+          if (a.bf16) {
+            P::to_f32(kr, kblk + c * D, D, true);
+            rows[c] = kblk + c * D;
+          } else {
+            rows[c] = reinterpret_cast<const float*>(kr);
+          }
+        }
+        int c = 0;
+        if (nq == kQB) {  // 4 queries x 4 keys per pass: each q and k vector load feeds 4 FMAs
+          float out[kQB][4];
+          for (; c + 4 <= nv; c += 4) {
+            P::dot4x4(qf, rows + c, D, out);
+            for (int i = 0; i < kQB; ++i)
+              for (int u = 0; u < 4; ++u) {
+                const int j = vis[c + u];
+                s[i * kKB + j] = allow[i][j] ? out[i][u] * a.scale : ninf;
+              }
+          }
+        }
+        for (; c < nv; ++c) {
+          const int j = vis[c];
+          for (int i = 0; i < nq; ++i)
+            s[i * kKB + j] = allow[i][j] ? P::dot(qf + i * D, rows[c], D) * a.scale : ninf;
+        }
         for (int i = 0; i < nq; ++i) {
           float* si = s + i * kKB;
           const float mx = P::max(si, nk);
-          live[i] = mx != ninf;
-          if (!live[i]) continue;
+          if (mx == ninf) {  // this query sees nothing in the block: it adds nothing
+            for (int j = 0; j < nk; ++j) si[j] = 0.f;
+            continue;
+          }
           const float mnew = mx > m[i] ? mx : m[i];
           if (m[i] != ninf && mnew != m[i]) {
             const float corr = expf(m[i] - mnew);
@@ -130,19 +153,16 @@ void run_heads(const Args& a) {
           m[i] = mnew;
           l[i] += P::exp_sum(si, nk, mnew);
         }
-        for (int j = 0; j < nk; ++j) {
-          if (!col[j]) continue;
-          const char* vr = vh + size_t((k0 + j) * D) * es;
-          const float* vv = reinterpret_cast<const float*>(vr);
+        for (int c2 = 0; c2 < nv; ++c2) {
+          const char* vr = vh + size_t((k0 + vis[c2]) * D) * es;
           if (a.bf16) {
-            P::to_f32(vr, vf, D, true);
-            vv = vf;
-          }
-          for (int i = 0; i < nq; ++i) {
-            const float p = s[i * kKB + j];
-            if (live[i] && p != 0.f) P::axpy(acc + i * D, p, vv, D);
+            P::to_f32(vr, vblk + c2 * D, D, true);
+            rows[c2] = vblk + c2 * D;
+          } else {
+            rows[c2] = reinterpret_cast<const float*>(vr);
           }
         }
+        P::pv(acc, nq, D, s, vis, nv, rows);
       }
       for (int i = 0; i < nq; ++i) {
         // All keys masked: a zero row (eager CPU SDPA's answer), not 0/0. NaN stays NaN.
