@@ -315,7 +315,8 @@ def compile_with_fallback(fn, args: Sequence[Any], freezable: Sequence[int],
 def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: CompileOptions,
                        known_unsupported: set[str] | None, max_rounds: int) -> Callable | None:
     """Repeated layers compiled once (`lowbit.compiler.regions`); None when there are none."""
-    fused = split_regions(captured.graph_module)
+    fused = split_regions(captured.graph_module,
+                          mutated=[captured.input_indices.index(p) for p in captured.mutated_inputs])
     if fused is None:
         return None
 

@@ -18,6 +18,7 @@ whose structure differs (a last layer without a cache update, say) simply gets i
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import threading
@@ -155,8 +156,11 @@ class RegionRunner(torch.nn.Module):
         return tuple(outs)
 
 
-def split_regions(gm: torch.fx.GraphModule) -> Optional[torch.fx.GraphModule]:
-    """`gm` cut into region submodules (`fused_<i>`), or None if it has no repeated regions."""
+def split_regions(gm: torch.fx.GraphModule, mutated: Sequence[int] = ()) -> Optional[torch.fx.GraphModule]:
+    """`gm` cut into region submodules (`fused_<i>`), or None if it has no repeated regions.
+
+    ``mutated``: for each of `gm`'s first outputs, the index of the placeholder it is the new
+    value of (a captured graph's mutated inputs, e.g. KV caches); see `donate_updates`."""
     groups = find_regions(gm)
     if not groups:
         return None
@@ -164,7 +168,94 @@ def split_regions(gm: torch.fx.GraphModule) -> Optional[torch.fx.GraphModule]:
     by_name = {n.name: n for n in copy.graph.nodes}
     partitions = [[by_name[n.name] for n in group] for group in groups]
     _local_sizes(copy.graph, partitions)
-    return fuse_by_partitions(copy, partitions, prefix="region_")
+    fused = fuse_by_partitions(copy, partitions, prefix="region_")
+    if mutated:
+        donate_updates(fused, mutated)
+    return fused
+
+
+def _row_update_of(node: Any, ph: torch.fx.Node, index_put_rows) -> Optional[torch.fx.Node]:
+    """The ``index_put_rows`` node that makes `node` the new value of placeholder `ph` when
+    nothing else reads `ph`: `node` itself (``index_put_rows(ph, ...)``), or the update of a
+    slice put back in place, ``slice_scatter(ph, index_put_rows(slice(ph, d, a, b), ...), d, a, b)``
+    (what ``cache[:b].index_copy_(...)`` becomes); None otherwise."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target is index_put_rows:
+        return node if node.args[0] is ph and len(ph.users) == 1 else None
+    if node.target is not torch.ops.aten.slice_scatter.default or node.args[0] is not ph:
+        return None
+    inner = node.args[1]
+    if not (isinstance(inner, torch.fx.Node) and inner.target is index_put_rows and len(inner.users) == 1):
+        return None
+    view = inner.args[0]
+    if not (isinstance(view, torch.fx.Node) and view.target is torch.ops.aten.slice.Tensor and view.args[0] is ph
+            and len(view.users) == 1 and set(ph.users) == {view, node}):
+        return None
+    def slice_args(n, args):
+        names = ("dim", "start", "end", "step")
+        full = list(args) + [n.kwargs.get(k) for k in names[len(args):]]
+        return [0 if full[0] is None else full[0], full[1], full[2], 1 if full[3] is None else full[3]]
+    if slice_args(view, view.args[1:]) != slice_args(node, node.args[2:]):
+        return None
+    return inner
+
+
+def donate_updates(fused: torch.fx.GraphModule, mutated: Sequence[int]) -> int:
+    """Let regions update the graph's mutated inputs in place instead of returning new values.
+
+    After functionalization a region returns a KV cache's new value,
+    ``index_put_rows(cache, ...)`` (or that of a slice of it, put back with ``slice_scatter``),
+    and the caller copies it back into the cache: the region's
+    compiled code, which sees a plain (read-only) input, copies the whole cache to update a
+    row. Where the outer graph's new value of mutated input X is region output k, that output
+    is such an update of the region's own input X, and X is read by nothing else, the
+    region's op becomes the in-place ``X[...].index_put_(...)`` and output k is dropped; the outer
+    graph returns X itself (written back onto itself: a no-op). Captured alone, the region
+    then mutates its input, which compiled code updates in place (docs/codegen.md,
+    "In-place updates"). Every layer gets the same rewrite, so regions still share code.
+    Returns the number of updates donated."""
+    index_put_rows = torch.ops.lowbit.index_put_rows.default
+    out_node = next(n for n in fused.graph.nodes if n.op == "output")
+    placeholders = list(fused.graph.find_nodes(op="placeholder"))
+    donated = 0
+    for j, ph_index in enumerate(mutated):
+        value = out_node.args[0][j]
+        if not (isinstance(value, torch.fx.Node) and value.op == "call_function"
+                and value.target is operator.getitem):
+            continue
+        region, k = value.args
+        target = placeholders[ph_index]
+        if region.op != "call_module" or list(target.users) != [region] or region.args.count(target) != 1:
+            continue
+        sub = getattr(fused, region.target)
+        sub_out = next(n for n in sub.graph.nodes if n.op == "output")
+        outs = sub_out.args[0]
+        if not isinstance(outs, (tuple, list)) or len(outs) < 2:
+            continue
+        sub_ph = list(sub.graph.find_nodes(op="placeholder"))[region.args.index(target)]
+        node = outs[k]
+        update = _row_update_of(node, sub_ph, index_put_rows)
+        if update is None or sum(o is node for o in outs) != 1:
+            continue
+        dim, index, values = update.args[1:]
+        update.target = torch.ops.aten.index_put_.default
+        update.args = (update.args[0], [None] * dim + [index], values)
+        sub_out.args = (tuple(o for i, o in enumerate(outs) if i != k),)
+        if node is not update:  # the slice_scatter: its readers read the updated input itself
+            node.replace_all_uses_with(sub_ph)
+            sub.graph.erase_node(node)
+        sub.recompile()
+        value.replace_all_uses_with(target)
+        fused.graph.erase_node(value)
+        for user in list(region.users):
+            if user.target is operator.getitem and user.args[1] > k:
+                user.args = (region, user.args[1] - 1)
+        donated += 1
+    if donated:
+        fused.recompile()
+        log.info("regions update %d mutated input(s) in place", donated)
+    return donated
 
 
 def _is_scalar(node: torch.fx.Node) -> bool:

@@ -127,3 +127,35 @@ def test_an_updated_input_sharing_memory_with_another_input_is_copied_first():
     new_cache, other = compiled.jit(cache, cache, torch.tensor([1]), torch.ones(1, 3))
     assert torch.count_nonzero(other) == 0
     assert torch.equal(new_cache[1], torch.ones(3)) and new_cache.data_ptr() != cache.data_ptr()
+
+
+def test_regions_update_their_caches_in_place(monkeypatch):
+    """A decoder compiled by region (one compiled layer for all layers): each layer's caches
+    are updated in place by its region (`regions.donate_updates`), nothing is copied back
+    after a call, and greedy tokens equal eager's."""
+    import dataclasses
+
+    import lowbit.compiler.frontend as frontend
+    from lowbit.compiler import regions
+    from lowbit.generate import PRESETS, _LlamaRunner, build_llama, greedy_reference
+
+    cfg = dataclasses.replace(PRESETS["tiny"], n_layers=3, max_seq_len=40)
+    model, _ = build_llama(cfg, seed=3)
+    prompt = torch.arange(5, 17)
+    ref = greedy_reference(model, prompt, 8)
+    donated = []
+    real_donate = regions.donate_updates
+    monkeypatch.setattr(regions, "donate_updates", lambda *a: donated.append(real_donate(*a)) or donated[-1])
+    copies = []
+    real_write_back = frontend.write_back
+    monkeypatch.setattr(frontend, "write_back",
+                        lambda dst, src: (copies.append(src.data_ptr() != dst.data_ptr()), real_write_back(dst, src)))
+    runner = _LlamaRunner(model, torch.compile(model, backend="lowbit"))
+    with torch.no_grad():
+        runner.reset()
+        tokens = [int(runner.prefill(prompt).argmax())]
+        for i in range(7):
+            tokens.append(int(runner.step(tokens[-1], prompt.numel() + i).argmax()))
+    assert tokens == ref
+    assert donated and all(n == 2 * cfg.n_layers for n in donated), donated  # k and v of every layer
+    assert copies and not any(copies), "a KV cache was copied back after a call"
