@@ -268,3 +268,16 @@ def test_tiny_llama_logits_and_tokens_match_eager(no_fallback):
         assert torch.equal(y[:, -1].argmax(-1), r[:, -1].argmax(-1)), f"call {i}: greedy token differs"
     entries = _attention_entries(model)
     assert entries and all(e["result"] == "fused kernel" for e in entries), entries
+
+
+def test_disabling_the_pass_keeps_the_previous_decomposition(no_fallback, monkeypatch):
+    """LOWBIT_DISABLE_PASSES=lowbit-convert-attention compiles SDPA as before the kernel
+    (torch-mlir's decomposition), not an op nothing lowers (which would run eager)."""
+    monkeypatch.setenv("LOWBIT_DISABLE_PASSES", "lowbit-convert-attention")
+    model = Sdpa()
+    compiled = torch.compile(model, backend="lowbit")
+    q, k, v = _inputs((1, 4, 4, 3, 20, 16), torch.float32, seed=13)
+    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(14)) < 0.7
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    assert not _attention_entries(model)
