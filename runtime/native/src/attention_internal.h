@@ -11,6 +11,7 @@
 //   P::store(acc, c, dst, n, bf16)   dst = acc * c, rounded to bf16 (nearest even) when bf16
 //   P::dot4x4(q, k, n, out)          out[i][c] = dot(q + i * n, k[c], n) for 4 queries x 4 keys
 //   P::pv(acc, nq, n, p, cols, nc, v) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq)
+//   P::nonzero_bits(m, step, n)      bit j set iff m[j * step] != 0 (j < n <= 64)
 #ifndef LOWBIT_ATTENTION_INTERNAL_H
 #define LOWBIT_ATTENTION_INTERNAL_H
 
@@ -58,8 +59,7 @@ void run_heads(const Args& a) {
   float* kblk = acc + kQB * D;      // [kKB][D] the block's visible keys as fp32 (bf16 only)
   float* vblk = kblk + kKB * D;     // [kKB][D] the block's visible values as fp32 (bf16 only)
   float* s = vblk + kKB * D;        // [kQB][kKB] scores, then probabilities
-  uint8_t allow[kQB][kKB];
-  uint8_t col[kKB];
+  uint64_t allow[kQB];              // visible keys of the block per query (bit j)
   int vis[kKB];                     // visible columns of the block
   const float* rows[kKB];           // their K (then V) rows as fp32
   const int64_t group = a.H / a.Hkv;
@@ -91,23 +91,24 @@ void run_heads(const Args& a) {
       if (a.causal && t0 + nq < kend) kend = t0 + nq;  // keys after the block's last query
       for (int64_t k0 = 0; k0 < kend; k0 += kKB) {
         const int nk = int(kend - k0 < kKB ? kend - k0 : kKB);
-        bool any = false;
-        memset(col, 0, size_t(nk));
+        // Visibility as bit sets (bit j = key k0 + j): mask bytes, then the causal limit.
+        const uint64_t all = nk == 64 ? ~uint64_t(0) : (uint64_t(1) << nk) - 1;
+        uint64_t colbits = 0;
         for (int i = 0; i < nq; ++i) {
-          const uint8_t* mrow = mh ? mh + (t0 + i) * m_row + k0 * m_col : nullptr;
-          const int64_t last = a.causal ? t0 + i - k0 : nk - 1;  // highest visible key in block
-          for (int j = 0; j < nk; ++j) {
-            uint8_t ok = j <= last;
-            if (mrow) ok &= mrow[j * m_col] != 0;
-            allow[i][j] = ok;
-            col[j] |= ok;
-            any |= ok;
+          uint64_t bits = all;
+          if (mh) bits &= P::nonzero_bits(mh + (t0 + i) * m_row + k0 * m_col, m_col, nk);
+          if (a.causal) {
+            const int64_t last = t0 + i - k0;  // highest visible key in the block
+            bits &= last < 0 ? 0 : last >= 63 ? ~uint64_t(0) : (uint64_t(1) << (last + 1)) - 1;
           }
+          allow[i] = bits;
+          colbits |= bits;
         }
+        const bool any = colbits != 0;
         if (!any) continue;  // nobody sees these keys: K and V rows are not read
         int nv = 0;
         for (int j = 0; j < nk; ++j) {
-          if (col[j]) vis[nv++] = j;
+          if ((colbits >> j) & 1) vis[nv++] = j;
           else for (int i = 0; i < nq; ++i) s[i * kKB + j] = ninf;
         }
         // Visible keys only (a column nobody sees is never read), as fp32.
@@ -128,14 +129,14 @@ void run_heads(const Args& a) {
             for (int i = 0; i < kQB; ++i)
               for (int u = 0; u < 4; ++u) {
                 const int j = vis[c + u];
-                s[i * kKB + j] = allow[i][j] ? out[i][u] * a.scale : ninf;
+                s[i * kKB + j] = (allow[i] >> j) & 1 ? out[i][u] * a.scale : ninf;
               }
           }
         }
         for (; c < nv; ++c) {
           const int j = vis[c];
           for (int i = 0; i < nq; ++i)
-            s[i * kKB + j] = allow[i][j] ? P::dot(qf + i * D, rows[c], D) * a.scale : ninf;
+            s[i * kKB + j] = (allow[i] >> j) & 1 ? P::dot(qf + i * D, rows[c], D) * a.scale : ninf;
         }
         for (int i = 0; i < nq; ++i) {
           float* si = s + i * kKB;

@@ -53,6 +53,11 @@ struct Scalar {
         if (w != 0.f) axpy(acc + i * n, w, v[c], n);
       }
   }
+  static uint64_t nonzero_bits(const uint8_t* m, int64_t step, int n) {
+    uint64_t bits = 0;
+    for (int j = 0; j < n; ++j) bits |= uint64_t(m[j * step] != 0) << j;
+    return bits;
+  }
   static void store(const float* acc, float c, char* dst, int64_t n, bool bf16) {
     if (!bf16) {
       float* d = reinterpret_cast<float*>(dst);
