@@ -142,8 +142,18 @@ def _check_elementwise(case) -> None:
     rtol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     # sums over k elements: rounding grows with k and with the operands' magnitude
     atol = rtol * _magnitude(x) * max(1, x.shape[-1])
-    for g, w in zip(got, want):
-        _close(g, w, rtol, atol)
+    # Eager sums a column-major input in another order than its contiguous copy (which is what
+    # compiled code reads): with values near the float max, whether a partial sum overflows
+    # depends on that order (3e38 + 3e38 - 3e38: inf or 3e38, or NaN next to an inf). Either
+    # of eager's own answers is accepted there.
+    alternative = None if x.is_contiguous() else _elementwise(x.contiguous())
+    for i, (g, w) in enumerate(zip(got, want)):
+        try:
+            _close(g, w, rtol, atol)
+        except AssertionError:
+            if alternative is None:
+                raise
+            _close(g, alternative[i], rtol, atol)
 
 
 @_settings(6)
