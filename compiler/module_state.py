@@ -77,8 +77,62 @@ def attribute_state_positions(gm: torch.fx.GraphModule, args: Sequence[Any],
         if is_attribute_source(name) and not dynamic and not _written_in_place(node):
             out.append(pos)
             log.debug("input %d (%s) is module state held outside parameters/buffers", pos, name)
-    watch_data_writes(gm, [args[p] for p in sorted(known | set(out)) if p < len(args)])
+    state = sorted(p for p in known | set(out) if p < len(args))
+    weights = _weight_inputs(gm, state)
+    # Parameters always (a `WatchedParameter` passes for an `nn.Parameter` everywhere, its
+    # `.data` being a plain tensor); other tensors only where they may become packed weights:
+    # torch checks some tensor types exactly (see `watch_data_writes`).
+    watch_data_writes(gm, [args[p] for p in state if isinstance(args[p], torch.nn.Parameter) or p in weights])
     return out
+
+
+_MATMUL_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, torch.mm, torch.addmm,
+                     torch.bmm, torch.baddbmm, operator.matmul}
+_MATMUL_METHODS = {"matmul", "mm", "addmm", "bmm", "__matmul__", "__rmatmul__"}
+
+
+def _is_matmul(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _MATMUL_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in _MATMUL_FUNCTIONS:
+        return True
+    # torch.ops.<ns>.<op> (a packet) or torch.ops.<ns>.<op>.<overload>
+    name = getattr(node.target, "_qualified_op_name", None) or getattr(getattr(node.target, "_schema", None), "name", "")
+    return name in _MATMUL_OPS
+
+
+_MATMUL_OPS = {"lowbit::linear", "aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"}
+
+
+def _weight_inputs(gm: torch.fx.GraphModule, state: Sequence[int]) -> set[int]:
+    """Positions of module state that reaches a matmul (or `lowbit.linear`) through a subgraph
+    of module state only: what binding may pack (a weight, its codes, scales, bias)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    state_nodes = {placeholders[p] for p in state if p < len(placeholders)}
+    constant: dict[torch.fx.Node, bool] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            constant[n] = n in state_nodes and not _written_in_place(n)
+        elif n.op == "get_attr":
+            constant[n] = True
+        elif n.op in ("call_function", "call_method"):
+            constant[n] = all(constant.get(a, False) for a in n.all_input_nodes)
+        else:
+            constant[n] = False
+    work = [a for n in gm.graph.nodes if _is_matmul(n) for a in n.all_input_nodes if constant.get(a)]
+    seen, found = set(), set()
+    while work:
+        n = work.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.add(n)
+        else:
+            work.extend(a for a in n.all_input_nodes if constant.get(a))
+    return {i for i, p in enumerate(placeholders) if p in found}
 
 
 # ----------------------------------------------------------------------------- `.data` writes
@@ -96,7 +150,12 @@ def attribute_state_positions(gm: torch.fx.GraphModule, args: Sequence[Any],
 #
 # Only tensors whose class is exactly `nn.Parameter` or `torch.Tensor` are switched; tensor
 # subclasses keep their class (a torchao/quanto weight's `.data` is its own `detach`, which
-# shares the inner tensors' version counters the guards compare). Cost: nothing per call; one
+# shares the inner tensors' version counters the guards compare). Parameters are switched
+# always; other tensors (buffers, attributes) only where binding may pack them: when they reach
+# a matmul or `lowbit.linear` through module state alone (`_weight_inputs`). torch checks some
+# types exactly -- aot_autograd's first-call custom-op check (`HANDLED_TYPES`, aot_eager and
+# inductor) refuses a `WatchedTensor` argument, while it looks through a parameter's `.data` --
+# so norm weights, rotary tables and KV caches stay plain tensors. Cost: nothing per call; one
 # Python property call when user code reads `.data`.
 
 _TENSOR_DATA = torch._C.TensorBase.data  # the C getset descriptor (`.data` / `.data =`)

@@ -297,3 +297,25 @@ def test_data_write_seen_through_the_program_cache(tmp_path, monkeypatch):
     assert counters["program_cache_hits"] == hits + 1
     model.up.weight.data.mul_(2)
     _check_seen(compiled, model, spy, x)
+
+
+def test_only_weight_buffers_are_watched():
+    """A buffer that is no weight (read elementwise) keeps its class: other backends' exact type
+    checks (aot_autograd's first-call custom-op check refuses other tensor types) still work."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = _ternary(128, 64, 4)
+            self.register_buffer("gain", torch.rand(64) + 0.5)
+
+        def forward(self, x):
+            return self.proj(x) * self.gain
+
+    model = Scaled().eval()
+    compiled, spy, x = _compiled(model)
+    assert type(model.gain) is torch.Tensor and type(model.proj.weight) is module_state.WatchedParameter
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x))
+    model.gain.data.mul_(2)  # read at run time: seen without a recompile
+    _check_seen(compiled, model, spy, x, expect_recompile=False)
