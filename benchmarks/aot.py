@@ -10,12 +10,19 @@ Every step runs in its own fresh process (a cold start is what is measured):
 2. a process that cannot import torch-mlir: `import lowbit.aot` time, `lowbit.aot.load` time with
    verify="fast" and with verify="full" (sha256 of every file), first-call latency of a prefill
    and of a decode step, then steady prefill / decode times (medians) and the greedy tokens;
-3. `lowbit.generate` (torch.compile(backend="lowbit")) in two processes sharing a fresh compile
-   cache directory: the cold compile, then the warm one; and the JIT's tokens, which must equal
-   the artifact's.
+3. `lowbit.generate` (torch.compile(backend="lowbit")), `--rounds` times, interleaved:
+   - cold: a fresh process with an empty compile cache directory;
+   - warm: a fresh process on the directory the cold one filled;
+   - floor: a fresh process compiling with a backend that runs dynamo's graph as is (eager):
+     dynamo's own tracing and guards, which no lowbit cache can skip (see docs/aot.md).
+   "Compile time" is `lowbit.generate`'s warm-up in every case: 2 x (prefill + one decode
+   step), i.e. tracing, compiling or loading, and the first calls. The floor is that warm-up
+   minus the time spent running the eager graphs; the warm run is split into the backend's
+   cache lookup (module-state digest, entry loading), running compiled code, and the rest
+   (dynamo). The JIT's tokens must equal the artifact's.
 
 Goals (issue 11): load <= 1 s for the 953M "1b" preset; warm-cache compile <= 5% of cold.
-Prints a table and appends a record to benchmarks/results/aot.json.
+Prints a table (medians over rounds) and appends a record to benchmarks/results/aot.json.
 """
 from __future__ import annotations
 
@@ -24,9 +31,12 @@ import datetime
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 import textwrap
 from pathlib import Path
 
@@ -105,26 +115,97 @@ print(json.dumps({{"import_torch_s": import_torch, "import_lowbit_aot_s": import
 """
 
 JIT = """
-import json, time, torch
+import json, os, time, torch
 import lowbit
+from lowbit.compiler import backend as lb_backend, compile_cache
 from lowbit.compiler.compile_log import counters
+timers = {{"lookup_s": 0.0, "callable_s": 0.0, "graph_s": 0.0}}
+warmup = {{}}
+def timed(name, fn):
+    def run(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            timers[name] += time.perf_counter() - t
+    return run
+compile_cache.lookup_program = timed("lookup_s", compile_cache.lookup_program)
+lb_backend.LowbitCallable.__call__ = timed("callable_s", lb_backend.LowbitCallable.__call__)
+def eager_backend(gm, example_inputs, **kwargs):  # the floor: dynamo's graph run as is
+    return timed("graph_s", gm.forward)
+# generate() resets the runner before each of its 2 warm-up rounds and once more before it
+# generates: the third reset marks the end of the warm-up. The floor stops there (its eager
+# generation would only take time).
+resets = []
+real_reset = lowbit.generate._LlamaRunner.reset
+def reset(self):
+    resets.append(time.perf_counter())
+    if len(resets) == 3:
+        warmup.update(timers, warmup_s=resets[2] - resets[0])
+        if {floor!r}:
+            print(json.dumps({{"compile_s": warmup["warmup_s"], "warmup_timers": warmup, "tokens": None,
+                              "load_average": os.getloadavg()[0], "graphs": compile_counter[0].as_dict() if compile_counter else None}}), flush=True)
+            os._exit(0)
+    return real_reset(self)
+lowbit.generate._LlamaRunner.reset = reset
+compile_counter = []
+real_counter = lowbit.generate.CompileCounter
+class CountingCounter(real_counter):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        compile_counter.append(self)
+lowbit.generate.CompileCounter = CountingCounter
 prompt = torch.randint(0, lowbit.generate.PRESETS[{preset!r}].vocab_size, ({prompt},),
                        generator=torch.Generator().manual_seed(1))
+backend = eager_backend if {floor!r} else "lowbit"
+if {floor!r}:  # what generate() does for backend="lowbit" before tracing (one recompile less)
+    from lowbit.compiler.frontend import _install_thread_aware_readers
+    _install_thread_aware_readers()
 t = time.perf_counter()
-r = lowbit.generate({preset!r}, prompt, {tokens})
+r = lowbit.generate({preset!r}, prompt, {tokens}, backend=backend)
 print(json.dumps({{"compile_s": r.compile_s, "total_s": time.perf_counter() - t, "load_s": r.load_s,
                   "tokens": r.tokens, "cache_hits": counters["cache_hits"], "pipelines": counters["pipelines"],
-                  "program_hits": counters["program_cache_hits"],
+                  "program_hits": counters["program_cache_hits"], "warmup_timers": warmup,
+                  "graphs": r.compile_counts, "sources": compile_cache.source_fingerprint(), "lowbit": lowbit.__file__,
+                  "load_average": os.getloadavg()[0],
                   "decode_ms": 1e3 * r.decode_s / max(r.decode_steps, 1)}}))
 """
 
 
-def _run(code: str, env: dict | None = None, timeout: int = 7200) -> dict:
+_ENV: dict = {}  # every step's environment (--frozen: PYTHONPATH)
+_CWD: list = []
+
+
+def _run(code: str, env: dict | None = None, timeout: int = 7200) -> Any:
+    # from a directory of its own: the checkout as the working directory (sys.path[0]) would
+    # shadow a frozen copy's `lowbit` package
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
+                       env={**os.environ, **_ENV, **(env or {})}, cwd=_CWD[0] if _CWD else None)
     if r.returncode != 0:
         raise SystemExit(f"step failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _freeze(tmp: str) -> dict:
+    """A copy of the committed sources (`git archive HEAD`) laid out as the `lowbit` package,
+    with the built runtime library, first on PYTHONPATH for every step: other sessions editing
+    this checkout during the run would otherwise change the compile cache's key (it covers
+    lowbit's sources) between the cold and the warm process."""
+    repo = HERE.parent
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    pkg = os.path.join(tmp, "frozen", "lowbit")
+    shutil.copytree(os.path.join(src, "lowbit"), pkg)
+    for sub in ("compiler", "passes", "quant", "runtime"):
+        shutil.copytree(os.path.join(src, sub), os.path.join(pkg, sub))
+    for lib in (repo / "runtime").glob("_lowbit_rt*.so"):
+        shutil.copy2(lib, os.path.join(pkg, "runtime", lib.name))
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    path = os.path.join(tmp, "frozen") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": path.rstrip(os.pathsep), "commit": commit}
 
 
 def _cpu() -> str:
@@ -135,6 +216,42 @@ def _cpu() -> str:
         return platform.processor()
 
 
+def _print_round(r: int, one: dict) -> None:
+    c, w, f = one["cold"], one["warm"], one["floor"]
+    flag = "" if _valid(one) else "  INVALID: the warm process missed the cache (sources changed?)"
+    print(f"  round {r}: cold {c['compile_s']:.2f} s (load {c['load_average']:.1f}), warm {w['compile_s']:.2f} s "
+          f"(load {w['load_average']:.1f}; lookup {w['warmup_timers']['lookup_s']:.2f} s), floor "
+          f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f}){flag}", flush=True)
+
+
+def _valid(one: dict) -> bool:
+    """A round counts if its warm process found the cold one's entries: nothing compiled, and
+    lowbit's sources and runtime library unchanged between the two (other sessions editing the
+    same checkout change the cache key in between)."""
+    return one["warm"]["pipelines"] == 0 and one["cold"]["sources"] == one["warm"]["sources"]
+
+
+def _jit_summary(all_rounds: list) -> dict:
+    med = statistics.median
+    rounds = [r for r in all_rounds if _valid(r)]
+    if not rounds:
+        raise SystemExit("no valid round: every warm process missed the cache (sources changed?)")
+    cold = [r["cold"]["compile_s"] for r in rounds]
+    warm = [r["warm"]["compile_s"] for r in rounds]
+    lookup = [r["warm"]["warmup_timers"]["lookup_s"] for r in rounds]
+    callable_ = [r["warm"]["warmup_timers"]["callable_s"] for r in rounds]
+    floor_total = [r["floor"]["compile_s"] for r in rounds]
+    floor_graph = [r["floor"]["warmup_timers"]["graph_s"] for r in rounds]
+    floor = [t - g for t, g in zip(floor_total, floor_graph)]
+    loads = [r[k]["load_average"] for r in rounds for k in ("cold", "warm", "floor")]
+    return {"median": {"cold_s": med(cold), "warm_s": med(warm), "warm_ratio": med(w / c for w, c in zip(warm, cold)),
+                       "warm_lookup_s": med(lookup), "warm_run_s": med(c - l for c, l in zip(callable_, lookup)),
+                       "warm_dynamo_s": med(w - c for w, c in zip(warm, callable_)),
+                       "floor_s": med(floor), "floor_total_s": med(floor_total), "floor_graph_s": med(floor_graph),
+                       "floor_ratio": med(f / c for f, c in zip(floor, cold))},
+            "load_average_range": f"{min(loads):.1f}-{max(loads):.1f}", "valid_rounds": len(rounds)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
@@ -143,56 +260,91 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--target", default=None, choices=[None, "avx512-bf16", "avx512", "avx2", "portable"])
     ap.add_argument("--no-jit", action="store_true", help="skip the torch.compile cold/warm comparison")
+    ap.add_argument("--no-artifact", action="store_true", help="only the torch.compile cold/warm/floor rounds")
+    ap.add_argument("--rounds", type=int, default=1, help="cold/warm/floor rounds (medians are reported)")
+    ap.add_argument("--frozen", action="store_true",
+                    help="run every step on a copy of the committed sources (git archive HEAD) and the built "
+                         "runtime library: edits to the checkout during the run do not change cache keys")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()
     if args.prompt + args.tokens > args.max_seq_len:
         raise SystemExit("--prompt + --tokens exceeds --max-seq-len")
 
     load_avg = os.getloadavg()
+    built = loaded = None
+    commit = None
     with tempfile.TemporaryDirectory(prefix="lowbit-aot-bench-") as tmp:
-        path = os.path.join(tmp, f"{args.preset}.lowbit")
-        built = _run(COMPILE.format(preset=args.preset, path=path, seq=args.max_seq_len, target=args.target))
-        loaded = _run(LOAD.format(path=path, prompt=args.prompt, tokens=args.tokens))
+        if args.frozen:
+            frozen = _freeze(tmp)
+            commit = frozen.pop("commit")
+            _ENV.update(frozen)
+            _CWD.append(tmp)
+            where = _run("import json, lowbit, lowbit.compiler; print(json.dumps([lowbit.__file__, "
+                         "lowbit.compiler.__file__]))")
+            if not all(w.startswith(os.path.join(tmp, "frozen")) for w in where):
+                raise SystemExit(f"--frozen: lowbit still imports from {where}")
+            print(f"frozen sources: commit {commit[:12]} (+ the runtime library built in the checkout)", flush=True)
+        if not args.no_artifact:
+            path = os.path.join(tmp, f"{args.preset}.lowbit")
+            built = _run(COMPILE.format(preset=args.preset, path=path, seq=args.max_seq_len, target=args.target))
+            loaded = _run(LOAD.format(path=path, prompt=args.prompt, tokens=args.tokens))
         jit = {}
         if not args.no_jit:
-            env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, "cache")}
-            code = JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens)
-            # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
-            jit = {"cold": _run(code, env), "warm": _run(code, env)}
+            code = lambda floor: JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens, floor=floor)
+            rounds = []
+            for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
+                env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}")}
+                # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
+                one = {"cold": _run(code(False), env), "warm": _run(code(False), env),
+                       "floor": _run(code(True), {"LOWBIT_CACHE": "0"})}
+                rounds.append(one)
+                _print_round(r, one)
+            jit = {"rounds": rounds, **_jit_summary(rounds)}
 
-    files = built["files"]
-    packed = built["tensor_bytes"].get("derived", 0)
-    stored = sum(built["tensor_bytes"].values())
     mib = 2 ** 20
-    print(f"lowbit AOT, preset {args.preset} (max_seq_len {args.max_seq_len}), target {built['target']}; "
-          f"CPU {_cpu()}, {loaded['threads']} threads; load average at start {load_avg[0]:.1f} "
-          "(other jobs share the machine: times are noisy)")
-    print(f"  compile to artifact          {built['compile_s']:8.1f} s  (model build {built['model_build_s']} s; "
-          "trace/compile/link s: "
-          f"{built['build']['seconds']}), {built['entries']} entries, {built['programs']} programs")
-    print(f"  code.so                      {files['code.so']['bytes'] / mib:8.2f} MiB")
-    print(f"  weights.safetensors          {files['weights.safetensors']['bytes'] / mib:8.2f} MiB "
-          f"(packed layer buffers {packed / mib:.2f} MiB, all stored tensors {stored / mib:.2f} MiB)")
-    print(f"  import torch / lowbit.aot    {loaded['import_torch_s']:8.3f} s / {loaded['import_lowbit_aot_s']:.3f} s "
-          "(+ loading the runtime and OpenMP libraries)")
-    print(f"  load, verify=fast            {loaded['load_fast_s']:8.3f} s")
-    print(f"  load, verify=full (sha256)   {loaded['load_full_s']:8.3f} s   (goal for 1b: <= 1 s)")
-    print(f"  first prefill ({args.prompt:3d} tokens)   {loaded['first_prefill_s'] * 1e3:8.1f} ms, "
-          f"steady {loaded['prefill_s'] * 1e3:.1f} ms")
-    print(f"  first decode step            {loaded['first_decode_s'] * 1e3:8.1f} ms, steady "
-          f"{loaded['decode_ms']:.2f} ms/token")
-    print(f"  loader peak RSS              {loaded['peak_rss_mib']:8.1f} MiB")
+    threads = loaded["threads"] if loaded else "?"
+    print(f"lowbit AOT, preset {args.preset} (max_seq_len {args.max_seq_len}); CPU {_cpu()}, {threads} threads; "
+          f"load average at start {load_avg[0]:.1f} (other jobs share the machine: times are noisy)")
+    if built:
+        files = built["files"]
+        packed = built["tensor_bytes"].get("derived", 0)
+        stored = sum(built["tensor_bytes"].values())
+        print(f"  target                       {built['target']}")
+        print(f"  compile to artifact          {built['compile_s']:8.1f} s  (model build {built['model_build_s']} s; "
+              "trace/compile/link s: "
+              f"{built['build']['seconds']}), {built['entries']} entries, {built['programs']} programs")
+        print(f"  code.so                      {files['code.so']['bytes'] / mib:8.2f} MiB")
+        print(f"  weights.safetensors          {files['weights.safetensors']['bytes'] / mib:8.2f} MiB "
+              f"(packed layer buffers {packed / mib:.2f} MiB, all stored tensors {stored / mib:.2f} MiB)")
+        print(f"  import torch / lowbit.aot    {loaded['import_torch_s']:8.3f} s / {loaded['import_lowbit_aot_s']:.3f} s "
+              "(+ loading the runtime and OpenMP libraries)")
+        print(f"  load, verify=fast            {loaded['load_fast_s']:8.3f} s")
+        print(f"  load, verify=full (sha256)   {loaded['load_full_s']:8.3f} s   (goal for 1b: <= 1 s)")
+        print(f"  first prefill ({args.prompt:3d} tokens)   {loaded['first_prefill_s'] * 1e3:8.1f} ms, "
+              f"steady {loaded['prefill_s'] * 1e3:.1f} ms")
+        print(f"  first decode step            {loaded['first_decode_s'] * 1e3:8.1f} ms, steady "
+              f"{loaded['decode_ms']:.2f} ms/token")
+        print(f"  loader peak RSS              {loaded['peak_rss_mib']:8.1f} MiB")
     if jit:
-        c, w = jit["cold"], jit["warm"]
-        print(f"  torch.compile cold           {c['compile_s']:8.1f} s  (warm-up incl. compile; "
-              f"{c['pipelines']} pipeline runs)")
-        print(f"  torch.compile warm cache     {w['compile_s']:8.1f} s  ({100 * w['compile_s'] / c['compile_s']:.0f}% "
-              f"of cold; {w['program_hits']} whole-program hits, {w['cache_hits']} part hits, {w['pipelines']} "
-              "pipeline runs; goal <= 5%)")
-        same = c["tokens"] == loaded["tokens"] == w["tokens"]
-        print(f"  JIT tokens == artifact tokens: {same}")
+        m = jit["median"]
+        n = len(jit["rounds"])
+        last = [r for r in jit["rounds"] if _valid(r)][-1]
+        print(f"  torch.compile, medians of {jit['valid_rounds']} valid round(s) of {n} (load average "
+              f"{jit['load_average_range']})")
+        print(f"  cold (empty cache)           {m['cold_s']:8.2f} s  ({last['cold']['pipelines']} pipeline runs)")
+        print(f"  warm cache                   {m['warm_s']:8.2f} s  ({100 * m['warm_ratio']:.1f}% of cold; "
+              f"{last['warm']['program_hits']} whole-program hits, {last['warm']['pipelines']} pipeline runs; "
+              "goal <= 5%)")
+        print(f"    cache lookup (digest+load) {m['warm_lookup_s']:8.2f} s")
+        print(f"    compiled code (first runs) {m['warm_run_s']:8.2f} s")
+        print(f"    dynamo and the rest        {m['warm_dynamo_s']:8.2f} s")
+        print(f"  floor: dynamo alone (eager)  {m['floor_s']:8.2f} s  ({100 * m['floor_ratio']:.1f}% of cold; "
+              f"its warm-up {m['floor_total_s']:.2f} s minus {m['floor_graph_s']:.2f} s running the eager graphs)")
+        if loaded:
+            same = all(r["cold"]["tokens"] == loaded["tokens"] == r["warm"]["tokens"] for r in jit["rounds"])
+            print(f"  JIT tokens == artifact tokens: {same}")
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "cpu": _cpu(), "threads": loaded["threads"], "load_average": load_avg[0], "args": vars(args),
+              "cpu": _cpu(), "threads": threads, "load_average": load_avg[0], "args": vars(args), "frozen_commit": commit,
               "build": built, "load": loaded, "jit": jit}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
