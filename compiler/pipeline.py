@@ -141,6 +141,9 @@ LOWBIT_PASSES = [
 BUFFERIZE = [
     "lowbit-unique-returns",
     "one-shot-bufferize{bufferize-function-boundaries=1 function-boundary-type-conversion=identity-layout-map}",
+    # A strided view passed to a kernel function is cast to the identity layout the kernel
+    # computes addresses from: copy it instead (before canonicalize folds the cast away).
+    "lowbit-contiguous-call-operands",
     "canonicalize",
     "cse",
     "drop-equivalent-buffer-results",
