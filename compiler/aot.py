@@ -320,7 +320,10 @@ def _entry_manifest(fn) -> dict:
     return {"symbol": None, "func": fn.func_name, "dynamic": fn.dynamic,
             "inputs": [spec_to_json(s) for s in fn.input_specs],
             "outputs": [spec_to_json(s) for s in fn.output_specs],
-            "symbol_ranges": {k: [lo, hi] for k, (lo, hi) in fn.symbol_ranges.items()}}
+            "symbol_ranges": {k: [lo, hi] for k, (lo, hi) in fn.symbol_ranges.items()},
+            # [output, input] pairs the code updates in place (passes/inplace_results.py): the
+            # caller passes the input as that output's buffer and skips a whole-buffer copy
+            "alias_outputs": sorted([int(o), int(i)] for o, i in getattr(fn, "alias_outputs", {}).items())}
 
 
 # ----------------------------------------------------------------------------- linking

@@ -204,7 +204,7 @@ def _read_meta(k: str):
 
 def lookup(k: str) -> _Loaded | None:
     from lowbit.compiler.artifact_format import spec_from_json
-    from lowbit.compiler.jit import NativeFunction
+    from lowbit.compiler.jit import NativeFunction, alias_outputs_from_json
     from lowbit.runtime.library import load_openmp, load_runtime
 
     found = _read_meta(k)
@@ -221,9 +221,11 @@ def lookup(k: str) -> _Loaded | None:
         lib = ctypes.CDLL(str(so), mode=os.RTLD_NOW | os.RTLD_LOCAL)
         address = ctypes.cast(getattr(lib, meta["symbol"]), ctypes.c_void_p).value
         syms: dict = {}
-        fn = NativeFunction(address, meta["func"], [spec_from_json(s, syms) for s in meta["inputs"]],
-                            [spec_from_json(s, syms) for s in meta["outputs"]],
-                            {n: (lo, hi) for n, (lo, hi) in meta["symbol_ranges"].items()}, owner=lib)
+        inputs = [spec_from_json(s, syms) for s in meta["inputs"]]
+        outputs = [spec_from_json(s, syms) for s in meta["outputs"]]
+        fn = NativeFunction(address, meta["func"], inputs, outputs,
+                            {n: (lo, hi) for n, (lo, hi) in meta["symbol_ranges"].items()}, owner=lib,
+                            alias_outputs=alias_outputs_from_json(meta.get("alias_outputs"), inputs, outputs, str(so)))
         traps = None
         if meta.get("traps"):
             from lowbit.compiler.compile import Traps

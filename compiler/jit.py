@@ -256,6 +256,22 @@ class NativeFunction:
 
 
 
+def alias_outputs_from_json(pairs, input_specs: Sequence["TensorSpec"], output_specs: Sequence["TensorSpec"],
+                            where: str) -> dict[int, int]:
+    """The ``alias_outputs`` of a stored entry (``[[output, input], ...]``), checked: indices
+    in range and the two buffers alike (same dtype and shape), else ValueError naming `where`."""
+    aliases: dict[int, int] = {}
+    for pair in pairs or []:
+        if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(v, int) for v in pair)
+                or not 0 <= pair[0] < len(output_specs) or not 0 <= pair[1] < len(input_specs)):
+            raise ValueError(f"{where}: invalid alias_outputs entry {pair!r}")
+        out, inp = output_specs[pair[0]], input_specs[pair[1]]
+        if out.dtype != inp.dtype or str(out.shape) != str(inp.shape):
+            raise ValueError(f"{where}: alias_outputs pairs output {pair[0]} ({out}) with input {pair[1]} ({inp})")
+        aliases[pair[0]] = pair[1]
+    return aliases
+
+
 class JitFunction(NativeFunction):
     """A lowered MLIR module JIT-compiled by the ExecutionEngine; calls its entry `func_name`."""
 

@@ -40,7 +40,7 @@ from lowbit.compiler.artifact_format import (CODE, FORMAT, FORMAT_VERSION, MANIF
                                              CorruptArtifactError, IncompatibleArtifactError, MappedTensors,
                                              canonical_json, dtype_of, expr_from_json, sha256_file,
                                              spec_from_json, value_from_json)
-from lowbit.compiler.jit import InputError, NativeFunction, _DynamicSignature
+from lowbit.compiler.jit import InputError, NativeFunction, _DynamicSignature, alias_outputs_from_json
 
 log = logging.getLogger("lowbit.artifact")
 
@@ -155,6 +155,9 @@ def _zeros(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if src is dst or (src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride()
+                      and src.shape == dst.shape and src.dtype == dst.dtype):
+        return  # updated in place by the code (an aliased output)
     if (dst.dtype == src.dtype and dst.shape == src.shape and dst.is_contiguous() and src.is_contiguous()
             and dst.device.type == "cpu" and src.device.type == "cpu"):
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
@@ -439,10 +442,16 @@ class LoadedArtifact:
             except AttributeError:
                 raise CorruptArtifactError(f"{os.path.join(path, CODE)}: no entry symbol {e['symbol']!r} "
                                            "(the library does not match the manifest)") from None
+            inputs = [spec_from_json(s, syms) for s in e["inputs"]]
+            outputs = [spec_from_json(s, syms) for s in e["outputs"]]
+            try:
+                aliases = alias_outputs_from_json(e.get("alias_outputs"), inputs, outputs,
+                                                  f"{os.path.join(path, MANIFEST)} entry {name!r}")
+            except ValueError as err:
+                raise CorruptArtifactError(str(err)) from None
             self.entries[name] = NativeFunction(
-                address, e["symbol"], [spec_from_json(s, syms) for s in e["inputs"]],
-                [spec_from_json(s, syms) for s in e["outputs"]],
-                {k: (lo, hi) for k, (lo, hi) in e["symbol_ranges"].items()}, owner=lib)
+                address, e["symbol"], inputs, outputs,
+                {k: (lo, hi) for k, (lo, hi) in e["symbol_ranges"].items()}, owner=lib, alias_outputs=aliases)
             t = e.get("traps")
             if t is not None:
                 try:
