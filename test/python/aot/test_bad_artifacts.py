@@ -113,3 +113,13 @@ def test_library_does_not_match_manifest(copy):
     _resign(copy, lambda m: m["entries"]["e0"].__setitem__("symbol", "lowbit_entry_999"))
     with pytest.raises(CorruptArtifactError, match="no entry symbol 'lowbit_entry_999'"):
         lowbit.aot.load(copy)
+
+
+@pytest.mark.parametrize("pairs", [[[99, 0]], [[0, 99]], [["0", 0]], [[0]]])
+def test_invalid_in_place_output_pairs(copy, pairs):
+    """`alias_outputs` says which outputs the code updates in place (the caller passes the
+    input as that buffer): out-of-range or malformed pairs are a clear error, never a call
+    that writes through the wrong buffer."""
+    _resign(copy, lambda m: m["entries"]["e0"].__setitem__("alias_outputs", pairs))
+    with pytest.raises(CorruptArtifactError, match="alias_outputs"):
+        lowbit.aot.load(copy)
