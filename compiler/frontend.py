@@ -21,7 +21,6 @@ the dim becomes static) and logged.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import threading
@@ -37,6 +36,7 @@ from torch_mlir.extras.fx_importer import ContextCache, FxImporter
 
 from lowbit.compiler.decompositions import lowbit_decompositions
 from lowbit.compiler.literals import LiteralHooks, split_shared_get_attrs
+from lowbit.compiler.jit import write_back
 from lowbit.compiler.passmanager import new_context
 from lowbit.compiler.tensor_spec import TensorSpec  # noqa: F401  (re-exported: the frontend's signatures)
 
@@ -148,21 +148,6 @@ def _size_output_function(cap: "CapturedGraph"):
     namespace: dict = {}
     exec(compile(code, "<lowbit size outputs>", "exec"), namespace)
     return namespace["sizes"]
-
-
-def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) for a mutated input (a KV cache), without torch's thread pool when
-    both are contiguous and alike: a parallel `copy_` leaves torch's OpenMP workers
-    spinning into the next compiled call, where they compete with lowbit's own threads
-    (a third of a 2-thread decode step's CPU time went to libgomp's spin)."""
-    if src is dst or (src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride()
-                      and src.shape == dst.shape and src.dtype == dst.dtype):
-        return  # updated in place by the compiled code (passes/inplace_results.py)
-    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.device.type == "cpu"
-            and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()):
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
-    else:
-        dst.copy_(src)
 
 
 class _Wrapped(torch.nn.Module):

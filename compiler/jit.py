@@ -256,6 +256,22 @@ class NativeFunction:
 
 
 
+def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a mutated input (a KV cache), without torch's thread pool when
+    both are contiguous and alike: a parallel `copy_` leaves torch's OpenMP workers
+    spinning into the next compiled call, where they compete with lowbit's own threads
+    (a third of a 2-thread decode step's CPU time went to libgomp's spin). Shared by the
+    JIT's callers (`frontend.CapturedGraph.finish_call`) and the artifact loader."""
+    if src is dst or (src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride()
+                      and src.shape == dst.shape and src.dtype == dst.dtype):
+        return  # updated in place by the compiled code (passes/inplace_results.py)
+    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.device.type == "cpu"
+            and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()):
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
+    else:
+        dst.copy_(src)
+
+
 def alias_outputs_from_json(pairs, input_specs: Sequence["TensorSpec"], output_specs: Sequence["TensorSpec"],
                             where: str) -> dict[int, int]:
     """The ``alias_outputs`` of a stored entry (``[[output, input], ...]``), checked: indices

@@ -40,7 +40,7 @@ from lowbit.compiler.artifact_format import (CODE, FORMAT, FORMAT_VERSION, MANIF
                                              CorruptArtifactError, IncompatibleArtifactError, MappedTensors,
                                              canonical_json, dtype_of, expr_from_json, sha256_file,
                                              spec_from_json, value_from_json)
-from lowbit.compiler.jit import InputError, NativeFunction, _DynamicSignature, alias_outputs_from_json
+from lowbit.compiler.jit import InputError, NativeFunction, _DynamicSignature, alias_outputs_from_json, write_back
 
 log = logging.getLogger("lowbit.artifact")
 
@@ -154,17 +154,6 @@ def _zeros(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if src is dst or (src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride()
-                      and src.shape == dst.shape and src.dtype == dst.dtype):
-        return  # updated in place by the code (an aliased output)
-    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.is_contiguous() and src.is_contiguous()
-            and dst.device.type == "cpu" and src.device.type == "cpu"):
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
-    else:
-        dst.copy_(src)
-
-
 class _Contract:
     """A captured graph's argument selection and `finish_call` (see `frontend.CapturedGraph`)."""
 
@@ -197,7 +186,7 @@ class _Contract:
             outs = full
         n_mut = len(self.mutated)
         for pos, new in zip(self.mutated, outs[:n_mut]):
-            _write_back(args[pos], new)
+            write_back(args[pos], new)
         user = list(outs[n_mut:])
         if not self.constants and not self.sizes:
             return user
@@ -498,7 +487,7 @@ class LoadedArtifact:
             if init is None:
                 ctypes.memset(t.data_ptr(), 0, t.numel() * t.element_size())
             else:
-                _write_back(t, init)
+                write_back(t, init)
 
     def __call__(self, *inputs):
         as_numpy = bool(inputs) and isinstance(inputs[0], np.ndarray)
