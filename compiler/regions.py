@@ -107,9 +107,18 @@ def find_regions(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
 
 
 def structure_key(sub: torch.fx.GraphModule) -> tuple:
-    """What makes two region submodules compile to the same code."""
+    """What makes two region submodules compile to the same code.
+
+    Symbolic sizes are keyed up to a renaming of their symbols: each symbol gets a canonical
+    name in order of first appearance (`_SymbolNames`). Dynamo gives every tensor it was told
+    is dynamic a symbol of its own, so the layers of a model with a growing cache (transformers'
+    `DynamicCache`: one key and one value tensor per layer) have the same structure over
+    different symbols (layer 0 `s36`, layer 1 `s51`, ...). A region is compiled generic in its
+    dims (`frontend.dynamic_dims_from_meta` names them locally), so one compile serves them
+    all; keyed by the raw names, every layer compiled its own copy of the code."""
     index: dict[torch.fx.Node, int] = {}
     items = []
+    names = _SymbolNames()
 
     def ref(a):
         if isinstance(a, torch.fx.Node):
@@ -122,8 +131,8 @@ def structure_key(sub: torch.fx.GraphModule) -> tuple:
             return str(a)
         if isinstance(a, (int, float, bool, str, type(None))):
             return a
-        if isinstance(a, torch.SymInt):
-            return ("sym", str(a.node.expr))
+        if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return ("sym", names.size(a))
         return ("obj", type(a).__name__, str(a))
 
     for i, node in enumerate(sub.graph.nodes):
@@ -131,7 +140,9 @@ def structure_key(sub: torch.fx.GraphModule) -> tuple:
         val = node.meta.get("val")
         meta = None
         if isinstance(val, torch.Tensor):
-            meta = (tuple(str(d) for d in val.shape), str(val.dtype))
+            meta = (tuple(names.size(d) for d in val.shape), str(val.dtype))
+        elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            meta = ("sym", names.size(val))
         if node.op == "get_attr":
             t = getattr(sub, node.target, None)
             meta = ("attr", tuple(t.shape), str(t.dtype), id(t)) if isinstance(t, torch.Tensor) else ("attr", repr(t))
@@ -139,6 +150,29 @@ def structure_key(sub: torch.fx.GraphModule) -> tuple:
         items.append((node.op, target, ref(node.args),
                       ref(node.kwargs), meta))
     return tuple(items)
+
+
+class _SymbolNames:
+    """Canonical names for the symbols of one region, in order of first appearance."""
+
+    def __init__(self):
+        self.names: dict[Any, str] = {}
+
+    def size(self, d: Any) -> str:
+        """`d` (an int or a symbolic size) as text, its symbols renamed canonically."""
+        if not isinstance(d, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return str(d)
+        expr = d.node.expr
+        # Several new symbols in one expression: named in text order, which may differ between
+        # two equivalent regions (a missed sharing, never a wrong one: renaming stays 1:1).
+        for sym in sorted(getattr(expr, "free_symbols", ()), key=str):
+            if sym not in self.names:
+                self.names[sym] = f"_c{len(self.names)}"
+        if not self.names:
+            return str(expr)
+        import sympy
+        return str(expr.xreplace({s: sympy.Symbol(self.names[s], integer=True, positive=True)
+                                  for s in expr.free_symbols if s in self.names}))
 
 
 class RegionRunner(torch.nn.Module):

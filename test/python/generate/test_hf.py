@@ -178,6 +178,27 @@ def test_bitnet_hf_generate_lowbit_same_tokens_as_eager(cache, monkeypatch):
 
 
 
+def test_bitnet_dynamic_cache_decode_layers_share_one_compile(monkeypatch):
+    """With transformers' DynamicCache every layer's keys/values carry a symbol of their own
+    (dynamo marks each tensor separately), so the decode graph's layers have the same structure
+    over different symbols. Regions key symbols up to renaming: one layer compile serves all
+    of them (keyed by the raw names, each layer compiled its own copy: 30 at 2B4T size)."""
+    from lowbit.compiler.compile_log import counters
+    monkeypatch.setenv("LOWBIT_CACHE", "0")  # count the pipelines, not cache hits
+    # a config of its own: compiled regions are shared process-wide
+    model = hf.make_bitnet(hf.bitnet_config(**dict(TINY, num_hidden_layers=3, vocab_size=136)))
+    ids = _ids(5, vocab=136)
+    ref = _hf_generate(model, ids, 3, "eager")
+    counter = CompileCounter("lowbit")
+    hf.compile(model, backend=counter)
+    before = counters.copy()
+    got = _hf_generate(model, ids, 3, "lowbit")
+    assert got == ref
+    assert counter.compiles == 2, counter.as_dict()
+    # prefill and decode: glue (embedding), one layer for all three, glue (norm + head) -- not 3 + 5
+    assert counters["pipelines"] - before["pipelines"] == 6, dict(counters)
+    assert counters["region_reuses"] - before["region_reuses"] == 4, dict(counters)
+
 def test_bitnet_static_cache_logits_match_eager():
     """Logits, not only tokens: a static cache read up to the current length is a strided view
     of the cache buffer; passed to the attention kernel cast to the identity layout, it read
