@@ -190,7 +190,9 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
         warnings.warn("lowbit: graph requires autograd (run under torch.no_grad() or "
                       "torch.inference_mode() to compile it); running it in eager", RuntimeWarning)
         return gm.forward
-    from lowbit.compiler.frontend import dynamic_dims_from_dynamo
+    from lowbit.compiler.frontend import dynamic_dims_from_dynamo, inline_nested_regions
 
+    # `torch.compiler.nested_compile_region` (a layer traced once): one flat graph from here on
+    inline_nested_regions(gm)
     return LowbitCallable(gm, freezable_positions(gm, example_inputs), options,
                           dynamic_dims_from_dynamo(gm, example_inputs))

@@ -531,6 +531,194 @@ def _sizes_for_symint_inputs(gm: torch.fx.GraphModule, dims: DynamicDims) -> tup
     return torch.fx.GraphModule(gm, graph), positions
 
 
+def inline_nested_regions(gm: torch.fx.GraphModule) -> int:
+    """Inline every `invoke_subgraph` call (`torch.compiler.nested_compile_region`) of a dynamo
+    graph in place, so that the rest of the frontend sees one flat graph. Returns the number of
+    calls inlined (0: nothing to do, `gm` untouched).
+
+    Dynamo traces a marked region (a decoder layer's `forward`) once and stamps out one
+    `invoke_subgraph(subgraph_i, identifier, *operands)` call per use, each with that use's
+    weights and buffers as operands; tracing a 16-layer model then costs about one layer's
+    trace. lowbit compiles the repeated layers once anyway (`lowbit.compiler.regions`), from a
+    flat graph: each call is replaced by a copy of the subgraph's nodes on its own operands. A
+    buffer the region mutates (a KV cache's `index_copy_`) is a placeholder of the subgraph, so
+    the copy mutates that call's operand, exactly as a flat trace of the layer does.
+
+    The subgraph's nodes carry the `nn_module_stack` of the call that was traced (`layers.0`);
+    each copy gets its own call's stack instead (`layers.7`, `layers.7.attention`, ...), which
+    the regions pass uses to cut one region per layer. Regions nested in regions are inlined
+    innermost first. A call whose result is used other than through `getitem` (dynamo always
+    unpacks it) is left alone, and the graph then runs in eager like any graph the frontend
+    cannot capture."""
+    invoke = torch.ops.higher_order.invoke_subgraph
+    if not any(m.graph.find_nodes(op="call_function", target=invoke)
+               for m in gm.modules() if isinstance(m, torch.fx.GraphModule)):
+        return 0
+    import operator
+    done: set[int] = set()
+    count = 0
+
+    def visit(mod: torch.fx.GraphModule) -> None:
+        nonlocal count
+        if id(mod) in done:
+            return
+        done.add(id(mod))
+        for child in list(mod.children()):  # bodies first: a region nested in a region
+            if isinstance(child, torch.fx.GraphModule):
+                visit(child)
+        calls = list(mod.graph.find_nodes(op="call_function", target=invoke))
+        if not calls:
+            return
+        first_site: dict[str, dict] = {}
+        for node in calls:
+            first_site.setdefault(str(node.args[1]), dict(node.meta.get("nn_module_stack") or {}))
+        attrs: dict[tuple[int, str], str] = {}
+        for node in calls:
+            if any(u.op != "call_function" or u.target is not operator.getitem or u.args[0] is not node
+                   for u in node.users):
+                log.info("invoke_subgraph %s has a result used without getitem; not inlined", node.name)
+                continue
+            body = node.args[0]
+            sub = getattr(mod, str(body.target)) if isinstance(body, torch.fx.Node) else body
+            if not isinstance(sub, torch.fx.GraphModule):
+                log.info("invoke_subgraph %s: body %r is not a GraphModule; not inlined", node.name, body)
+                continue
+            _inline_call(mod, node, sub, first_site[str(node.args[1])], attrs)
+            count += 1
+        mod.graph.lint()
+        mod.delete_all_unused_submodules()
+        mod.recompile()
+
+    visit(gm)
+    if count:
+        _rename_in_program_order(gm)
+    log.debug("inlined %d invoke_subgraph calls", count)
+    return count
+
+
+def _rename_in_program_order(gm: torch.fx.GraphModule) -> None:
+    """Name the nodes of an inlined graph as a flat trace names them: in program order, each
+    from its base name (`xf`, `xf_1`, `xf_2`, ... across layers). Stamped-out copies otherwise
+    keep the body's names plus a suffix, out of program order; names matter downstream, where
+    provenance (`from_node`) is matched to this graph's nodes by name
+    (`regions.restore_module_stacks`), and they make the graph's code, and so the compile
+    cache's key, the same as a flat trace's."""
+    import re
+    old = gm.graph
+    new = torch.fx.Graph(gm, old._tracer_cls, getattr(old, "_tracer_extras", None))
+    new._codegen = old._codegen
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in old.nodes:
+        name = node.name if node.op == "placeholder" else (re.sub(r"_\d+$", "", node.name) or node.name)
+        copy = new.create_node(node.op, node.target, torch.fx.node.map_arg(node.args, lambda n: env[n]),
+                               torch.fx.node.map_arg(node.kwargs, lambda n: env[n]), name=name,
+                               type_expr=node.type)
+        copy.meta = node.meta
+        env[node] = copy
+    gm.graph = new
+    gm.recompile()
+
+
+def _inline_call(mod: torch.fx.GraphModule, node: torch.fx.Node, sub: torch.fx.GraphModule,
+                 traced_site: dict, attrs: dict) -> None:
+    """Replace one `invoke_subgraph` call `node` in `mod` by a copy of `sub`'s nodes."""
+    operands = node.args[2:]
+    phs = sub.graph.find_nodes(op="placeholder")
+    if len(phs) != len(operands):
+        raise FrontendError(f"invoke_subgraph {node.name}: {len(operands)} operands for a body with "
+                            f"{len(phs)} inputs")
+    env: dict[torch.fx.Node, Any] = dict(zip(phs, operands))
+    relabel = _stack_relabeler(sub, traced_site, dict(node.meta.get("nn_module_stack") or {}))
+    with mod.graph.inserting_before(node):
+        for sub_node in sub.graph.nodes:
+            if sub_node.op in ("placeholder", "output"):
+                continue
+            new = mod.graph.node_copy(sub_node, lambda n: env[n])
+            if sub_node.op == "get_attr":
+                key = (id(sub), str(sub_node.target))
+                if key not in attrs:
+                    value = _get_attr_path(sub, str(sub_node.target))
+                    name = _fresh_attr_name(mod, str(sub_node.target).replace(".", "_"))
+                    if isinstance(value, torch.nn.Module):
+                        mod.add_submodule(name, value)
+                    else:
+                        setattr(mod, name, value)
+                    attrs[key] = name
+                new.target = attrs[key]
+            stack = sub_node.meta.get("nn_module_stack")
+            if stack is not None:
+                new.meta["nn_module_stack"] = relabel(stack)
+            env[sub_node] = new
+    results = sub.graph.output_node().args[0]
+    for user in list(node.users):
+        value = results[user.args[1]]
+        value = env.get(value, value) if isinstance(value, torch.fx.Node) else value
+        if isinstance(value, torch.fx.Node):
+            user.replace_all_uses_with(value)
+        else:  # a constant result: put it in place in every use
+            for use in list(user.users):
+                use.args = torch.fx.node.map_aggregate(use.args, lambda a: value if a is user else a)
+                use.kwargs = torch.fx.node.map_aggregate(use.kwargs, lambda a: value if a is user else a)
+        mod.graph.erase_node(user)
+    body = node.args[0]
+    mod.graph.erase_node(node)
+    if isinstance(body, torch.fx.Node) and not body.users:
+        mod.graph.erase_node(body)
+
+
+def _stack_relabeler(sub: torch.fx.GraphModule, traced_site: dict, site: dict):
+    """`nn_module_stack` of a subgraph node -> that of its copy at the call with stack `site`.
+
+    The body's stacks start with `base`: the stack of the call that was traced when it is a
+    prefix of them all (a marked `forward`: `layers.0`), else their common prefix. That part
+    becomes `site`; deeper entries get their path renamed from the base's module to the site's
+    (`layers.0.attention` -> `layers.7.attention`) under a key of their own."""
+    stacks = [list(n.meta["nn_module_stack"].items()) for n in sub.graph.nodes
+              if n.meta.get("nn_module_stack")]
+    base = list(traced_site.items())
+    if not all(s[:len(base)] == base for s in stacks):
+        base = []
+        if stacks:
+            for i, item in enumerate(stacks[0]):
+                if all(len(s) > i and s[i] == item for s in stacks):
+                    base.append(item)
+                else:
+                    break
+    old_path = base[-1][1][0] if base else None
+    site_items = list(site.items())
+    new_path = site_items[-1][1][0] if site_items else None
+    if site_items == base:
+        return lambda stack: dict(stack)
+
+    def relabel(stack: dict) -> dict:
+        items = list(stack.items())
+        if items[:len(base)] != base:
+            return dict(stack)
+        out = dict(site_items)
+        for key, (path, cls) in items[len(base):]:
+            if (old_path is not None and new_path is not None and path.startswith(old_path)
+                    and path[len(old_path):len(old_path) + 1] in ("", ".", "[")):
+                path = new_path + path[len(old_path):]
+                key = f"{key}@{new_path}"
+            out[key] = (path, cls)
+        return out
+    return relabel
+
+
+def _get_attr_path(mod: torch.nn.Module, target: str) -> Any:
+    obj: Any = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fresh_attr_name(mod: torch.nn.Module, stem: str) -> str:
+    name, i = stem, 0
+    while hasattr(mod, name):
+        name, i = f"{stem}_{i}", i + 1
+    return name
+
+
 def dynamic_dims_from_dynamo(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> DynamicDims:
     """The dims dynamo made symbolic (`mark_dynamic`, automatic dynamic shapes), read from
     the placeholders' FakeTensor `example_value`s, named by dynamo's symbols (`s0`, ...).
