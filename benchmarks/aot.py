@@ -19,7 +19,12 @@ Every step runs in its own fresh process (a cold start is what is measured):
    step), i.e. tracing, compiling or loading, and the first calls. The floor is that warm-up
    minus the time spent running the eager graphs; the warm run is split into the backend's
    cache lookup (module-state digest, entry loading), running compiled code, and the rest
-   (dynamo). The JIT's tokens must equal the artifact's.
+   (dynamo). The same calls are timed again at steady state after generating, and "without
+   steady-state runs" reports cold and warm minus that time (the floor already excludes its
+   graphs' time). The JIT's tokens must equal the artifact's.
+   `--layers once,each` runs both ways of tracing the Llama block, interleaved: `once` is the
+   block's `nested_compile_region` (dynamo traces one layer and reuses it), `each` the block
+   unmarked (dynamo traces all of them, as before 2026-11-30).
 
 Goals (issue 11): load <= 1 s for the 953M "1b" preset; warm-cache compile <= 5% of cold.
 Prints a table (medians over rounds) and appends a record to benchmarks/results/aot.json.
@@ -115,8 +120,11 @@ print(json.dumps({{"import_torch_s": import_torch, "import_lowbit_aot_s": import
 """
 
 JIT = """
-import json, os, time, torch
+import json, os, statistics, time, torch
 import lowbit
+import lowbit.models
+if {flat!r}:  # trace every layer (the block without its nested_compile_region), for comparison
+    lowbit.models.DecoderBlock.trace_once = False
 from lowbit.compiler import backend as lb_backend, compile_cache
 from lowbit.compiler.compile_log import counters
 timers = {{"lookup_s": 0.0, "callable_s": 0.0, "graph_s": 0.0}}
@@ -148,6 +156,12 @@ def reset(self):
             os._exit(0)
     return real_reset(self)
 lowbit.generate._LlamaRunner.reset = reset
+runners = []
+real_init = lowbit.generate._LlamaRunner.__init__
+def init(self, *a, **k):
+    real_init(self, *a, **k)
+    runners.append(self)
+lowbit.generate._LlamaRunner.__init__ = init
 compile_counter = []
 real_counter = lowbit.generate.CompileCounter
 class CountingCounter(real_counter):
@@ -163,7 +177,15 @@ if {floor!r}:  # what generate() does for backend="lowbit" before tracing (one r
     _install_thread_aware_readers()
 t = time.perf_counter()
 r = lowbit.generate({preset!r}, prompt, {tokens}, backend=backend)
-print(json.dumps({{"compile_s": r.compile_s, "total_s": time.perf_counter() - t, "load_s": r.load_s,
+# the warm-up's calls at steady state (same process, code compiled and loaded): 2 x (reset,
+# prefill, one decode step), median of 3; compile_s minus this is the compile without running
+steady = []
+for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(2):
+        runners[-1].reset(); first = int(runners[-1].prefill(prompt).argmax()); runners[-1].step(first, {prompt})
+    steady.append(time.perf_counter() - t0)
+print(json.dumps({{"compile_s": r.compile_s, "steady_warmup_s": statistics.median(steady), "total_s": time.perf_counter() - t, "load_s": r.load_s,
                   "tokens": r.tokens, "cache_hits": counters["cache_hits"], "pipelines": counters["pipelines"],
                   "program_hits": counters["program_cache_hits"], "warmup_timers": warmup,
                   "graphs": r.compile_counts, "sources": compile_cache.source_fingerprint(), "lowbit": lowbit.__file__,
@@ -216,11 +238,13 @@ def _cpu() -> str:
         return platform.processor()
 
 
-def _print_round(r: int, one: dict) -> None:
+def _print_round(r: int, one: dict, layers: str = "") -> None:
     c, w, f = one["cold"], one["warm"], one["floor"]
     flag = "" if _valid(one) else "  INVALID: the warm process missed the cache (sources changed?)"
-    print(f"  round {r}: cold {c['compile_s']:.2f} s (load {c['load_average']:.1f}), warm {w['compile_s']:.2f} s "
-          f"(load {w['load_average']:.1f}; lookup {w['warmup_timers']['lookup_s']:.2f} s), floor "
+    print(f"  round {r}{' ' + layers if layers else ''}: cold {c['compile_s']:.2f} s (load {c['load_average']:.1f}; "
+          f"steady runs {c['steady_warmup_s']:.2f} s), warm {w['compile_s']:.2f} s "
+          f"(load {w['load_average']:.1f}; lookup {w['warmup_timers']['lookup_s']:.2f} s; steady runs "
+          f"{w['steady_warmup_s']:.2f} s), floor "
           f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f}){flag}", flush=True)
 
 
@@ -246,13 +270,21 @@ def _jit_summary(all_rounds: list) -> dict:
     floor_total = [r["floor"]["compile_s"] for r in rounds]
     floor_graph = [r["floor"]["warmup_timers"]["graph_s"] for r in rounds]
     floor = [t - g for t, g in zip(floor_total, floor_graph)]
+    # compile without running: the warm-up minus the same calls timed at steady state afterwards
+    # (the floor's warm-up already excludes all time inside its eager graphs)
+    cold_net = [r["cold"]["compile_s"] - r["cold"]["steady_warmup_s"] for r in rounds]
+    warm_net = [r["warm"]["compile_s"] - r["warm"]["steady_warmup_s"] for r in rounds]
     loads = [r[k]["load_average"] for r in rounds for k in ("cold", "warm", "floor")]
     return {"median": {"cold_s": med(cold), "warm_s": med(warm), "warm_ratio": med(w / c for w, c in zip(warm, cold)),
                        "warm_lookup_s": med(lookup), "warm_backend_s": med(backend),
                        "warm_run_s": med(c - b for c, b in zip(callable_, backend)),
                        "warm_dynamo_s": med(w - c for w, c in zip(warm, callable_)),
                        "floor_s": med(floor), "floor_total_s": med(floor_total), "floor_graph_s": med(floor_graph),
-                       "floor_ratio": med(f / c for f, c in zip(floor, cold))},
+                       "floor_ratio": med(f / c for f, c in zip(floor, cold)),
+                       "cold_net_s": med(cold_net), "warm_net_s": med(warm_net),
+                       "warm_net_ratio": med(w / c for w, c in zip(warm_net, cold_net)),
+                       "floor_net_ratio": med(f / c for f, c in zip(floor, cold_net)),
+                       "steady_warmup_s": med(r["warm"]["steady_warmup_s"] for r in rounds)},
             "load_average_range": f"{min(loads):.1f}-{max(loads):.1f}", "valid_rounds": len(rounds)}
 
 
@@ -269,6 +301,9 @@ def main() -> int:
     ap.add_argument("--frozen", action="store_true",
                     help="run every step on a copy of the committed sources (git archive HEAD) and the built "
                          "runtime library: edits to the checkout during the run do not change cache keys")
+    ap.add_argument("--layers", default="once", help="comma-separated: 'once' (the block's "
+                    "nested_compile_region: dynamo traces one layer), 'each' (the block unmarked: dynamo traces "
+                    "every layer); several are interleaved within each round")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()
     if args.prompt + args.tokens > args.max_seq_len:
@@ -292,18 +327,25 @@ def main() -> int:
             path = os.path.join(tmp, f"{args.preset}.lowbit")
             built = _run(COMPILE.format(preset=args.preset, path=path, seq=args.max_seq_len, target=args.target))
             loaded = _run(LOAD.format(path=path, prompt=args.prompt, tokens=args.tokens))
-        jit = {}
+        jits = {}
         if not args.no_jit:
-            code = lambda floor: JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens, floor=floor)
-            rounds = []
+            layers = [v.strip() for v in args.layers.split(",") if v.strip()]
+            if not layers or any(v not in ("once", "each") for v in layers):
+                raise SystemExit(f"--layers: expected 'once' and/or 'each', got {args.layers!r}")
+            code = lambda floor, flat: JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens,
+                                                  floor=floor, flat=flat)
+            rounds = {v: [] for v in layers}
             for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
-                env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}")}
-                # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
-                one = {"cold": _run(code(False), env), "warm": _run(code(False), env),
-                       "floor": _run(code(True), {"LOWBIT_CACHE": "0"})}
-                rounds.append(one)
-                _print_round(r, one)
-            jit = {"rounds": rounds, **_jit_summary(rounds)}
+                # with several --layers, their order alternates from round to round
+                for v in (layers if r % 2 == 0 else layers[::-1]):
+                    env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v}")}
+                    # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
+                    flat = v == "each"
+                    one = {"cold": _run(code(False, flat), env), "warm": _run(code(False, flat), env),
+                           "floor": _run(code(True, flat), {"LOWBIT_CACHE": "0"})}
+                    rounds[v].append(one)
+                    _print_round(r, one, f"layers traced {v}" if len(layers) > 1 else "")
+            jits = {v: {"rounds": rounds[v], **_jit_summary(rounds[v])} for v in layers}
 
     mib = 2 ** 20
     threads = loaded["threads"] if loaded else "?"
@@ -329,11 +371,12 @@ def main() -> int:
         print(f"  first decode step            {loaded['first_decode_s'] * 1e3:8.1f} ms, steady "
               f"{loaded['decode_ms']:.2f} ms/token")
         print(f"  loader peak RSS              {loaded['peak_rss_mib']:8.1f} MiB")
-    if jit:
+    for variant, jit in jits.items():
         m = jit["median"]
         n = len(jit["rounds"])
         last = [r for r in jit["rounds"] if _valid(r)][-1]
-        print(f"  torch.compile, medians of {jit['valid_rounds']} valid round(s) of {n} (load average "
+        print(f"  torch.compile, layers traced {variant} ({'each layer' if variant == 'each' else 'one layer, reused'} "
+              f"by dynamo), medians of {jit['valid_rounds']} valid round(s) of {n} (load average "
               f"{jit['load_average_range']})")
         print(f"  cold (empty cache)           {m['cold_s']:8.2f} s  ({last['cold']['pipelines']} pipeline runs)")
         print(f"  warm cache                   {m['warm_s']:8.2f} s  ({100 * m['warm_ratio']:.1f}% of cold; "
@@ -344,12 +387,15 @@ def main() -> int:
         print(f"    dynamo and the rest        {m['warm_dynamo_s']:8.2f} s")
         print(f"  floor: dynamo alone (eager)  {m['floor_s']:8.2f} s  ({100 * m['floor_ratio']:.1f}% of cold; "
               f"its warm-up {m['floor_total_s']:.2f} s minus {m['floor_graph_s']:.2f} s running the eager graphs)")
+        print(f"  without steady-state runs    cold {m['cold_net_s']:.2f} s, warm {m['warm_net_s']:.2f} s "
+              f"({100 * m['warm_net_ratio']:.1f}% of cold), floor {100 * m['floor_net_ratio']:.1f}% of cold "
+              f"(cold and warm minus the warm-up's calls timed at steady state: {m['steady_warmup_s']:.2f} s warm)")
         if loaded:
             same = all(r["cold"]["tokens"] == loaded["tokens"] == r["warm"]["tokens"] for r in jit["rounds"])
             print(f"  JIT tokens == artifact tokens: {same}")
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "cpu": _cpu(), "threads": threads, "load_average": load_avg[0], "args": vars(args), "frozen_commit": commit,
-              "build": built, "load": loaded, "jit": jit}
+              "build": built, "load": loaded, "jit": jits}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(out.read_text()) if out.exists() else []
