@@ -324,8 +324,8 @@ def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: Co
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                part = capture(sub, example, (),
-                               dynamic_dims=dynamic_dims_from_meta(sub.graph.find_nodes(op="placeholder")))
+                phs = sub.graph.find_nodes(op="placeholder")
+                part = capture(sub, example, (), dynamic_dims=_with_upper_bounds(dynamic_dims_from_meta(phs), phs))
                 fix_dynamic_reshapes(part.graph_module)
         except FrontendError as e:
             _warn_once(f"a region of the graph with {_describe(sub)}", f"capture failed: {_first_line(e)}")
@@ -337,6 +337,35 @@ def _compile_by_region(captured: CapturedGraph, args: Sequence[Any], options: Co
                             compile_context(options))
     counters["region_reuses"] += stats["regions"] - stats["compiled"]
     return PartitionedGraph(captured, fused, set())
+
+
+def _with_upper_bounds(dims: dict, placeholders: Sequence[torch.fx.Node]) -> dict:
+    """`dims` (names from `dynamic_dims_from_meta`) with a `torch.export.Dim` carrying the
+    finite upper bound the graph's shape env holds for a symbol, as the whole graph's capture
+    had it from dynamo (`frontend._dynamo_upper_bounds`). A region re-exported with an
+    unbounded dim fails where the model's code relied on the bound: transformers' mask code
+    with a static cache guards ``q_len != max_cache_len``, proved for the query's range
+    [2, max_cache_len - 1] (`lowbit.hf.mark_seq_dims`) and a violated constraint without it
+    (every prefill layer then ran in eager)."""
+    import sympy
+    made: dict[str, Any] = {}
+    out: dict = {}
+    for pos, ds in dims.items():
+        val = placeholders[pos].meta.get("val")
+        out[pos] = dict(ds)
+        for d, name in ds.items():
+            size = val.shape[d] if isinstance(val, torch.Tensor) and d < val.dim() else None
+            if not (isinstance(name, str) and isinstance(size, torch.SymInt)
+                    and isinstance(size.node.expr, sympy.Symbol) and str(size.node.expr) == name):
+                continue
+            rng = size.node.shape_env.var_to_range.get(size.node.expr)
+            upper = getattr(rng, "upper", None)
+            if upper is None or not (upper.is_integer and upper.is_number) or upper >= 2 ** 62:
+                continue  # unbounded (int_oo): left to export
+            if name not in made:
+                made[name] = torch.export.Dim(name, min=1, max=int(upper))
+            out[pos][d] = made[name]
+    return out
 
 
 def cached_compile(captured: CapturedGraph, options: CompileOptions) -> CompiledGraph:

@@ -149,6 +149,7 @@ def structure_key(sub: torch.fx.GraphModule) -> tuple:
         target = str(node.target) if node.op == "call_function" else ""  # names differ per instance
         items.append((node.op, target, ref(node.args),
                       ref(node.kwargs), meta))
+    items.append(("ranges", names.ranges()))  # a region is captured with its symbols' ranges
     return tuple(items)
 
 
@@ -157,6 +158,15 @@ class _SymbolNames:
 
     def __init__(self):
         self.names: dict[Any, str] = {}
+        self.envs: dict[Any, Any] = {}
+
+    def ranges(self) -> tuple:
+        """The value range the shape env holds for each symbol, in canonical order."""
+        out = []
+        for sym in self.names:
+            rng = self.envs[sym].var_to_range.get(sym) if sym in self.envs else None
+            out.append(str(rng) if rng is not None else None)
+        return tuple(out)
 
     def size(self, d: Any) -> str:
         """`d` (an int or a symbolic size) as text, its symbols renamed canonically."""
@@ -168,6 +178,7 @@ class _SymbolNames:
         for sym in sorted(getattr(expr, "free_symbols", ()), key=str):
             if sym not in self.names:
                 self.names[sym] = f"_c{len(self.names)}"
+                self.envs[sym] = d.node.shape_env
         if not self.names:
             return str(expr)
         import sympy

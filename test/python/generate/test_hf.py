@@ -164,9 +164,11 @@ def test_bitnet_hf_generate_lowbit_same_tokens_as_eager(cache, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = [_hf_generate(model, ids, n, "lowbit", **kw) for ids in prompts]
-    whole = [str(w.message) for w in caught
-             if issubclass(w.category, UnsupportedOpWarning) and "cannot compile the graph" in str(w.message)]
-    assert not whole, whole  # a graph run in eager would make the comparison meaningless
+    # a graph or a region (a decoder layer) run in eager would make the comparison meaningless;
+    # the static cache's prefill layers did, unnoticed (their capture lost the query's range)
+    whole = [str(w.message) for w in caught if issubclass(w.category, UnsupportedOpWarning)
+             and ("cannot compile the graph" in str(w.message) or "cannot compile a region" in str(w.message))]
+    assert not whole, whole
     if got != refs:
         def rerun():
             hf.compile(model, backend="lowbit")
@@ -178,26 +180,41 @@ def test_bitnet_hf_generate_lowbit_same_tokens_as_eager(cache, monkeypatch):
 
 
 
-def test_bitnet_dynamic_cache_decode_layers_share_one_compile(monkeypatch):
-    """With transformers' DynamicCache every layer's keys/values carry a symbol of their own
-    (dynamo marks each tensor separately), so the decode graph's layers have the same structure
-    over different symbols. Regions key symbols up to renaming: one layer compile serves all
-    of them (keyed by the raw names, each layer compiled its own copy: 30 at 2B4T size)."""
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_bitnet_generate_layers_compile_once_per_graph(cache, monkeypatch):
+    """Three decoder layers, ``generate()`` with either cache: every layer region compiled (none
+    in eager), once per graph. Two bugs this found (the 1-layer tests have no regions):
+
+    - DynamicCache: every layer's keys/values carry a dynamo symbol of their own, so the
+      decode graph's layers had the same structure over different symbols and each compiled
+      its own copy (30 at 2B4T size); regions now key symbols up to renaming.
+    - static cache: a prefill layer re-exported alone lost the query length's upper bound
+      (``max_cache_len - 1``), export failed on transformers' ``q_len != max_cache_len``
+      guard ("Constraints violated") and every prefill layer ran in eager."""
+    import warnings
     from lowbit.compiler.compile_log import counters
+    from lowbit.compiler.partition import UnsupportedOpWarning, forget_warnings
     monkeypatch.setenv("LOWBIT_CACHE", "0")  # count the pipelines, not cache hits
-    # a config of its own: compiled regions are shared process-wide
-    model = hf.make_bitnet(hf.bitnet_config(**dict(TINY, num_hidden_layers=3, vocab_size=136)))
-    ids = _ids(5, vocab=136)
-    ref = _hf_generate(model, ids, 3, "eager")
+    vocab = 136 if cache == "dynamic" else 140  # configs of their own: regions are shared process-wide
+    model = hf.make_bitnet(hf.bitnet_config(**dict(TINY, num_hidden_layers=3, vocab_size=vocab)))
+    ids = _ids(5, vocab=vocab)
+    kw = {"cache_implementation": "static", "max_cache_len": 32} if cache == "static" else {}
+    ref = _hf_generate(model, ids, 3, "eager", **kw)
     counter = CompileCounter("lowbit")
     hf.compile(model, backend=counter)
     before = counters.copy()
-    got = _hf_generate(model, ids, 3, "lowbit")
+    forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _hf_generate(model, ids, 3, "lowbit", **kw)
+    eager = [str(w.message) for w in caught if issubclass(w.category, UnsupportedOpWarning)]
+    assert not eager, eager
     assert got == ref
     assert counter.compiles == 2, counter.as_dict()
     # prefill and decode: glue (embedding), one layer for all three, glue (norm + head) -- not 3 + 5
     assert counters["pipelines"] - before["pipelines"] == 6, dict(counters)
     assert counters["region_reuses"] - before["region_reuses"] == 4, dict(counters)
+
 
 def test_bitnet_static_cache_logits_match_eager():
     """Logits, not only tokens: a static cache read up to the current length is a strided view
