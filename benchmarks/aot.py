@@ -179,12 +179,16 @@ t = time.perf_counter()
 r = lowbit.generate({preset!r}, prompt, {tokens}, backend=backend)
 # the warm-up's calls at steady state (same process, code compiled and loaded): 2 x (reset,
 # prefill, one decode step), median of 3; compile_s minus this is the compile without running
+# (under no_grad as in generate: with grad mode on, dynamo's guards fail and it traces again)
 steady = []
-for _ in range(3):
-    t0 = time.perf_counter()
-    for _ in range(2):
-        runners[-1].reset(); first = int(runners[-1].prefill(prompt).argmax()); runners[-1].step(first, {prompt})
-    steady.append(time.perf_counter() - t0)
+hits = counters["program_cache_hits"]
+with torch.no_grad():
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(2):
+            runners[-1].reset(); first = int(runners[-1].prefill(prompt).argmax()); runners[-1].step(first, {prompt})
+        steady.append(time.perf_counter() - t0)
+assert counters["program_cache_hits"] == hits, "the steady-state calls compiled again"
 print(json.dumps({{"compile_s": r.compile_s, "steady_warmup_s": statistics.median(steady), "total_s": time.perf_counter() - t, "load_s": r.load_s,
                   "tokens": r.tokens, "cache_hits": counters["cache_hits"], "pipelines": counters["pipelines"],
                   "program_hits": counters["program_cache_hits"], "warmup_timers": warmup,
