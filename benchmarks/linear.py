@@ -35,7 +35,7 @@ from lowbit.compiler.compile import compile_function
 from lowbit.compiler.target import host_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from microkernels import native, read_bandwidth, vnni_peak  # noqa: E402  (same-run limits)
+import peaks  # noqa: E402  (benchmarks/peaks.py: the same-run limits)
 
 SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912), (4096, 4096), (14336, 4096), (4096, 14336)]
 THREADS = 2
@@ -140,10 +140,13 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     target = host_target()
 
-    bw_best, bw_median = read_bandwidth(THREADS)
-    peak_core = vnni_peak(native()) * 2  # MAC/s -> ops/s on one core
+    limits = peaks.measure(rounds=5, threads=(1, THREADS), kinds=["vnni_zmm"], log=lambda *a: None)
+    bw = limits["bandwidth"][f"{THREADS}t"]
+    bw_best, bw_median = bw["max"], bw["median"]
+    peak_core = peaks.peak_mac_per_s(limits, "vnni_zmm", 1) * 2  # MAC/s -> ops/s on one core
     peak = peak_core * THREADS
-    print(f"threads {THREADS}, ISA {lowbit.runtime.current_isa()}, {target.describe()}")
+    print(f"threads {THREADS}, ISA {lowbit.runtime.current_isa()}, {target.describe()}, "
+          f"CPU {limits['cpu']['model']} (family {limits['cpu']['family']} model {limits['cpu']['model_id']}), load average {limits['load_average_start']:.2f}")
     print(f"read bandwidth (2 threads): best {bw_best / 1e9:.1f} GB/s, median {bw_median / 1e9:.1f} GB/s; "
           f"VNNI int8 peak: {peak_core / 1e9:.0f} GOPS/core, {peak / 1e9:.0f} GOPS for {THREADS} cores")
 
@@ -166,6 +169,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "threads": THREADS, "isa": lowbit.runtime.current_isa(), "target": target.describe(),
+        "cpu": limits["cpu"], "load_average_start": limits["load_average_start"],
         "read_bandwidth_best_gbs": bw_best / 1e9, "read_bandwidth_median_gbs": bw_median / 1e9,
         "vnni_peak_gops": peak / 1e9, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
