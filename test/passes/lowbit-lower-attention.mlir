@@ -20,7 +20,7 @@
 // CHECK: %[[RC:.+]] = call @lowbit_attention_invoke(%c2_i32, {{.+}}, %[[SCALE]], %c1_i32, %c0_i64, %c0_i64)
 // CHECK: %[[OK:.+]] = arith.cmpi eq, %[[RC]], %c0_i32
 // CHECK: cf.assert %[[OK]], "lowbit attention: the mask does not broadcast to [B, H, T, S]" {lowbit.trap}
-// CHECK: arith.constant 1048576 : i64
+// CHECK: arith.constant 65536 : i64
 // CHECK: scf.if %[[OK]] {
 // CHECK: scf.forall (%[[I:.+]]) in (%{{.+}}) {
 // CHECK: call @lowbit_attention_invoke(
