@@ -40,6 +40,18 @@ class FrozenGuard:
         self._expected = [(pos, _version(t), t.data_ptr()) for pos, t in frozen.items()]
 
     def changed(self, args: Sequence[Any]) -> list[int]:
+        # Runs on every call over every guarded weight: the common "nothing changed" answer
+        # is one attribute read and one data_ptr per tensor. An inference tensor (no version
+        # counter: `_version` raises) or any difference takes the exact path below.
+        try:
+            for pos, version, ptr in self._expected:
+                t = args[pos]
+                if t._version != version or t.data_ptr() != ptr:
+                    break
+            else:
+                return []
+        except RuntimeError:
+            pass
         return [pos for pos, version, ptr in self._expected
                 if args[pos].data_ptr() != ptr or _version(args[pos]) != version]
 

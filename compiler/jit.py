@@ -203,18 +203,28 @@ class NativeFunction:
         if self.dynamic:
             return self._call_dynamic(inputs)
         inputs = self.check_inputs(inputs)
-        outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in self._outputs]
-        if self.alias_outputs:
+        aliased = self.alias_outputs
+        if aliased:
+            # An updated input is its own output buffer (allocating one to drop it would
+            # cost a KV cache's worth of allocation per call).
+            outputs = [None if k in aliased else torch.empty(shape, dtype=dtype)
+                       for k, (shape, dtype) in enumerate(self._outputs)]
             self._alias(inputs, outputs)
+        else:
+            outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in self._outputs]
         return self.call_unchecked(inputs, outputs)
 
     def _alias(self, inputs: list, outputs: list) -> None:
         """Pass each in-place updated input as its own output buffer. An input sharing
         memory with another input is replaced by a copy first: the code writes it in
         place, and the other input must still read the old values."""
-        storages = [t.untyped_storage().data_ptr() for t in inputs]
         for out, i in self.alias_outputs.items():
-            if storages.count(storages[i]) > 1:
+            # Another input shares the storage iff its data starts inside the storage's bytes
+            # (live storages never overlap); data_ptr is much cheaper than untyped_storage.
+            storage = inputs[i].untyped_storage()
+            lo = storage.data_ptr()
+            hi = lo + storage.nbytes()
+            if any(lo <= t.data_ptr() < hi for k, t in enumerate(inputs) if k != i):
                 inputs[i] = inputs[i].clone()
             outputs[out] = inputs[i]
 
@@ -226,8 +236,10 @@ class NativeFunction:
         if symbols is None:
             raise self._diagnose(inputs)
         inputs = [t if t.is_contiguous() else t.contiguous() for t in inputs]
-        outputs = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(sig.output_shapes(symbols), sig.out_dtypes)]
-        if self.alias_outputs:
+        aliased = self.alias_outputs
+        outputs = [None if k in aliased else torch.empty(shape, dtype=dtype)
+                   for k, (shape, dtype) in enumerate(zip(sig.output_shapes(symbols), sig.out_dtypes))]
+        if aliased:
             self._alias(inputs, outputs)
         args = self._arguments()
         sig.fill(args.storage, inputs, outputs, symbols)

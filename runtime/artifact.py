@@ -343,10 +343,20 @@ class _Graph:
             else:
                 raise CorruptArtifactError(f"graph node {k}: unknown op {op!r}")
 
+        # FX lists placeholders first: a whole-model graph has hundreds (every weight), so
+        # they are taken in one slice rather than one interpreted step each.
+        self.n_leading_inputs = 0
+        while self.n_leading_inputs < len(self.steps) and self.steps[self.n_leading_inputs][0] == "in":
+            self.n_leading_inputs += 1
+        self.rest = self.steps[self.n_leading_inputs:]
+
     def __call__(self, *args):
-        env: list[Any] = []
-        it = iter(args)
-        for kind, fn, a, kw in self.steps:
+        n = self.n_leading_inputs
+        if len(args) < n:
+            raise TypeError(f"the program takes at least {n} arguments, got {len(args)}")
+        env: list[Any] = list(args[:n])
+        it = iter(args[n:])
+        for kind, fn, a, kw in self.rest:
             if kind == "call":
                 env.append(fn(*a(env), **kw(env)) if kw is not None else fn(*a(env)))
             elif kind == "in":
