@@ -321,51 +321,69 @@ def _has_ref(t: Any) -> bool:
 
 
 class _Graph:
-    """An FX node list interpreted without FX (ops resolved and arguments bound once)."""
+    """An FX node list run without FX: ops resolved once, and the node list turned into one
+    straight-line Python function (as FX's own codegen does), so that a call costs one
+    Python call per node and no interpretation. A whole-model graph has hundreds of
+    placeholders (every weight) and a decode step runs it with caches cold from streaming
+    the weights, where every interpreted step is felt."""
 
     def __init__(self, j: dict, build: Callable[[dict], Callable], tensor: Callable[[str], torch.Tensor]):
-        self.steps: list[tuple] = []
+        names: dict[str, Any] = {}  # objects the generated code refers to
+
+        def obj(x: Any) -> str:
+            name = f"_k{len(names)}"
+            names[name] = x
+            return name
+
+        def expr(t: Any) -> str:
+            if isinstance(t, _Ref):
+                if not 0 <= t.i < k:
+                    raise CorruptArtifactError(f"graph node {k}: reads node {t.i}, which is not before it")
+                return f"_v{t.i}"
+            if isinstance(t, list):
+                return "[" + "".join(expr(x) + ", " for x in t) + "]"
+            if isinstance(t, tuple):
+                return "(" + "".join(expr(x) + ", " for x in t) + ")"
+            if isinstance(t, dict) and _has_ref(t):
+                return "{" + "".join(f"{obj(a)}: {expr(x)}, " for a, x in t.items()) + "}"
+            return obj(t)
+
+        inputs: list[str] = []
+        body: list[str] = []
+        out = None
         for k, n in enumerate(j["nodes"]):
             op = n.get("op")
             if op == "placeholder":
-                self.steps.append(("in", None, None, None))
+                inputs.append(f"_v{k}")
             elif op == "constant":
-                self.steps.append(("const", tensor(n["tensor"]), None, None))
+                body.append(f"    _v{k} = {obj(tensor(n['tensor']))}")
             elif op in ("call", "module"):
                 fn = _resolve_op(n["target"]) if op == "call" else build(n["body"])
                 args = _template(n["args"])
                 kwargs = _template(n["kwargs"])
                 if not isinstance(args, list) or not isinstance(kwargs, dict):
                     raise CorruptArtifactError(f"graph node {k}: bad arguments")
-                self.steps.append(("call", fn, _binder(args), _binder(kwargs) if kwargs else None))
+                call = "".join(expr(a) + ", " for a in args)
+                if kwargs:
+                    call += f"**{expr(dict(kwargs)) if _has_ref(kwargs) else obj(kwargs)}"
+                body.append(f"    _v{k} = {obj(fn)}({call})")
             elif op == "output":
-                self.steps.append(("out", None, _binder(_template(n["value"])), None))
+                out = expr(_template(n["value"]))
+                break
             else:
                 raise CorruptArtifactError(f"graph node {k}: unknown op {op!r}")
-
-        # FX lists placeholders first: a whole-model graph has hundreds (every weight), so
-        # they are taken in one slice rather than one interpreted step each.
-        self.n_leading_inputs = 0
-        while self.n_leading_inputs < len(self.steps) and self.steps[self.n_leading_inputs][0] == "in":
-            self.n_leading_inputs += 1
-        self.rest = self.steps[self.n_leading_inputs:]
+        if out is None:
+            raise CorruptArtifactError("graph without output")
+        self.n_inputs = len(inputs)
+        src = [f"def run({''.join(v + ', ' for v in inputs)}*_rest):", *body, f"    return {out}"]
+        code = compile("\n".join(src) + "\n", f"<lowbit artifact graph {id(self):x}>", "exec")
+        exec(code, names)
+        self._run = names["run"]
 
     def __call__(self, *args):
-        n = self.n_leading_inputs
-        if len(args) < n:
-            raise TypeError(f"the program takes at least {n} arguments, got {len(args)}")
-        env: list[Any] = list(args[:n])
-        it = iter(args[n:])
-        for kind, fn, a, kw in self.rest:
-            if kind == "call":
-                env.append(fn(*a(env), **kw(env)) if kw is not None else fn(*a(env)))
-            elif kind == "in":
-                env.append(next(it))
-            elif kind == "const":
-                env.append(fn)
-            else:
-                return a(env)
-        raise CorruptArtifactError("graph without output")
+        if len(args) < self.n_inputs:
+            raise TypeError(f"the program takes {self.n_inputs} arguments, got {len(args)}")
+        return self._run(*args)
 
 
 def build_part(j: dict, entry: Callable[[str], tuple], tensor: Callable[[str], torch.Tensor],
