@@ -102,6 +102,10 @@ class _CompiledPart(torch.nn.Module):
         outs = self.compiled(*args)
         return outs[0] if self.single_output else tuple(outs)
 
+    # Called per layer and token from the partitioned graph's code: no nn.Module hook
+    # dispatch (this internal module never has hooks).
+    __call__ = forward
+
 
 class _Rejected(Exception):
     def __init__(self, ops: set[str], stage: str, detail: str):

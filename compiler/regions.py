@@ -200,6 +200,10 @@ class RegionRunner(torch.nn.Module):
             return outs[0] if isinstance(outs, (list, tuple)) else outs
         return tuple(outs)
 
+    # Called per layer and token from the partitioned graph's code: no nn.Module hook
+    # dispatch (this internal module never has hooks).
+    __call__ = forward
+
 
 def split_regions(gm: torch.fx.GraphModule, mutated: Sequence[int] = ()) -> Optional[torch.fx.GraphModule]:
     """`gm` cut into region submodules (`fused_<i>`), or None if it has no repeated regions.
