@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import operator
 import tempfile
 import threading
 import warnings
@@ -38,22 +39,29 @@ class FrozenGuard:
 
     def __init__(self, frozen: dict[int, torch.Tensor]):
         self._expected = [(pos, _version(t), t.data_ptr()) for pos, t in frozen.items()]
+        # The per-call fast path compares whole lists built by C-level map/itemgetter: it runs
+        # once per call over every guarded weight (hundreds), with caches cold from decoding.
+        positions = [pos for pos, _, _ in self._expected]
+        self._pick = (operator.itemgetter(*positions) if len(positions) > 1
+                      else (lambda args: (args[positions[0]],)) if positions else (lambda args: ()))
+        self._versions = [v for _, v, _ in self._expected]
+        self._ptrs = [p for _, _, p in self._expected]
 
     def changed(self, args: Sequence[Any]) -> list[int]:
-        # Runs on every call over every guarded weight: the common "nothing changed" answer
-        # is one attribute read and one data_ptr per tensor. An inference tensor (no version
-        # counter: `_version` raises) or any difference takes the exact path below.
+        # An inference tensor has no version counter (`_version` raises): the exact path.
         try:
-            for pos, version, ptr in self._expected:
-                t = args[pos]
-                if t._version != version or t.data_ptr() != ptr:
-                    break
-            else:
+            tensors = self._pick(args)
+            if (list(map(_DATA_PTR, tensors)) == self._ptrs
+                    and list(map(_VERSION, tensors)) == self._versions):
                 return []
         except RuntimeError:
             pass
         return [pos for pos, version, ptr in self._expected
                 if args[pos].data_ptr() != ptr or _version(args[pos]) != version]
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+_VERSION = operator.attrgetter("_version")
 
 
 def _version(t: torch.Tensor) -> int | None:
