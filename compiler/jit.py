@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import itertools
+import operator
 import os
 import tempfile
 import threading
@@ -128,6 +130,8 @@ class NativeFunction:
             self._slots = len(self.input_specs) + len(self.output_specs)
             self._expected = [(torch.Size(s.shape), s.dtype) for s in self.input_specs]
             self._outputs = [(torch.Size(s.shape), s.dtype) for s in self.output_specs]
+            self._shapes = [shape for shape, _ in self._expected]
+            self._dtypes = [dtype for _, dtype in self._expected]
 
     def _arguments(self) -> _ArgumentArray:
         try:
@@ -202,7 +206,14 @@ class NativeFunction:
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         if self.dynamic:
             return self._call_dynamic(inputs)
-        inputs = self.check_inputs(inputs)
+        # The common case checked with C-level map()s (this runs per layer and token); any
+        # miss, a strided input or a wrong one, takes `check_inputs` (copies or raises).
+        if (len(inputs) == self._n_in and all(map(isinstance, inputs, _TENSOR))
+                and list(map(_DTYPE, inputs)) == self._dtypes and list(map(_SHAPE, inputs)) == self._shapes
+                and all(map(_IS_CPU, inputs)) and all(map(_IS_CONTIGUOUS, inputs))):
+            inputs = list(inputs)
+        else:
+            inputs = self.check_inputs(inputs)
         aliased = self.alias_outputs
         if aliased:
             # An updated input is its own output buffer (allocating one to drop it would
@@ -218,13 +229,9 @@ class NativeFunction:
         """Pass each in-place updated input as its own output buffer. An input sharing
         memory with another input is replaced by a copy first: the code writes it in
         place, and the other input must still read the old values."""
+        storages = list(map(_STORAGE_PTR, map(_UNTYPED_STORAGE, inputs)))
         for out, i in self.alias_outputs.items():
-            # Another input shares the storage iff its data starts inside the storage's bytes
-            # (live storages never overlap); data_ptr is much cheaper than untyped_storage.
-            storage = inputs[i].untyped_storage()
-            lo = storage.data_ptr()
-            hi = lo + storage.nbytes()
-            if any(lo <= t.data_ptr() < hi for k, t in enumerate(inputs) if k != i):
+            if storages.count(storages[i]) > 1:
                 inputs[i] = inputs[i].clone()
             outputs[out] = inputs[i]
 
@@ -254,18 +261,22 @@ class NativeFunction:
         if self.dynamic:
             args.storage[:] = _descriptor_fields(list(inputs) + list(outputs))
         else:
-            storage = args.storage
-            i = 0
-            for t in inputs:
-                storage[i] = t.data_ptr()
-                i += 1
-            for t in outputs:
-                storage[i] = t.data_ptr()
-                i += 1
+            ptrs = [*map(_DATA_PTR, inputs), *map(_DATA_PTR, outputs)]
+            args.storage[:len(ptrs)] = ptrs
         configure_threads()  # compiled parallel loops run on libiomp5 with torch's thread count
         self._fn(args.packed)
         return outputs
 
+
+
+_TENSOR = itertools.repeat(torch.Tensor)
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_IS_CPU = operator.attrgetter("is_cpu")
+_IS_CONTIGUOUS = operator.methodcaller("is_contiguous")
+_DATA_PTR = torch.Tensor.data_ptr
+_UNTYPED_STORAGE = torch.Tensor.untyped_storage
+_STORAGE_PTR = torch.UntypedStorage.data_ptr
 
 
 def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
