@@ -38,14 +38,14 @@ class FrozenGuard:
     """
 
     def __init__(self, frozen: dict[int, torch.Tensor]):
-        self._expected = [(pos, _version(t), t.data_ptr()) for pos, t in frozen.items()]
+        self._positions = list(frozen)
+        self._versions = [_version(t) for t in frozen.values()]
+        self._ptrs = [t.data_ptr() for t in frozen.values()]
         # The per-call fast path compares whole lists built by C-level map/itemgetter: it runs
         # once per call over every guarded weight (hundreds), with caches cold from decoding.
-        positions = [pos for pos, _, _ in self._expected]
+        positions = self._positions
         self._pick = (operator.itemgetter(*positions) if len(positions) > 1
                       else (lambda args: (args[positions[0]],)) if positions else (lambda args: ()))
-        self._versions = [v for _, v, _ in self._expected]
-        self._ptrs = [p for _, _, p in self._expected]
 
     def changed(self, args: Sequence[Any]) -> list[int]:
         # An inference tensor has no version counter (`_version` raises): the exact path.
@@ -56,7 +56,7 @@ class FrozenGuard:
                 return []
         except RuntimeError:
             pass
-        return [pos for pos, version, ptr in self._expected
+        return [pos for pos, version, ptr in zip(self._positions, self._versions, self._ptrs)
                 if args[pos].data_ptr() != ptr or _version(args[pos]) != version]
 
 

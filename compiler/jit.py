@@ -182,8 +182,13 @@ class NativeFunction:
             return False
         if self.dynamic:
             return self._signature.bind(inputs) is not None
-        return all(isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape and t.is_cpu
-                   for t, (shape, dtype) in zip(inputs, self._expected))
+        return self._fits_static(inputs)
+
+    def _fits_static(self, inputs: Sequence) -> bool:
+        """Static signature: every input a CPU tensor of the compiled dtype and shape. Checked
+        with C-level map()s: this runs per layer and token."""
+        return (all(map(isinstance, inputs, _TENSOR)) and list(map(_DTYPE, inputs)) == self._dtypes
+                and list(map(_SHAPE, inputs)) == self._shapes and all(map(_IS_CPU, inputs)))
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The inputs as the compiled code reads them (contiguous), or `InputError`."""
@@ -193,6 +198,8 @@ class NativeFunction:
             if self._signature.bind(inputs) is None:
                 raise self._diagnose(inputs)
             return [t if t.is_contiguous() else t.contiguous() for t in inputs]
+        if self._fits_static(inputs) and all(map(_IS_CONTIGUOUS, inputs)):
+            return list(inputs)
         fixed = list(inputs)
         for i, (t, (shape, dtype)) in enumerate(zip(inputs, self._expected)):
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_cpu:
@@ -206,14 +213,7 @@ class NativeFunction:
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         if self.dynamic:
             return self._call_dynamic(inputs)
-        # The common case checked with C-level map()s (this runs per layer and token); any
-        # miss, a strided input or a wrong one, takes `check_inputs` (copies or raises).
-        if (len(inputs) == self._n_in and all(map(isinstance, inputs, _TENSOR))
-                and list(map(_DTYPE, inputs)) == self._dtypes and list(map(_SHAPE, inputs)) == self._shapes
-                and all(map(_IS_CPU, inputs)) and all(map(_IS_CONTIGUOUS, inputs))):
-            inputs = list(inputs)
-        else:
-            inputs = self.check_inputs(inputs)
+        inputs = self.check_inputs(inputs)
         aliased = self.alias_outputs
         if aliased:
             # An updated input is its own output buffer (allocating one to drop it would

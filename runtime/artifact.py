@@ -293,23 +293,6 @@ def _template(j: Any) -> Any:
     return value_from_json(j, _Ref)
 
 
-def _binder(template: Any) -> Callable[[list], Any]:
-    """A function env -> the argument value, made once per node (calls stay cheap)."""
-    if isinstance(template, _Ref):
-        i = template.i
-        return lambda env: env[i]
-    if isinstance(template, (list, tuple)):
-        parts = [_binder(x) for x in template]
-        if not any(_has_ref(x) for x in template):
-            return lambda env: template
-        kind = type(template)
-        return lambda env: kind(p(env) for p in parts)
-    if isinstance(template, dict) and any(_has_ref(x) for x in template.values()):
-        items = [(k, _binder(v)) for k, v in template.items()]
-        return lambda env: {k: p(env) for k, p in items}
-    return lambda env: template
-
-
 def _has_ref(t: Any) -> bool:
     if isinstance(t, _Ref):
         return True
