@@ -37,6 +37,17 @@ def _unwrap_nested_compiles() -> None:
 
 
 _unwrap_nested_compiles()
+
+
+def _speed_up_dynamo() -> None:
+    """Before dynamo traces anything for this backend: memoize the source remapping of its
+    `nested_compile_region` reuse checks (`lowbit.compiler.dynamo_speedups`; same guards, same
+    graphs, ~40% less dynamo time for a 16-layer Llama)."""
+    from lowbit.compiler import dynamo_speedups
+    dynamo_speedups.install()
+
+
+_speed_up_dynamo()
 _options_stack: list[CompileOptions] = []
 
 
