@@ -25,6 +25,7 @@ from lowbit.compiler.jit import InputError, JitFunction
 from lowbit.compiler.pipeline import CompileOptions, Pipeline, Stage, StageError
 from lowbit.compiler.worker import enabled as worker_enabled
 from lowbit.compiler.report import register as register_report
+from lowbit.runtime.replay import recorder
 
 ENTRY = "forward"
 
@@ -137,6 +138,9 @@ class Traps:
     def call(self, jit: JitFunction, inputs: list) -> list:
         with self.lock:
             self.flag.value = 0
+            rec = recorder()
+            if rec is not None:
+                rec.trap(self)
             outs = jit(*inputs)
             bits = self.flag.value
         if bits:

@@ -227,6 +227,9 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("LOWBIT_COMPILE_WORKER", "1/true/yes/on or 0/false/no/off (default on)",
              "runs the MLIR pipeline in a worker process, so that a crash inside MLIR becomes an eager "
              "fallback instead of killing the process (off: in-process, no isolation)", _flag, True),
+    Variable("LOWBIT_REPLAY", "1/true/yes/on or 0/false/no/off (default on)",
+             "replay a compiled program's native calls in one runtime call when it is nothing but "
+             "them (runtime/replay.py)", _flag, True),
     Variable("LOWBIT_CACHE", "1/true/yes/on or 0/false/no/off (default on)",
              "the persistent compile cache of backend='lowbit' (compiler/compile_cache.py)", _flag, True),
     Variable("LOWBIT_CACHE_DIR", "a directory (created if missing; default $XDG_CACHE_HOME/lowbit or "

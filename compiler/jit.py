@@ -42,6 +42,7 @@ from torch.utils._sympy.printers import PythonPrinter
 
 from lowbit.compiler.tensor_spec import TensorSpec
 from lowbit.compiler.threads import configure as configure_threads
+from lowbit.runtime.replay import recorder as _recorder
 from lowbit.runtime.library import load_openmp, load_runtime, openmp_library_path, runtime_library_path
 
 
@@ -120,6 +121,7 @@ class NativeFunction:
             raise ValueError(f"compiled entry {func_name!r} has no address: the JIT could not link the code "
                              "(an unresolved symbol, e.g. __truncsfbf2 for bf16 code built for a CPU without "
                              "AVX512-BF16)")
+        self.address = address
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
         self._n_in = len(self.input_specs)
         self._local = threading.local()
@@ -251,6 +253,9 @@ class NativeFunction:
         args = self._arguments()
         sig.fill(args.storage, inputs, outputs, symbols)
         configure_threads()
+        rec = _recorder()
+        if rec is not None:  # runtime/replay.py
+            rec.native(self.address, list(args.storage), False, inputs, outputs)
         self._fn(args.packed)
         return outputs
 
@@ -264,6 +269,9 @@ class NativeFunction:
             ptrs = [*map(_DATA_PTR, inputs), *map(_DATA_PTR, outputs)]
             args.storage[:len(ptrs)] = ptrs
         configure_threads()  # compiled parallel loops run on libiomp5 with torch's thread count
+        rec = _recorder()
+        if rec is not None:  # runtime/replay.py
+            rec.native(self.address, list(args.storage), not self.dynamic, inputs, outputs)
         self._fn(args.packed)
         return outputs
 
@@ -290,6 +298,9 @@ def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
         return  # updated in place by the compiled code (passes/inplace_results.py)
     if (dst.dtype == src.dtype and dst.shape == src.shape and dst.device.type == "cpu"
             and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()):
+        rec = _recorder()
+        if rec is not None:
+            rec.side_effect("a copy written back")
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
     else:
         dst.copy_(src)

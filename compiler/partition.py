@@ -31,6 +31,7 @@ from lowbit.compiler.reshape_fixes import fix_dynamic_reshapes
 from lowbit.compiler.regions import (RegionRunner, compile_context, compile_regions, restore_module_stacks,
                                      split_regions)
 from lowbit.compiler.report import register as register_report
+from lowbit.runtime.replay import Replayer
 
 _warned: set[str] = set()
 _NODE_IN_DIAGNOSTIC = re.compile(re.escape(NODE_LOCATION_PREFIX) + r"([A-Za-z0-9_]+)")
@@ -204,6 +205,7 @@ class BoundGraph:
         self.frozen_guard = FrozenGuard({p: args[p] for p in binding.sources if isinstance(args[p], torch.Tensor)})
         self.state_ids = {id(args[p]) for p in binding.state_positions if isinstance(args[p], torch.Tensor)}
         self._source_ptrs = [(p, args[p].data_ptr()) for p in binding.sources if isinstance(args[p], torch.Tensor)]
+        self._replay = Replayer(inner, binding.derived)
 
     def frozen_inputs_changed(self, args: Sequence[Any]) -> list[int]:
         return self.frozen_guard.changed(args)
@@ -221,7 +223,7 @@ class BoundGraph:
         return merge_reports(self.binding.report, inner_reports(self.inner))
 
     def __call__(self, *args):
-        return self.inner(*args, *self.binding.derived)
+        return self._replay(*args)
 
 
 def inner_reports(compiled: Any) -> list[dict]:

@@ -41,6 +41,7 @@ from lowbit.compiler.artifact_format import (CODE, FORMAT, FORMAT_VERSION, MANIF
                                              canonical_json, dtype_of, expr_from_json, sha256_file,
                                              spec_from_json, value_from_json)
 from lowbit.compiler.jit import InputError, NativeFunction, _DynamicSignature, alias_outputs_from_json, write_back
+from lowbit.runtime.replay import Replayer, recorder
 
 log = logging.getLogger("lowbit.artifact")
 
@@ -221,17 +222,23 @@ class _Traps:
     def call(self, fn: NativeFunction, inputs: list) -> list:
         with self.lock:
             self.flag.value = 0
+            rec = recorder()
+            if rec is not None:
+                rec.trap(self)
             outs = fn(*inputs)
             bits = self.flag.value
         if bits:
-            raised = [i for i in range(len(self.messages)) if bits & (1 << i)]
-            if any(self.kinds[i] == "zero" for i in raised):
-                raise RuntimeError("ZeroDivisionError")
-            detail = "; ".join(self.messages[i] for i in raised)
-            if any(self.kinds[i] == "index" for i in raised):
-                raise IndexError(f"index out of range in compiled code ({detail}); eager raises here too")
-            raise RuntimeError(f"a run-time check of compiled code failed: {detail}")
+            raise self.error(bits)
         return outs
+
+    def error(self, bits: int) -> Exception:
+        raised = [i for i in range(len(self.messages)) if bits & (1 << i)]
+        if any(self.kinds[i] == "zero" for i in raised):
+            return RuntimeError("ZeroDivisionError")
+        detail = "; ".join(self.messages[i] for i in raised)
+        if any(self.kinds[i] == "index" for i in raised):
+            return IndexError(f"index out of range in compiled code ({detail}); eager raises here too")
+        return RuntimeError(f"a run-time check of compiled code failed: {detail}")
 
 
 class _Compiled:
@@ -265,9 +272,10 @@ class _Partitioned:
 class _Bound:
     def __init__(self, inner: Callable, derived: list[torch.Tensor]):
         self.inner, self.derived = inner, derived
+        self._replay = Replayer(inner, derived)
 
     def __call__(self, *args):
-        return self.inner(*args, *self.derived)
+        return self._replay(*args)
 
 
 class _Runner:

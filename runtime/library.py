@@ -127,6 +127,8 @@ def load_runtime() -> ctypes.CDLL:
     lib.lowbit_rt_error_string.restype = ctypes.c_char_p
     lib.lowbit_rt_abi_version.restype = ctypes.c_int32
     lib.lowbit_rt_cpu_features.restype = ctypes.c_int32
+    lib.lowbit_rt_run_calls.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.lowbit_rt_run_calls.restype = ctypes.c_int64
     # Validate LOWBIT_ISA once, with one error naming the variable (the native side only
     # falls back to the best ISA and records lowbit_rt_isa_error()). Not cached on failure:
     # every later use raises the same error.

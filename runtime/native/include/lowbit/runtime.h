@@ -69,6 +69,12 @@ LOWBIT_API int32_t lowbit_rt_cpu_features(void);
 LOWBIT_API int64_t lowbit_rt_cached_memory(void);
 LOWBIT_API void lowbit_rt_release_cached_memory(void);
 
+/* Calls n compiled entries `void fns[i](void **args[i])` in order. flags[i], when not NULL, is
+ * entry i's trap flag (passes/guard_traps.py): cleared before the call and read after it; the
+ * first entry that set it stops the sequence and its index is returned. -1: all ran. */
+LOWBIT_API int64_t lowbit_rt_run_calls(int64_t n, void* const* fns, void* const* args,
+                                       int32_t* const* flags);
+
 #ifdef __cplusplus
 }
 #endif
