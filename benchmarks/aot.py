@@ -24,7 +24,10 @@ Every step runs in its own fresh process (a cold start is what is measured):
    graphs' time). The JIT's tokens must equal the artifact's.
    `--layers once,each` runs both ways of tracing the Llama block, interleaved: `once` is the
    block's `nested_compile_region` (dynamo traces one layer and reuses it), `each` the block
-   unmarked (dynamo traces all of them, as before 2026-11-30).
+   unmarked (dynamo traces all of them, as before 2026-11-30). `--dynamo-speedups on,off` runs
+   with and without `lowbit.compiler.dynamo_speedups` (memoized source remapping in dynamo's
+   reuse checks of nested regions), interleaved the same way; variants are named `once`,
+   `once/off`, ...
 
 Goals (issue 11): load <= 1 s for the 953M "1b" preset; warm-cache compile <= 5% of cold.
 Prints a table (medians over rounds) and appends a record to benchmarks/results/aot.json.
@@ -126,6 +129,9 @@ import lowbit.models
 if {flat!r}:  # trace every layer (the block without its nested_compile_region), for comparison
     lowbit.models.DecoderBlock.trace_once = False
 from lowbit.compiler import backend as lb_backend, compile_cache
+if {no_speedups!r}:  # dynamo's own reuse check, for comparison
+    from lowbit.compiler import dynamo_speedups
+    dynamo_speedups.uninstall()
 from lowbit.compiler.compile_log import counters
 timers = {{"lookup_s": 0.0, "callable_s": 0.0, "graph_s": 0.0}}
 warmup = {{}}
@@ -308,6 +314,9 @@ def main() -> int:
     ap.add_argument("--layers", default="once", help="comma-separated: 'once' (the block's "
                     "nested_compile_region: dynamo traces one layer), 'each' (the block unmarked: dynamo traces "
                     "every layer); several are interleaved within each round")
+    ap.add_argument("--dynamo-speedups", default="on", help="comma-separated: 'on' (lowbit.compiler."
+                    "dynamo_speedups installed, as lowbit's backend does) and/or 'off' (torch's own code); several "
+                    "are interleaved within each round")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()
     if args.prompt + args.tokens > args.max_seq_len:
@@ -336,17 +345,21 @@ def main() -> int:
             layers = [v.strip() for v in args.layers.split(",") if v.strip()]
             if not layers or any(v not in ("once", "each") for v in layers):
                 raise SystemExit(f"--layers: expected 'once' and/or 'each', got {args.layers!r}")
-            code = lambda floor, flat: JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens,
-                                                  floor=floor, flat=flat)
+            speedups = [v.strip() for v in args.dynamo_speedups.split(",") if v.strip()]
+            if not speedups or any(v not in ("on", "off") for v in speedups):
+                raise SystemExit(f"--dynamo-speedups: expected 'on' and/or 'off', got {args.dynamo_speedups!r}")
+            code = lambda floor, flat, off: JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens,
+                                                       floor=floor, flat=flat, no_speedups=off)
+            layers = [v if sp == "on" else f"{v}/off" for v in layers for sp in speedups]
             rounds = {v: [] for v in layers}
             for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
-                # with several --layers, their order alternates from round to round
+                # with several variants (--layers, --dynamo-speedups), their order alternates from round to round
                 for v in (layers if r % 2 == 0 else layers[::-1]):
-                    env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v}")}
                     # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
-                    flat = v == "each"
-                    one = {"cold": _run(code(False, flat), env), "warm": _run(code(False, flat), env),
-                           "floor": _run(code(True, flat), {"LOWBIT_CACHE": "0"})}
+                    flat, off = v.split("/")[0] == "each", v.endswith("/off")
+                    env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v.replace('/', '-')}")}
+                    one = {"cold": _run(code(False, flat, off), env), "warm": _run(code(False, flat, off), env),
+                           "floor": _run(code(True, flat, off), {"LOWBIT_CACHE": "0"})}
                     rounds[v].append(one)
                     _print_round(r, one, f"layers traced {v}" if len(layers) > 1 else "")
             jits = {v: {"rounds": rounds[v], **_jit_summary(rounds[v])} for v in layers}
@@ -379,7 +392,7 @@ def main() -> int:
         m = jit["median"]
         n = len(jit["rounds"])
         last = [r for r in jit["rounds"] if _valid(r)][-1]
-        print(f"  torch.compile, layers traced {variant} ({'each layer' if variant == 'each' else 'one layer, reused'} "
+        print(f"  torch.compile, layers traced {variant} ({'each layer' if variant.startswith('each') else 'one layer, reused'} "
               f"by dynamo), medians of {jit['valid_rounds']} valid round(s) of {n} (load average "
               f"{jit['load_average_range']})")
         print(f"  cold (empty cache)           {m['cold_s']:8.2f} s  ({last['cold']['pipelines']} pipeline runs)")
