@@ -165,7 +165,7 @@ def torch_worker(args) -> None:
     elif spec["backend"] == "inductor":
         counter = CompileCounter("inductor")
         fn = torch.compile(model, backend=counter, dynamic=False)
-    runner = _LlamaRunner(model, fn, dynamic=spec["backend"] == "lowbit")
+    runner = _LlamaRunner(model, fn, dynamic=spec["backend"] == "lowbit", counter=counter)
     p_long = torch.tensor(prompt_ids(args.seed, PREFILL, cfg.vocab_size))
     p_short = torch.tensor(prompt_ids(args.seed, DECODE_START, cfg.vocab_size))
 

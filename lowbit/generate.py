@@ -29,11 +29,13 @@ new token, each decode step one more), peak RSS of the process, and the compile 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import resource
+import threading
 import time
 import zlib
 from typing import Any, Callable, Iterable, Sequence
@@ -264,6 +266,7 @@ class CompileCounter:
         self.graphs = 0
         self.compiles = 0
         self.seconds = 0.0
+        self._taps = threading.local()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs):
         self.graphs += 1
@@ -282,10 +285,75 @@ class CompileCounter:
         else:
             self.compiles += 1
         self.seconds += time.perf_counter() - t
-        return compiled
+        return _Tapped(compiled, self._taps)
 
     def as_dict(self) -> dict[str, Any]:
         return {"graphs": self.graphs, "compiles": self.compiles, "seconds": round(self.seconds, 3)}
+
+    @contextlib.contextmanager
+    def tap(self):
+        """The compiled graphs' calls made on this thread inside the block, as
+        ``(callable, args, result)`` (what `_DirectStep` replays)."""
+        calls: list[tuple[Callable, tuple, Any]] = []
+        self._taps.calls = calls
+        try:
+            yield calls
+        finally:
+            self._taps.calls = None
+
+
+class _Tapped:
+    """A backend's compiled graph as dynamo calls it, reporting each call to an open
+    `CompileCounter.tap()` on the calling thread."""
+
+    def __init__(self, inner: Callable, taps: threading.local):
+        self.inner, self.taps = inner, taps
+
+    def __call__(self, *args):
+        out = self.inner(*args)
+        calls = getattr(self.taps, "calls", None)
+        if calls is not None:
+            calls.append((self.inner, args, out))
+        return out
+
+
+class _DirectStep:
+    """A decode step called straight into its compiled graph, past dynamo's per-call frame and
+    guards (the way vLLM's custom dispatcher calls its compiled model).
+
+    Made from the one graph call of a step that went through dynamo (`CompileCounter.tap()`):
+    its callable and argument list, with the step's token and position tensors found by
+    identity and its result found in the graph's outputs. It serves the following steps of
+    the same sequence only (the runner drops it at `reset()`), in the grad mode it was made
+    in: within one generation nothing that dynamo's guards check changes (same module
+    objects, parameters and cache buffers, same shapes). What the compiled graph checks
+    itself still runs (lowbit: frozen weights' versions, input signatures, run-time checks).
+    """
+
+    def __init__(self, fn: Callable, args: tuple, i_ids: int, i_pos: int, k_out: int):
+        self.fn, self.args, self.i_ids, self.i_pos, self.k_out = fn, list(args), i_ids, i_pos, k_out
+        self.grad = torch.is_grad_enabled()
+
+    @staticmethod
+    def of(calls: list, ids: torch.Tensor, pos: torch.Tensor, result: Any) -> "_DirectStep | None":
+        if len(calls) != 1:  # graph breaks or nothing compiled: keep going through dynamo
+            return None
+        fn, args, out = calls[0]
+        i_ids = [i for i, a in enumerate(args) if a is ids]
+        i_pos = [i for i, a in enumerate(args) if a is pos]
+        if len(i_ids) != 1 or len(i_pos) != 1 or not isinstance(out, (list, tuple)):
+            return None
+        k_out = [k for k, o in enumerate(out) if o is result]
+        if len(k_out) != 1:  # dynamo's code did more than pick a graph output
+            return None
+        return _DirectStep(fn, args, i_ids[0], i_pos[0], k_out[0])
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        if torch.is_grad_enabled() != self.grad:
+            return None
+        args = self.args
+        args[self.i_ids], args[self.i_pos] = ids, pos
+        return self.fn(*args)[self.k_out]
 
 
 def resolve_backend(backend: str | Callable) -> Callable:
@@ -322,13 +390,17 @@ class _LlamaRunner:
 
     kind = "lowbit.models.TinyLlama"
 
-    def __init__(self, model: TinyLlama, fn: Callable, dynamic: bool = True):
+    def __init__(self, model: TinyLlama, fn: Callable, dynamic: bool = True,
+                 counter: CompileCounter | None = None):
         self.model, self.fn, self.dynamic = model, fn, dynamic
         self.max_len = model.cfg.max_seq_len
         self.vocab = model.cfg.vocab_size
+        self.counter = counter  # the backend `fn` compiles with: decode steps go direct (`_DirectStep`)
+        self._direct: _DirectStep | None = None
 
     def reset(self) -> None:
         reset_caches(self.model)
+        self._direct = None
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         ids, pos = tokens.view(1, -1), torch.arange(tokens.numel())
@@ -338,7 +410,17 @@ class _LlamaRunner:
         return self.fn(ids, pos)[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        return self.fn(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+        ids, p = torch.tensor([[token]]), torch.tensor([pos])
+        if self._direct is not None:
+            out = self._direct(ids, p)
+            if out is not None:
+                return out[0, -1]
+        if self.counter is None:
+            return self.fn(ids, p)[0, -1]
+        with self.counter.tap() as calls:
+            out = self.fn(ids, p)
+        self._direct = _DirectStep.of(calls, ids, p, out)
+        return out[0, -1]
 
 
 class _HFRunner:
@@ -628,7 +710,8 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         if prompt.numel() + max_new_tokens > model.cfg.max_seq_len:
             raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"KV cache (max_seq_len {model.cfg.max_seq_len})")
-        runner = _LlamaRunner(model, _compile(model, backend, counter), dynamic=backend not in ("inductor", "eager"))
+        runner = _LlamaRunner(model, _compile(model, backend, counter), dynamic=backend not in ("inductor", "eager"),
+                              counter=counter)
 
     n_prompt = prompt.numel()
     try:

@@ -185,3 +185,73 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--preset", "tiny", "--set", "nonsense=3"])
     assert cli.main([]) == 2
+
+
+@torch.no_grad()
+def test_decode_steps_go_straight_to_the_compiled_graph():
+    """After a sequence's first decode step (through dynamo, tapped), the runner calls the
+    compiled graph directly: same tokens and logits as eager, dynamo not entered again until
+    the next sequence (`reset`), and the direct call is dropped when the grad mode differs."""
+    from lowbit.generate import _LlamaRunner
+    cfg = dataclasses.replace(SMALL, max_seq_len=24)
+    model, _ = build_llama(cfg, 0, "ternary", "int8")
+    counter = CompileCounter("lowbit")
+    runner = _LlamaRunner(model, torch.compile(model, backend=counter), counter=counter)
+    ref = _LlamaRunner(model, model)
+    prompt = torch.arange(3, 9)
+
+    def decode(r, n=6):
+        r.reset()
+        tok, out = int(r.prefill(prompt).argmax()), []
+        for i in range(n):
+            logits = r.step(tok, prompt.numel() + i)
+            out.append(logits)
+            tok = int(logits.argmax())
+        return out
+
+    expected = decode(ref)
+    for _ in range(2):
+        got = decode(runner)
+        assert runner._direct is not None
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    runner.reset()
+    assert runner._direct is None
+    runner.prefill(prompt)
+    runner.step(1, prompt.numel())
+    direct = runner._direct
+    assert direct is not None
+    seen = []
+    inner = direct.fn
+    direct.fn = lambda *a: seen.append(len(a)) or inner(*a)
+    runner.step(2, prompt.numel() + 1)
+    assert seen == [len(direct.args)]
+    with torch.enable_grad():  # another grad mode than it was made in: back through dynamo
+        assert direct(torch.tensor([[3]]), torch.tensor([prompt.numel() + 2])) is None
+
+
+def test_graph_breaks_keep_decode_steps_on_dynamo():
+    """Two graphs per step (a graph break): no direct call is made; tokens still match eager."""
+    from lowbit.generate import _LlamaRunner
+
+    class Broken(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, pos):
+            h = self.model(ids, pos)
+            torch._dynamo.graph_break()
+            return h * 1.0
+
+    cfg = dataclasses.replace(SMALL, max_seq_len=16)
+    model, _ = build_llama(cfg, 0, "ternary", "int8")
+    wrapped = Broken(model)
+    counter = CompileCounter("eager")
+    runner = _LlamaRunner(model, torch.compile(wrapped, backend=counter), counter=counter)
+    with torch.no_grad():
+        runner.reset()
+        tok = int(runner.prefill(torch.arange(4)).argmax())
+        for i in range(3):
+            tok = int(runner.step(tok, 4 + i).argmax())
+            assert runner._direct is None
