@@ -411,25 +411,28 @@ class _Program:
         self.sources = j["args"]
         self.body = art._build(j["body"])
         self.tree = torch.utils._pytree.treespec_loads(j["output_tree"])
-        self._state = art.state
-        self._consts = {i: art._tensor(s["constant"]) for i, s in enumerate(self.sources) if s and "constant" in s}
+        # The argument list with state and constants in place (the same tensors every call:
+        # state is updated in place, also by `reset`); per call only inputs and sizes are set.
+        self._template: list[Any] = []
+        self._inputs: list[tuple[int, int]] = []
+        self._sizes: list[tuple[int, int, int]] = []
+        for i, s in enumerate(self.sources):
+            if s is not None and "input" in s:
+                self._inputs.append((i, s["input"]))
+            elif s is not None and "size" in s:
+                self._sizes.append((i, s["size"][0], s["size"][1]))
+            self._template.append(None if s is None or "input" in s or "size" in s else
+                                  art.state[s["state"]] if "state" in s else art._tensor(s["constant"]))
 
     def accepts(self, inputs: Sequence[torch.Tensor]) -> bool:
         return self.guard.bind(inputs) is not None
 
     def __call__(self, inputs: Sequence[torch.Tensor]):
-        args = []
-        for i, s in enumerate(self.sources):
-            if s is None:
-                args.append(None)
-            elif "input" in s:
-                args.append(inputs[s["input"]])
-            elif "state" in s:
-                args.append(self._state[s["state"]])
-            elif "size" in s:
-                args.append(int(inputs[s["size"][0]].shape[s["size"][1]]))
-            else:
-                args.append(self._consts[i])
+        args = list(self._template)
+        for i, k in self._inputs:
+            args[i] = inputs[k]
+        for i, k, d in self._sizes:
+            args[i] = int(inputs[k].shape[d])
         outs = self.body(*args)
         return torch.utils._pytree.tree_unflatten(list(outs), self.tree)
 
