@@ -30,7 +30,9 @@ one after another (load, quantize, warm-up = compile), then `--rounds` rounds ru
 systems interleaved (the order rotates each round), one at a time, with a memory read
 bandwidth probe (512 MiB, torch sum, same thread count) in every round. Per round and
 system: prefill of a 128-token prompt (tok/s), and decode of 64 greedy tokens at positions
-8-72 after an 8-token prompt (tok/s). Reported: medians with min-max spread, load and
+8-72 after an 8-token prompt (tok/s); the compiled torch systems decode as `lowbit.generate`
+does (`_LlamaRunner`: a sequence's first step through dynamo, the rest straight into the
+compiled graph, lowbit and inductor alike; docs/generation.md). Reported: medians with min-max spread, load and
 compile seconds, peak RSS, weight bytes streamed per decode token (everything but the
 embedding table) and the effective GB/s of that stream against the probe, and how many
 leading greedy tokens each pair of systems shares on the same prompt. A worker that fails
