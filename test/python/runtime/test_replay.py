@@ -219,3 +219,37 @@ def test_a_static_program_is_replayed_and_follows_new_inputs():
         torch.testing.assert_close(fn(x), m(x), rtol=1e-5, atol=1e-5)
     (r,) = _replayers(fn)
     assert r.replays == len(xs) - 1
+
+
+def test_run_calls_runs_in_order_and_stops_at_a_set_trap_flag():
+    """`lowbit_rt_run_calls`: entries in order, each trap flag cleared before its entry and
+    read after it; the first entry that set its flag ends the sequence (its index returned)."""
+    import ctypes
+
+    from lowbit.runtime.library import load_runtime
+    lib = load_runtime()
+    order: list[int] = []
+    flags = [ctypes.c_int32(7), ctypes.c_int32(7), ctypes.c_int32(0)]
+    seen_before: list[int] = []
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+    def entry(k, trap):
+        def run(args):
+            order.append(k)
+            if k < 2:
+                seen_before.append(flags[k].value)  # cleared by the runtime before the call
+                if trap:
+                    flags[k].value = 2
+        return proto(run)
+
+    def call(traps):
+        fns = [entry(k, t) for k, t in enumerate(traps)]
+        n = len(fns)
+        argv = (ctypes.c_void_p * n)(*[None] * n)
+        fptrs = (ctypes.c_void_p * n)(*[ctypes.cast(f, ctypes.c_void_p).value for f in fns])
+        fl = (ctypes.c_void_p * n)(ctypes.addressof(flags[0]), ctypes.addressof(flags[1]), None)
+        return lib.lowbit_rt_run_calls(n, fptrs, argv, fl)
+
+    assert call([False, False, False]) == -1 and order == [0, 1, 2] and seen_before == [0, 0]
+    order.clear()
+    assert call([False, True, False]) == 1 and order == [0, 1] and flags[1].value == 2
