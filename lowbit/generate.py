@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -714,6 +715,11 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
                               counter=counter)
 
     n_prompt = prompt.numel()
+    # The objects alive now (the model and all before it) stay alive while it generates:
+    # frozen, the cyclic collector does not walk them again (a full collection during tracing
+    # took ~0.23 s of a warm compile of the 1b preset, ~0.04 s frozen). Unfrozen afterwards,
+    # so that nothing stays exempt from collection once generate returns.
+    gc.freeze()
     try:
         with torch.no_grad():
             compile_s = None
@@ -751,6 +757,8 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
                     on_token(nxt)
     except Exception as e:
         raise GenerationError(f"generation with backend {backend!r} failed: {type(e).__name__}: {e}") from e
+    finally:
+        gc.unfreeze()
 
     isa = None
     if backend == "lowbit":
