@@ -37,6 +37,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowbit.compiler.threads import configure as configure_threads
+from lowbit.runtime.library import load_runtime
+
 log = logging.getLogger("lowbit.replay")
 
 _TLS = threading.local()
@@ -156,18 +159,6 @@ class _Owners:
         return best[0], best[1], best[2], ptr - best[2].data_ptr()
 
 
-class _Words:
-    """One entry's argument words and the `void *args[]` pointing at them."""
-
-    __slots__ = ("storage", "packed")
-
-    def __init__(self, words: list[int]):
-        n = max(len(words), 1)
-        self.storage = (ctypes.c_int64 * n)(*words)
-        base = ctypes.addressof(self.storage)
-        self.packed = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-
-
 _DATA_PTR = torch.Tensor.data_ptr
 MISMATCH, BUSY = object(), object()
 
@@ -203,9 +194,15 @@ class Plan:
                     owners.add("result", len(results), t)
                     results.append(t)
 
-        # Where every argument word comes from.
+        # Where every argument word comes from. Each entry gets argument cells of its own,
+        # laid out as a NativeFunction's (`jit._ArgumentArray`), holding the recorded words.
+        from lowbit.compiler.jit import _ArgumentArray
         plan = Plan()
-        plan.words = [_Words(words) for _, words, _, _, _ in rec.calls]
+        plan.words = []
+        for _, words, _, _, _ in rec.calls:
+            cells = _ArgumentArray(len(words))
+            cells.storage[:len(words)] = words
+            plan.words.append(cells)
         uses: dict[tuple[str, int], list[tuple[Any, int, int]]] = {}
         for c, (_, words, _, _, _) in enumerate(rec.calls):
             for slot, w in enumerate(words):
@@ -266,13 +263,9 @@ class Plan:
         plan.ptrs = [arg_tensors[i].data_ptr() for i in needed]
         plan.layouts = [(arg_tensors[i].shape, arg_tensors[i].stride(), arg_tensors[i].dtype) for i in needed]
         plan.arg_uses = [uses.get(("arg", i), []) for i in needed]
-        shared: dict[int, int] = {}
-        for i in needed:
-            base = _storage(arg_tensors[i])[0]
-            shared[base] = shared.get(base, 0) + 1
-        plan.unstable = {k for k, i in enumerate(needed) if shared[_storage(arg_tensors[i])[0]] > 1}
+        bases = [_storage(arg_tensors[i])[0] for i in needed]
+        plan.unstable = {k for k, base in enumerate(bases) if bases.count(base) > 1}
         plan.values = [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
-        plan.tensor_positions = frozenset(arg_tensors)
 
         n = len(rec.calls)
         plan.n = n
@@ -282,6 +275,7 @@ class Plan:
         plan.flags = (ctypes.c_void_p * n)(*[ctypes.addressof(t.flag) if t is not None else None
                                                for t in plan.traps])
         plan.trap_locks = list({id(t.lock): t.lock for t in plan.traps if t is not None}.values())
+        plan.run_calls = load_runtime().lowbit_rt_run_calls
         return plan
 
     def run(self, args: Sequence) -> Any:
@@ -314,10 +308,8 @@ class Plan:
                 p = t.data_ptr()
                 for storage, slot, offset in uses:
                     storage[slot] = p + offset
-            from lowbit.compiler.threads import configure
-            from lowbit.runtime.library import load_runtime
-            configure()
-            bad = load_runtime().lowbit_rt_run_calls(self.n, self.fns, self.argv, self.flags)
+            configure_threads()
+            bad = self.run_calls(self.n, self.fns, self.argv, self.flags)
             if bad >= 0:
                 traps = self.traps[bad]
                 raise traps.error(traps.flag.value)
