@@ -42,7 +42,22 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Row loaders for dots / pv: element d.. d + 15 of a K or V row as fp32.
+struct RowF32 {
+  static __m512 load(const char* r, int64_t d) { return _mm512_loadu_ps(reinterpret_cast<const float*>(r) + d); }
+  static __m512 load(const char* r, int64_t d, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(r) + d);
+  }
+};
+struct RowBf16 {
+  static __m512 load(const char* r, int64_t d) { return load_bf16(reinterpret_cast<const uint16_t*>(r) + d); }
+  static __m512 load(const char* r, int64_t d, __mmask16 m) {
+    return load_bf16_mask(reinterpret_cast<const uint16_t*>(r) + d, m);
+  }
+};
+
 struct Avx512 {
+  static constexpr bool kDirectBf16 = true;  // bf16 rows are widened in registers, not copied
   static void to_f32(const char* src, float* dst, int64_t n, bool bf16) {
     if (!bf16) {
       memcpy(dst, src, size_t(n) * sizeof(float));
@@ -52,30 +67,6 @@ struct Avx512 {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16(s + i));
     if (i < n) _mm512_mask_storeu_ps(dst + i, tail(n - i), load_bf16_mask(s + i, tail(n - i)));
-  }
-  static float dot(const float* a, const float* b, int64_t n) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-    }
-    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    if (i < n) {
-      const __mmask16 k = tail(n - i);
-      s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-  }
-  static void axpy(float* y, float a, const float* x, int64_t n) {
-    const __m512 va = _mm512_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    if (i < n) {
-      const __mmask16 k = tail(n - i);
-      _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i)));
-    }
   }
   static void scal(float* y, float c, int64_t n) {
     const __m512 vc = _mm512_set1_ps(c);
@@ -106,28 +97,41 @@ struct Avx512 {
     }
     return _mm512_reduce_add_ps(sum);
   }
-  // 4 queries x 4 keys: 16 accumulators, each q / k vector load feeds 4 FMAs.
-  static void dot4x4(const float* q, const float* const* k, int64_t n, float out[kQB][4]) {
-    __m512 acc[kQB][4];
+  // NQ queries x 4 keys. The keys' rows are read one after the other, each front to back
+  // (two accumulator chains per query and key): a decode head's K rows come from DRAM, and
+  // the hardware prefetchers keep up with an ascending stream but not with four rows read
+  // in lockstep (measured: ~0.8x the bandwidth).
+  template <int NQ, class R>
+  static void dots_n(const float* q, const char* const* k, int64_t n, float out[kQB][4]) {
+    __m512 acc[NQ][4];
 #pragma GCC unroll 4
-    for (int i = 0; i < kQB; ++i)
+    for (int c = 0; c < 4; ++c) {
+      __m512 a0[NQ], a1[NQ];
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < n; d += 16) {
-      const __mmask16 m = n - d >= 16 ? __mmask16(0xffff) : tail(n - d);
-      __m512 kv[4];
+      for (int i = 0; i < NQ; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+      const char* kc = k[c];
+      int64_t d = 0;
+      for (; d + 32 <= n; d += 32) {
+        const __m512 k0 = R::load(kc, d), k1 = R::load(kc, d + 16);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) kv[c] = _mm512_maskz_loadu_ps(m, k[c] + d);
-#pragma GCC unroll 4
-      for (int i = 0; i < kQB; ++i) {
-        const __m512 qv = _mm512_maskz_loadu_ps(m, q + i * n + d);
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(qv, kv[c], acc[i][c]);
+        for (int i = 0; i < NQ; ++i) {
+          a0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * n + d), k0, a0[i]);
+          a1[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * n + d + 16), k1, a1[i]);
+        }
       }
+      for (; d < n; d += 16) {
+        const __mmask16 m = n - d >= 16 ? __mmask16(0xffff) : tail(n - d);
+        const __m512 k0 = R::load(kc, d, m);
+#pragma GCC unroll 4
+        for (int i = 0; i < NQ; ++i) a0[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i * n + d), k0, a0[i]);
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < NQ; ++i) acc[i][c] = _mm512_add_ps(a0[i], a1[i]);
     }
     // Per query, the 4 accumulators reduce together: interleave-add pairs, then the four
     // 128-bit lanes; 12 instructions instead of four separate horizontal sums.
-    for (int i = 0; i < kQB; ++i) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; ++i) {
       const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(acc[i][0], acc[i][1]), _mm512_unpackhi_ps(acc[i][0], acc[i][1]));
       const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(acc[i][2], acc[i][3]), _mm512_unpackhi_ps(acc[i][2], acc[i][3]));
       const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
@@ -135,45 +139,65 @@ struct Avx512 {
       _mm_storeu_ps(out[i], _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
     }
   }
-  // acc[i] += sum_c p[i][cols[c]] * v[c], 64 columns of D at a time kept in registers
-  // (nq x 4 accumulators) over all visible keys of the block.
-  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const float* const* v) {
-    if (nq != kQB) {
-      for (int c = 0; c < nc; ++c)
-        for (int i = 0; i < nq; ++i) {
-          const float w = p[i * kKB + cols[c]];
-          if (w != 0.f) axpy(acc + i * n, w, v[c], n);
-        }
-      return;
+  template <class R>
+  static void dots_r(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4]) {
+    switch (nq) {
+      case 1: dots_n<1, R>(q, k, n, out); break;
+      case 2: dots_n<2, R>(q, k, n, out); break;
+      case 3: dots_n<3, R>(q, k, n, out); break;
+      default: dots_n<4, R>(q, k, n, out); break;
     }
-    for (int64_t d0 = 0; d0 < n; d0 += 64) {
-      __mmask16 m[4];
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
+  }
+  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool bf16) {
+    if (bf16) dots_r<RowBf16>(q, nq, k, n, out);
+    else dots_r<RowF32>(q, nq, k, n, out);
+  }
+  // acc[i] += sum_c p[i][cols[c]] * v[c] for NQ queries, 16 * W columns of D at a time kept
+  // in registers (NQ x W accumulators) over all visible keys of the block.
+  template <int NQ, int W, class R>
+  static void pv_n(float* acc, int64_t n, const float* p, const int* cols, int nc, const char* const* v) {
+    for (int64_t d0 = 0; d0 < n; d0 += 16 * W) {
+      __mmask16 m[W];
+#pragma GCC unroll 8
+      for (int u = 0; u < W; ++u) {
         const int64_t r = n - d0 - 16 * u;
         m[u] = r >= 16 ? __mmask16(0xffff) : r > 0 ? tail(r) : __mmask16(0);
       }
-      __m512 a[kQB][4];
+      __m512 a[NQ][W];
 #pragma GCC unroll 4
-      for (int i = 0; i < kQB; ++i)
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) a[i][u] = _mm512_maskz_loadu_ps(m[u], acc + i * n + d0 + 16 * u);
+      for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 8
+        for (int u = 0; u < W; ++u) a[i][u] = _mm512_maskz_loadu_ps(m[u], acc + i * n + d0 + 16 * u);
       for (int c = 0; c < nc; ++c) {
-        __m512 vv[4];
+        __m512 vv[W];
+#pragma GCC unroll 8
+        for (int u = 0; u < W; ++u) vv[u] = R::load(v[c], d0 + 16 * u, m[u]);
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) vv[u] = _mm512_maskz_loadu_ps(m[u], v[c] + d0 + 16 * u);
-#pragma GCC unroll 4
-        for (int i = 0; i < kQB; ++i) {
+        for (int i = 0; i < NQ; ++i) {
           const __m512 w = _mm512_set1_ps(p[i * kKB + cols[c]]);
-#pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) a[i][u] = _mm512_fmadd_ps(w, vv[u], a[i][u]);
+#pragma GCC unroll 8
+          for (int u = 0; u < W; ++u) a[i][u] = _mm512_fmadd_ps(w, vv[u], a[i][u]);
         }
       }
 #pragma GCC unroll 4
-      for (int i = 0; i < kQB; ++i)
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(acc + i * n + d0 + 16 * u, m[u], a[i][u]);
+      for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 8
+        for (int u = 0; u < W; ++u) _mm512_mask_storeu_ps(acc + i * n + d0 + 16 * u, m[u], a[i][u]);
     }
+  }
+  template <class R>
+  static void pv_r(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v) {
+    switch (nq) {  // 8 (W) x 16 columns per pass for 1-2 queries: a 128-wide head reads each V row once
+      case 1: pv_n<1, 8, R>(acc, n, p, cols, nc, v); break;
+      case 2: pv_n<2, 8, R>(acc, n, p, cols, nc, v); break;
+      case 3: pv_n<3, 4, R>(acc, n, p, cols, nc, v); break;
+      default: pv_n<4, 4, R>(acc, n, p, cols, nc, v); break;
+    }
+  }
+  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v,
+                 bool bf16) {
+    if (bf16) pv_r<RowBf16>(acc, nq, n, p, cols, nc, v);
+    else pv_r<RowF32>(acc, nq, n, p, cols, nc, v);
   }
   static uint64_t nonzero_bits(const uint8_t* m, int64_t step, int n) {
     const uint64_t all = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;

@@ -3,14 +3,16 @@
 // Each ISA's translation unit (attention_scalar.cpp, attention_avx2.cpp, attention_avx512.cpp)
 // defines a primitives struct P and instantiates `run_heads<P>`, compiled with that ISA's flags:
 //   P::to_f32(src, dst, n, bf16)     dst = src as fp32
-//   P::dot(a, b, n)                  sum a[i] * b[i]
-//   P::axpy(y, a, x, n)              y += a * x
 //   P::scal(y, c, n)                 y *= c
 //   P::exp_sum(s, n, m)              s[i] = exp(s[i] - m) (0 where s[i] == -inf), returns the sum
 //   P::max(s, n)                     max of s (-inf for an all -inf row)
 //   P::store(acc, c, dst, n, bf16)   dst = acc * c, rounded to bf16 (nearest even) when bf16
-//   P::dot4x4(q, k, n, out)          out[i][c] = dot(q + i * n, k[c], n) for 4 queries x 4 keys
-//   P::pv(acc, nq, n, p, cols, nc, v) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq)
+//   P::dots(q, nq, k, n, out, bf16)  out[i][c] = dot(q + i * n, k[c], n) for nq <= 4 queries x 4 keys
+//                                    (k[c] fp32 rows, or bf16 rows when bf16: only if kDirectBf16)
+//   P::pv(acc, nq, n, p, cols, nc, v, bf16) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq),
+//                                    v[c] as for dots
+//   P::kDirectBf16                   dots / pv read bf16 rows themselves (else run_heads widens
+//                                    each block's rows to fp32 first)
 //   P::nonzero_bits(m, step, n)      bit j set iff m[j * step] != 0 (j < n <= 64)
 #ifndef LOWBIT_ATTENTION_INTERNAL_H
 #define LOWBIT_ATTENTION_INTERNAL_H
@@ -61,8 +63,10 @@ void run_heads(const Args& a) {
   float* s = vblk + kKB * D;        // [kQB][kKB] scores, then probabilities
   uint64_t allow[kQB];              // visible keys of the block per query (bit j)
   int vis[kKB];                     // visible columns of the block
-  const float* rows[kKB];           // their K (then V) rows as fp32
+  const char* rows[kKB];            // their K (then V) rows: fp32, or bf16 read directly
   const int64_t group = a.H / a.Hkv;
+  const bool widen = a.bf16 && !P::kDirectBf16;  // bf16 rows converted to fp32 per block
+  const bool raw_bf16 = a.bf16 && P::kDirectBf16;
   const float ninf = -INFINITY;
 
   for (int64_t bh = a.bh_begin; bh < a.bh_end; ++bh) {
@@ -114,29 +118,24 @@ void run_heads(const Args& a) {
         // Visible keys only (a column nobody sees is never read), as fp32.
         for (int c = 0; c < nv; ++c) {
           const char* kr = kh + size_t((k0 + vis[c]) * D) * es;
-          if (a.bf16) {
+          if (widen) {
             P::to_f32(kr, kblk + c * D, D, true);
-            rows[c] = kblk + c * D;
+            rows[c] = reinterpret_cast<const char*>(kblk + c * D);
           } else {
-            rows[c] = reinterpret_cast<const float*>(kr);
+            rows[c] = kr;
           }
         }
-        int c = 0;
-        if (nq == kQB) {  // 4 queries x 4 keys per pass: each q and k vector load feeds 4 FMAs
-          float out[kQB][4];
-          for (; c + 4 <= nv; c += 4) {
-            P::dot4x4(qf, rows + c, D, out);
-            for (int i = 0; i < kQB; ++i)
-              for (int u = 0; u < 4; ++u) {
-                const int j = vis[c + u];
-                s[i * kKB + j] = (allow[i] >> j) & 1 ? out[i][u] * a.scale : ninf;
-              }
-          }
-        }
-        for (; c < nv; ++c) {
-          const int j = vis[c];
+        float out[kQB][4];
+        for (int c = 0; c < nv; c += 4) {  // nq queries x 4 keys per pass, reduced together
+          const int nc = nv - c < 4 ? nv - c : 4;
+          const char* four[4];
+          for (int u = 0; u < 4; ++u) four[u] = rows[c + (u < nc ? u : nc - 1)];  // tail: repeat the last row
+          P::dots(qf, nq, four, D, out, raw_bf16);
           for (int i = 0; i < nq; ++i)
-            s[i * kKB + j] = (allow[i] >> j) & 1 ? P::dot(qf + i * D, rows[c], D) * a.scale : ninf;
+            for (int u = 0; u < nc; ++u) {
+              const int j = vis[c + u];
+              s[i * kKB + j] = (allow[i] >> j) & 1 ? out[i][u] * a.scale : ninf;
+            }
         }
         for (int i = 0; i < nq; ++i) {
           float* si = s + i * kKB;
@@ -156,14 +155,14 @@ void run_heads(const Args& a) {
         }
         for (int c2 = 0; c2 < nv; ++c2) {
           const char* vr = vh + size_t((k0 + vis[c2]) * D) * es;
-          if (a.bf16) {
+          if (widen) {
             P::to_f32(vr, vblk + c2 * D, D, true);
-            rows[c2] = vblk + c2 * D;
+            rows[c2] = reinterpret_cast<const char*>(vblk + c2 * D);
           } else {
-            rows[c2] = reinterpret_cast<const float*>(vr);
+            rows[c2] = vr;
           }
         }
-        P::pv(acc, nq, D, s, vis, nv, rows);
+        P::pv(acc, nq, D, s, vis, nv, rows, raw_bf16);
       }
       for (int i = 0; i < nq; ++i) {
         // All keys masked: a zero row (eager CPU SDPA's answer), not 0/0. NaN stays NaN.

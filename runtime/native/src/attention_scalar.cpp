@@ -42,15 +42,16 @@ struct Scalar {
     }
     return sum;
   }
-  static void dot4x4(const float* q, const float* const* k, int64_t n, float out[kQB][4]) {
-    for (int i = 0; i < kQB; ++i)
-      for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, k[c], n);
+  static constexpr bool kDirectBf16 = false;  // run_heads widens bf16 rows to fp32 first
+  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool) {
+    for (int i = 0; i < nq; ++i)
+      for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, reinterpret_cast<const float*>(k[c]), n);
   }
-  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const float* const* v) {
+  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v, bool) {
     for (int c = 0; c < nc; ++c)
       for (int i = 0; i < nq; ++i) {
         const float w = p[i * kKB + cols[c]];
-        if (w != 0.f) axpy(acc + i * n, w, v[c], n);
+        if (w != 0.f) axpy(acc + i * n, w, reinterpret_cast<const float*>(v[c]), n);
       }
   }
   static uint64_t nonzero_bits(const uint8_t* m, int64_t step, int n) {
