@@ -106,7 +106,7 @@ struct Avx2 {
     return r;
   }
   static constexpr bool kDirectBf16 = false;  // run_heads widens bf16 rows to fp32 first
-  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool) {
+  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool, bool) {
     for (int i = 0; i < nq; ++i)
       for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, reinterpret_cast<const float*>(k[c]), n);
   }

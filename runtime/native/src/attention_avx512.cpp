@@ -97,13 +97,12 @@ struct Avx512 {
     }
     return _mm512_reduce_add_ps(sum);
   }
-  // NQ queries x 4 keys. The keys' rows are read one after the other, each front to back
-  // (two accumulator chains per query and key): a decode head's K rows come from DRAM, and
-  // the hardware prefetchers keep up with an ascending stream but not with four rows read
-  // in lockstep (measured: ~0.8x the bandwidth).
+  // NQ queries x 4 keys into acc[i][c] (reduced by dots_n). Rows streamed from memory
+  // (decode: K comes from DRAM) are read one after the other, each front to back, with two
+  // accumulator chains per query and key: the hardware prefetchers follow that ascending
+  // stream, not four rows read in lockstep (measured 1.2-1.7x faster cold).
   template <int NQ, class R>
-  static void dots_n(const float* q, const char* const* k, int64_t n, float out[kQB][4]) {
-    __m512 acc[NQ][4];
+  static void accumulate_rows(const float* q, const char* const* k, int64_t n, __m512 acc[NQ][4]) {
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       __m512 a0[NQ], a1[NQ];
@@ -128,6 +127,33 @@ struct Avx512 {
 #pragma GCC unroll 4
       for (int i = 0; i < NQ; ++i) acc[i][c] = _mm512_add_ps(a0[i], a1[i]);
     }
+  }
+  // The same over rows already in L1 (a block widened from bf16): the four rows in lockstep,
+  // each q and k vector load feeding 4 and NQ FMAs (fewer loads: 1.3x faster hot for 4 queries).
+  template <int NQ>
+  static void accumulate_lockstep(const float* q, const char* const* k, int64_t n, __m512 acc[NQ][4]) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = n - d >= 16 ? __mmask16(0xffff) : tail(n - d);
+      __m512 kv[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) kv[c] = RowF32::load(k[c], d, m);
+#pragma GCC unroll 4
+      for (int i = 0; i < NQ; ++i) {
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + i * n + d);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(qv, kv[c], acc[i][c]);
+      }
+    }
+  }
+  template <int NQ, class R, bool Lockstep>
+  static void dots_n(const float* q, const char* const* k, int64_t n, float out[kQB][4]) {
+    __m512 acc[NQ][4];
+    if (Lockstep) accumulate_lockstep<NQ>(q, k, n, acc);
+    else accumulate_rows<NQ, R>(q, k, n, acc);
     // Per query, the 4 accumulators reduce together: interleave-add pairs, then the four
     // 128-bit lanes; 12 instructions instead of four separate horizontal sums.
 #pragma GCC unroll 4
@@ -139,18 +165,20 @@ struct Avx512 {
       _mm_storeu_ps(out[i], _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
     }
   }
-  template <class R>
+  template <class R, bool Lockstep>
   static void dots_r(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4]) {
     switch (nq) {
-      case 1: dots_n<1, R>(q, k, n, out); break;
-      case 2: dots_n<2, R>(q, k, n, out); break;
-      case 3: dots_n<3, R>(q, k, n, out); break;
-      default: dots_n<4, R>(q, k, n, out); break;
+      case 1: dots_n<1, R, Lockstep>(q, k, n, out); break;
+      case 2: dots_n<2, R, Lockstep>(q, k, n, out); break;
+      case 3: dots_n<3, R, Lockstep>(q, k, n, out); break;
+      default: dots_n<4, R, Lockstep>(q, k, n, out); break;
     }
   }
-  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool bf16) {
-    if (bf16) dots_r<RowBf16>(q, nq, k, n, out);
-    else dots_r<RowF32>(q, nq, k, n, out);
+  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool bf16,
+                   bool widened) {
+    if (bf16) dots_r<RowBf16, false>(q, nq, k, n, out);
+    else if (widened) dots_r<RowF32, true>(q, nq, k, n, out);
+    else dots_r<RowF32, false>(q, nq, k, n, out);
   }
   // acc[i] += sum_c p[i][cols[c]] * v[c] for NQ queries, 16 * W columns of D at a time kept
   // in registers (NQ x W accumulators) over all visible keys of the block.

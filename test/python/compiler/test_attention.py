@@ -120,6 +120,36 @@ def test_kernel_matches_eager_sdpa(isa, shape, dtype):
                     assert torch.equal(eager[dead].float(), got[dead].float()), what
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_kernel_decode_shapes(isa, dtype):
+    """Decode (T = 1..4 queries, each a register-blocked path) over caches whose visible
+    keys end anywhere in a group of 4 and of 64 (S = 1, 5, 63, 66, 129), the 953M (16/16 x 128)
+    and 2B4T (20/5 x 128) head layouts and a head dim with a vector tail (40): the decode
+    mask (key s visible to query t iff s <= pos + t), a random mask with an all-false row,
+    and the decode mask as a causal flag with a prefix mask."""
+    for h, hkv, d in ((16, 16, 128), (20, 5, 128), (4, 2, 40)):
+        for t in (1, 2, 3, 4):
+            for s in (1, 5, 63, 66, 129):
+                shape = (1, h, hkv, t, s, d)
+                q, k, v = _inputs(shape, dtype, seed=s * 7 + t)
+                pos = max(0, s - t)
+                decode = torch.arange(s)[None] <= (pos + torch.arange(t))[:, None]
+                rand = torch.rand(t, s, generator=torch.Generator().manual_seed(s + t)) < 0.5
+                rand[t - 1] = False
+                for name, mask, causal in (("decode", decode, False), ("random", rand, False),
+                                           ("prefix+causal", decode[-1:], True)):
+                    got = fused_attention(q, k, v, mask, causal=causal)
+                    assert last_isa() == isa
+                    ref = _reference(q, k, v, mask, 1.0 / d ** 0.5, causal)
+                    what = f"{isa} {dtype} H={h}/{hkv} D={d} T={t} S={s} mask={name}"
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5, msg=what)
+                    else:
+                        torch.testing.assert_close(got.float(), ref, atol=4e-3, rtol=8e-3, msg=what)
+                    dead = _all_false_rows(q, k, mask, causal)
+                    assert torch.equal(got[dead].float(), torch.zeros_like(got[dead].float())), what
+
+
 def test_kernel_bf16_matches_eager_bf16(isa):
     """Against eager bf16 SDPA itself (which rounds probabilities to bf16 internally): close."""
     q, k, v = _inputs((1, 8, 8, 17, 200, 64), torch.bfloat16, seed=3)
