@@ -68,24 +68,36 @@ void run_heads(const Args& a) {
   const int64_t group = a.H / a.Hkv;
   const float ninf = -INFINITY;
 
-  for (int64_t bh = a.bh_begin; bh < a.bh_end; ++bh) {
-    const int64_t b = bh / a.H, h = bh % a.H, hk = h / group;
-    const char* qh = a.q + size_t((b * a.H + h) * T * D) * es;
+  // One pass over a KV head serves every query of the call that reads it: the T queries of
+  // each of its query heads inside [bh_begin, bh_end) (GQA: up to H / Hkv heads), taken
+  // head by head in blocks of kQB. A GQA decode step (T = 1) thus scores and sums 4 heads
+  // per K/V row read instead of re-reading the rows once per head.
+  for (int64_t bh = a.bh_begin; bh < a.bh_end;) {
+    const int64_t b = bh / a.H, h0 = bh % a.H, hk = h0 / group;
+    int64_t h1 = (hk + 1) * group;                                  // end of this KV head's group
+    if (b * a.H + h1 > a.bh_end) h1 = a.bh_end - b * a.H;         // or of the call's range
+    const int64_t nqall = (h1 - h0) * T;
+    bh = b * a.H + h1;
     const char* kh = a.k + size_t((b * a.Hkv + hk) * S * D) * es;
     const char* vh = a.v + size_t((b * a.Hkv + hk) * S * D) * es;
-    char* oh = a.out + size_t((b * a.H + h) * T * D) * es;
-    const uint8_t* mh = nullptr;
-    int64_t m_row = 0, m_col = 0;
-    if (a.mask) {
-      mh = a.mask + ((a.mb > 1 ? b : 0) * a.mh + (a.mh > 1 ? h : 0)) * a.mt * a.ms;
-      m_row = a.mt > 1 ? a.ms : 0;
-      m_col = a.ms > 1 ? 1 : 0;
-    }
-    for (int64_t t0 = 0; t0 < T; t0 += kQB) {
-      const int nq = int(T - t0 < kQB ? T - t0 : kQB);
+    const int64_t m_row = a.mask && a.mt > 1 ? a.ms : 0;
+    const int64_t m_col = a.mask && a.ms > 1 ? 1 : 0;
+    for (int64_t u0 = 0; u0 < nqall; u0 += kQB) {
+      const int nq = int(nqall - u0 < kQB ? nqall - u0 : kQB);
       float m[kQB], l[kQB];
+      int64_t tq[kQB];                 // query i's position (for the causal limit)
+      char* oq[kQB];                   // its output row
+      const uint8_t* mq[kQB];          // its mask row (nullptr: no mask)
+      int64_t tmax = 0;
       for (int i = 0; i < nq; ++i) {
-        P::to_f32(qh + size_t((t0 + i) * D) * es, qf + i * D, D, a.bf16);
+        const int64_t h = h0 + (u0 + i) / T, t = (u0 + i) % T;
+        const size_t row = size_t(((b * a.H + h) * T + t) * D) * es;
+        tq[i] = t;
+        tmax = t > tmax ? t : tmax;
+        oq[i] = a.out + row;
+        mq[i] = a.mask ? a.mask + ((a.mb > 1 ? b : 0) * a.mh + (a.mh > 1 ? h : 0)) * a.mt * a.ms + t * m_row
+                       : nullptr;
+        P::to_f32(a.q + row, qf + i * D, D, a.bf16);
         memset(acc + i * D, 0, size_t(D) * sizeof(float));
         m[i] = ninf;
         l[i] = 0.f;
@@ -96,7 +108,7 @@ void run_heads(const Args& a) {
       const bool widen = a.bf16 && (!P::kDirectBf16 || nq > 2);
       const bool raw_bf16 = a.bf16 && !widen;
       int64_t kend = S;
-      if (a.causal && t0 + nq < kend) kend = t0 + nq;  // keys after the block's last query
+      if (a.causal && tmax + 1 < kend) kend = tmax + 1;  // keys after the block's last query
       for (int64_t k0 = 0; k0 < kend; k0 += kKB) {
         const int nk = int(kend - k0 < kKB ? kend - k0 : kKB);
         // Visibility as bit sets (bit j = key k0 + j): mask bytes, then the causal limit.
@@ -104,9 +116,9 @@ void run_heads(const Args& a) {
         uint64_t colbits = 0;
         for (int i = 0; i < nq; ++i) {
           uint64_t bits = all;
-          if (mh) bits &= P::nonzero_bits(mh + (t0 + i) * m_row + k0 * m_col, m_col, nk);
+          if (mq[i]) bits &= P::nonzero_bits(mq[i] + k0 * m_col, m_col, nk);
           if (a.causal) {
-            const int64_t last = t0 + i - k0;  // highest visible key in the block
+            const int64_t last = tq[i] - k0;  // highest visible key in the block
             bits &= last < 0 ? 0 : last >= 63 ? ~uint64_t(0) : (uint64_t(1) << (last + 1)) - 1;
           }
           allow[i] = bits;
@@ -171,7 +183,7 @@ void run_heads(const Args& a) {
       for (int i = 0; i < nq; ++i) {
         // All keys masked: a zero row (eager CPU SDPA's answer), not 0/0. NaN stays NaN.
         const float inv = l[i] == 0.f ? 0.f : 1.f / l[i];
-        P::store(acc + i * D, inv, oh + size_t((t0 + i) * D) * es, D, a.bf16);
+        P::store(acc + i * D, inv, oq[i], D, a.bf16);
       }
     }
   }

@@ -126,7 +126,9 @@ def test_kernel_decode_shapes(isa, dtype):
     keys end anywhere in a group of 4 and of 64 (S = 1, 5, 63, 66, 129), the 953M (16/16 x 128)
     and 2B4T (20/5 x 128) head layouts and a head dim with a vector tail (40): the decode
     mask (key s visible to query t iff s <= pos + t), a random mask with an all-false row,
-    and the decode mask as a causal flag with a prefix mask."""
+    a per-head mask (a GQA group's heads share K/V rows but not mask rows), and the decode
+    mask as a causal flag with a prefix mask. One call covers all heads, so query blocks
+    span the heads of a KV group."""
     for h, hkv, d in ((16, 16, 128), (20, 5, 128), (4, 2, 40)):
         for t in (1, 2, 3, 4):
             for s in (1, 5, 63, 66, 129):
@@ -136,8 +138,10 @@ def test_kernel_decode_shapes(isa, dtype):
                 decode = torch.arange(s)[None] <= (pos + torch.arange(t))[:, None]
                 rand = torch.rand(t, s, generator=torch.Generator().manual_seed(s + t)) < 0.5
                 rand[t - 1] = False
+                per_head = torch.rand(1, h, t, s, generator=torch.Generator().manual_seed(s * t)) < 0.5
+                per_head[0, h - 1, 0] = False
                 for name, mask, causal in (("decode", decode, False), ("random", rand, False),
-                                           ("prefix+causal", decode[-1:], True)):
+                                           ("per-head", per_head, False), ("prefix+causal", decode[-1:], True)):
                     got = fused_attention(q, k, v, mask, causal=causal)
                     assert last_isa() == isa
                     ref = _reference(q, k, v, mask, 1.0 / d ** 0.5, causal)
@@ -148,6 +152,24 @@ def test_kernel_decode_shapes(isa, dtype):
                         torch.testing.assert_close(got.float(), ref, atol=4e-3, rtol=8e-3, msg=what)
                     dead = _all_false_rows(q, k, mask, causal)
                     assert torch.equal(got[dead].float(), torch.zeros_like(got[dead].float())), what
+
+
+def test_kernel_head_ranges(isa):
+    """Compiled code calls the kernel per head range; a range that starts or ends inside a
+    GQA group computes exactly its heads (and the same values as one call over all)."""
+    from lowbit.compiler.attention_op import _kernel, DTYPE_CODES
+    q, k, v = _inputs((2, 6, 2, 3, 70, 24), torch.float32, seed=11)
+    mask = torch.rand(2, 6, 3, 70, generator=torch.Generator().manual_seed(12)) < 0.6
+    whole = fused_attention(q, k, v, mask)
+    for begin, end in ((0, 1), (1, 5), (2, 3), (4, 12), (0, 12)):
+        out = torch.full_like(q, 7.0)
+        rc = _kernel().lowbit_attention_invoke(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                               mask.data_ptr(), out.data_ptr(), 2, 6, 2, 3, 70, 24,
+                                               2, 6, 3, 70, 24 ** -0.5, 0, begin, end)
+        assert rc == 0
+        flat, ref = out.view(12, 3, 24), whole.view(12, 3, 24)
+        assert torch.equal(flat[begin:end], ref[begin:end]), (begin, end)
+        assert bool((flat[:begin] == 7.0).all()) and bool((flat[end:] == 7.0).all()), (begin, end)
 
 
 def test_kernel_bf16_matches_eager_bf16(isa):
