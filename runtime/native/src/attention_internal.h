@@ -7,9 +7,9 @@
 //   P::exp_sum(s, n, m)              s[i] = exp(s[i] - m) (0 where s[i] == -inf), returns the sum
 //   P::max(s, n)                     max of s (-inf for an all -inf row)
 //   P::store(acc, c, dst, n, bf16)   dst = acc * c, rounded to bf16 (nearest even) when bf16
-//   P::dots(q, nq, k, n, out, bf16, widened)  out[i][c] = dot(q + i * n, k[c], n) for nq <= 4
+//   P::dots(q, nq, k, n, out, bf16, resident)  out[i][c] = dot(q + i * n, k[c], n) for nq <= 4
 //                                    queries x 4 keys (k[c] fp32 rows, or bf16 rows when bf16: only
-//                                    if kDirectBf16; widened: fp32 rows in the L1 block buffer)
+//                                    if kDirectBf16; resident: the rows are likely in cache)
 //   P::pv(acc, nq, n, p, cols, nc, v, bf16) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq),
 //                                    v[c] as for dots
 //   P::kDirectBf16                   dots / pv can read bf16 rows themselves (else, and for
@@ -107,6 +107,9 @@ void run_heads(const Args& a) {
       // from DRAM than widening inside the 4-query dots).
       const bool widen = a.bf16 && (!P::kDirectBf16 || nq > 2);
       const bool raw_bf16 = a.bf16 && !widen;
+      // Rows in cache: widened into the block buffer, or read again by a later query block of
+      // this KV head (prefill; the first block streamed them). Scored in lockstep then.
+      const bool resident = widen || u0 > 0;
       int64_t kend = S;
       if (a.causal && tmax + 1 < kend) kend = tmax + 1;  // keys after the block's last query
       for (int64_t k0 = 0; k0 < kend; k0 += kKB) {
@@ -146,7 +149,7 @@ void run_heads(const Args& a) {
           const int nc = nv - c < 4 ? nv - c : 4;
           const char* four[4];
           for (int u = 0; u < 4; ++u) four[u] = rows[c + (u < nc ? u : nc - 1)];  // tail: repeat the last row
-          P::dots(qf, nq, four, D, out, raw_bf16, widen);
+          P::dots(qf, nq, four, D, out, raw_bf16, resident);
           for (int i = 0; i < nq; ++i)
             for (int u = 0; u < nc; ++u) {
               const int j = vis[c + u];
