@@ -25,7 +25,7 @@ import torch
 from lowbit.compiler.tensor_spec import TensorSpec
 
 FORMAT = "lowbit-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CODE = "code.so"
 WEIGHTS = "weights.safetensors"

@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 log = logging.getLogger("lowbit.cache")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 DEFAULT_MAX_BYTES = 2 << 30
 _OFF = ("0", "false", "no", "off")
 _ON = ("", "1", "true", "yes", "on")

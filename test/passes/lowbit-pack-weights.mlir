@@ -7,8 +7,8 @@
 // A 4x8 ternary layer in one K-block of 8: 64-row n-block = 128 bytes of codes +
 // 64 fp32 scales (0.165519208 = 0x3E297DDE, little endian DE7D293E) + 64 int32 offsets.
 // CHECK: func.func private @lowbit_qlinear_0
-// CHECK-SAME: lowbit.packed = {bias = "lowbit_qlinear_0_bias", bytes = 640 : i64, kblock = 8 : i64, kblock_bytes = 640 : i64, nblock_bytes = 640 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}
-// CHECK: memref.global "private" constant @lowbit_qlinear_0_packed : memref<640xi8> = dense<"0x{{[0-9A-F]*}}DE7D293EDE7D293E{{[0-9A-F]*}}"> {alignment = 64 : i64}
+// CHECK-SAME: lowbit.packed = {bias = "lowbit_qlinear_0_bias", bytes = 384 : i64, kblock = 8 : i64, kblock_bytes = 384 : i64, nblock_bytes = 384 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}
+// CHECK: memref.global "private" constant @lowbit_qlinear_0_packed : memref<384xi8> = dense<"0x{{[0-9A-F]*}}DE7D293EDE7D293E{{[0-9A-F]*}}"> {alignment = 64 : i64}
 // CHECK: memref.global "private" constant @lowbit_qlinear_0_bias : memref<4xf32> = dense<[-0.229166105, -0.162752241, -0.247006699, -0.331124306]>
 #map = affine_map<(d0, d1, d2) -> (d0, d2)>
 #map1 = affine_map<(d0, d1, d2) -> (d1, d2)>

@@ -142,7 +142,7 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     const uint8_t* w = nblock + i * d.stride_b;
     const int8_t* x = static_cast<const int8_t*>(g.a) + m0 * lda + i * d.stride_a;
     const float* scale = reinterpret_cast<const float*>(w + cb);
-    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    const int32_t* off = kblock_offsets(f, w, cb);
 #pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       __m256i acc[MB][4];
@@ -170,7 +170,7 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
       for (int j = 0; j < 4; ++j) {
         const int64_t c0 = 16 * j + 8 * half;
         const __m256 sc = _mm256_loadu_ps(scale + c0);
-        const __m256i of = _mm256_loadu_si256((const __m256i*)(off + c0));
+        const __m256i of = off ? _mm256_loadu_si256((const __m256i*)(off + c0)) : _mm256_set1_epi32(f.offset);
 #pragma GCC unroll 8
         for (int r = 0; r < MB; ++r) {
           __m256i t = acc[r][j];
@@ -210,7 +210,7 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     const uint8_t* w = nblock + i * d.stride_b;
     const int64_t x0 = m0 * lda + i * d.stride_a;
     const float* scale = reinterpret_cast<const float*>(w + cb);
-    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    const int32_t* off = kblock_offsets(f, w, cb);
 #pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       __m256 acc[MB][4];
@@ -221,7 +221,8 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const __m256 corr =
-            _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(off + 16 * j + 8 * half)));
+            off ? _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(off + 16 * j + 8 * half)))
+                : _mm256_set1_ps(float(f.offset));
         for (int64_t s = 0; s < steps; ++s)
 #pragma GCC unroll 2
           for (int h = 0; h < kSubSteps<BITS>; ++h) {

@@ -364,7 +364,8 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
 
     // Flush: t = a*acc - (offset + z)*rowsum exactly in int32, then scale into the fp32 tile.
     const float* scale = reinterpret_cast<const float*>(w + cb);
-    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    const int32_t* off = kblock_offsets(f, w, cb);
+    const __m512i coff = _mm512_set1_epi32(f.offset);
 #pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       __m512i t[4];
@@ -382,7 +383,7 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
       for (int j = 0; j < 4; ++j) {
         if (kScaled && field_shift<BITS>(j)) t[j] = _mm512_srai_epi32(t[j], field_shift<BITS>(j));
         if (f.a == 2) t[j] = _mm512_slli_epi32(t[j], 1);
-        t[j] = _mm512_sub_epi32(t[j], _mm512_mullo_epi32(_mm512_loadu_si512(off + 16 * j), rsum));
+        t[j] = _mm512_sub_epi32(t[j], _mm512_mullo_epi32(off ? _mm512_loadu_si512(off + 16 * j) : coff, rsum));
         __m512 sr = _mm512_loadu_ps(scale + 16 * j);
         if (per_block) sr = _mm512_mul_ps(sr, ascale);
         _mm512_store_ps(&tile[r][16 * j],
@@ -421,10 +422,11 @@ void mblock_fp(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
     const uint8_t* w = nblock + i * d.stride_b;
     const int64_t x0 = m0 * lda + i * d.stride_a;
     const float* scale = reinterpret_cast<const float*>(w + cb);
-    const int32_t* off = reinterpret_cast<const int32_t*>(w + cb + NB * 4);
+    const int32_t* off = kblock_offsets(f, w, cb);
     __m512 corr[4], acc[MB][4];
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) corr[j] = _mm512_cvtepi32_ps(_mm512_loadu_si512(off + 16 * j));
+    for (int j = 0; j < 4; ++j)
+      corr[j] = off ? _mm512_cvtepi32_ps(_mm512_loadu_si512(off + 16 * j)) : _mm512_set1_ps(float(f.offset));
 #pragma GCC unroll 8
     for (int r = 0; r < MB; ++r)
 #pragma GCC unroll 4

@@ -39,11 +39,18 @@ inline bool format_of(int32_t wfmt, Format* f) {
   }
 }
 
-// Bytes of one K-block of one n-block: codes, then 64 fp32 scales, then 64 int32 offsets.
-inline int64_t kblock_bytes(const Format& f, int64_t kblock) {
-  return kblock / f.kg * f.step_bytes + NB * 4 + NB * 4;
-}
 inline int64_t codes_bytes(const Format& f, int64_t kblock) { return kblock / f.kg * f.step_bytes; }
+// Bytes of one K-block of one n-block: codes, then 64 fp32 scales, then -- only for formats
+// with zero points -- 64 int32 offsets c[n] = offset + z[n]. A symmetric format's c is the
+// constant f.offset, so it is not stored: with per-group scales (group 32) the offsets were
+// a sixth of the bytes a decode step streams.
+inline int64_t kblock_bytes(const Format& f, int64_t kblock) {
+  return codes_bytes(f, kblock) + NB * 4 + (f.zero_point ? NB * 4 : 0);
+}
+// The offsets of a K-block whose codes take `cb` bytes (nullptr: the constant f.offset).
+inline const int32_t* kblock_offsets(const Format& f, const uint8_t* block, int64_t cb) {
+  return f.zero_point ? reinterpret_cast<const int32_t*>(block + cb + NB * 4) : nullptr;
+}
 
 // Position of code (n_local in [0,64), k_local in [0, kblock)) inside a K-block's codes:
 // byte index and bit shift. Decoded operand vector j of a 4-k sub-step holds, at byte

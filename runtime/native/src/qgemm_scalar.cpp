@@ -59,7 +59,7 @@ void tile_scalar(const Desc& d, const Args& g) {
     for (int64_t i = 0; i < g.count; ++i) {
       const uint8_t* blk = nblock + i * d.stride_b;
       const float* scale = reinterpret_cast<const float*>(blk + cb);
-      const int32_t* off = reinterpret_cast<const int32_t*>(blk + cb + NB * 4);
+      const int32_t* off = kblock_offsets(f, blk, cb);
       decode_kblock(f, blk, kb, u.data());
       for (int64_t r = 0; r < d.m; ++r) {
         float* out = &acc[size_t(r * NB)];
@@ -71,14 +71,14 @@ void tile_scalar(const Desc& d, const Args& g) {
             const uint8_t* w = &u[size_t(nl * kb)];
             uint32_t s = 0;  // wraps like vpdpbusd; the corrected sum below is exact mod 2^32
             for (int64_t k = 0; k < kb; ++k) s += uint32_t(int32_t(x[k]) * int32_t(w[k]));
-            const int32_t t = int32_t(uint32_t(f.a) * s - uint32_t(off[nl]) * rs);
+            const int32_t t = int32_t(uint32_t(f.a) * s - uint32_t(off ? off[nl] : f.offset) * rs);
             out[nl] += float(t) * scale[nl] * inv;
           }
         } else {
           const int64_t x0 = r * d.lda + i * d.stride_a;
           for (int64_t nl = 0; nl < NB; ++nl) {
             const uint8_t* w = &u[size_t(nl * kb)];
-            const float c = float(off[nl]);
+            const float c = float(off ? off[nl] : f.offset);
             float s = 0.0f;
             for (int64_t k = 0; k < kb; ++k)
               s += load_act(d.atype, g.a, x0 + k) * (float(f.a * w[k]) - c);

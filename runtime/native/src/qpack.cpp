@@ -142,11 +142,11 @@ int32_t lowbit_qpack(int32_t wfmt, const int8_t* q, int64_t n, int64_t k, int64_
       }
       const int64_t g = per_channel ? 0 : kb;
       float* sc = reinterpret_cast<float*>(codes + cb);
-      int32_t* of = reinterpret_cast<int32_t*>(codes + cb + NB * 4);
+      int32_t* of = f.zero_point ? reinterpret_cast<int32_t*>(codes + cb + NB * 4) : nullptr;
       for (int64_t nl = 0; nl < NB; ++nl) {
         const int64_t r = b * NB + nl;
         sc[nl] = nl < rows ? scale[r * ngroups + g] : 0.0f;
-        of[nl] = nl < rows ? f.offset + (zero ? zero[r * ngroups + g] : 0) : 0;
+        if (of) of[nl] = nl < rows ? f.offset + zero[r * ngroups + g] : 0;
       }
     }
   }

@@ -108,8 +108,14 @@ def test_pack_layout_is_vnni4_interleaved():
     assert (int(b[0]) >> 6) & 3 == 0
     assert (int(b[1]) >> 6) & 3 == 2  # q = 0 -> code 2
     scales = pw.data[64:64 + 256].view(torch.float32)
-    offsets = pw.data[64 + 256:64 + 512].view(torch.int32)
-    assert torch.equal(scales, torch.ones(64)) and torch.equal(offsets, torch.full((64,), 2, dtype=torch.int32))
+    assert torch.equal(scales, torch.ones(64))
+    # A symmetric format's offset is the constant 2: the K-block ends with the scales.
+    assert pw.data.numel() == 64 + 256
+    # With zero points, 64 int32 offsets (offset 0 + z) follow the scales.
+    zero = torch.arange(64, dtype=torch.int8).remainder(4).view(n, 1)
+    pa = qgemm.pack_weight(torch.zeros(n, k, dtype=torch.int8), torch.ones(n, 1), "int2_asym", group=k, zero=zero)
+    assert pa.data.numel() == 64 + 512
+    assert torch.equal(pa.data[64 + 256:].view(torch.int32), zero.view(-1).to(torch.int32))
 
 
 # ----------------------------------------------------------------------------- activations

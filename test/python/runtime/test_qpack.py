@@ -49,9 +49,10 @@ def reference_pack(fmt, q, scale, group, zero, kblock):
             g = 0 if ngroups == 1 else kb
             base = (row // 64) * nbb + kb * kbb + codes
             out[base + 4 * (row % 64): base + 4 * (row % 64) + 4] = np.array([scale[row, g]], np.float32).view(np.uint8)
-            offv = OFFSET[fmt] + (int(zero[row, g]) if zero is not None else 0)
-            o = base + 256 + 4 * (row % 64)
-            out[o:o + 4] = np.array([offv], np.int32).view(np.uint8)
+            if FORMAT_INFO[fmt].zero_point:  # symmetric formats store no offsets (constant)
+                offv = OFFSET[fmt] + int(zero[row, g])
+                o = base + 256 + 4 * (row % 64)
+                out[o:o + 4] = np.array([offv], np.int32).view(np.uint8)
     return out
 
 
