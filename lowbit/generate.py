@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from lowbit.models import DecoderBlock, LlamaConfig, TinyLlama, reset_caches
+from lowbit.models import DecoderBlock, LlamaConfig, TinyLlama, fuse_projections_, reset_caches
 
 log = logging.getLogger("lowbit.generate")
 
@@ -190,13 +190,15 @@ def embedding_config(embedding: str):
 
 def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activations: str = "int8",
                 dtype: torch.dtype = torch.float32, head: str = "none",
-                embedding: str = "none") -> tuple[TinyLlama, float]:
+                embedding: str = "none", fused: bool = False) -> tuple[TinyLlama, float]:
     """The preset model with `block_tensors` weights; returns (model, seconds spent in quantize_).
 
     Layers are made and quantized one at a time (peak memory: the quantized model plus one
     fp layer). ``weights="none"`` keeps the exact-ternary fp weights (QAT-style) in ``dtype``.
     ``head``: see `HEAD_CHOICES` (quantized in fp32, before any cast to ``dtype``);
     ``embedding``: see `EMBEDDING_CHOICES` (likewise).
+    ``fused``: quantized layers' q/k/v and w1/w3 as one linear each (`lowbit.models.fuse_projections_`):
+    the same outputs, fewer tensors for dynamo to trace (`generate` builds presets fused).
     """
     import lowbit
     qconfig = _quant_config(weights, activations)
@@ -225,6 +227,8 @@ def build_llama(cfg: LlamaConfig, seed: int = 0, weights: str = "ternary", activ
                 t = time.perf_counter()
                 lowbit.quantize_(block, qconfig)
                 quantize_s += time.perf_counter() - t
+                if fused:
+                    fuse_projections_(block)
             _cast_float_params_(block, dtype)
             model.layers.append(block)
         if hconfig is not None:
@@ -663,7 +667,8 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         vocab = cfg.vocab_size
         prompt = _as_prompt(prompt_tokens, vocab, seed)
         cfg = dataclasses.replace(cfg, max_seq_len=prompt.numel() + max_new_tokens, max_batch=1)
-        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype, head=head, embedding=embedding)
+        model, quantize_s = build_llama(cfg, seed, weights, activations, dtype, head=head, embedding=embedding,
+                                        fused=True)
         described = _describe_cfg(cfg)
     elif isinstance(model_or_config, TinyLlama):
         model = model_or_config
