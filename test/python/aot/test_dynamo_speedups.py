@@ -90,8 +90,15 @@ def test_installed_on_this_torch():
     assert dynamo_speedups.installed()
     from torch._dynamo.variables import invoke_subgraph
     from torch._guards import ChainedSource
+    from torch._dynamo import guards
     assert hasattr(invoke_subgraph.is_reusable, "_lowbit_original")
+    assert hasattr(invoke_subgraph.stamp_out_subgraph, "_lowbit_original")
     assert hasattr(ChainedSource.clone, "_lowbit_original")
+    assert hasattr(guards.profile_guard_manager, "_lowbit_original")
+    dynamo_speedups.uninstall()
+    assert not any(hasattr(f, "_lowbit_original") for f in (invoke_subgraph.is_reusable, ChainedSource.clone,
+                                                            invoke_subgraph.stamp_out_subgraph,
+                                                            guards.profile_guard_manager))
 
 
 def test_same_graphs_as_torch_and_a_differing_layer_is_traced_apart():
@@ -194,3 +201,64 @@ def test_memoized_clone_equals_torch_clone():
     assert got[0].name == "L['self'].layers[3].attention.wq"
     # the memo lives for one check only
     assert getattr(dynamo_speedups._state, "memo", None) is None
+
+
+def test_stamp_out_transforms_share_the_memo_by_what_they_compute():
+    """stamp_out_subgraph remaps each source with a new `lambda s: source_replacement.get(s, s)`:
+    lambdas of one code over the same dictionary share memoized clones; over another dictionary
+    (or another code) they do not, and every result equals torch's clone."""
+    from torch._dynamo.source import AttrSource, GetItemSource, LocalSource
+
+    root = AttrSource(LocalSource("self"), "layers")
+    old = GetItemSource(root, 0)
+    sources = [AttrSource(AttrSource(old, "attention"), n) for n in ("wqkv", "wo")] + [AttrSource(old, "ffn_norm")]
+    original = torch._guards.ChainedSource.clone._lowbit_original
+
+    def remaps(mapping):  # a new function object per call, as in torch's loop
+        return [s.clone(lambda s: mapping.get(s, s)) for s in sources]
+
+    to3, to5 = {old: GetItemSource(root, 3)}, {old: GetItemSource(root, 5)}
+    got = []
+
+    def stamp_out():
+        got.append(remaps(to3) + remaps(to5) + remaps(to3))
+        got.append(dict(dynamo_speedups._state.memo))
+
+    dynamo_speedups._memoizing(stamp_out)()
+    want = [original(s, lambda s: m.get(s, s)) for m in (to3, to5, to3) for s in sources]
+    assert got[0] == want
+    assert [s.name for s in got[0][:2]] == ["L['self'].layers[3].attention.wqkv", "L['self'].layers[3].attention.wo"]
+    assert got[0][3].name == "L['self'].layers[5].attention.wqkv"
+    assert len(got[1]) == 2  # one memo per dictionary, not one per lambda
+    def key(mapping):
+        return dynamo_speedups._transform_key(lambda s: mapping.get(s, s))[0]
+
+    assert key(to3) == key(to3) and key(to3) != key(to5)
+    assert key(to3) != dynamo_speedups._transform_key(lambda s: to3.get(s, None) or s)[0]  # other code
+    assert dynamo_speedups._transform_key(_summary) == (_summary,)  # no closure: the function itself
+
+
+def test_guard_latency_is_measured_only_when_someone_reads_it(monkeypatch):
+    import logging
+    from torch._dynamo import guards
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return 1.0
+
+    monkeypatch.setattr(guards, "profile_guard_manager", dynamo_speedups._unprofiled(spy))
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
+    assert calls == []
+    # the guards are dynamo's own: a dtype change still recompiles, and the result is right
+    assert torch.equal(f(torch.ones(3, dtype=torch.float64)), torch.full((3,), 3.0, dtype=torch.float64))
+    assert calls == []
+    level = guards.guards_log.level
+    guards.guards_log.setLevel(logging.DEBUG)
+    try:
+        f(torch.ones(2, 2))  # a new rank: another graph, guards built with the debug log on
+    finally:
+        guards.guards_log.setLevel(level)
+    assert len(calls) == 1
