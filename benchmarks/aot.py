@@ -26,8 +26,10 @@ Every step runs in its own fresh process (a cold start is what is measured):
    block's `nested_compile_region` (dynamo traces one layer and reuses it), `each` the block
    unmarked (dynamo traces all of them, as before 2026-11-30). `--dynamo-speedups on,off` runs
    with and without `lowbit.compiler.dynamo_speedups` (memoized source remapping in dynamo's
-   reuse checks of nested regions), interleaved the same way; variants are named `once`,
-   `once/off`, ...
+   reuse checks of nested regions and stamp-outs, no guard-latency measurement), or `reuse`
+   (only the reuse checks' memo, as before session 8), interleaved the same way; `--fused on,off` builds the
+   preset with q/k/v and w1/w3 fused (as `lowbit.generate` does) or separate; variants are
+   named `once`, `once/off`, `once/unfused`, ...
 
 Goals (issue 11): load <= 1 s for the 953M "1b" preset; warm-cache compile <= 5% of cold.
 Prints a table (medians over rounds) and appends a record to benchmarks/results/aot.json.
@@ -132,6 +134,15 @@ from lowbit.compiler import backend as lb_backend, compile_cache
 if {no_speedups!r}:  # dynamo's own reuse check, for comparison
     from lowbit.compiler import dynamo_speedups
     dynamo_speedups.uninstall()
+if {reuse_only!r}:  # only the reuse-check memo (as before session 8): torch's stamp-out and guard profiling
+    from lowbit.compiler import dynamo_speedups
+    from torch._dynamo import guards as _guards
+    from torch._dynamo.variables import invoke_subgraph as _isg
+    _isg.stamp_out_subgraph = dynamo_speedups._installed["stamp_out_subgraph"]
+    _guards.profile_guard_manager = dynamo_speedups._installed["profile_guard_manager"]
+if {unfused!r}:  # the preset with separate q/k/v and w1/w3 linears (as before 2026-11-30), for comparison
+    _build_llama = lowbit.generate.build_llama
+    lowbit.generate.build_llama = lambda *a, **k: _build_llama(*a, **{{**k, "fused": False}})
 from lowbit.compiler.compile_log import counters
 timers = {{"lookup_s": 0.0, "callable_s": 0.0, "graph_s": 0.0}}
 warmup = {{}}
@@ -150,12 +161,13 @@ def eager_backend(gm, example_inputs, **kwargs):  # the floor: dynamo's graph ru
 # generate() resets the runner before each of its 2 warm-up rounds and once more before it
 # generates: the third reset marks the end of the warm-up. The floor stops there (its eager
 # generation would only take time).
-resets = []
+resets, cpu = [], []
 real_reset = lowbit.generate._LlamaRunner.reset
 def reset(self):
     resets.append(time.perf_counter())
+    cpu.append(time.thread_time())  # the main thread's CPU time: dynamo and lowbit's Python, less noisy under load
     if len(resets) == 3:
-        warmup.update(timers, warmup_s=resets[2] - resets[0])
+        warmup.update(timers, warmup_s=resets[2] - resets[0], thread_cpu_s=cpu[2] - cpu[0])
         if {floor!r}:
             print(json.dumps({{"compile_s": warmup["warmup_s"], "warmup_timers": warmup, "tokens": None,
                               "load_average": os.getloadavg()[0], "graphs": compile_counter[0].as_dict() if compile_counter else None}}), flush=True)
@@ -253,7 +265,8 @@ def _print_round(r: int, one: dict, layers: str = "") -> None:
     flag = "" if _valid(one) else "  INVALID: the warm process missed the cache (sources changed?)"
     print(f"  round {r}{' ' + layers if layers else ''}: cold {c['compile_s']:.2f} s (load {c['load_average']:.1f}; "
           f"steady runs {c['steady_warmup_s']:.2f} s), warm {w['compile_s']:.2f} s "
-          f"(load {w['load_average']:.1f}; lookup {w['warmup_timers']['lookup_s']:.2f} s; steady runs "
+          f"(load {w['load_average']:.1f}; main thread CPU {w['warmup_timers'].get('thread_cpu_s', float('nan')):.2f} s; "
+          f"lookup {w['warmup_timers']['lookup_s']:.2f} s; steady runs "
           f"{w['steady_warmup_s']:.2f} s), floor "
           f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f}){flag}", flush=True)
 
@@ -289,6 +302,8 @@ def _jit_summary(all_rounds: list) -> dict:
                        "warm_lookup_s": med(lookup), "warm_backend_s": med(backend),
                        "warm_run_s": med(c - b for c, b in zip(callable_, backend)),
                        "warm_dynamo_s": med(w - c for w, c in zip(warm, callable_)),
+                       "warm_thread_cpu_s": med(r["warm"]["warmup_timers"].get("thread_cpu_s", float("nan"))
+                                                for r in rounds),
                        "floor_s": med(floor), "floor_total_s": med(floor_total), "floor_graph_s": med(floor_graph),
                        "floor_ratio": med(f / c for f, c in zip(floor, cold)),
                        "cold_net_s": med(cold_net), "warm_net_s": med(warm_net),
@@ -317,6 +332,9 @@ def main() -> int:
     ap.add_argument("--dynamo-speedups", default="on", help="comma-separated: 'on' (lowbit.compiler."
                     "dynamo_speedups installed, as lowbit's backend does) and/or 'off' (torch's own code); several "
                     "are interleaved within each round")
+    ap.add_argument("--fused", default="on", help="comma-separated: 'on' (q/k/v and w1/w3 fused into one linear "
+                    "each, as lowbit.generate builds presets) and/or 'off' (separate linears); several are "
+                    "interleaved within each round")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()
     if args.prompt + args.tokens > args.max_seq_len:
@@ -346,20 +364,26 @@ def main() -> int:
             if not layers or any(v not in ("once", "each") for v in layers):
                 raise SystemExit(f"--layers: expected 'once' and/or 'each', got {args.layers!r}")
             speedups = [v.strip() for v in args.dynamo_speedups.split(",") if v.strip()]
-            if not speedups or any(v not in ("on", "off") for v in speedups):
-                raise SystemExit(f"--dynamo-speedups: expected 'on' and/or 'off', got {args.dynamo_speedups!r}")
-            code = lambda floor, flat, off: JIT.format(preset=args.preset, prompt=args.prompt, tokens=args.tokens,
-                                                       floor=floor, flat=flat, no_speedups=off)
-            layers = [v if sp == "on" else f"{v}/off" for v in layers for sp in speedups]
+            if not speedups or any(v not in ("on", "off", "reuse") for v in speedups):
+                raise SystemExit(f"--dynamo-speedups: expected 'on', 'reuse' and/or 'off', got {args.dynamo_speedups!r}")
+            fused = [v.strip() for v in args.fused.split(",") if v.strip()]
+            if not fused or any(v not in ("on", "off") for v in fused):
+                raise SystemExit(f"--fused: expected 'on' and/or 'off', got {args.fused!r}")
+            code = lambda floor, flat, off, reuse, unfused: JIT.format(
+                preset=args.preset, prompt=args.prompt, tokens=args.tokens, floor=floor, flat=flat,
+                no_speedups=off, reuse_only=reuse, unfused=unfused)
+            layers = [v + ("" if sp == "on" else f"/{sp}") + ("" if fu == "on" else "/unfused")
+                      for v in layers for sp in speedups for fu in fused]
             rounds = {v: [] for v in layers}
             for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
                 # with several variants (--layers, --dynamo-speedups), their order alternates from round to round
                 for v in (layers if r % 2 == 0 else layers[::-1]):
                     # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
-                    flat, off = v.split("/")[0] == "each", v.endswith("/off")
+                    parts = v.split("/")
+                    how = (parts[0] == "each", "off" in parts, "reuse" in parts, "unfused" in parts)
                     env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v.replace('/', '-')}")}
-                    one = {"cold": _run(code(False, flat, off), env), "warm": _run(code(False, flat, off), env),
-                           "floor": _run(code(True, flat, off), {"LOWBIT_CACHE": "0"})}
+                    one = {"cold": _run(code(False, *how), env), "warm": _run(code(False, *how), env),
+                           "floor": _run(code(True, *how), {"LOWBIT_CACHE": "0"})}
                     rounds[v].append(one)
                     _print_round(r, one, f"layers traced {v}" if len(layers) > 1 else "")
             jits = {v: {"rounds": rounds[v], **_jit_summary(rounds[v])} for v in layers}
@@ -402,6 +426,7 @@ def main() -> int:
         print(f"    backend: key, digest, load {m['warm_backend_s']:8.2f} s  (lookup_program {m['warm_lookup_s']:.2f} s)")
         print(f"    compiled code (first runs) {m['warm_run_s']:8.2f} s")
         print(f"    dynamo and the rest        {m['warm_dynamo_s']:8.2f} s")
+        print(f"    main thread's CPU time     {m['warm_thread_cpu_s']:8.2f} s  (the warm-up's, whatever the load)")
         print(f"  floor: dynamo alone (eager)  {m['floor_s']:8.2f} s  ({100 * m['floor_ratio']:.1f}% of cold; "
               f"its warm-up {m['floor_total_s']:.2f} s minus {m['floor_graph_s']:.2f} s running the eager graphs)")
         print(f"  without steady-state runs    cold {m['cold_net_s']:.2f} s, warm {m['warm_net_s']:.2f} s "
