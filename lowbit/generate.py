@@ -327,37 +327,51 @@ class _DirectStep:
     guards (the way vLLM's custom dispatcher calls its compiled model).
 
     Made from the one graph call of a step that went through dynamo (`CompileCounter.tap()`):
-    its callable and argument list, with the step's token and position tensors found by
-    identity and its result found in the graph's outputs. It serves the following steps of
-    the same sequence only (the runner drops it at `reset()`), in the grad mode it was made
-    in: within one generation nothing that dynamo's guards check changes (same module
-    objects, parameters and cache buffers, same shapes). What the compiled graph checks
-    itself still runs (lowbit: frozen weights' versions, input signatures, run-time checks).
+    its callable and argument list, with the step's own input tensors (token, position, ...)
+    found by identity and its result found in the graph's outputs. It serves the following
+    steps of the same sequence only (the runner drops it at `reset()`), in the grad mode it
+    was made in: within one generation nothing that dynamo's guards check changes (same
+    module objects, parameters and cache buffers, same shapes). What the compiled graph
+    checks itself still runs (lowbit: frozen weights' versions, input signatures, run-time
+    checks). The runner must know that dynamo's code around the graph has no side effects
+    that a direct call would skip (see `_HFRunner.step`).
     """
 
-    def __init__(self, fn: Callable, args: tuple, i_ids: int, i_pos: int, k_out: int):
-        self.fn, self.args, self.i_ids, self.i_pos, self.k_out = fn, list(args), i_ids, i_pos, k_out
+    def __init__(self, fn: Callable, args: tuple, slots: list[int | None], k_out: int):
+        self.fn, self.args, self.slots, self.k_out = fn, list(args), slots, k_out
         self.grad = torch.is_grad_enabled()
 
     @staticmethod
-    def of(calls: list, ids: torch.Tensor, pos: torch.Tensor, result: Any) -> "_DirectStep | None":
+    def of(calls: list, inputs: Sequence[torch.Tensor], result: Any) -> "_DirectStep | None":
         if len(calls) != 1:  # graph breaks or nothing compiled: keep going through dynamo
             return None
         fn, args, out = calls[0]
-        i_ids = [i for i, a in enumerate(args) if a is ids]
-        i_pos = [i for i, a in enumerate(args) if a is pos]
-        if len(i_ids) != 1 or len(i_pos) != 1 or not isinstance(out, (list, tuple)):
+        slots: list[int | None] = []
+        for t in inputs:
+            found = [i for i, a in enumerate(args) if a is t]
+            if len(found) > 1:
+                return None
+            slots.append(found[0] if found else None)
+        # An input that is not a graph input of its own must alias one that is (dynamo passes
+        # one of two views of a buffer, e.g. HF's position_ids = cache_position.view(1, -1),
+        # and derives the other): the graph then reads it through that one.
+        passed = {inputs[k].untyped_storage().data_ptr() for k, slot in enumerate(slots) if slot is not None}
+        if any(slot is None and t.untyped_storage().data_ptr() not in passed for t, slot in zip(inputs, slots)):
+            return None
+        if not isinstance(out, (list, tuple)):
             return None
         k_out = [k for k, o in enumerate(out) if o is result]
         if len(k_out) != 1:  # dynamo's code did more than pick a graph output
             return None
-        return _DirectStep(fn, args, i_ids[0], i_pos[0], k_out[0])
+        return _DirectStep(fn, args, slots, k_out[0])
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | None:
         if torch.is_grad_enabled() != self.grad:
             return None
         args = self.args
-        args[self.i_ids], args[self.i_pos] = ids, pos
+        for slot, t in zip(self.slots, inputs):
+            if slot is not None:
+                args[slot] = t
         return self.fn(*args)[self.k_out]
 
 
@@ -424,7 +438,7 @@ class _LlamaRunner:
             return self.fn(ids, p)[0, -1]
         with self.counter.tap() as calls:
             out = self.fn(ids, p)
-        self._direct = _DirectStep.of(calls, ids, p, out)
+        self._direct = _DirectStep.of(calls, (ids, p), out)
         return out[0, -1]
 
 
@@ -433,11 +447,14 @@ class _HFRunner:
 
     kind = "transformers"
 
-    def __init__(self, model: nn.Module, fn: Callable, cache: str, max_len: int, dynamic: bool = True):
+    def __init__(self, model: nn.Module, fn: Callable, cache: str, max_len: int, dynamic: bool = True,
+                 counter: CompileCounter | None = None):
         if cache not in ("static", "dynamic"):
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
         self.model, self.fn, self.cache_kind, self.max_len = model, fn, cache, max_len
         self.dynamic = dynamic  # mark sequence dims dynamic (`lowbit.hf.mark_seq_dims`)
+        self.counter = counter  # the backend `fn` compiles with: static-cache decode steps go direct
+        self._direct: _DirectStep | None = None
         self.vocab = model.config.get_text_config().vocab_size
         self.cache = None
         import inspect
@@ -449,6 +466,7 @@ class _HFRunner:
 
     def reset(self) -> None:
         from transformers import DynamicCache, StaticCache
+        self._direct = None
         if self.cache_kind == "static":
             if self.cache is None:
                 self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
@@ -468,21 +486,46 @@ class _HFRunner:
                                         dtype=getattr(self.model, "dtype", torch.float32),
                                         device=getattr(self.model, "device", torch.device("cpu")))
 
-    def _call(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        pos = torch.arange(start, start + ids.shape[1])
+    def _kwargs(self, ids: torch.Tensor, pos: torch.Tensor) -> dict:
         kwargs = dict(input_ids=ids, cache_position=pos, position_ids=pos.view(1, -1), use_cache=True,
                       **{self.cache_arg: self.cache}, **self.keep_arg)
         if self.dynamic:
             from lowbit.hf import mark_seq_dims
             mark_seq_dims(kwargs)
-        out = self.fn(**kwargs)
-        return out.logits[0, -1]
+        return kwargs
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._call(tokens.view(1, -1), 0)
+        ids = tokens.view(1, -1)
+        return self.fn(**self._kwargs(ids, torch.arange(ids.shape[1]))).logits[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        return self._call(torch.tensor([[token]]), pos)
+        ids, p = torch.tensor([[token]]), torch.tensor([pos])
+        if self._direct is not None:
+            out = self._direct(ids, p, p.view(1, -1))
+            if out is not None:
+                return out[0, -1]
+        kwargs = self._kwargs(ids, p)
+        # Direct steps need dynamo's code around the graph to be free of side effects. A
+        # DynamicCache grows by Python list updates there; a StaticCache's state is tensors
+        # the graph updates in place, which is checked here: its Python-level attributes
+        # must come out of a step as they went in.
+        if self.counter is None or self.cache_kind != "static":
+            return self.fn(**kwargs).logits[0, -1]
+        before = _python_state(self.cache)
+        with self.counter.tap() as calls:
+            out = self.fn(**kwargs)
+        if _python_state(self.cache) == before:
+            self._direct = _DirectStep.of(calls, (ids, p, kwargs["position_ids"]), out.logits)
+        return out.logits[0, -1]
+
+
+def _python_state(cache: Any) -> list:
+    """The non-tensor attributes of a transformers cache and of its layers (what a decode
+    step could change outside the compiled graph)."""
+    def plain(obj):
+        return sorted((k, repr(v)) for k, v in vars(obj).items()
+                      if not isinstance(v, (torch.Tensor, list, tuple, dict)))
+    return [plain(cache)] + [plain(layer) for layer in getattr(cache, "layers", [])]
 
 
 # ----------------------------------------------------------------------------- results
@@ -709,7 +752,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         prompt = _as_prompt(prompt_tokens, vocab, seed, tokenizer)
         fn = _compile(hf_model.forward, backend, counter)
         runner: Any = _HFRunner(hf_model, fn, cache, prompt.numel() + max_new_tokens,
-                                dynamic=backend not in ("inductor", "eager"))
+                                dynamic=backend not in ("inductor", "eager"), counter=counter)
     else:
         model = model_or_config if isinstance(model_or_config, TinyLlama) else model
         prompt = _as_prompt(prompt_tokens, model.cfg.vocab_size, seed)

@@ -269,6 +269,62 @@ def test_llama_generate_api_matches_eager_in_two_compiles(tmp_path, monkeypatch,
     print(f"lowbit.generate HF Llama static cache: {compiled.compile_counts}")
 
 
+def _decode(runner, prompt, n=5):
+    runner.reset()
+    logits = [runner.prefill(prompt)]
+    for i in range(n):
+        logits.append(runner.step(int(logits[-1].argmax()), prompt.numel() + i))
+    return logits
+
+
+def test_static_cache_decode_steps_call_the_graph_directly():
+    """`lowbit.generate`'s HF runner: with a StaticCache, decode steps after a sequence's first
+    call its compiled graph directly (past dynamo), with the same logits as going through
+    dynamo every step and eager's tokens; with a DynamicCache (Python-side list updates)
+    they never do, nor when dynamo's code around the graph changes the cache's Python state."""
+    from lowbit.generate import _HFRunner
+    model = _llama()
+    model.eval().requires_grad_(False)
+    prompt = _ids(5)[0]
+    with torch.no_grad():
+        eager = _decode(_HFRunner(model, model.forward, "static", 32), prompt)
+        counter = CompileCounter("lowbit")
+        fn = torch.compile(model.forward, backend=counter)
+        through = _decode(_HFRunner(model, fn, "static", 32), prompt)
+        runner = _HFRunner(model, fn, "static", 32, counter=counter)
+        for _ in range(2):
+            direct = _decode(runner, prompt)
+            assert runner._direct is not None
+            for a, b in zip(direct, through):
+                assert torch.equal(a, b)
+        assert [int(x.argmax()) for x in direct] == [int(x.argmax()) for x in eager]
+        calls = []
+        inner = runner._direct.fn
+        runner._direct.fn = lambda *a: calls.append(1) or inner(*a)
+        runner.step(7, 20)
+        assert calls == [1]
+        runner.reset()
+        assert runner._direct is None
+
+        dynamic = _HFRunner(model, fn, "dynamic", 32, counter=counter)
+        _decode(dynamic, prompt)
+        assert dynamic._direct is None
+
+        # A Python-level side effect on the cache in dynamo's code around the graph: a direct
+        # call would skip it, so steps keep going through dynamo.
+        def counting_forward(**kwargs):
+            kwargs[seen.cache_arg].steps += 1
+            return model.forward(**kwargs)
+
+        torch._dynamo.reset()
+        seen = _HFRunner(model, torch.compile(counting_forward, backend=counter), "static", 32, counter=counter)
+        seen.cache.steps = 0
+        seen.prefill(prompt)
+        for i in range(3):
+            seen.step(5, prompt.numel() + i)
+        assert seen._direct is None and seen.cache.steps == 4
+
+
 def test_bitnet_directory_roundtrip_and_generate_dynamic_eager(tmp_path):
     model = _bitnet(seed=1)
     path = hf.save_pretrained(model, tmp_path / "bitnet")
