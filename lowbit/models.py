@@ -150,11 +150,13 @@ class Attention(nn.Module):
         hd = cfg.head_dim
         if self.fused:
             q, k, v = self.wqkv(x).split(self.qkv_sizes(), dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(b, t, cfg.n_heads, hd).transpose(1, 2)
-        k = k.view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
-        v = v.view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+            q = q.view(b, t, cfg.n_heads, hd).transpose(1, 2)
+            k = k.view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+            v = v.view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+        else:  # (the graph as before fused layers existed, op for op)
+            q = self.wq(x).view(b, t, cfg.n_heads, hd).transpose(1, 2)
+            k = self.wk(x).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
+            v = self.wv(x).view(b, t, cfg.n_kv_heads, hd).transpose(1, 2)
 
         angles = input_pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
@@ -187,9 +189,8 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             gate, up = self.w13(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+            return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class DecoderBlock(nn.Module):
