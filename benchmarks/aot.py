@@ -262,13 +262,13 @@ def _cpu() -> str:
 
 def _print_round(r: int, one: dict, layers: str = "") -> None:
     c, w, f = one["cold"], one["warm"], one["floor"]
+    floor = (f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f})" if f else "not run")
     flag = "" if _valid(one) else "  INVALID: the warm process missed the cache (sources changed?)"
     print(f"  round {r}{' ' + layers if layers else ''}: cold {c['compile_s']:.2f} s (load {c['load_average']:.1f}; "
           f"steady runs {c['steady_warmup_s']:.2f} s), warm {w['compile_s']:.2f} s "
           f"(load {w['load_average']:.1f}; main thread CPU {w['warmup_timers'].get('thread_cpu_s', float('nan')):.2f} s; "
           f"lookup {w['warmup_timers']['lookup_s']:.2f} s; steady runs "
-          f"{w['steady_warmup_s']:.2f} s), floor "
-          f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f}){flag}", flush=True)
+          f"{w['steady_warmup_s']:.2f} s), floor {floor}{flag}", flush=True)
 
 
 def _valid(one: dict) -> bool:
@@ -290,14 +290,15 @@ def _jit_summary(all_rounds: list) -> dict:
     # time inside the backend's compile entry (program key, weight digests, lookup, loading):
     # CompileCounter's seconds; the rest of the time inside the callable runs compiled code
     backend = [r["warm"]["graphs"]["seconds"] for r in rounds]
-    floor_total = [r["floor"]["compile_s"] for r in rounds]
-    floor_graph = [r["floor"]["warmup_timers"]["graph_s"] for r in rounds]
+    nan = float("nan")
+    floor_total = [r["floor"]["compile_s"] if r["floor"] else nan for r in rounds]
+    floor_graph = [r["floor"]["warmup_timers"]["graph_s"] if r["floor"] else nan for r in rounds]
     floor = [t - g for t, g in zip(floor_total, floor_graph)]
     # compile without running: the warm-up minus the same calls timed at steady state afterwards
     # (the floor's warm-up already excludes all time inside its eager graphs)
     cold_net = [r["cold"]["compile_s"] - r["cold"]["steady_warmup_s"] for r in rounds]
     warm_net = [r["warm"]["compile_s"] - r["warm"]["steady_warmup_s"] for r in rounds]
-    loads = [r[k]["load_average"] for r in rounds for k in ("cold", "warm", "floor")]
+    loads = [r[k]["load_average"] for r in rounds for k in ("cold", "warm", "floor") if r[k]]
     return {"median": {"cold_s": med(cold), "warm_s": med(warm), "warm_ratio": med(w / c for w, c in zip(warm, cold)),
                        "warm_lookup_s": med(lookup), "warm_backend_s": med(backend),
                        "warm_run_s": med(c - b for c, b in zip(callable_, backend)),
@@ -335,6 +336,11 @@ def main() -> int:
     ap.add_argument("--fused", default="on", help="comma-separated: 'on' (q/k/v and w1/w3 fused into one linear "
                     "each, as lowbit.generate builds presets) and/or 'off' (separate linears); several are "
                     "interleaved within each round")
+    ap.add_argument("--variants", default=None, help="comma-separated variant names to run instead of every "
+                    "combination of --layers/--dynamo-speedups/--fused (e.g. 'once,once/reuse/unfused': "
+                    "this session's state against the previous one)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor processes (dynamo alone): "
+                    "each 1b process builds the model anew, ~1-2 min on a loaded machine")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()
     if args.prompt + args.tokens > args.max_seq_len:
@@ -374,6 +380,12 @@ def main() -> int:
                 no_speedups=off, reuse_only=reuse, unfused=unfused)
             layers = [v + ("" if sp == "on" else f"/{sp}") + ("" if fu == "on" else "/unfused")
                       for v in layers for sp in speedups for fu in fused]
+            if args.variants:
+                layers = [v.strip() for v in args.variants.split(",") if v.strip()]
+                for v in layers:
+                    p = v.split("/")
+                    if p[0] not in ("once", "each") or not set(p[1:]) <= {"off", "reuse", "unfused"}:
+                        raise SystemExit(f"--variants: {v!r} is not <once|each>[/off|/reuse][/unfused]")
             rounds = {v: [] for v in layers}
             for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
                 # with several variants (--layers, --dynamo-speedups), their order alternates from round to round
@@ -383,7 +395,7 @@ def main() -> int:
                     how = (parts[0] == "each", "off" in parts, "reuse" in parts, "unfused" in parts)
                     env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v.replace('/', '-')}")}
                     one = {"cold": _run(code(False, *how), env), "warm": _run(code(False, *how), env),
-                           "floor": _run(code(True, *how), {"LOWBIT_CACHE": "0"})}
+                           "floor": None if args.no_floor else _run(code(True, *how), {"LOWBIT_CACHE": "0"})}
                     rounds[v].append(one)
                     _print_round(r, one, f"layers traced {v}" if len(layers) > 1 else "")
             jits = {v: {"rounds": rounds[v], **_jit_summary(rounds[v])} for v in layers}
