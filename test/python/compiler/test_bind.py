@@ -46,11 +46,7 @@ class Spy:
         return [e for c in self.callables for e in c.cache.values() if isinstance(e, BoundGraph)]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()  # recompile limits count per code object, across tests
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def ternary_(linear: nn.Linear, seed: int = 0) -> nn.Linear:

@@ -31,11 +31,7 @@ from lowbit.models import LlamaConfig, make_tiny_llama, reset_caches
 INVOKE = torch.ops.higher_order.invoke_subgraph
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @torch.compiler.nested_compile_region

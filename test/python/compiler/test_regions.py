@@ -23,11 +23,7 @@ CFG = LlamaConfig(dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=
 PROMPT = 5
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _quantized(seed: int, cfg: LlamaConfig = CFG):

@@ -21,12 +21,7 @@ from lowbit.models import LlamaConfig
 SMALL = LlamaConfig(dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=256, n_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # every test compiles a new model through the same forward code: start from empty caches
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _reference_tokens(cfg, weights, activations, prompt, n, seed=0):

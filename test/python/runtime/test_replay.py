@@ -21,11 +21,7 @@ from lowbit.runtime import replay
 CFG = LlamaConfig(dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=256, n_layers=2, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _replayers(fn) -> list[replay.Replayer]:
