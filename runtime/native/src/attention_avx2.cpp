@@ -106,9 +106,24 @@ struct Avx2 {
     return r;
   }
   static constexpr bool kDirectBf16 = false;  // run_heads widens bf16 rows to fp32 first
-  static void dots(const float* q, int nq, const char* const* k, int64_t n, float out[kQB][4], bool, bool) {
-    for (int i = 0; i < nq; ++i)
-      for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, reinterpret_cast<const float*>(k[c]), n);
+  template <int NQ>
+  static void scores_n(const float* q, int64_t n, const char* const* rows, const int* cols, int nc, const uint64_t* allow,
+                       float scale, float* s) {
+    block_scores<NQ>(
+        [&](const char* const* k, float out[kQB][4]) {
+          for (int i = 0; i < NQ; ++i)
+            for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, reinterpret_cast<const float*>(k[c]), n);
+        },
+        rows, cols, nc, allow, scale, s);
+  }
+  static void scores(const float* q, int nq, int64_t n, const char* const* rows, const int* cols, int nc,
+                     const uint64_t* allow, float scale, float* s, bool, bool) {
+    switch (nq) {
+      case 1: scores_n<1>(q, n, rows, cols, nc, allow, scale, s); break;
+      case 2: scores_n<2>(q, n, rows, cols, nc, allow, scale, s); break;
+      case 3: scores_n<3>(q, n, rows, cols, nc, allow, scale, s); break;
+      default: scores_n<4>(q, n, rows, cols, nc, allow, scale, s); break;
+    }
   }
   static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v, bool) {
     for (int c = 0; c < nc; ++c)

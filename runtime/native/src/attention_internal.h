@@ -7,12 +7,15 @@
 //   P::exp_sum(s, n, m)              s[i] = exp(s[i] - m) (0 where s[i] == -inf), returns the sum
 //   P::max(s, n)                     max of s (-inf for an all -inf row)
 //   P::store(acc, c, dst, n, bf16)   dst = acc * c, rounded to bf16 (nearest even) when bf16
-//   P::dots(q, nq, k, n, out, bf16, resident)  out[i][c] = dot(q + i * n, k[c], n) for nq <= 4
-//                                    queries x 4 keys (k[c] fp32 rows, or bf16 rows when bf16: only
-//                                    if kDirectBf16; resident: the rows are likely in cache)
+//   P::scores(q, nq, n, rows, cols, nc, allow, scale, s, bf16, resident)  one key block's scores:
+//                                    s[i * kKB + cols[c]] = scale * dot(q + i * n, rows[c], n) where
+//                                    bit cols[c] of allow[i] is set, -inf elsewhere (i < nq <= 4,
+//                                    c < nc; rows fp32, or bf16 when bf16: only if kDirectBf16;
+//                                    resident: the rows are likely in cache). block_scores below
+//                                    is the loop, over a 4-key dots of the ISA.
 //   P::pv(acc, nq, n, p, cols, nc, v, bf16) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq),
-//                                    v[c] as for dots
-//   P::kDirectBf16                   dots / pv can read bf16 rows themselves (else, and for
+//                                    v[c] as for scores
+//   P::kDirectBf16                   scores / pv can read bf16 rows themselves (else, and for
 //                                    more than 2 queries, run_heads widens each block's rows first)
 //   P::nonzero_bits(m, step, n)      bit j set iff m[j * step] != 0 (j < n <= 64)
 #ifndef LOWBIT_ATTENTION_INTERNAL_H
@@ -50,10 +53,43 @@ void heads_avx512(const Args&);
 constexpr int kQB = 4;   // queries per block: each K/V row read serves kQB queries
 constexpr int kKB = 64;  // keys per block: the unit of skipping and of the online softmax
 
+// One key block's scores for NQ queries, 4 keys per dots4(rows4, out) call (out[i][u] =
+// q_i . rows4[u]); a remainder of < 4 keys repeats its last row. Instantiated per NQ (and per
+// ISA form) so that the stores below unroll and the dispatch happens once per block.
+template <int NQ, class Dots4>
+__attribute__((always_inline)) inline void block_scores(Dots4&& dots4, const char* const* rows, const int* cols, int nc,
+                                                        const uint64_t* allow, float scale, float* s) {
+  const float ninf = -INFINITY;
+  float out[kQB][4];
+  int c = 0;
+  for (; c + 4 <= nc; c += 4) {
+    dots4(rows + c, out);
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const int j = cols[c + u];
+        s[i * kKB + j] = (allow[i] >> j) & 1 ? out[i][u] * scale : ninf;
+      }
+  }
+  if (c < nc) {
+    const int r = nc - c;
+    const char* four[4];
+    for (int u = 0; u < 4; ++u) four[u] = rows[c + (u < r ? u : r - 1)];
+    dots4(four, out);
+    for (int i = 0; i < NQ; ++i)
+      for (int u = 0; u < r; ++u) {
+        const int j = cols[c + u];
+        s[i * kKB + j] = (allow[i] >> j) & 1 ? out[i][u] * scale : ninf;
+      }
+  }
+}
+
 template <class P>
 void run_heads(const Args& a) {
   const int64_t D = a.D, S = a.S, T = a.T;
   const size_t es = a.bf16 ? 2 : 4;
+  const size_t row_bytes = size_t(D) * es;
   thread_local std::vector<float> storage;
   const size_t need = size_t(2 * kQB * D + 2 * kKB * D + kQB * kKB);
   if (storage.size() < need) storage.resize(need);
@@ -82,6 +118,7 @@ void run_heads(const Args& a) {
     const char* vh = a.v + size_t((b * a.Hkv + hk) * S * D) * es;
     const int64_t m_row = a.mask && a.mt > 1 ? a.ms : 0;
     const int64_t m_col = a.mask && a.ms > 1 ? 1 : 0;
+    int64_t hn = h0, tn = 0;  // head and position of the next query (no divisions per block)
     for (int64_t u0 = 0; u0 < nqall; u0 += kQB) {
       const int nq = int(nqall - u0 < kQB ? nqall - u0 : kQB);
       float m[kQB], l[kQB];
@@ -90,7 +127,8 @@ void run_heads(const Args& a) {
       const uint8_t* mq[kQB];          // its mask row (nullptr: no mask)
       int64_t tmax = 0;
       for (int i = 0; i < nq; ++i) {
-        const int64_t h = h0 + (u0 + i) / T, t = (u0 + i) % T;
+        const int64_t h = hn, t = tn;
+        if (++tn == T) tn = 0, ++hn;
         const size_t row = size_t(((b * a.H + h) * T + t) * D) * es;
         tq[i] = t;
         tmax = t > tmax ? t : tmax;
@@ -130,32 +168,24 @@ void run_heads(const Args& a) {
         const bool any = colbits != 0;
         if (!any) continue;  // nobody sees these keys: K and V rows are not read
         int nv = 0;
-        for (int j = 0; j < nk; ++j) {
-          if ((colbits >> j) & 1) vis[nv++] = j;
-          else for (int i = 0; i < nq; ++i) s[i * kKB + j] = ninf;
+        for (uint64_t bits = colbits; bits; bits &= bits - 1) vis[nv++] = __builtin_ctzll(bits);
+        for (uint64_t bits = all & ~colbits; bits; bits &= bits - 1) {  // columns nobody sees
+          const int j = __builtin_ctzll(bits);
+          for (int i = 0; i < nq; ++i) s[i * kKB + j] = ninf;
         }
-        // Visible keys only (a column nobody sees is never read), as fp32.
-        for (int c = 0; c < nv; ++c) {
-          const char* kr = kh + size_t((k0 + vis[c]) * D) * es;
-          if (widen) {
-            P::to_f32(kr, kblk + c * D, D, true);
+        // Visible keys only (a column nobody sees is never read), as fp32. The row loops are
+        // kept free of per-row branches and multiplies (with the scores and P.V out of line,
+        // gcc vectorizes them; before, they cost ~10% of causal prefill).
+        const char* kb = kh + size_t(k0 * D) * es;
+        if (widen) {
+          for (int c = 0; c < nv; ++c) {
+            P::to_f32(kb + size_t(vis[c]) * row_bytes, kblk + c * D, D, true);
             rows[c] = reinterpret_cast<const char*>(kblk + c * D);
-          } else {
-            rows[c] = kr;
           }
+        } else {
+          for (int c = 0; c < nv; ++c) rows[c] = kb + size_t(vis[c]) * row_bytes;
         }
-        float out[kQB][4];
-        for (int c = 0; c < nv; c += 4) {  // nq queries x 4 keys per pass, reduced together
-          const int nc = nv - c < 4 ? nv - c : 4;
-          const char* four[4];
-          for (int u = 0; u < 4; ++u) four[u] = rows[c + (u < nc ? u : nc - 1)];  // tail: repeat the last row
-          P::dots(qf, nq, four, D, out, raw_bf16, resident);
-          for (int i = 0; i < nq; ++i)
-            for (int u = 0; u < nc; ++u) {
-              const int j = vis[c + u];
-              s[i * kKB + j] = (allow[i] >> j) & 1 ? out[i][u] * a.scale : ninf;
-            }
-        }
+        P::scores(qf, nq, D, rows, vis, nv, allow, a.scale, s, raw_bf16, resident);
         for (int i = 0; i < nq; ++i) {
           float* si = s + i * kKB;
           const float mx = P::max(si, nk);
@@ -172,14 +202,14 @@ void run_heads(const Args& a) {
           m[i] = mnew;
           l[i] += P::exp_sum(si, nk, mnew);
         }
-        for (int c2 = 0; c2 < nv; ++c2) {
-          const char* vr = vh + size_t((k0 + vis[c2]) * D) * es;
-          if (widen) {
-            P::to_f32(vr, vblk + c2 * D, D, true);
-            rows[c2] = reinterpret_cast<const char*>(vblk + c2 * D);
-          } else {
-            rows[c2] = vr;
+        const char* vb = vh + size_t(k0 * D) * es;
+        if (widen) {
+          for (int c = 0; c < nv; ++c) {
+            P::to_f32(vb + size_t(vis[c]) * row_bytes, vblk + c * D, D, true);
+            rows[c] = reinterpret_cast<const char*>(vblk + c * D);
           }
+        } else {
+          for (int c = 0; c < nv; ++c) rows[c] = vb + size_t(vis[c]) * row_bytes;
         }
         P::pv(acc, nq, D, s, vis, nv, rows, raw_bf16);
       }
