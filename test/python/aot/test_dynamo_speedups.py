@@ -95,10 +95,13 @@ def test_installed_on_this_torch():
     assert hasattr(invoke_subgraph.stamp_out_subgraph, "_lowbit_original")
     assert hasattr(ChainedSource.clone, "_lowbit_original")
     assert hasattr(guards.profile_guard_manager, "_lowbit_original")
+    from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+    assert hasattr(InstructionTranslatorBase.get_line_of_code_header, "_lowbit_original")
     dynamo_speedups.uninstall()
     assert not any(hasattr(f, "_lowbit_original") for f in (invoke_subgraph.is_reusable, ChainedSource.clone,
                                                             invoke_subgraph.stamp_out_subgraph,
-                                                            guards.profile_guard_manager))
+                                                            guards.profile_guard_manager,
+                                                            InstructionTranslatorBase.get_line_of_code_header))
 
 
 def test_same_graphs_as_torch_and_a_differing_layer_is_traced_apart():
@@ -262,3 +265,34 @@ def test_guard_latency_is_measured_only_when_someone_reads_it(monkeypatch):
     finally:
         guards.guards_log.setLevel(level)
     assert len(calls) == 1
+
+
+def test_log_header_tokenizes_no_source_unless_a_log_reads_it():
+    import types
+
+    from torch._dynamo import funcname_cache
+    from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+
+    patched = InstructionTranslatorBase.get_line_of_code_header
+    original = patched._lowbit_original
+    code = _summary.__code__
+    for depth in (0, 2):
+        tx = types.SimpleNamespace(f_code=code, lineno=code.co_firstlineno + 1, inline_depth=depth)
+        funcname_cache.clearcache()
+        mine = patched(tx)
+        assert code.co_filename not in funcname_cache.cache  # nothing tokenized
+        torchs = original(tx)
+        assert "(_summary)" in torchs and mine == torchs.replace(" (_summary)", "")
+        assert patched(tx, code.co_firstlineno) == original(tx, code.co_firstlineno).replace(" (_summary)", "")
+        torch._logging.set_logs(trace_call=True)
+        try:
+            assert patched(tx) == torchs  # a log reads it: torch's own header
+        finally:
+            torch._logging.set_logs()
+    # end to end: dynamo traces calls (FX nodes with headers) and tokenizes no file
+    funcname_cache.clearcache()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch.nn.functional.gelu(x * 2) + 1, backend="eager")
+    x = torch.randn(5)
+    torch.testing.assert_close(f(x), torch.nn.functional.gelu(x * 2) + 1)
+    assert funcname_cache.cache == {}
