@@ -14,7 +14,8 @@ benchmarks/llamacpp/write_gguf.py: ternary linears as F16, exact; quantized by l
 own quantizer to TQ2_0 / TQ1_0 (lossless for these tensors), Q4_0 and F16 for reference).
 
 Systems (`--systems`, comma-separated):
-  lowbit                 quantize_ ternary weights + int8 activations, torch.compile(backend="lowbit")
+  lowbit                 quantize_ ternary weights + int8 activations, torch.compile(backend="lowbit");
+                         q/k/v and w1/w3 fused into one linear each, as `lowbit generate` builds it
   lowbit-int8head        the same with the output head quantized too (int8 weights + activations)
   lowbit-int4head        the same with an int4 head (symmetric, groups of 32: 5 bits per weight)
   eager-bf16             the same ternary values as bf16 nn.Linear weights, eager PyTorch
@@ -68,14 +69,17 @@ CACHE = Path(os.environ.get("LOWBIT_BENCH_CACHE", Path.home() / ".cache" / "lowb
 VENV = Path(os.environ.get("LOWBIT_LLAMACPP_VENV", Path.home() / ".cache" / "lowbit" / "llamacpp-venv"))
 
 SYSTEMS: dict[str, dict] = {
-    "lowbit": dict(kind="torch", weights="ternary", activations="int8", dtype="float32", backend="lowbit"),
+    # lowbit systems build the model as `lowbit generate` does: q/k/v and w1/w3 fused into one
+    # linear each (`lowbit.models.fuse_projections_`; same outputs, fewer kernel calls per step)
+    "lowbit": dict(kind="torch", weights="ternary", activations="int8", dtype="float32", backend="lowbit",
+                   fused=True),
     # the same with the output head on the integer kernels (int8 weights per channel, int8
     # activations), as llama.cpp's default TQ2_0 file quantizes its head (Q6_K)
     "lowbit-int8head": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
-                            backend="lowbit", head="int8"),
+                            backend="lowbit", head="int8", fused=True),
     # int4 head (symmetric, groups of 32, fp32 scales: 5 bits per weight, fewer bytes than Q6_K)
     "lowbit-int4head": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
-                            backend="lowbit", head="int4"),
+                            backend="lowbit", head="int4", fused=True),
     "eager-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="eager"),
     "inductor-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="inductor"),
     "llamacpp-tq2_0": dict(kind="llamacpp", type="TQ2_0", head=None),
@@ -157,7 +161,8 @@ def torch_worker(args) -> None:
     cfg = _config(args.model, args.seq)
     t = time.perf_counter()
     model, quantize_s = build_llama(cfg, args.seed, spec["weights"], spec["activations"],
-                                    dtype=getattr(torch, spec["dtype"]), head=spec.get("head", "none"))
+                                    dtype=getattr(torch, spec["dtype"]), head=spec.get("head", "none"),
+                                    fused=spec.get("fused", False))
     load_s = time.perf_counter() - t - quantize_s
     counter = None
     fn = model

@@ -59,9 +59,10 @@ def llama_examples(prompt_len: int, max_seq_len: int) -> tuple[list[tuple], tupl
 
 def compile_preset(preset, path: str | os.PathLike, *, max_seq_len: int = 256, seed: int = 0,
                    weights: str = "ternary", activations: str = "int8", target: str | None = None,
-                   overwrite: bool = False, prompt_len: int = 8) -> str:
+                   overwrite: bool = False, prompt_len: int = 8, fused: bool = True) -> str:
     """Build a `lowbit.generate` preset Llama (a name or a `LlamaConfig`; seeded weights, as
-    `lowbit.generate` builds them) and compile it to `path`."""
+    `lowbit.generate` builds them: by default with q/k/v and w1/w3 fused into one linear each,
+    which gives the same outputs with fewer kernel calls per step) and compile it to `path`."""
     from lowbit.generate import PRESETS, build_llama
     from lowbit.models import LlamaConfig
 
@@ -73,11 +74,11 @@ def compile_preset(preset, path: str | os.PathLike, *, max_seq_len: int = 256, s
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
     cfg = dataclasses.replace(base, max_seq_len=max_seq_len, max_batch=1)
     t = time.perf_counter()
-    model, _ = build_llama(cfg, seed, weights, activations)
+    model, _ = build_llama(cfg, seed, weights, activations, fused=fused)
     build_s = time.perf_counter() - t
     examples, dyn = llama_examples(prompt_len, max_seq_len)
     info = {"kind": "llama", "preset": name, "seed": seed, "weights": weights, "activations": activations,
-            "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers, "build_s": round(build_s, 3)}
+            "fused": fused, "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers, "build_s": round(build_s, 3)}
     return compile(model, examples, dyn, path, target=target, overwrite=overwrite, model_info=info)
 
 
