@@ -140,6 +140,15 @@ if {reuse_only!r}:  # only the reuse-check memo (as before session 8): torch's s
     from torch._dynamo.variables import invoke_subgraph as _isg
     _isg.stamp_out_subgraph = dynamo_speedups._installed["stamp_out_subgraph"]
     _guards.profile_guard_manager = dynamo_speedups._installed["profile_guard_manager"]
+if {prev!r}:  # the lookup as before session 9: program key from the inlined graph, no digest prefetch,
+    # dynamo's log headers with the tokenized function names (for a same-commit A/B)
+    from lowbit.compiler import dynamo_speedups
+    from torch._dynamo.symbolic_convert import InstructionTranslatorBase as _ITB
+    _ITB.get_line_of_code_header = dynamo_speedups._installed["get_line_of_code_header"]
+    compile_cache.prefetch_state_digests = lambda tensors: None
+    _graph_code, _program_key = compile_cache.graph_code, compile_cache.program_key
+    compile_cache.graph_code = lambda gm: None  # the backend takes no code before inlining
+    compile_cache.program_key = lambda gm, *a, code=None: _program_key(gm, *a, code=_graph_code(gm))
 if {unfused!r}:  # the preset with separate q/k/v and w1/w3 linears (as before 2026-11-30), for comparison
     _build_llama = lowbit.generate.build_llama
     lowbit.generate.build_llama = lambda *a, **k: _build_llama(*a, **{{**k, "fused": False}})
@@ -161,13 +170,15 @@ def eager_backend(gm, example_inputs, **kwargs):  # the floor: dynamo's graph ru
 # generate() resets the runner before each of its 2 warm-up rounds and once more before it
 # generates: the third reset marks the end of the warm-up. The floor stops there (its eager
 # generation would only take time).
-resets, cpu = [], []
+resets, cpu, pcpu = [], [], []
 real_reset = lowbit.generate._LlamaRunner.reset
 def reset(self):
     resets.append(time.perf_counter())
     cpu.append(time.thread_time())  # the main thread's CPU time: dynamo and lowbit's Python, less noisy under load
+    pcpu.append(time.process_time())  # every thread's (compiled code's OpenMP workers, the digest prefetch)
     if len(resets) == 3:
-        warmup.update(timers, warmup_s=resets[2] - resets[0], thread_cpu_s=cpu[2] - cpu[0])
+        warmup.update(timers, warmup_s=resets[2] - resets[0], thread_cpu_s=cpu[2] - cpu[0],
+                      process_cpu_s=pcpu[2] - pcpu[0])
         if {floor!r}:
             print(json.dumps({{"compile_s": warmup["warmup_s"], "warmup_timers": warmup, "tokens": None,
                               "load_average": os.getloadavg()[0], "graphs": compile_counter[0].as_dict() if compile_counter else None}}), flush=True)
@@ -262,11 +273,13 @@ def _cpu() -> str:
 
 def _print_round(r: int, one: dict, layers: str = "") -> None:
     c, w, f = one["cold"], one["warm"], one["floor"]
-    floor = (f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f})" if f else "not run")
+    floor = (f"{f['compile_s'] - f['warmup_timers']['graph_s']:.2f} s (load {f['load_average']:.1f}; main thread CPU "
+             f"{f['warmup_timers'].get('thread_cpu_s', float('nan')):.2f} s incl. the eager graphs)" if f else "not run")
     flag = "" if _valid(one) else "  INVALID: the warm process missed the cache (sources changed?)"
     print(f"  round {r}{' ' + layers if layers else ''}: cold {c['compile_s']:.2f} s (load {c['load_average']:.1f}; "
           f"steady runs {c['steady_warmup_s']:.2f} s), warm {w['compile_s']:.2f} s "
-          f"(load {w['load_average']:.1f}; main thread CPU {w['warmup_timers'].get('thread_cpu_s', float('nan')):.2f} s; "
+          f"(load {w['load_average']:.1f}; main thread CPU {w['warmup_timers'].get('thread_cpu_s', float('nan')):.2f} s, "
+          f"all threads {w['warmup_timers'].get('process_cpu_s', float('nan')):.2f} s; "
           f"lookup {w['warmup_timers']['lookup_s']:.2f} s; steady runs "
           f"{w['steady_warmup_s']:.2f} s), floor {floor}{flag}", flush=True)
 
@@ -305,6 +318,12 @@ def _jit_summary(all_rounds: list) -> dict:
                        "warm_dynamo_s": med(w - c for w, c in zip(warm, callable_)),
                        "warm_thread_cpu_s": med(r["warm"]["warmup_timers"].get("thread_cpu_s", float("nan"))
                                                 for r in rounds),
+                       "warm_process_cpu_s": med(r["warm"]["warmup_timers"].get("process_cpu_s", float("nan"))
+                                                 for r in rounds),
+                       "cold_thread_cpu_s": med(r["cold"]["warmup_timers"].get("thread_cpu_s", float("nan"))
+                                                for r in rounds),
+                       "floor_thread_cpu_s": med(r["floor"]["warmup_timers"].get("thread_cpu_s", float("nan"))
+                                                 if r["floor"] else float("nan") for r in rounds),
                        "floor_s": med(floor), "floor_total_s": med(floor_total), "floor_graph_s": med(floor_graph),
                        "floor_ratio": med(f / c for f, c in zip(floor, cold)),
                        "cold_net_s": med(cold_net), "warm_net_s": med(warm_net),
@@ -338,7 +357,8 @@ def main() -> int:
                     "interleaved within each round")
     ap.add_argument("--variants", default=None, help="comma-separated variant names to run instead of every "
                     "combination of --layers/--dynamo-speedups/--fused (e.g. 'once,once/reuse/unfused': "
-                    "this session's state against the previous one)")
+                    "this session's state against the previous one; '/prev': the program lookup and dynamo's "
+                    "log headers as before session 9)")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor processes (dynamo alone): "
                     "each 1b process builds the model anew, ~1-2 min on a loaded machine")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
@@ -375,24 +395,24 @@ def main() -> int:
             fused = [v.strip() for v in args.fused.split(",") if v.strip()]
             if not fused or any(v not in ("on", "off") for v in fused):
                 raise SystemExit(f"--fused: expected 'on' and/or 'off', got {args.fused!r}")
-            code = lambda floor, flat, off, reuse, unfused: JIT.format(
+            code = lambda floor, flat, off, reuse, unfused, prev: JIT.format(
                 preset=args.preset, prompt=args.prompt, tokens=args.tokens, floor=floor, flat=flat,
-                no_speedups=off, reuse_only=reuse, unfused=unfused)
+                no_speedups=off, reuse_only=reuse, unfused=unfused, prev=prev)
             layers = [v + ("" if sp == "on" else f"/{sp}") + ("" if fu == "on" else "/unfused")
                       for v in layers for sp in speedups for fu in fused]
             if args.variants:
                 layers = [v.strip() for v in args.variants.split(",") if v.strip()]
                 for v in layers:
                     p = v.split("/")
-                    if p[0] not in ("once", "each") or not set(p[1:]) <= {"off", "reuse", "unfused"}:
-                        raise SystemExit(f"--variants: {v!r} is not <once|each>[/off|/reuse][/unfused]")
+                    if p[0] not in ("once", "each") or not set(p[1:]) <= {"off", "reuse", "unfused", "prev"}:
+                        raise SystemExit(f"--variants: {v!r} is not <once|each>[/off|/reuse][/unfused][/prev]")
             rounds = {v: [] for v in layers}
             for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
                 # with several variants (--layers, --dynamo-speedups), their order alternates from round to round
                 for v in (layers if r % 2 == 0 else layers[::-1]):
                     # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
                     parts = v.split("/")
-                    how = (parts[0] == "each", "off" in parts, "reuse" in parts, "unfused" in parts)
+                    how = (parts[0] == "each", "off" in parts, "reuse" in parts, "unfused" in parts, "prev" in parts)
                     env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v.replace('/', '-')}")}
                     one = {"cold": _run(code(False, *how), env), "warm": _run(code(False, *how), env),
                            "floor": None if args.no_floor else _run(code(True, *how), {"LOWBIT_CACHE": "0"})}
@@ -438,7 +458,9 @@ def main() -> int:
         print(f"    backend: key, digest, load {m['warm_backend_s']:8.2f} s  (lookup_program {m['warm_lookup_s']:.2f} s)")
         print(f"    compiled code (first runs) {m['warm_run_s']:8.2f} s")
         print(f"    dynamo and the rest        {m['warm_dynamo_s']:8.2f} s")
-        print(f"    main thread's CPU time     {m['warm_thread_cpu_s']:8.2f} s  (the warm-up's, whatever the load)")
+        print(f"    main thread's CPU time     {m['warm_thread_cpu_s']:8.2f} s  (the warm-up's, whatever the load; "
+              f"all threads {m['warm_process_cpu_s']:.2f} s; cold's main thread {m['cold_thread_cpu_s']:.2f} s, "
+              f"floor's {m['floor_thread_cpu_s']:.2f} s incl. its eager graphs)")
         print(f"  floor: dynamo alone (eager)  {m['floor_s']:8.2f} s  ({100 * m['floor_ratio']:.1f}% of cold; "
               f"its warm-up {m['floor_total_s']:.2f} s minus {m['floor_graph_s']:.2f} s running the eager graphs)")
         print(f"  without steady-state runs    cold {m['cold_net_s']:.2f} s, warm {m['warm_net_s']:.2f} s "

@@ -92,8 +92,9 @@ class LowbitCallable:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, freezable: list[int], options: CompileOptions,
-                 dynamic_dims: dict | None = None):
+                 dynamic_dims: dict | None = None, key_code: str | None = None):
         self.gm = gm
+        self._key_code = key_code  # the graph's code for the program key, taken before inlining
         self.freezable = freezable
         self.options = options
         # Dims dynamo made symbolic (automatic dynamic shapes, mark_dynamic): one compile
@@ -119,7 +120,7 @@ class LowbitCallable:
         key = None
         if compile_cache.enabled() and not emission_key() and self.options.weights == "bind":
             key = compile_cache.program_key(self.gm, args, self.freezable, self.dynamic_dims, self._size_inputs,
-                                            self.options)
+                                            self.options, code=self._key_code)
             hit = compile_cache.lookup_program(key, args, self.freezable)
             if hit is not None:
                 from lowbit.compiler.report import register as register_report
@@ -201,9 +202,16 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
         warnings.warn("lowbit: graph requires autograd (run under torch.no_grad() or "
                       "torch.inference_mode() to compile it); running it in eager", RuntimeWarning)
         return gm.forward
+    from lowbit.compiler import compile_cache
     from lowbit.compiler.frontend import dynamic_dims_from_dynamo, inline_nested_regions
 
+    cached = compile_cache.enabled() and options.weights == "bind"
+    # The program key's view of the graph, before inlining: the nested regions' code once
+    # each, not once per call (`compile_cache.graph_code`)
+    key_code = compile_cache.graph_code(gm) if cached else None
     # `torch.compiler.nested_compile_region` (a layer traced once): one flat graph from here on
     inline_nested_regions(gm)
-    return LowbitCallable(gm, freezable_positions(gm, example_inputs), options,
-                          dynamic_dims_from_dynamo(gm, example_inputs))
+    freezable = freezable_positions(gm, example_inputs)
+    if cached:  # the weights' digest for the program key, while dynamo builds guards and bytecode
+        compile_cache.prefetch_state_digests([example_inputs[i] for i in freezable if i < len(example_inputs)])
+    return LowbitCallable(gm, freezable, options, dynamic_dims_from_dynamo(gm, example_inputs), key_code=key_code)

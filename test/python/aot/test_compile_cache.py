@@ -183,3 +183,75 @@ def test_hit_keeps_run_time_checks(cache):
     bad[2, 5] = 0
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         fn(x, bad)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8) / 3)
+        self.scale = scale
+
+    @torch.compiler.nested_compile_region
+    def forward(self, x):
+        return torch.relu(x @ self.w) * self.scale
+
+
+def _traced_layers(scale):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Layer(scale), _Layer(scale), _Layer(scale)).eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(torch.randn(2, 8))
+    (gm,) = graphs
+    return gm
+
+
+def test_graph_code_covers_nested_regions():
+    """The program key's code, taken before inlining, has every nested region's code: two
+    graphs whose outer code is the same and whose region differs (a constant inside it) key
+    apart; and it is what the backend keys with (`LowbitCallable._key_code`)."""
+    a, b = _traced_layers(2.0), _traced_layers(3.0)
+    assert compile_cache._graph_code(a) == compile_cache._graph_code(b)  # the calls alone look alike
+    code_a, code_b = compile_cache.graph_code(a), compile_cache.graph_code(b)
+    assert "# nested graph module subgraph_0" in code_a and code_a != code_b
+    assert "2.0" in code_a and "3.0" in code_b
+    flat = _traced_layers(2.0)
+    from lowbit.compiler.frontend import inline_nested_regions
+    assert inline_nested_regions(flat) == 3
+    assert compile_cache.graph_code(flat) == compile_cache._graph_code(flat) != code_a  # nothing nested left
+    from lowbit.compiler.backend import lowbit_backend
+    gm = _traced_layers(2.0)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOWBIT_CACHE", "1")
+        fn = lowbit_backend(gm, [p for p in gm.parameters()] + [torch.randn(2, 8)])
+    assert fn._key_code == code_a
+
+
+def test_prefetched_digests_are_the_lookup_digests():
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randn(300, 7, generator=g), torch.randn(6, 4, generator=g).t(), torch.randn(0, 3),
+          torch.randint(0, 9, (33,), generator=g, dtype=torch.int8)]
+    with torch.inference_mode():
+        inference = torch.randn(4)
+    compile_cache._DIGESTS.clear()
+    expected = [compile_cache._state_bytes_digest(t) for t in ts]
+    compile_cache.prefetch_state_digests(ts + [inference, "not a tensor"])
+    compile_cache._join_prefetch()
+    assert [compile_cache._DIGESTS[id(t)][2] for t in ts] == expected
+    assert id(inference) not in compile_cache._DIGESTS  # no version counter: never memoized
+    # a write after the prefetch: the lookup hashes again
+    ts[0].add_(1)
+    assert compile_cache._state_digest(ts[0]) == compile_cache._state_bytes_digest(ts[0]) != expected[0]
+    # the program's weights key joins pending prefetches and equals the one computed without them
+    compile_cache._DIGESTS.clear()
+    direct = compile_cache.program_weights_key("p0", ts, range(len(ts)), [])
+    compile_cache._DIGESTS.clear()
+    compile_cache.prefetch_state_digests(ts)
+    assert compile_cache.program_weights_key("p0", ts, range(len(ts)), []) == direct
+    assert not compile_cache._PREFETCH
