@@ -322,6 +322,71 @@ def test_tiny_llama_logits_and_tokens_match_eager(no_fallback):
     assert entries and all(e["result"] == "fused kernel" for e in entries), entries
 
 
+# Head layouts (H, Hkv): GQA ratios 1, 2, 4, 5 and MQA. Calls (B, T, S): T <= 4 (work units
+# are KV-head groups, split over the threads when there are fewer groups than threads) and
+# T > 4 (single heads); odd S; the last stays under min-parallel-work (one call on the
+# calling thread).
+UNIT_LAYOUTS = [(4, 4), (6, 3), (8, 2), (20, 5), (10, 2), (5, 1), (4, 1)]
+UNIT_CALLS = [(1, 1, 257), (2, 1, 129), (1, 3, 131), (1, 4, 70), (2, 2, 129), (1, 9, 65), (1, 1, 5)]
+
+
+@pytest.mark.parametrize("form", ["mask", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compiled_work_units_match_eager(form, dtype):
+    """lowbit-lower-attention's work units (KV-head groups or parts of them, or single heads)
+    cover every head exactly once: one compile of one SDPA per head layout (B, T and S
+    dynamic), run on 1, 2 and 3 threads (3 splits a 5-head group 1 + 2 + 2) against eager
+    SDPA. A head no unit covered would keep the uninitialized output."""
+    from torch.export import Dim
+    from lowbit.compiler import threads
+    from lowbit.compiler.compile import compile_function
+
+    causal = form == "causal"
+
+    def fn(m, *qkv):
+        return tuple(F.scaled_dot_product_attention(qkv[i], qkv[i + 1], qkv[i + 2], attn_mask=None if causal else m,
+                                                    is_causal=causal, enable_gqa=True)
+                     for i in range(0, len(qkv), 3))
+
+    def inputs(b, t, s, seed):
+        pos = s - t   # decode rows: query i sees keys <= pos + i; one row masks everything
+        m = torch.arange(s)[None] <= (pos + torch.arange(t))[:, None]
+        if t > 1:
+            m[1] = False
+        qkv = [x for j, (h, hkv) in enumerate(UNIT_LAYOUTS)
+               for x in _inputs((b, h, hkv, t, s, 64), dtype, seed=seed * 31 + j)]
+        return [m, *qkv]
+
+    B, T, S = Dim("B", min=1, max=64), Dim("T", min=1, max=4096), Dim("S", min=1, max=4096)
+    dynamic = {0: {0: T, 1: S}}
+    for i in range(len(UNIT_LAYOUTS)):
+        dynamic[1 + 3 * i] = {0: B, 2: T}
+        dynamic[2 + 3 * i] = dynamic[3 + 3 * i] = {0: B, 2: S}
+    graph = compile_function(fn, inputs(2, 3, 40, seed=0), dynamic_dims=dynamic)
+    fused = [e for e in graph.report if e.get("kind") == "attention" and e.get("result") == "fused kernel"]
+    assert len(fused) == len(UNIT_LAYOUTS), graph.report
+    before = threads.get_num_threads()
+    try:
+        for nt in (1, 2, 3):
+            threads.set_num_threads(nt)
+            threads.configure()
+            for c, (b, t, s) in enumerate(UNIT_CALLS):
+                m, *qkv = inputs(b, t, s, seed=c + 1)
+                with torch.no_grad():
+                    outs = graph(m, *qkv)
+                for j, (h, hkv) in enumerate(UNIT_LAYOUTS):
+                    q, k, v = qkv[3 * j:3 * j + 3]
+                    ref = _reference(q, k, v, None if causal else m, 1.0 / 8, causal)
+                    what = f"{form} {dtype} threads={nt} B={b} H={h}/{hkv} T={t} S={s}"
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(outs[j], ref, atol=2e-6, rtol=1e-5, msg=what)
+                    else:
+                        torch.testing.assert_close(outs[j].float(), ref, atol=4e-3, rtol=8e-3, msg=what)
+    finally:
+        threads.set_num_threads(before)
+        threads.configure()
+
+
 def test_disabling_the_pass_keeps_the_previous_decomposition(no_fallback, monkeypatch):
     """LOWBIT_DISABLE_PASSES=lowbit-convert-attention compiles SDPA as before the kernel
     (torch-mlir's decomposition), not an op nothing lowers (which would run eager)."""
