@@ -141,10 +141,13 @@ if {reuse_only!r}:  # only the reuse-check memo (as before session 8): torch's s
     _isg.stamp_out_subgraph = dynamo_speedups._installed["stamp_out_subgraph"]
     _guards.profile_guard_manager = dynamo_speedups._installed["profile_guard_manager"]
 if {prev!r}:  # the lookup as before session 9: program key from the inlined graph, no digest prefetch,
-    # dynamo's log headers with the tokenized function names (for a same-commit A/B)
+    # dynamo's log headers with the tokenized function names, torch's evals of source expressions
+    # (for a same-commit A/B)
     from lowbit.compiler import dynamo_speedups
     from torch._dynamo.symbolic_convert import InstructionTranslatorBase as _ITB
     _ITB.get_line_of_code_header = dynamo_speedups._installed["get_line_of_code_header"]
+    import torch._guards
+    vars(torch._guards).pop("eval", None)  # source values from expressions compiled per evaluation
     compile_cache.prefetch_state_digests = lambda tensors: None
     _graph_code, _program_key = compile_cache.graph_code, compile_cache.program_key
     compile_cache.graph_code = lambda gm: None  # the backend takes no code before inlining

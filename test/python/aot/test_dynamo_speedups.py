@@ -97,11 +97,13 @@ def test_installed_on_this_torch():
     assert hasattr(guards.profile_guard_manager, "_lowbit_original")
     from torch._dynamo.symbolic_convert import InstructionTranslatorBase
     assert hasattr(InstructionTranslatorBase.get_line_of_code_header, "_lowbit_original")
+    assert torch._guards.eval is dynamo_speedups._eval_compiled_once
     dynamo_speedups.uninstall()
     assert not any(hasattr(f, "_lowbit_original") for f in (invoke_subgraph.is_reusable, ChainedSource.clone,
                                                             invoke_subgraph.stamp_out_subgraph,
                                                             guards.profile_guard_manager,
                                                             InstructionTranslatorBase.get_line_of_code_header))
+    assert "eval" not in vars(torch._guards)  # torch's get_value calls the builtin again
 
 
 def test_same_graphs_as_torch_and_a_differing_layer_is_traced_apart():
@@ -296,3 +298,33 @@ def test_log_header_tokenizes_no_source_unless_a_log_reads_it():
     x = torch.randn(5)
     torch.testing.assert_close(f(x), torch.nn.functional.gelu(x * 2) + 1)
     assert funcname_cache.cache == {}
+
+
+def test_source_values_from_compiled_expressions_equal_torchs():
+    from torch._dynamo.source import AttrSource, GetItemSource, LocalSource, NNModuleSource
+
+    net = _net()
+    root = LocalSource("self")
+    sources = [root, AttrSource(root, "layers"), GetItemSource(AttrSource(root, "layers"), 2),
+               AttrSource(AttrSource(GetItemSource(AttrSource(root, "layers"), 2), "norm"), "eps"),
+               NNModuleSource(AttrSource(GetItemSource(AttrSource(root, "layers"), 3), "norm"))]
+
+    def values():
+        cache, out = {}, []
+        for src in sources:
+            out.append(src.get_value({"L": {"self": net}, "G": {}}, {}, cache))
+        return out
+
+    dynamo_speedups._CODE.clear()
+    mine = values()
+    assert dynamo_speedups._CODE  # expressions compiled once, then reused
+    compiled = dict(dynamo_speedups._CODE)
+    assert values() == mine and dynamo_speedups._CODE == compiled
+    dynamo_speedups.uninstall()
+    torchs = values()
+    assert all(a is b for a, b in zip(mine, torchs)) and mine[3] == 1e-2
+    with pytest.raises(AttributeError):  # a source that does not resolve fails as in torch
+        AttrSource(root, "missing").get_value({"L": {"self": net}, "G": {}}, {}, {})
+    dynamo_speedups.install()
+    with pytest.raises(AttributeError):
+        AttrSource(root, "missing").get_value({"L": {"self": net}, "G": {}}, {}, {})
