@@ -124,11 +124,13 @@ def _pow2_tensor_scale(layer) -> tuple[Optional[float], str]:
     total, kbb, nbb, nkb = packed_layout("ternary", spec.out_features, spec.in_features, layer.kblock)
     pw = PackedWeight(layer.packed.view(torch.uint8), "ternary", spec.out_features, spec.in_features,
                       layer.kblock, kbb, nbb, nkb)
-    q = unpack_weight(pw)
-    nz = q.nonzero()
-    if nz.numel() == 0:
+    at = getattr(layer, "nonzero_at", None)  # where binding saw the first non-zero code (None: not recorded)
+    if at is None:
+        nz = unpack_weight(pw).nonzero()
+        at = tuple(int(i) for i in nz[0]) if nz.numel() else ()
+    if not at:
         return 1.0, ""  # all-zero weight: any scale gives exact zeros
-    n, k = (int(i) for i in nz[0])
+    n, k = at
     e = torch.zeros(1, spec.in_features)
     e[0, k] = 1.0
     s = abs(float(qlinear(e, pw, mode="weight_only")[0, n]))

@@ -28,6 +28,7 @@ passed at run time, so structurally identical layers compile to identical code.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -67,6 +68,9 @@ class BoundLayer:
     offsets: Optional[torch.Tensor] = None  # fp32 [N, groups]: float zero points (dequant_match)
     numerics: str = "bit-exact"
     perm: Optional[torch.Tensor] = None     # int64 [K]: act-order, the kernel reads x[:, perm]
+    # (n, k) of the first non-zero code in row-major order, () if all are zero, None unknown:
+    # where `act_quant` probes the packed weight's scale without unpacking it
+    nonzero_at: Optional[tuple] = None
 
     @property
     def nbytes(self) -> int:
@@ -202,6 +206,33 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     """
     if numerics not in ("bit-exact", "dequant-rounding"):
         raise ValueError(f"dequant_numerics must be 'bit-exact' or 'dequant-rounding', got {numerics!r}")
+    with _one_intra_op_thread():
+        return _bind_weights(captured, args, state_positions, activations, formats, group_sizes,
+                             merge_siblings, numerics)
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """Run binding's tensor work on the calling thread alone (torch's intra-op pool set to 1).
+
+    Binding is a long series of memory-bound ops of a few milliseconds each (unpacking,
+    min/max, compares, packing). On a busy machine every parallel region waits at its barrier
+    for a descheduled worker: at load ~10 on 2 cores, 2 threads bound 2 layers of 2B4T width
+    in 22-28 s and 1 thread in 2.3-2.9 s (benchmarks/bind.py, docs/compiler.md)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: Sequence[int],
+                  activations: str, formats: Sequence[str] | None, group_sizes: Sequence[int] | None,
+                  merge_siblings: bool, numerics: str) -> Binding:
     from lowbit.passes.lib_recognize import DEFAULT_FORMATS, DEFAULT_GROUP_SIZES
 
     start = time.perf_counter()
@@ -389,7 +420,9 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
 
 def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, activations,
               report, dense: Optional[list] = None, numerics: str = "bit-exact") -> Optional[_Found]:
+    from lowbit.compiler.code_table import prove_per_tensor_ternary
     from lowbit.passes.lib_recognize import find_exact_format
+    from lowbit.quant.quantizers import QuantizedWeight
 
     if node.target is aten.addmm.default:
         b, x, w = node.args[:3]
@@ -410,19 +443,30 @@ def _match_mm(node, ev: _ConstantEvaluator, position, formats, group_sizes, acti
     if not isinstance(x_val, torch.Tensor) or x_val.dtype not in (torch.float32, torch.bfloat16):
         return None
     where = dict(kind="matmul", location=_location(node))
+    origin = "fp-weights" if _is_plain_weight(w, ev) else "dequant-subgraph"
+    try:  # integer codes through elementwise ops: the same proof on the table of the codes
+        by_table = prove_per_tensor_ternary(w, ev, formats, activations)
+    except Exception as e:  # the full evaluation below reports what is wrong
+        log.debug("code table of %s not decided: %s: %s", w.name, type(e).__name__, e)
+        by_table = None
     try:
-        wv = ev.value(w)
+        wv = ev.value(w) if by_table is None else None
         bv = ev.value(b) if b is not None else None
     except Exception as e:  # the weight subgraph is the model's code: any error means "not ours"
         report.append(dict(where, result="not recognized", reason=f"the weight could not be evaluated: "
                            f"{type(e).__name__}: {e}"))
         return None
-    if not isinstance(wv, torch.Tensor) or wv.dim() != 2 or not wv.is_floating_point():
-        return None
-    origin = "fp-weights" if _is_plain_weight(w, ev) else "dequant-subgraph"
-    k, n = wv.shape
-    w_nk = wv.detach().t().to(torch.float32).contiguous().numpy()
-    spec, qw, why = find_exact_format(w_nk, formats, group_sizes, activations)
+    if by_table is not None:
+        spec, q, scales = by_table
+        k, n = spec.in_features, spec.out_features
+        qw = QuantizedWeight(q, scales, None)
+        why = ""
+    else:
+        if not isinstance(wv, torch.Tensor) or wv.dim() != 2 or not wv.is_floating_point():
+            return None
+        k, n = wv.shape
+        w_nk = wv.detach().t().to(torch.float32).contiguous().numpy()
+        spec, qw, why = find_exact_format(w_nk, formats, group_sizes, activations)
     offsets, perm, numerics_note = None, None, "bit-exact"
     if spec is None and numerics == "dequant-rounding" and origin == "dequant-subgraph":
         from lowbit.compiler.dequant_match import match_dequant, subgraph_leaves
@@ -628,7 +672,17 @@ def _pack_group(group: list[_Found]) -> BoundLayer:
     return BoundLayer(spec, origins.pop() if len(origins) == 1 else "mixed", kblock,
                       pw.data.view(torch.int8), bias, [], _location(group[0].node), offsets,
                       _merged_numerics([f.numerics for f in group]),
-                      group[0].perm if len(group) == 1 else None)
+                      group[0].perm if len(group) == 1 else None, _first_nonzero(q))
+
+
+def _first_nonzero(q: torch.Tensor, rows: int = 16) -> tuple:
+    """(n, k) of the first non-zero of `q` in row-major order, () if none; reads only the
+    rows up to it (a whole-matrix `nonzero()` lists two thirds of a ternary weight)."""
+    for r0 in range(0, q.shape[0], rows):
+        hit = q[r0:r0 + rows].nonzero()
+        if hit.numel():
+            return int(hit[0, 0]) + r0, int(hit[0, 1])
+    return ()
 
 
 # Side-effecting checks that export leaves on tensors (e.g. after a `.to(dtype)` in a model's own

@@ -460,3 +460,183 @@ def test_packed_linear_eager_op():
         op(torch.randn(2, 128).double(), layer.packed, layer.bias, *attrs)
     with pytest.raises(ValueError, match="bias"):
         op(torch.randn(2, 128), layer.packed, torch.zeros(3), *attrs)
+
+
+# ----------------------------------------------------------------------------- the code-table proof
+#
+# A weight computed elementwise from 8-bit integer codes (Hugging Face BitNet: uint8 codes,
+# `float(c) - 1`) is proven on the table of its codes (`compiler/code_table.py`). It must
+# decide exactly what the full proof (`find_exact_format` on the evaluated weight) decides:
+# same spec, same codes, same scale, or no decision at all (the full proof then runs).
+
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
+
+from lowbit.compiler.bind import _ConstantEvaluator, _first_nonzero  # noqa: E402
+from lowbit.compiler.code_table import prove_per_tensor_ternary  # noqa: E402
+from lowbit.passes.lib_recognize import DEFAULT_FORMATS, DEFAULT_GROUP_SIZES, find_exact_format  # noqa: E402
+
+
+def _codes(shape, values, dtype=torch.uint8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(values), shape, generator=g)
+    return torch.tensor(values, dtype=torch.int16)[pick].to(dtype)
+
+
+def _unpack_bitnet(packed):
+    """transformers' BitNet `unpack_weights` (codes 0..2, 4 per byte along rows), as a function."""
+    n4, k = packed.shape
+    out = torch.zeros((4 * n4, k), dtype=torch.uint8)
+    for i in range(4):
+        out[i * n4:(i + 1) * n4] = (packed & (3 << 2 * i)) >> 2 * i
+    return out
+
+
+def _table_vs_full(fn, codes, formats=DEFAULT_FORMATS, act="none"):
+    """(table result, full result) for the weight `fn(codes)` ([K, N] as a matmul reads it)."""
+    gm = make_fx(torch.func.functionalize(fn))(codes)  # as export gives it
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    w = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    table = prove_per_tensor_ternary(w, _ConstantEvaluator(gm, {ph: codes}), list(formats), act)
+    w_nk = fn(codes).t().to(torch.float32).contiguous().numpy()
+    spec, qw, _ = find_exact_format(w_nk, list(formats), list(DEFAULT_GROUP_SIZES), act)
+    return table, (spec, qw)
+
+
+def _assert_same(table, full):
+    spec, qw = full
+    assert table is not None and spec is not None, (table, spec)
+    t_spec, t_q, t_s = table
+    assert t_spec == spec
+    assert torch.equal(t_q, qw.q)
+    assert torch.equal(t_s.view(torch.int32), qw.scales.reshape(1, 1).view(torch.int32))
+
+
+_BITNET_PACKED = _codes((24, 72), list(range(0, 256, 1)))  # any byte: codes 0..3 per 2 bits
+
+
+@pytest.mark.parametrize("case", [
+    "bitnet", "bitnet-unpacked", "scaled", "int8-div", "rsub", "neg", "not-transposed", "bf16", "odd-shape"])
+def test_code_table_proves_what_the_full_proof_finds(case):
+    fp, sc = torch.float32, 0.25
+    shape = (100, 72) if case == "odd-shape" else (64, 96)
+    c = _codes(shape, [0, 1, 2])
+    fn = {
+        "bitnet": lambda c: (c.to(fp) - 1).t(),
+        "scaled": lambda c: ((c.to(fp) - 1) * sc).t(),
+        "int8-div": lambda c: (c.to(fp) * 3.0 / 7.0).t(),
+        "rsub": lambda c: (1 - c.to(fp)).t(),
+        "neg": lambda c: (-(c.to(fp) - 1.0) * 0.5).t(),
+        "not-transposed": lambda c: c.to(fp) - 1,
+        "bf16": lambda c: ((c.to(torch.bfloat16) - 1) * 0.1).t(),
+        "odd-shape": lambda c: (c.to(fp) - 1).permute(1, 0),
+    }.get(case)
+    if case == "int8-div":
+        c = _codes(shape, [-1, 0, 1], dtype=torch.int8)
+    if case == "bitnet-unpacked":  # the codes come out of the model's own shifts and masks
+        c = (_BITNET_PACKED % 3).to(torch.uint8)
+        c = (c | (c << 2) | (c << 4) | (c << 6))  # four 2-bit codes per byte, each 0..2
+        fn = lambda p: (_unpack_bitnet(p).to(fp) - 1).t()  # noqa: E731
+    _assert_same(*_table_vs_full(fn, c))
+
+
+@pytest.mark.parametrize("case", ["no-zero-int1-first", "four-values", "non-finite", "all-zero",
+                                  "per-row-scale", "plain-float"])
+def test_code_table_leaves_undecided_cases_to_the_full_proof(case):
+    fp = torch.float32
+    c = _codes((64, 96), [0, 1, 2])
+    fn = lambda c: (c.to(fp) - 1).t()  # noqa: E731
+    if case == "no-zero-int1-first":  # {-1, 1}: int1 per channel comes first in the order
+        c = _codes((64, 96), [0, 2])
+    elif case == "four-values":
+        c = _codes((64, 96), [0, 1, 2, 3])
+        fn = lambda c: (c.to(fp) - 1.5).t()  # noqa: E731
+    elif case == "non-finite":
+        fn = lambda c: ((c.to(fp) - 1) / 0.0).t()  # noqa: E731
+    elif case == "all-zero":
+        c = torch.ones((64, 96), dtype=torch.uint8)
+    elif case == "per-row-scale":
+        scale = torch.rand(64, 1) + 0.5
+        fn = lambda c: ((c.to(fp) - 1) * scale).t()  # noqa: E731
+    elif case == "plain-float":
+        c = torch.randint(-1, 2, (64, 96)).to(fp)
+        fn = lambda w: w.t()  # noqa: E731
+    table, (spec, _) = _table_vs_full(fn, c)
+    assert table is None
+    if case == "no-zero-int1-first":
+        assert spec is not None and spec.weight_format == "int1", spec
+        # without int1 among the formats the table decides, and agrees
+        _assert_same(*_table_vs_full(fn, c, formats=("ternary", "int2_sym")))
+    if case == "non-finite":
+        assert spec is None
+
+
+def test_first_nonzero_is_the_row_major_first():
+    g = torch.Generator().manual_seed(3)
+    for shape, first in [((50, 33), (37, 5)), ((7, 9), (0, 0)), ((40, 8), (39, 7))]:
+        q = torch.zeros(shape, dtype=torch.int8)
+        q[first] = -1
+        tail = torch.randint(-1, 2, shape, generator=g, dtype=torch.int8)
+        flat = q.reshape(-1)
+        at = first[0] * shape[1] + first[1]
+        flat[at + 1:] = tail.reshape(-1)[at + 1:]
+        assert _first_nonzero(q) == tuple(int(i) for i in q.nonzero()[0]) == first
+    assert _first_nonzero(torch.zeros(20, 5, dtype=torch.int8)) == ()
+
+
+class BitNetLikeLinear(nn.Module):
+    """transformers' BitLinear weight path: ternary codes packed 4 per byte along rows (uint8),
+    unpacked in forward to `float(c) - 1`, scaled after the matmul."""
+
+    def __init__(self, in_features: int, out_features: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randint(0, 3, (out_features, in_features), dtype=torch.uint8, generator=g)
+        n4 = out_features // 4
+        packed = torch.zeros((n4, in_features), dtype=torch.uint8)
+        for i in range(4):
+            packed |= q[i * n4:(i + 1) * n4] << (2 * i)
+        self.register_buffer("weight", packed)
+        self.register_buffer("weight_scale", torch.tensor([0.125]))
+
+    def forward(self, x):
+        n4 = self.weight.shape[0]
+        w = torch.zeros((4 * n4, self.weight.shape[1]), dtype=torch.uint8)
+        for i in range(4):
+            w[i * n4:(i + 1) * n4] = (self.weight & (3 << 2 * i)) >> 2 * i
+        return F.linear(x, w.to(x.dtype) - 1) * self.weight_scale
+
+
+@pytest.mark.parametrize("k,n", [(128, 256), (72, 100)])
+def test_bitnet_like_layers_bind_by_the_code_table_to_the_full_proofs_bytes(k, n, monkeypatch):
+    """Compiled vs eager (odd K and N too), every layer proven on the code table, and the
+    packed bytes identical to what the full proof packs with the table turned off."""
+    import lowbit.compiler.code_table as code_table
+    from lowbit.compiler import bind
+
+    model = MLP(BitNetLikeLinear(k, n, seed=1), BitNetLikeLinear(n, 64, seed=2)).eval()
+    hits = []
+    real = code_table.prove_per_tensor_ternary
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        hits.append(out is not None)
+        return out
+
+    monkeypatch.setattr(code_table, "prove_per_tensor_ternary", counting)
+    compiled, spy = _compile(model)
+    _run_ms(spy, compiled, model, k)
+    bound = spy.bound()
+    for b in bound:
+        assert [l.spec.describe() for l in b.binding.layers] == ["ternary/tensor a=none"] * 2
+    assert hits and all(hits), hits
+    table_bytes = [t.clone() for t in bound[0].binding.derived]
+
+    torch._dynamo.reset()
+    bind._LAYERS.clear()
+    bind._MATCHES.clear()
+    monkeypatch.setattr(code_table, "prove_per_tensor_ternary", lambda *a, **kw: None)
+    compiled, spy = _compile(model)
+    _run_ms(spy, compiled, model, k, ms=(3,))
+    full_bytes = spy.bound()[0].binding.derived
+    assert len(full_bytes) == len(table_bytes)
+    assert all(torch.equal(x, y) for x, y in zip(table_bytes, full_bytes))
