@@ -315,6 +315,7 @@ def _jit_summary(all_rounds: list) -> dict:
     cold_net = [r["cold"]["compile_s"] - r["cold"]["steady_warmup_s"] for r in rounds]
     warm_net = [r["warm"]["compile_s"] - r["warm"]["steady_warmup_s"] for r in rounds]
     loads = [r[k]["load_average"] for r in rounds for k in ("cold", "warm", "floor") if r[k]]
+    warms = [w for r in rounds for w in r.get("warms", []) if w["pipelines"] == 0 and w["sources"] == r["cold"]["sources"]]
     return {"median": {"cold_s": med(cold), "warm_s": med(warm), "warm_ratio": med(w / c for w, c in zip(warm, cold)),
                        "warm_lookup_s": med(lookup), "warm_backend_s": med(backend),
                        "warm_run_s": med(c - b for c, b in zip(callable_, backend)),
@@ -333,6 +334,10 @@ def _jit_summary(all_rounds: list) -> dict:
                        "warm_net_ratio": med(w / c for w, c in zip(warm_net, cold_net)),
                        "floor_net_ratio": med(f / c for f, c in zip(floor, cold_net)),
                        "steady_warmup_s": med(r["warm"]["steady_warmup_s"] for r in rounds)},
+            "all_warms": {"n": len(warms), "warm_s": med(w["compile_s"] for w in warms),
+                          "thread_cpu_s": med(w["warmup_timers"]["thread_cpu_s"] for w in warms),
+                          "process_cpu_s": med(w["warmup_timers"]["process_cpu_s"] for w in warms),
+                          "lookup_s": med(w["warmup_timers"]["lookup_s"] for w in warms)} if warms else None,
             "load_average_range": f"{min(loads):.1f}-{max(loads):.1f}", "valid_rounds": len(rounds)}
 
 
@@ -364,6 +369,9 @@ def main() -> int:
                     "log headers as before session 9)")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor processes (dynamo alone): "
                     "each 1b process builds the model anew, ~1-2 min on a loaded machine")
+    ap.add_argument("--warm-rounds", type=int, default=1, help="warm processes per cold one (each variant's, "
+                    "interleaved); a round's warm figures are its median-time warm process, and the summary adds "
+                    "medians over every warm process")
     ap.add_argument("--json", default=str(HERE / "results" / "aot.json"))
     args = ap.parse_args()
     if args.prompt + args.tokens > args.max_seq_len:
@@ -412,13 +420,29 @@ def main() -> int:
             rounds = {v: [] for v in layers}
             for r in range(args.rounds):  # interleaved: cold, warm, floor; each a fresh process
                 # with several variants (--layers, --dynamo-speedups), their order alternates from round to round
-                for v in (layers if r % 2 == 0 else layers[::-1]):
+                order = layers if r % 2 == 0 else layers[::-1]
+                how, env, ones = {}, {}, {}
+                for v in order:
                     # lowbit.generate sizes the KV cache to prompt + tokens; the artifact's is max_seq_len
                     parts = v.split("/")
-                    how = (parts[0] == "each", "off" in parts, "reuse" in parts, "unfused" in parts, "prev" in parts)
-                    env = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v.replace('/', '-')}")}
-                    one = {"cold": _run(code(False, *how), env), "warm": _run(code(False, *how), env),
-                           "floor": None if args.no_floor else _run(code(True, *how), {"LOWBIT_CACHE": "0"})}
+                    how[v] = (parts[0] == "each", "off" in parts, "reuse" in parts, "unfused" in parts, "prev" in parts)
+                    env[v] = {"LOWBIT_CACHE": "1", "LOWBIT_CACHE_DIR": os.path.join(tmp, f"cache{r}-{v.replace('/', '-')}")}
+                    ones[v] = {"cold": _run(code(False, *how[v]), env[v]), "warms": []}
+                    if args.warm_rounds == 1:
+                        ones[v]["warms"].append(_run(code(False, *how[v]), env[v]))
+                for k in range(args.warm_rounds if args.warm_rounds > 1 else 0):
+                    # several warm processes per cold one, the variants interleaved, order alternating
+                    for v in (order if k % 2 == 0 else order[::-1]):
+                        w = _run(code(False, *how[v]), env[v])
+                        ones[v]["warms"].append(w)
+                        print(f"  round {r} {v} warm {k}: {w['compile_s']:.2f} s (load {w['load_average']:.1f}; main "
+                              f"thread CPU {w['warmup_timers']['thread_cpu_s']:.2f} s, all threads "
+                              f"{w['warmup_timers']['process_cpu_s']:.2f} s; {w['pipelines']} pipeline runs)", flush=True)
+                for v in order:
+                    one = ones[v]
+                    # the round's warm figure: the warm process of median warm-up time
+                    one["warm"] = sorted(one["warms"], key=lambda w: w["compile_s"])[(len(one["warms"]) - 1) // 2]
+                    one["floor"] = None if args.no_floor else _run(code(True, *how[v]), {"LOWBIT_CACHE": "0"})
                     rounds[v].append(one)
                     _print_round(r, one, f"layers traced {v}" if len(layers) > 1 else "")
             jits = {v: {"rounds": rounds[v], **_jit_summary(rounds[v])} for v in layers}
@@ -464,6 +488,11 @@ def main() -> int:
         print(f"    main thread's CPU time     {m['warm_thread_cpu_s']:8.2f} s  (the warm-up's, whatever the load; "
               f"all threads {m['warm_process_cpu_s']:.2f} s; cold's main thread {m['cold_thread_cpu_s']:.2f} s, "
               f"floor's {m['floor_thread_cpu_s']:.2f} s incl. its eager graphs)")
+        if jit.get("all_warms") and jit["all_warms"]["n"] > len(jit["rounds"]):
+            a = jit["all_warms"]
+            print(f"    every warm process ({a['n']}): medians {a['warm_s']:.2f} s, main thread CPU "
+                  f"{a['thread_cpu_s']:.2f} s, all threads {a['process_cpu_s']:.2f} s, lookup {a['lookup_s']:.2f} s; "
+                  f"{100 * a['warm_s'] / m['cold_s']:.1f}% of the cold median")
         print(f"  floor: dynamo alone (eager)  {m['floor_s']:8.2f} s  ({100 * m['floor_ratio']:.1f}% of cold; "
               f"its warm-up {m['floor_total_s']:.2f} s minus {m['floor_graph_s']:.2f} s running the eager graphs)")
         print(f"  without steady-state runs    cold {m['cold_net_s']:.2f} s, warm {m['warm_net_s']:.2f} s "
