@@ -212,6 +212,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kw
     # `torch.compiler.nested_compile_region` (a layer traced once): one flat graph from here on
     inline_nested_regions(gm)
     freezable = freezable_positions(gm, example_inputs)
-    if cached:  # the weights' digest for the program key, while dynamo builds guards and bytecode
+    from lowbit.compiler.jit import emission_key
+
+    if cached and not emission_key():  # the weights' digest for the program key, while dynamo builds guards
         compile_cache.prefetch_state_digests([example_inputs[i] for i in freezable if i < len(example_inputs)])
     return LowbitCallable(gm, freezable, options, dynamic_dims_from_dynamo(gm, example_inputs), key_code=key_code)
