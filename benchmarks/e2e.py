@@ -70,7 +70,8 @@ VENV = Path(os.environ.get("LOWBIT_LLAMACPP_VENV", Path.home() / ".cache" / "low
 
 SYSTEMS: dict[str, dict] = {
     # lowbit systems build the model as `lowbit generate` does: q/k/v and w1/w3 fused into one
-    # linear each (`lowbit.models.fuse_projections_`; same outputs, fewer kernel calls per step)
+    # linear each (`lowbit.models.fuse_projections_`; same outputs, fewer tensors for dynamo;
+    # the compiled code is the same, the binder merges the unfused siblings too)
     "lowbit": dict(kind="torch", weights="ternary", activations="int8", dtype="float32", backend="lowbit",
                    fused=True),
     # the same with the output head on the integer kernels (int8 weights per channel, int8

@@ -62,7 +62,7 @@ def compile_preset(preset, path: str | os.PathLike, *, max_seq_len: int = 256, s
                    overwrite: bool = False, prompt_len: int = 8, fused: bool = True) -> str:
     """Build a `lowbit.generate` preset Llama (a name or a `LlamaConfig`; seeded weights, as
     `lowbit.generate` builds them: by default with q/k/v and w1/w3 fused into one linear each,
-    which gives the same outputs with fewer kernel calls per step) and compile it to `path`."""
+    the same outputs with fewer tensors to trace) and compile it to `path`."""
     from lowbit.generate import PRESETS, build_llama
     from lowbit.models import LlamaConfig
 
