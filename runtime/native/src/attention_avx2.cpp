@@ -125,7 +125,7 @@ struct Avx2 {
       default: scores_n<4>(q, n, rows, cols, nc, allow, scale, s); break;
     }
   }
-  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v, bool) {
+  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v, bool, bool) {
     for (int c = 0; c < nc; ++c)
       for (int i = 0; i < nq; ++i) {
         const float w = p[i * kKB + cols[c]];

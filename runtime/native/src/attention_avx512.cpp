@@ -236,9 +236,20 @@ struct Avx512 {
     }
   }
   static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v,
-                 bool bf16) {
-    if (bf16) pv_r<RowBf16>(acc, nq, n, p, cols, nc, v);
-    else pv_r<RowF32>(acc, nq, n, p, cols, nc, v);
+                 bool bf16, bool resident) {
+    if (bf16) {
+      pv_r<RowBf16>(acc, nq, n, p, cols, nc, v);
+    } else if (!resident && nq > 2 && n > 64) {
+      // fp32 rows streamed from memory (GQA decode groups, T = 3-4): 3-4 queries keep only 64
+      // columns in registers, so each V row would be read in 64-column pieces, one pass per
+      // piece over all rows, which streams poorly from DRAM (grouped f32 decode measured 0.85x
+      // of one head per call, cold). Two passes of <= 2 queries read every row front to back;
+      // the second finds the rows in L1/L2.
+      pv_r<RowF32>(acc, 2, n, p, cols, nc, v);
+      pv_r<RowF32>(acc + 2 * n, nq - 2, n, p + 2 * kKB, cols, nc, v);
+    } else {
+      pv_r<RowF32>(acc, nq, n, p, cols, nc, v);
+    }
   }
   static uint64_t nonzero_bits(const uint8_t* m, int64_t step, int n) {
     const uint64_t all = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;

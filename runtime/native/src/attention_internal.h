@@ -13,8 +13,8 @@
 //                                    c < nc; rows fp32, or bf16 when bf16: only if kDirectBf16;
 //                                    resident: the rows are likely in cache). block_scores below
 //                                    is the loop, over a 4-key dots of the ISA.
-//   P::pv(acc, nq, n, p, cols, nc, v, bf16) acc[i] += sum_c p[i * kKB + cols[c]] * v[c] (i < nq),
-//                                    v[c] as for scores
+//   P::pv(acc, nq, n, p, cols, nc, v, bf16, resident) acc[i] += sum_c p[i * kKB + cols[c]] * v[c]
+//                                    (i < nq), v[c] and resident as for scores
 //   P::kDirectBf16                   scores / pv can read bf16 rows themselves (else, and for
 //                                    more than 2 queries, run_heads widens each block's rows first)
 //   P::nonzero_bits(m, step, n)      bit j set iff m[j * step] != 0 (j < n <= 64)
@@ -211,7 +211,7 @@ void run_heads(const Args& a) {
         } else {
           for (int c = 0; c < nv; ++c) rows[c] = vb + size_t(vis[c]) * row_bytes;
         }
-        P::pv(acc, nq, D, s, vis, nv, rows, raw_bf16);
+        P::pv(acc, nq, D, s, vis, nv, rows, raw_bf16, resident);
       }
       for (int i = 0; i < nq; ++i) {
         // All keys masked: a zero row (eager CPU SDPA's answer), not 0/0. NaN stays NaN.
