@@ -39,10 +39,14 @@ and runs every case in each of them back to back (before/after at the same momen
 shared machine; the table's `cold`/`hot` columns are the median per-round speedups over the
 first library); `name=path:thp`
 runs that worker with THP_MEM_ALLOC_ENABLE=1 (torch allocates large tensors, the caches
-included, on transparent huge pages). Writes
-benchmarks/results/attention_cold.json.
+included, on transparent huge pages); `name=path:heads` compiles with lowbit-lower-attention's
+work units forced to single heads (as before KV-head groups; in-process compile), so
+`before=default:heads,after=default` measures the lowering alone. Besides the decode cases,
+`--cases S128@0xT128` (or S256@0xT128) runs causal prefill of 128 tokens the same way. Writes
+benchmarks/results/attention_cold.json (`--out` for another file).
 
     python benchmarks/attention.py --cold [--threads 1,2] [--rounds 7] [--libs before=/tmp/old.so,after=default]
+                                   [--clock cpu (with --threads 1)] [--cases ...,S128@0xT128]
 """
 from __future__ import annotations
 
@@ -124,8 +128,11 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default=None)
     p.add_argument("--cold", action="store_true", help="decode attention on cold KV caches (see above)")
-    p.add_argument("--cases", default=",".join(COLD_CASES), help="--cold: which (S, pos, T) cases")
+    p.add_argument("--cases", default=",".join(COLD_CASES),
+                   help=f"--cold: which (S, pos, T) cases (also: {', '.join(EXTRA_CASES)})")
     p.add_argument("--libs", default="default", help="--cold: name=path,... runtime libraries to compare")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="--cold: wall time, or the worker thread's CPU time (1 thread only)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cold:
@@ -211,6 +218,9 @@ def main() -> None:
 # --cold cases: name -> (S = cache length, position of the first query, T)
 COLD_CASES = {"S128@60": (128, 60, 1), "S1024@511": (1024, 511, 1), "S2048@2000": (2048, 2000, 1),
               "S1024@508xT4": (1024, 508, 4)}
+# Not in the default --cases: causal prefill of 128 tokens (mask = the first 128 causal rows).
+EXTRA_CASES = {"S128@0xT128": (128, 0, 128), "S256@0xT128": (256, 0, 128)}
+ALL_CASES = {**COLD_CASES, **EXTRA_CASES}
 MAX_GRAPH_LAYERS = 16
 MSG = "@@"   # worker -> driver protocol lines start with this
 
@@ -224,7 +234,7 @@ def _cold_graph(gqa: bool, layers: int):
 
 def _cold_case(model, dname, case, l3):
     h, hkv, d = MODELS[model]
-    s, pos, t = COLD_CASES[case]
+    s, pos, t = ALL_CASES[case]
     es = DTYPES[dname].itemsize
     visible = pos + t                                   # keys any query of the call sees
     kv_bytes = 2 * hkv * visible * d * es               # K and V rows read per layer (once per KV head)
@@ -241,6 +251,12 @@ def cold_worker(args) -> None:
     from lowbit.runtime.library import current_isa, runtime_library_path
     from peaks import Peaks, l3_bytes
     import numpy as np
+
+    units = os.environ.get("LOWBIT_BENCH_ATTN_UNITS", "")
+    if units == "heads":   # the lowering before KV-head groups: one head per work unit
+        from lowbit.passes import lower_attention
+        lower = lower_attention.lowered_text
+        lower_attention.lowered_text = lambda *a, **k: lower(*a[:5], max_group_queries=0)
 
     l3 = l3_bytes()
     gen = torch.Generator().manual_seed(0)
@@ -272,16 +288,20 @@ def cold_worker(args) -> None:
     counts = [int(x) for x in str(args.threads).split(",")]
     buf = np.ones((256 << 20) // 8, dtype=np.uint64)
     info = {"lib": str(runtime_library_path()), "isa": current_isa(), "l3_bytes": l3,
-            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "units": units or "groups",
             "cases": [c for c, *_ in cases]}
     print(MSG + json.dumps({"ready": info}), flush=True)
 
+    # --clock cpu: this thread's CPU time, which a shared machine's descheduling does not
+    # inflate; valid on 1 thread only (the OpenMP team is the calling thread then).
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+
     def run(graph, q, mask, arg_sets, passes):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(passes):
             for kv in arg_sets:
                 graph(q, mask, *kv)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     passes = {}
     with torch.no_grad():
@@ -315,15 +335,18 @@ def cold_worker(args) -> None:
 def cold_main(args) -> None:
     import subprocess
     libs = {}
-    thp = set()
+    thp, heads = set(), set()
     for item in args.libs.split(","):
         name, _, path = item.partition("=")
-        if path.endswith(":thp"):
-            path = path[:-4]
-            thp.add(name)
+        while path.endswith((":thp", ":heads")):
+            path, _, tag = path.rpartition(":")
+            (thp if tag == "thp" else heads).add(name)
         libs[name] = path or "default"
     workers = {}
+    if args.clock == "cpu" and str(args.threads) != "1":
+        raise SystemExit("--clock cpu measures the calling thread only: use it with --threads 1")
     base = [sys.executable, str(Path(__file__).resolve()), "--cold", "--worker", "--threads", str(args.threads),
+            "--clock", args.clock,
             "--dtypes", args.dtypes, "--models", args.models, "--cases", args.cases]
     for name, path in libs.items():
         env = dict(os.environ)
@@ -333,6 +356,9 @@ def cold_main(args) -> None:
             env["LOWBIT_RUNTIME_LIB"] = str(Path(path).resolve())
         if name in thp:   # torch's CPU allocator: 2 MiB-aligned, madvise(MADV_HUGEPAGE) for large tensors
             env["THP_MEM_ALLOC_ENABLE"] = "1"
+        if name in heads:   # compile in-process so that the worker's patched lowering applies
+            env["LOWBIT_BENCH_ATTN_UNITS"] = "heads"
+            env["LOWBIT_COMPILE_WORKER"] = "0"
         workers[name] = subprocess.Popen(base, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def receive(proc):
@@ -345,10 +371,11 @@ def cold_main(args) -> None:
     cases = next(iter(ready.values()))["cases"]
     load_before = os.getloadavg()
     print(f"cpu: {_cpu_model()}  isa: {next(iter(ready.values()))['isa']}  threads={args.threads} "
-          f"rounds={args.rounds}  L3={ready[next(iter(ready))]['l3_bytes'] >> 20} MiB  "
+          f"rounds={args.rounds}  clock={args.clock}  L3={ready[next(iter(ready))]['l3_bytes'] >> 20} MiB  "
           f"load average before: {', '.join(f'{x:.2f}' for x in load_before)}")
     for name, r in ready.items():
-        print(f"  {name}: {r['lib']}{'  (THP_MEM_ALLOC_ENABLE=1: K/V caches on 2 MiB pages)' if r['THP_MEM_ALLOC_ENABLE'] else ''}")
+        print(f"  {name}: {r['lib']}{'  (THP_MEM_ALLOC_ENABLE=1: K/V caches on 2 MiB pages)' if r['THP_MEM_ALLOC_ENABLE'] else ''}"
+              f"{'  (work units: single heads, the lowering before KV-head groups)' if r['units'] == 'heads' else ''}")
     def ask(name, command):
         workers[name].stdin.write(command + "\n")
         workers[name].stdin.flush()
@@ -425,12 +452,13 @@ def cold_main(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "attention --cold", "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "threads": [int(x) for x in counts], "rounds": args.rounds,
+        "threads": [int(x) for x in counts], "rounds": args.rounds, "clock": args.clock,
         "statistic": "median over rounds; min/max = spread of the rounds; speedup_*: median of the per-round "
                      "ratios (first library's time / this one's, measured back to back)",
         "bytes": "K and V rows of the visible keys (pos + T), once per KV head",
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
         "libs": {n: ready[n]["lib"] for n in names}, "huge_pages": {n: bool(ready[n]["THP_MEM_ALLOC_ENABLE"]) for n in names},
+        "work_units": {n: ready[n]["units"] for n in names},
         "isa": ready[names[0]]["isa"],
         "l3_bytes": ready[names[0]]["l3_bytes"], "read_probe_gbs": probes,
         "load_average_before": load_before, "load_average_after": load_after, "rows": rows}, indent=2))
