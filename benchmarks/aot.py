@@ -440,8 +440,8 @@ def main() -> int:
                               f"{w['warmup_timers']['process_cpu_s']:.2f} s; {w['pipelines']} pipeline runs)", flush=True)
                 for v in order:
                     one = ones[v]
-                    # the round's warm figure: the warm process of median warm-up time
-                    one["warm"] = sorted(one["warms"], key=lambda w: w["compile_s"])[(len(one["warms"]) - 1) // 2]
+                    # the round's warm figure: the warm process of median warm-up time (of two, the slower)
+                    one["warm"] = sorted(one["warms"], key=lambda w: w["compile_s"])[len(one["warms"]) // 2]
                     one["floor"] = None if args.no_floor else _run(code(True, *how[v]), {"LOWBIT_CACHE": "0"})
                     rounds[v].append(one)
                     _print_round(r, one, f"layers traced {v}" if len(layers) > 1 else "")
