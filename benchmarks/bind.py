@@ -50,13 +50,18 @@ WIDTH = dict(hidden_size=2560, intermediate_size=6912, num_attention_heads=20, n
 
 
 def _cpu() -> str:
+    """Model name with family and model number ("AMD EPYC (family 26 model 2)": Zen 5)."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def _child(variant: str, layers: int, vocab: int) -> dict:

@@ -183,8 +183,9 @@ def prove_per_tensor_ternary(w: torch.fx.Node, ev, formats, act_format: str):
 def _holds_a_zero(c: torch.Tensor, codes: torch.Tensor, nonzero: torch.Tensor) -> bool:
     if not (bool(nonzero[0]) and bool(nonzero[-1])):
         return True  # an end of the range (present in c) maps to zero
-    for z in codes[~nonzero].tolist():
-        if bool((c == z).any()):
+    zeros = codes[~nonzero]
+    for part in (c[:1], c):  # a zero code is usually in the first row already
+        if bool(torch.isin(part, zeros).any()):
             return True
     return False
 
