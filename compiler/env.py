@@ -250,6 +250,9 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("LOWBIT_BENCH_CACHE", "a directory", "cache of benchmarks/e2e.py", _any_path, when="benchmarks"),
     Variable("LOWBIT_LLAMACPP_VENV", "a directory", "llama.cpp virtual environment of benchmarks/e2e.py",
              _any_path, when="benchmarks"),
+    Variable("LOWBIT_BENCH_ATTN_UNITS", "'heads' or unset", "set by benchmarks/attention.py for a worker "
+             "that lowers attention one head per work unit (the before side of an A/B)", _text,
+             when="benchmarks"),
 )}
 
 _parsed: dict[tuple[str, str], Any] = {}
