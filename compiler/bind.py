@@ -28,7 +28,6 @@ passed at run time, so structurally identical layers compile to identical code.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import operator
@@ -44,6 +43,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from lowbit.compiler import heap
 from lowbit.compiler.frontend import CapturedGraph, TensorSpec
 from lowbit.compiler.packed_linear import packed_linear  # noqa: F401  (registers the op)
+from lowbit.quant.threads import one_intra_op_thread
 
 log = logging.getLogger("lowbit.bind")
 
@@ -206,28 +206,9 @@ def bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: 
     """
     if numerics not in ("bit-exact", "dequant-rounding"):
         raise ValueError(f"dequant_numerics must be 'bit-exact' or 'dequant-rounding', got {numerics!r}")
-    with _one_intra_op_thread():
+    with one_intra_op_thread():   # many small ops: see lowbit.quant.threads
         return _bind_weights(captured, args, state_positions, activations, formats, group_sizes,
                              merge_siblings, numerics)
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread():
-    """Run binding's tensor work on the calling thread alone (torch's intra-op pool set to 1).
-
-    Binding is a long series of memory-bound ops of a few milliseconds each (unpacking,
-    min/max, compares, packing). On a busy machine every parallel region waits at its barrier
-    for a descheduled worker: at load ~10 on 2 cores, 2 threads bound 2 layers of 2B4T width
-    in 22-28 s and 1 thread in 2.3-2.9 s (benchmarks/bind.py, docs/compiler.md)."""
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _bind_weights(captured: CapturedGraph, args: Sequence[Any], state_positions: Sequence[int],

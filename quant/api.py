@@ -9,6 +9,7 @@ from torch import nn
 from .config import QuantConfig
 from .embedding import LowBitEmbedding
 from .module import LowBitLinear
+from .threads import one_intra_op_thread
 
 FilterFn = Callable[[nn.Module, str], bool]
 ConfigFn = Callable[[nn.Linear, str], Union[QuantConfig, None]]
@@ -45,6 +46,12 @@ def quantize_(model: nn.Module, config: QuantConfig | ConfigFn | None = None,
     targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
                if (type(m) is nn.Linear and (filter_fn is None or filter_fn(m, fqn)))
                or (type(m) is nn.Embedding and filter_fn is not None and filter_fn(m, fqn))]
+    with one_intra_op_thread():   # hundreds of small ops per layer: see lowbit.quant.threads
+        _replace(model, targets, config)
+    return model
+
+
+def _replace(model: nn.Module, targets: list, config: QuantConfig | ConfigFn) -> None:
     replaced: dict[int, nn.Module] = {}  # a module shared by several parents stays shared
     for fqn, linear in targets:
         if id(linear) in replaced:
@@ -63,7 +70,6 @@ def quantize_(model: nn.Module, config: QuantConfig | ConfigFn | None = None,
             raise type(e)(f"cannot quantize {fqn!r}: {e}") from e
         replaced[id(linear)] = replacement
         _set_submodule(model, fqn, replacement)
-    return model
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:

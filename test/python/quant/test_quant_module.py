@@ -214,3 +214,27 @@ def test_dtype_casts_keep_the_quantized_state(cast):
         got = model(x.to(dtype))
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_quantize_runs_on_one_intra_op_thread_and_restores_the_count():
+    """quantize_ pins torch's pool to one thread while it converts (lowbit.quant.threads) and
+    gives the caller's count back, also when a layer fails."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def config(linear, fqn):
+            seen.append(torch.get_num_threads())
+            return QuantConfig(weights="ternary", activations="int8")
+
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+        lowbit.quantize_(model, config)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert isinstance(model[0], LowBitLinear) and isinstance(model[2], LowBitLinear)
+
+        with pytest.raises(TypeError, match="expected QuantConfig"):
+            lowbit.quantize_(nn.Sequential(nn.Linear(8, 8)), lambda linear, fqn: "ternary")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
