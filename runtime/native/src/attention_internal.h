@@ -85,6 +85,45 @@ __attribute__((always_inline)) inline void block_scores(Dots4&& dots4, const cha
   }
 }
 
+// scores / pv / nonzero_bits for an ISA without register-blocked forms (AVX2, scalar): one
+// P::dot per (query, key) and one P::axpy per (query, visible value row), on fp32 rows only
+// (run_heads widens bf16 rows first). Used as a base: `struct Avx2 : RowwiseFp32<Avx2>`.
+template <class P>
+struct RowwiseFp32 {
+  static constexpr bool kDirectBf16 = false;
+  template <int NQ>
+  static void scores_n(const float* q, int64_t n, const char* const* rows, const int* cols, int nc, const uint64_t* allow,
+                       float scale, float* s) {
+    block_scores<NQ>(
+        [&](const char* const* k, float out[kQB][4]) {
+          for (int i = 0; i < NQ; ++i)
+            for (int c = 0; c < 4; ++c) out[i][c] = P::dot(q + i * n, reinterpret_cast<const float*>(k[c]), n);
+        },
+        rows, cols, nc, allow, scale, s);
+  }
+  static void scores(const float* q, int nq, int64_t n, const char* const* rows, const int* cols, int nc,
+                     const uint64_t* allow, float scale, float* s, bool, bool) {
+    switch (nq) {
+      case 1: scores_n<1>(q, n, rows, cols, nc, allow, scale, s); break;
+      case 2: scores_n<2>(q, n, rows, cols, nc, allow, scale, s); break;
+      case 3: scores_n<3>(q, n, rows, cols, nc, allow, scale, s); break;
+      default: scores_n<4>(q, n, rows, cols, nc, allow, scale, s); break;
+    }
+  }
+  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v, bool, bool) {
+    for (int c = 0; c < nc; ++c)
+      for (int i = 0; i < nq; ++i) {
+        const float w = p[i * kKB + cols[c]];
+        if (w != 0.f) P::axpy(acc + i * n, w, reinterpret_cast<const float*>(v[c]), n);
+      }
+  }
+  static uint64_t nonzero_bits(const uint8_t* m, int64_t step, int n) {
+    uint64_t bits = 0;
+    for (int j = 0; j < n; ++j) bits |= uint64_t(m[j * step] != 0) << j;
+    return bits;
+  }
+};
+
 template <class P>
 void run_heads(const Args& a) {
   const int64_t D = a.D, S = a.S, T = a.T;

@@ -5,7 +5,7 @@
 namespace lowbit::attn {
 namespace {
 
-struct Scalar {
+struct Scalar : RowwiseFp32<Scalar> {  // scores, pv, nonzero_bits: attention_internal.h
   static void to_f32(const char* src, float* dst, int64_t n, bool bf16) {
     if (!bf16) {
       memcpy(dst, src, size_t(n) * sizeof(float));
@@ -41,38 +41,6 @@ struct Scalar {
       sum += s[i];
     }
     return sum;
-  }
-  static constexpr bool kDirectBf16 = false;  // run_heads widens bf16 rows to fp32 first
-  template <int NQ>
-  static void scores_n(const float* q, int64_t n, const char* const* rows, const int* cols, int nc, const uint64_t* allow,
-                       float scale, float* s) {
-    block_scores<NQ>(
-        [&](const char* const* k, float out[kQB][4]) {
-          for (int i = 0; i < NQ; ++i)
-            for (int c = 0; c < 4; ++c) out[i][c] = dot(q + i * n, reinterpret_cast<const float*>(k[c]), n);
-        },
-        rows, cols, nc, allow, scale, s);
-  }
-  static void scores(const float* q, int nq, int64_t n, const char* const* rows, const int* cols, int nc,
-                     const uint64_t* allow, float scale, float* s, bool, bool) {
-    switch (nq) {
-      case 1: scores_n<1>(q, n, rows, cols, nc, allow, scale, s); break;
-      case 2: scores_n<2>(q, n, rows, cols, nc, allow, scale, s); break;
-      case 3: scores_n<3>(q, n, rows, cols, nc, allow, scale, s); break;
-      default: scores_n<4>(q, n, rows, cols, nc, allow, scale, s); break;
-    }
-  }
-  static void pv(float* acc, int nq, int64_t n, const float* p, const int* cols, int nc, const char* const* v, bool, bool) {
-    for (int c = 0; c < nc; ++c)
-      for (int i = 0; i < nq; ++i) {
-        const float w = p[i * kKB + cols[c]];
-        if (w != 0.f) axpy(acc + i * n, w, reinterpret_cast<const float*>(v[c]), n);
-      }
-  }
-  static uint64_t nonzero_bits(const uint8_t* m, int64_t step, int n) {
-    uint64_t bits = 0;
-    for (int j = 0; j < n; ++j) bits |= uint64_t(m[j * step] != 0) << j;
-    return bits;
   }
   static void store(const float* acc, float c, char* dst, int64_t n, bool bf16) {
     if (!bf16) {
