@@ -43,7 +43,7 @@ import struct
 from torch_mlir import ir
 
 from lowbit.passes.convert_attention import FUNC_ATTR
-from lowbit.passes.qlinear import add_report_entry
+from lowbit.passes.qlinear import add_report_entry, declare_functions
 from lowbit.passes.registry import ModulePass, register_pass
 
 INVOKE = "lowbit_attention_invoke"
@@ -192,11 +192,4 @@ class LowerAttention(ModulePass):
                              tiles=f"causal={causal} scale={scale:.6g}")
             lowered = True
         if lowered:
-            existing = {ir.StringAttr(o.operation.attributes["sym_name"]).value
-                        for o in body.operations if "sym_name" in o.operation.attributes}
-            for sym, sig in ((INVOKE, SIGNATURE), (THREADS, "() -> i32")):
-                if sym not in existing:
-                    parsed = ir.Module.parse(f"func.func private @{sym}{sig}")
-                    decl = parsed.body.operations[0].operation
-                    decl.detach_from_parent()
-                    body.append(decl)
+            declare_functions(module, {INVOKE: SIGNATURE, THREADS: "() -> i32"})

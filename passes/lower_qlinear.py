@@ -34,8 +34,8 @@ import dataclasses
 from torch_mlir import ir
 
 from lowbit.passes.pack_weights import PACKED_ATTR, dict_attr_values
-from lowbit.passes.qlinear import (QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, bound_info, epilogue_from_attr,
-                                   is_bound, qlinear_functions, spec_from_attr)
+from lowbit.passes.qlinear import (QLINEAR_ATTR, WEIGHTS_ATTR, add_report_entry, bound_info, declare_functions,
+                                   epilogue_from_attr, is_bound, qlinear_functions, spec_from_attr)
 from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.tile_qlinear import KERNEL_NB, TILES_ATTR
 
@@ -124,7 +124,7 @@ class LowerQLinear(ModulePass):
             func.erase()
             lowered = True
         if lowered:
-            self._declare_runtime(module)
+            declare_functions(module, DECLARATIONS)
 
     def _lower_bound(self, module: ir.Operation, func: ir.Operation, formats: dict) -> bool:
         """Bound functions (weights as buffers) must be lowered: their body only poisons y."""
@@ -154,18 +154,6 @@ class LowerQLinear(ModulePass):
         ir.InsertionPoint(func).insert(new_func)
         func.erase()
         return True
-
-    def _declare_runtime(self, module: ir.Operation) -> None:
-        body = module.regions[0].blocks[0]
-        existing = {ir.StringAttr(op.operation.attributes["sym_name"]).value
-                    for op in body.operations if "sym_name" in op.operation.attributes}
-        for name, signature in DECLARATIONS.items():
-            if name in existing:
-                continue
-            parsed = ir.Module.parse(f"func.func private @{name}{signature}")  # keep alive until detached
-            decl = parsed.body.operations[0].operation
-            decl.detach_from_parent()
-            body.append(decl)
 
     def _lowered_text(self, name, spec, tiles, packed, fn_type, wfmt, epilogue):
         (m, k), x_elem = _memref_shape_elem(fn_type.inputs[0])

@@ -130,6 +130,21 @@ def _module_body(module: ir.Operation) -> ir.Block:
     return op.regions[0].blocks[0]
 
 
+def declare_functions(module: ir.Operation, declarations: dict[str, str]) -> None:
+    """Append `func.func private @name signature` for each declaration the module lacks
+    (runtime entry points the lowered code calls)."""
+    body = _module_body(module)
+    existing = {ir.StringAttr(op.operation.attributes["sym_name"]).value
+                for op in body.operations if "sym_name" in op.operation.attributes}
+    for name, signature in declarations.items():
+        if name in existing:
+            continue
+        parsed = ir.Module.parse(f"func.func private @{name}{signature}")  # keep alive until detached
+        decl = parsed.body.operations[0].operation
+        decl.detach_from_parent()
+        body.append(decl)
+
+
 def unique_symbol(module: ir.Operation, prefix: str) -> str:
     names = set()
     for op in _module_body(module).operations:
