@@ -1,0 +1,210 @@
+"""Decode GEMVs streamed from DRAM as compiled code runs them, for one or two runtime builds.
+
+A decode step of a low-bit LLM is a sequence of GEMVs whose weights come from DRAM once
+each. This benchmark runs such a sequence (default: the 1b preset's 16 layers of fused
+q/k/v, o, w1/w3 and w2 shapes, 207 MB of ternary codes) the way `lowbit-lower-qlinear`'s
+code runs it: per layer one OpenMP loop (libiomp5, static schedule) over 512-row tasks, each
+task one `lowbit_qgemm_invoke`. Each runtime build gets its own dispatch handles over the
+same packed weights and activations; rounds alternate the builds (order reversed every
+round) after a 512 MiB read probe (torch sum, same thread count). Reported: GB/s of codes
+per build (median, min..max over rounds), % of the probe, and the per-round ratio of each
+build to the first.
+
+    python benchmarks/gemv_stream.py                                   # the installed runtime
+    python benchmarks/gemv_stream.py --libs old=/tmp/old.so new=runtime/_lowbit_rt*.so
+    python benchmarks/gemv_stream.py --format int4_sym --group 32 --shapes 32000x2048 --layers 4
+
+The OpenMP driver (a 20-line loop) is compiled with the system C++ compiler on first use.
+Writes benchmarks/results/gemv_stream.json (one entry per format / ISA / thread count).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.runtime import qgemm
+from lowbit.runtime.library import load_openmp, openmp_library_path, runtime_library_path
+
+DRIVER = r"""
+#include <stdint.h>
+#include <chrono>
+typedef int32_t (*Invoke)(int64_t, const void*, int64_t, const void*, int64_t, void*, int64_t,
+                          const float*, int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t);
+struct Layer { int64_t h; const void* x; const uint8_t* w; float* y; const float* sx; const int32_t* rs;
+               int64_t ntasks, task_bytes, task_rows, count; };
+extern "C" double gemv_sequence(const Layer* L, int64_t n, int64_t reps, Invoke invoke) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < reps; ++r)
+    for (int64_t l = 0; l < n; ++l) {
+      const Layer& y = L[l];
+#pragma omp parallel for schedule(static)
+      for (int64_t t = 0; t < y.ntasks; ++t)
+        invoke(y.h, y.x, 0, y.w, t * y.task_bytes, y.y, t * y.task_rows, y.sx, 0, y.rs, 0, nullptr, 0, y.count);
+    }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
+"""
+
+I64, I32, P_ = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("h", I64), ("x", P_), ("w", P_), ("y", P_), ("sx", P_), ("rs", P_),
+                ("ntasks", I64), ("task_bytes", I64), ("task_rows", I64), ("count", I64)]
+
+
+def build_driver() -> ctypes.CDLL:
+    omp = openmp_library_path()
+    if omp is None:
+        raise SystemExit("no libiomp5 found (pip install intel-openmp, or set LOWBIT_OPENMP_LIB)")
+    tag = hashlib.sha256((DRIVER + str(omp)).encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"lowbit-gemv-driver-{tag}.so"
+    if not out.exists():
+        src = out.with_suffix(".cpp")
+        src.write_text(DRIVER)
+        obj = out.with_suffix(".o")
+        # Compiled with gcc's OpenMP front end, linked against libiomp5 only (its GOMP_* entry
+        # points), so the loop runs on the same OpenMP runtime as compiled code.
+        subprocess.run(["c++", "-O2", "-fopenmp", "-fPIC", "-c", str(src), "-o", str(obj)], check=True)
+        subprocess.run(["c++", "-shared", str(obj), "-o", str(out), str(omp), f"-Wl,-rpath,{omp.parent}"], check=True)
+    lib = ctypes.CDLL(str(out))
+    lib.gemv_sequence.restype = ctypes.c_double
+    lib.gemv_sequence.argtypes = [P_, I64, I64, P_]
+    return lib
+
+
+def load_build(path: str, isa: str | None) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)  # RTLD_LOCAL: two builds coexist, each with its own handle table
+    lib.lowbit_qgemm_dispatch.restype = I64
+    lib.lowbit_qgemm_dispatch.argtypes = [I32, I32, I32] + [I64] * 9 + [I32]
+    lib.lowbit_rt_set_isa.argtypes = [I32]
+    if isa is not None and lib.lowbit_rt_set_isa(ISAS[isa]) != 0:
+        raise SystemExit(f"{path}: this CPU cannot run the {isa} path")
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--libs", nargs="+", default=None, metavar="NAME=PATH",
+                    help="runtime builds to compare (default: the installed one)")
+    ap.add_argument("--format", default="ternary")
+    ap.add_argument("--group", type=int, default=None, help="scale group size (per-channel if unset)")
+    ap.add_argument("--shapes", default="6144x2048,2048x2048,11264x2048,2048x5632", help="NxK per layer")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--tile", type=int, default=512,
+                    help="rows per OpenMP task (at most; the largest 64-row multiple dividing N)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", choices=list(ISAS), default=None)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemv_stream.json"))
+    args = ap.parse_args()
+
+    load_openmp()
+    driver = build_driver()
+    specs = args.libs or [f"installed={runtime_library_path()}"]
+    libs = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        libs[name] = load_build(path, args.isa)
+
+    info = qgemm.FORMAT_INFO[args.format]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] * args.layers
+    gen = torch.Generator().manual_seed(0)
+    packed = {}
+    for n, k in sorted(set(shapes)):
+        q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+        if args.format == "int1":
+            q[q == 0] = 1
+        zero = (torch.randint(0, info.qmax + 1, (n, 1 if not args.group else k // args.group),
+                              generator=gen, dtype=torch.int8) if info.zero_point else None)
+        scale = torch.rand(n, k // args.group, generator=gen) + 0.1 if args.group else torch.rand(n, generator=gen) + 0.1
+        packed[(n, k)] = qgemm.pack_weight(q, scale, args.format, group=args.group, zero=zero)
+    keep, total = [], 0
+    tables = {name: (Layer * len(shapes))() for name in libs}
+    for i, (n, k) in enumerate(shapes):
+        pw = packed[(n, k)]
+        w = pw.data.clone()  # every layer its own bytes: nothing is read from cache twice
+        total += w.numel() * w.element_size()
+        xq, sx, rs = qgemm.quantize_activations(torch.randn(1, k, generator=gen), pw.kblock)
+        y = torch.empty(1, n)
+        keep += [w, xq, sx, rs, y]
+        if n % 64 or args.tile < 64:
+            raise SystemExit(f"N = {n} and --tile {args.tile} must be whole 64-row blocks")
+        tile = max(t for t in range(64, min(args.tile, n) + 1, 64) if n % t == 0)  # equal tasks
+        for name, lib in libs.items():
+            h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[args.format], 1, 2, 1, tile, pw.kblock, pw.k_padded,
+                                          pw.nblock_bytes, n, pw.kblock, pw.kblock_bytes, pw.num_kblocks, 0)
+            if h <= 0:
+                raise SystemExit(f"{name}: dispatch failed ({h})")
+            tables[name][i] = Layer(h, xq.data_ptr(), w.data_ptr(), y.data_ptr(), sx.data_ptr(), rs.data_ptr(),
+                                    n // tile, (tile // 64) * pw.nblock_bytes, tile, pw.num_kblocks)
+
+    torch.set_num_threads(args.threads)
+    from lowbit.compiler import threads
+    threads.set_num_threads(args.threads)
+    threads.configure()
+    probe_buf = torch.ones(128 * 2 ** 20)
+    gbs = {name: [] for name in libs}
+    probes = []
+    for r in range(args.rounds):
+        t0 = time.perf_counter()
+        probe_buf.sum()
+        probes.append(probe_buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        time.sleep(0.2)  # torch's own pool stops spinning before the OpenMP loops start
+        for name in (list(libs) if r % 2 == 0 else list(libs)[::-1]):
+            invoke = ctypes.cast(libs[name].lowbit_qgemm_invoke, P_)
+            driver.gemv_sequence(ctypes.addressof(tables[name]), len(shapes), 1, invoke)  # warm-up
+            dt = driver.gemv_sequence(ctypes.addressof(tables[name]), len(shapes), 3, invoke)
+            gbs[name].append(total / dt / 1e9)
+
+    probe = statistics.median(probes)
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    isa = args.isa or "default"
+    print(f"# {cpu}; {args.format}{f' g{args.group}' if args.group else ''}, {len(shapes)} GEMVs, "
+          f"{total / 1e6:.1f} MB of codes; {args.threads} threads, ISA {isa}, {args.tile}-row tasks; "
+          f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
+    print(f"read probe: median {probe:.1f} GB/s [{min(probes):.1f}..{max(probes):.1f}]")
+    first = next(iter(libs))
+    rows = {}
+    for name, v in gbs.items():
+        ratios = sorted(a / b for a, b in zip(v, gbs[first]))
+        med = statistics.median(v)
+        line = f"{name:12s} {med:6.1f} GB/s [{min(v):.1f}..{max(v):.1f}]  {100 * med / probe:4.0f}% of probe"
+        if name != first:
+            line += f"   / {first}: {statistics.median(ratios):.3f} [{ratios[0]:.3f}..{ratios[-1]:.3f}]"
+        print(line)
+        rows[name] = {"gbs": v, "median_gbs": med, "vs_probe": med / probe,
+                      "ratio_to_first": {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}}
+
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {"entries": {}}
+    key = f"{args.format}{f'-g{args.group}' if args.group else ''}:{args.shapes}x{args.layers}:{isa}:{args.threads}t"
+    result["entries"][key] = {
+        "cpu": cpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
+        "isa": isa, "format": args.format, "group": args.group, "tile_rows": args.tile,
+        "codes_bytes": total, "rounds": args.rounds, "probe_gbs": probes,
+        "libs": {name: spec.partition("=")[2] for name, spec in zip(libs, specs)}, "results": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
