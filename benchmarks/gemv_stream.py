@@ -13,6 +13,10 @@ build to the first.
     python benchmarks/gemv_stream.py                                   # the installed runtime
     python benchmarks/gemv_stream.py --libs old=/tmp/old.so new=runtime/_lowbit_rt*.so
     python benchmarks/gemv_stream.py --format int4_sym --group 32 --shapes 32000x2048 --layers 4
+    python benchmarks/gemv_stream.py --format f32 --shapes 32000x2048 --layers 2   # dense (BRGEMM)
+
+`--format f32` / `bf16` run dense layers instead: the weights packed for the BRGEMM kernels
+(`lowbit_brgemm_pack_b`, as compiled dense Linears are), one-row tiles per task.
 
 The OpenMP driver (a 20-line loop) is compiled with the system C++ compiler on first use.
 Writes benchmarks/results/gemv_stream.json (one entry per format / ISA / thread count).
@@ -54,7 +58,21 @@ extern "C" double gemv_sequence(const Layer* L, int64_t n, int64_t reps, Invoke 
     }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
 }
+typedef int32_t (*DenseInvoke)(int64_t, const void*, int64_t, const void*, int64_t, void*, int64_t, int64_t);
+// Dense layers: `w` is the packed B (brgemm panels), task_bytes its element offset per task.
+extern "C" double dense_sequence(const Layer* L, int64_t n, int64_t reps, DenseInvoke invoke) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < reps; ++r)
+    for (int64_t l = 0; l < n; ++l) {
+      const Layer& y = L[l];
+#pragma omp parallel for schedule(static)
+      for (int64_t t = 0; t < y.ntasks; ++t)
+        invoke(y.h, y.x, 0, y.w, t * y.task_bytes, y.y, t * y.task_rows, y.count);
+    }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
 """
+DENSE = {"f32": (1, torch.float32), "bf16": (2, torch.bfloat16)}  # LOWBIT_DTYPE_*, torch dtype
 
 I64, I32, P_ = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
@@ -80,8 +98,9 @@ def build_driver() -> ctypes.CDLL:
         subprocess.run(["c++", "-O2", "-fopenmp", "-fPIC", "-c", str(src), "-o", str(obj)], check=True)
         subprocess.run(["c++", "-shared", str(obj), "-o", str(out), str(omp), f"-Wl,-rpath,{omp.parent}"], check=True)
     lib = ctypes.CDLL(str(out))
-    lib.gemv_sequence.restype = ctypes.c_double
-    lib.gemv_sequence.argtypes = [P_, I64, I64, P_]
+    for fn in (lib.gemv_sequence, lib.dense_sequence):
+        fn.restype = ctypes.c_double
+        fn.argtypes = [P_, I64, I64, P_]
     return lib
 
 
@@ -89,6 +108,12 @@ def load_build(path: str, isa: str | None) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)  # RTLD_LOCAL: two builds coexist, each with its own handle table
     lib.lowbit_qgemm_dispatch.restype = I64
     lib.lowbit_qgemm_dispatch.argtypes = [I32, I32, I32] + [I64] * 9 + [I32]
+    lib.lowbit_brgemm_dispatch.restype = I64
+    lib.lowbit_brgemm_dispatch.argtypes = [I32] + [I64] * 9
+    lib.lowbit_brgemm_packed_size.restype = I64
+    lib.lowbit_brgemm_packed_size.argtypes = [I32, I64, I64]
+    lib.lowbit_brgemm_pack_b.restype = I32
+    lib.lowbit_brgemm_pack_b.argtypes = [I32, P_, I64, I64, I64, I32, P_, I64]
     lib.lowbit_rt_set_isa.argtypes = [I32]
     if isa is not None and lib.lowbit_rt_set_isa(ISAS[isa]) != 0:
         raise SystemExit(f"{path}: this CPU cannot run the {isa} path")
@@ -99,7 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libs", nargs="+", default=None, metavar="NAME=PATH",
                     help="runtime builds to compare (default: the installed one)")
-    ap.add_argument("--format", default="ternary")
+    ap.add_argument("--format", default="ternary",
+                    help="a low-bit format (qgemm tiles), or f32 / bf16 (dense BRGEMM tiles, packed B)")
     ap.add_argument("--group", type=int, default=None, help="scale group size (per-channel if unset)")
     ap.add_argument("--shapes", default="6144x2048,2048x2048,11264x2048,2048x5632", help="NxK per layer")
     ap.add_argument("--layers", type=int, default=16)
@@ -119,9 +145,55 @@ def main() -> None:
         name, _, path = spec.partition("=")
         libs[name] = load_build(path, args.isa)
 
-    info = qgemm.FORMAT_INFO[args.format]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] * args.layers
     gen = torch.Generator().manual_seed(0)
+    if args.format in DENSE:
+        tables, total, keep = dense_tables(args, libs, shapes, gen)
+    else:
+        tables, total, keep = lowbit_tables(args, libs, shapes, gen)
+    run = driver.dense_sequence if args.format in DENSE else driver.gemv_sequence
+    entry = "lowbit_brgemm_invoke" if args.format in DENSE else "lowbit_qgemm_invoke"
+    report(args, libs, specs, tables, total, run, entry)
+
+
+def task_rows(n: int, tile: int) -> int:
+    """The largest multiple of 64 rows, at most `tile`, that splits N into equal tasks."""
+    if n % 64 or tile < 64:
+        raise SystemExit(f"N = {n} and --tile {tile} must be whole 64-row blocks")
+    return max(t for t in range(64, min(tile, n) + 1, 64) if n % t == 0)
+
+
+def dense_tables(args, libs, shapes, gen):
+    """fp32 / bf16 weights packed for the BRGEMM kernels (one-row tiles), as compiled dense
+    Linears are."""
+    dtype, tdtype = DENSE[args.format]
+    keep, total = [], 0
+    tables = {name: (Layer * len(shapes))() for name in libs}
+    first = next(iter(libs.values()))
+    for i, (n, k) in enumerate(shapes):
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(tdtype)
+        elems = first.lowbit_brgemm_packed_size(dtype, k, n)
+        packed = torch.empty(elems, dtype=tdtype)
+        rc = first.lowbit_brgemm_pack_b(dtype, w.data_ptr(), k, n, k, 1, packed.data_ptr(), elems)
+        if rc != 0:
+            raise SystemExit(f"packing failed ({rc})")
+        kp = elems // n if n % 32 == 0 else None
+        total += packed.numel() * packed.element_size()
+        x = torch.randn(1, k, generator=gen).to(tdtype)
+        y = torch.empty(1, n)
+        keep += [packed, x, y]
+        tile = task_rows(n, args.tile)
+        for name, lib in libs.items():
+            h = lib.lowbit_brgemm_dispatch(dtype, 1, tile, k, k, kp * 32, n, 0, 0, 1 | 2)  # BETA_0 | B_PACKED
+            if h <= 0:
+                raise SystemExit(f"{name}: dispatch failed ({h})")
+            tables[name][i] = Layer(h, x.data_ptr(), packed.data_ptr(), y.data_ptr(), None, None,
+                                    n // tile, tile * kp, tile, 1)
+    return tables, total, keep
+
+
+def lowbit_tables(args, libs, shapes, gen):
+    info = qgemm.FORMAT_INFO[args.format]
     packed = {}
     for n, k in sorted(set(shapes)):
         q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
@@ -140,9 +212,7 @@ def main() -> None:
         xq, sx, rs = qgemm.quantize_activations(torch.randn(1, k, generator=gen), pw.kblock)
         y = torch.empty(1, n)
         keep += [w, xq, sx, rs, y]
-        if n % 64 or args.tile < 64:
-            raise SystemExit(f"N = {n} and --tile {args.tile} must be whole 64-row blocks")
-        tile = max(t for t in range(64, min(args.tile, n) + 1, 64) if n % t == 0)  # equal tasks
+        tile = task_rows(n, args.tile)
         for name, lib in libs.items():
             h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[args.format], 1, 2, 1, tile, pw.kblock, pw.k_padded,
                                           pw.nblock_bytes, n, pw.kblock, pw.kblock_bytes, pw.num_kblocks, 0)
@@ -150,7 +220,11 @@ def main() -> None:
                 raise SystemExit(f"{name}: dispatch failed ({h})")
             tables[name][i] = Layer(h, xq.data_ptr(), w.data_ptr(), y.data_ptr(), sx.data_ptr(), rs.data_ptr(),
                                     n // tile, (tile // 64) * pw.nblock_bytes, tile, pw.num_kblocks)
+    return tables, total, keep
 
+
+def report(args, libs, specs, tables, total, run, entry) -> None:
+    shapes_n = len(tables[next(iter(tables))])
     torch.set_num_threads(args.threads)
     from lowbit.compiler import threads
     threads.set_num_threads(args.threads)
@@ -164,9 +238,9 @@ def main() -> None:
         probes.append(probe_buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
         time.sleep(0.2)  # torch's own pool stops spinning before the OpenMP loops start
         for name in (list(libs) if r % 2 == 0 else list(libs)[::-1]):
-            invoke = ctypes.cast(libs[name].lowbit_qgemm_invoke, P_)
-            driver.gemv_sequence(ctypes.addressof(tables[name]), len(shapes), 1, invoke)  # warm-up
-            dt = driver.gemv_sequence(ctypes.addressof(tables[name]), len(shapes), 3, invoke)
+            invoke = ctypes.cast(getattr(libs[name], entry), P_)
+            run(ctypes.addressof(tables[name]), shapes_n, 1, invoke)  # warm-up
+            dt = run(ctypes.addressof(tables[name]), shapes_n, 3, invoke)
             gbs[name].append(total / dt / 1e9)
 
     probe = statistics.median(probes)
@@ -176,7 +250,7 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     isa = args.isa or "default"
-    print(f"# {cpu}; {args.format}{f' g{args.group}' if args.group else ''}, {len(shapes)} GEMVs, "
+    print(f"# {cpu}; {args.format}{f' g{args.group}' if args.group else ''}, {shapes_n} GEMVs, "
           f"{total / 1e6:.1f} MB of codes; {args.threads} threads, ISA {isa}, {args.tile}-row tasks; "
           f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
     print(f"read probe: median {probe:.1f} GB/s [{min(probes):.1f}..{max(probes):.1f}]")
