@@ -33,7 +33,8 @@ bandwidth probe (512 MiB, torch sum, same thread count) in every round. Per roun
 system: prefill of a 128-token prompt (tok/s), and decode of 64 greedy tokens at positions
 8-72 after an 8-token prompt (tok/s); the compiled torch systems decode as `lowbit.generate`
 does (`_LlamaRunner`: a sequence's first step through dynamo, the rest straight into the
-compiled graph, lowbit and inductor alike; docs/generation.md). Reported: medians with min-max spread, load and
+compiled graph, lowbit and inductor alike, and lowbit's in one native loop, `runner.decode`;
+docs/generation.md). Reported: medians with min-max spread, load and
 compile seconds, peak RSS, weight bytes streamed per decode token (everything but the
 embedding table) and the effective GB/s of that stream against the probe, and how many
 leading greedy tokens each pair of systems shares on the same prompt. A worker that fails
@@ -186,11 +187,8 @@ def torch_worker(args) -> None:
     def decode_round() -> tuple[float, list[int]]:
         runner.reset()
         tok = int(runner.prefill(p_short).argmax())
-        toks = [tok]
         t0 = time.perf_counter()
-        for i in range(DECODE_STEPS):
-            tok = int(runner.step(tok, DECODE_START + i).argmax())
-            toks.append(tok)
+        toks = [tok] + runner.decode(tok, DECODE_START, DECODE_STEPS)
         return time.perf_counter() - t0, toks
 
     with torch.no_grad():

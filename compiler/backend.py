@@ -173,6 +173,22 @@ class LowbitCallable:
                 fn = self._compile_entry(key, args)
         return fn(*args)
 
+    def replayer(self, args: Sequence[Any]) -> tuple[Any, Callable[[Sequence[Any]], Any] | None] | None:
+        """(the `runtime.replay.Replayer` of the compiled entry that serves `args` as they are
+        now, the entry's frozen-tensor check or None), or None when there is no such entry or
+        a frozen tensor changed. A caller that runs the replayer directly (`lowbit.generate`'s
+        native decode loop) skips this per-call check and must run the returned one
+        whenever code that could change those tensors ran in between."""
+        key = self.signature(args)
+        fn = self.cache.get(key)
+        if fn is None or not _accepts(fn, args):
+            return None
+        check = self._guarded.get(key)
+        if check is not None and check(args):
+            return None
+        rep = getattr(fn, "replayer", None)
+        return None if rep is None else (rep, check)
+
     def _compile_entry(self, key: tuple, args: Sequence[Any]) -> Callable:
         fn = self.cache[key] = self._compile(args)
         check = getattr(fn, "frozen_inputs_changed", None)

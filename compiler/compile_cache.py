@@ -590,6 +590,10 @@ class CachedProgram:
     def state_replaced(self, args) -> bool:
         return all(args[p].data_ptr() != ptr for p, ptr in self._source_ptrs)
 
+    @property
+    def replayer(self):
+        return getattr(self._body, "replayer", None)
+
     def __call__(self, *args):
         return self._body(*args)
 

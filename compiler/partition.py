@@ -222,6 +222,10 @@ class BoundGraph:
     def report(self) -> list[dict]:
         return merge_reports(self.binding.report, inner_reports(self.inner))
 
+    @property
+    def replayer(self) -> Replayer:
+        return self._replay
+
     def __call__(self, *args):
         return self._replay(*args)
 

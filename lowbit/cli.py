@@ -110,7 +110,7 @@ def _run_generate(args) -> int:
         result = generate(target, prompt, args.max_new_tokens, weights=args.weights,
                           activations=args.activations, backend=args.backend, dtype=args.dtype,
                           threads=args.threads, seed=args.seed, cache=args.cache, head=args.head, embedding=args.embedding,
-                          on_token=on_token)
+                          on_token=on_token, trust_on_token=True)  # it only prints
     except (GenerationError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if not args.quiet and streamed:
             out.write("\n")

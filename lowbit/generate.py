@@ -374,6 +374,63 @@ class _DirectStep:
                 args[slot] = t
         return self.fn(*args)[self.k_out]
 
+    def decode(self, inputs: Sequence[torch.Tensor], steps: int, on_token: Callable[[int], None] | None,
+               trust_on_token: bool = False) -> list[int] | None:
+        """Up to `steps` greedy tokens in one native loop (`runtime.replay.Plan.decode`), fed
+        from `inputs` (token ids `[[t]]`, then the positions; written in place), or None when
+        the compiled graph cannot run so (another backend, no replay plan). Between steps
+        only `on_token` runs; after it the graph's frozen-tensor check runs too (unless
+        `trust_on_token`), and a change stops the loop (the next step goes through the
+        graph's own checks)."""
+        if torch.is_grad_enabled() != self.grad or self.slots[0] is None:
+            return None
+        pos = next((s for s in self.slots[1:] if s is not None), None)
+        find = getattr(self.fn, "replayer", None)
+        if pos is None or find is None:
+            return None
+        args = self.args
+        for slot, t in zip(self.slots, inputs):
+            if slot is not None:
+                args[slot] = t
+        found = find(args)
+        if found is None:
+            return None
+        replayer, check = found
+        callback = None
+        if on_token is not None:
+            def callback(t: int) -> bool:
+                on_token(t)
+                return not trust_on_token and check is not None and bool(check(args))
+        from lowbit.runtime.replay import BUSY, MISMATCH
+        out = replayer.decode(args, self.slots[0], pos, self.k_out, steps, callback)
+        if out is MISMATCH or out is BUSY:
+            return None
+        return out[0] or None
+
+
+def greedy_decode(runner: Any, token: int, pos: int, steps: int,
+                  on_token: Callable[[int], None] | None = None, trust_on_token: bool = False) -> list[int]:
+    """`steps` greedy tokens after `token` (at position `pos`), each passed to `on_token` as
+    soon as it is known. Once a step has gone direct (`_DirectStep`), the rest run in one
+    native loop when the compiled graph allows it: no Python between steps but `on_token`
+    (`LOWBIT_REPLAY=0` or another backend: one `step` per token). `trust_on_token`: the
+    callback changes no tensor of the model (see `generate`)."""
+    out: list[int] = []
+    while len(out) < steps:
+        direct = runner._direct
+        if direct is not None:
+            got = direct.decode(runner._native_inputs(token, pos), steps - len(out), on_token, trust_on_token)
+            if got:
+                out += got
+                token, pos = got[-1], pos + len(got)
+                continue
+        token = int(runner.step(token, pos).argmax())
+        pos += 1
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+    return out
+
 
 def resolve_backend(backend: str | Callable) -> Callable:
     if callable(backend):
@@ -427,6 +484,14 @@ class _LlamaRunner:
             mark_seq_dynamic(ids, 1)
             mark_seq_dynamic(pos, 0)
         return self.fn(ids, pos)[0, -1]
+
+    def decode(self, token: int, pos: int, steps: int, on_token: Callable[[int], None] | None = None,
+               trust_on_token: bool = False) -> list[int]:
+        """`greedy_decode` of this runner."""
+        return greedy_decode(self, token, pos, steps, on_token, trust_on_token)
+
+    def _native_inputs(self, token: int, pos: int) -> tuple[torch.Tensor, ...]:
+        return torch.tensor([[token]]), torch.tensor([pos])
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         ids, p = torch.tensor([[token]]), torch.tensor([pos])
@@ -497,6 +562,15 @@ class _HFRunner:
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens.view(1, -1)
         return self.fn(**self._kwargs(ids, torch.arange(ids.shape[1]))).logits[0, -1]
+
+    def decode(self, token: int, pos: int, steps: int, on_token: Callable[[int], None] | None = None,
+               trust_on_token: bool = False) -> list[int]:
+        """`greedy_decode` of this runner."""
+        return greedy_decode(self, token, pos, steps, on_token, trust_on_token)
+
+    def _native_inputs(self, token: int, pos: int) -> tuple[torch.Tensor, ...]:
+        p = torch.tensor([pos])
+        return torch.tensor([[token]]), p, p.view(1, -1)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         ids, p = torch.tensor([[token]]), torch.tensor([pos])
@@ -650,7 +724,7 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
              backend: str | Callable = "lowbit", dtype: str | torch.dtype = torch.float32,
              threads: int | None = None, seed: int = 0, cache: str = "static", head: str = "none",
              embedding: str = "none", on_token: Callable[[int], None] | None = None,
-             count_compiles: bool = True) -> GenerationResult:
+             trust_on_token: bool = False, count_compiles: bool = True) -> GenerationResult:
     """Greedy generation with figures; see the module docstring.
 
     Args:
@@ -667,7 +741,11 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
         cache: for Hugging Face models, ``"static"`` (``StaticCache``) or ``"dynamic"``.
         head: the output head's format (`HEAD_CHOICES`; presets, configs and TinyLlama modules).
         embedding: the embedding table's format (`EMBEDDING_CHOICES`; likewise).
-        on_token: called with each new token id as soon as it is produced.
+        on_token: called with each new token id as soon as it is produced. Decode steps run
+            in one native loop (no Python between steps but this callback); after each call
+            of it the compiled weights' sources are checked for changes (~0.1-0.2 ms per token
+            at 1B), so that a callback that changes the model is still seen by the next step.
+        trust_on_token: ``on_token`` changes no tensor of the model: skip that check.
         count_compiles: wrap the backend in a `CompileCounter` (reported in the result).
     """
     import lowbit
@@ -794,15 +872,9 @@ def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,
             tokens.append(nxt)
             if on_token is not None:
                 on_token(nxt)
-            decode_s = 0.0
-            for i in range(max_new_tokens - 1):
-                t = time.perf_counter()
-                logits = runner.step(nxt, n_prompt + i)
-                nxt = int(logits.argmax())
-                decode_s += time.perf_counter() - t
-                tokens.append(nxt)
-                if on_token is not None:
-                    on_token(nxt)
+            t = time.perf_counter()
+            tokens += runner.decode(nxt, n_prompt, max_new_tokens - 1, on_token, trust_on_token)
+            decode_s = time.perf_counter() - t
     except Exception as e:
         raise GenerationError(f"generation with backend {backend!r} failed: {type(e).__name__}: {e}") from e
     finally:

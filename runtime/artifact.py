@@ -274,6 +274,10 @@ class _Bound:
         self.inner, self.derived = inner, derived
         self._replay = Replayer(inner, derived)
 
+    @property
+    def replayer(self) -> Replayer:
+        return self._replay
+
     def __call__(self, *args):
         return self._replay(*args)
 

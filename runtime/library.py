@@ -129,6 +129,10 @@ def load_runtime() -> ctypes.CDLL:
     lib.lowbit_rt_cpu_features.restype = ctypes.c_int32
     lib.lowbit_rt_run_calls.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.lowbit_rt_run_calls.restype = ctypes.c_int64
+    lib.lowbit_rt_decode_calls.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.lowbit_rt_decode_calls.restype = ctypes.c_int64
     # Validate LOWBIT_ISA once, with one error naming the variable (the native side only
     # falls back to the best ISA and records lowbit_rt_isa_error()). Not cached on failure:
     # every later use raises the same error.

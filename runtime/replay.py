@@ -19,6 +19,11 @@ arguments whose buffer moved and of fresh outputs are patched, and one runtime c
 Python path does. Intermediate results live in the plan (they are never visible to the
 caller); every result the caller sees is a fresh tensor per call, as before.
 
+Greedy decoding goes one step further (`Plan.decode`, `lowbit_rt_decode_calls`): the runtime
+runs the recorded step, takes the argmax of the logits result, writes it into the token
+argument and adds 1 to the position argument, and repeats, with only a token callback in
+Python between steps (`lowbit.generate.greedy_decode`).
+
 Anything a plan cannot prove the same falls back to the Python path (and re-records):
 another buffer of a caller argument that shares memory with another argument, a changed
 shape, dtype or stride behind a moved buffer, a different non-tensor argument, a concurrent
@@ -276,12 +281,94 @@ class Plan:
                                                for t in plan.traps])
         plan.trap_locks = list({id(t.lock): t.lock for t in plan.traps if t is not None}.values())
         plan.run_calls = load_runtime().lowbit_rt_run_calls
+        plan.decode_calls = load_runtime().lowbit_rt_decode_calls
         return plan
 
     def run(self, args: Sequence) -> Any:
         """The results of replaying for `args`; `MISMATCH` when the plan cannot prove this
         call the same (record again), `BUSY` when another thread holds what it needs (take
         the Python path)."""
+        held = self._enter(args)
+        if not isinstance(held, list):
+            return held
+        try:
+            fresh = self._fresh()
+            configure_threads()
+            bad = self.run_calls(self.n, self.fns, self.argv, self.flags)
+            if bad >= 0:
+                traps = self.traps[bad]
+                raise traps.error(traps.flag.value)
+        finally:
+            self._leave(held)
+        return [self._result(s, args, fresh) for s in self.out_spec]
+
+    def decode(self, args: Sequence, token: int, pos: int, logits: int, steps: int,
+               on_token: Callable[[int], bool] | None = None) -> Any:
+        """Greedy decoding in one runtime call (`lowbit_rt_decode_calls`): up to `steps` calls
+        for `args`, each feeding the argmax of result `logits` back into argument `token`
+        (an int64 tensor of one element) and adding 1 to argument `pos` (likewise), both
+        written in place. `on_token(t)` runs after each step; a true return stops there.
+        Returns (tokens, results of the last call), or `MISMATCH` / `BUSY` as `run` does, or
+        `MISMATCH` when the plan cannot feed itself (arguments it does not read, logits that
+        are not one fresh contiguous fp32 / bf16 row)."""
+        fed = self._feedback(args, token, pos, logits)
+        if fed is None:
+            return MISMATCH
+        held = self._enter(args)
+        if not isinstance(held, list):
+            return held
+        error: list[BaseException] = []
+
+        def step_done(t: int) -> int:
+            try:
+                return 1 if on_token(t) else 0
+            except BaseException as e:  # noqa: BLE001 (re-raised after the runtime call returns)
+                error.append(e)
+                return 1
+
+        try:
+            fresh = self._fresh()
+            view, dtype = fed
+            out = fresh[self.out_spec[logits][1]]
+            out = out if view is None else out.as_strided(*view)
+            tokens = (ctypes.c_int64 * steps)()
+            trapped = ctypes.c_int64(-1)
+            callback = _TOKEN_FN(step_done) if on_token is not None else None
+            configure_threads()
+            done = self.decode_calls(self.n, self.fns, self.argv, self.flags, steps, args[token].data_ptr(),
+                                     args[pos].data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
+                                     out.numel(), tokens, callback, ctypes.byref(trapped))
+            if trapped.value >= 0:
+                traps = self.traps[trapped.value]
+                raise traps.error(traps.flag.value)
+        finally:
+            self._leave(held)
+        if error:
+            raise error[0]
+        return list(tokens[:done]), [self._result(s, args, fresh) for s in self.out_spec]
+
+    def _feedback(self, args: Sequence, token: int, pos: int, logits: int):
+        """(view, dtype) of the logits result when this plan can feed its own argmax back."""
+        for i in (token, pos):
+            t = args[i] if i < len(args) else None
+            if (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1
+                    or i not in self.arg_positions or self.arg_positions.index(i) in self.unstable):
+                return None
+        if args[token].untyped_storage().data_ptr() == args[pos].untyped_storage().data_ptr():
+            return None
+        spec = self.out_spec[logits] if 0 <= logits < len(self.out_spec) else ("value",)
+        if spec[0] != "fresh":
+            return None
+        shape, dtype = self.fresh[spec[1]]
+        view = spec[2]
+        if dtype not in (torch.float32, torch.bfloat16) or _numel(shape if view is None else view[0]) < 1:
+            return None
+        if view is not None and not _contiguous(view[0], view[1]):
+            return None
+        return view, dtype
+
+    def _enter(self, args: Sequence) -> Any:
+        """Take the plan for `args` (the held locks), or MISMATCH / BUSY."""
         if len(args) != self.n_args:
             return MISMATCH
         srcs = self.pick(args)
@@ -295,29 +382,30 @@ class Plan:
                 return MISMATCH
         if not self.lock.acquire(blocking=False):
             return BUSY  # another thread is replaying this plan: its buffers are in use
-        locked = []
-        try:
-            for lk in self.trap_locks:
-                if not lk.acquire(blocking=False):
-                    return BUSY
-                locked.append(lk)
-            if ptrs != self.ptrs and not self._rebind(srcs, ptrs):
-                return MISMATCH
-            fresh = [torch.empty(shape, dtype=dtype) for shape, dtype in self.fresh]
-            for t, uses in zip(fresh, self.fresh_uses):
-                p = t.data_ptr()
-                for storage, slot, offset in uses:
-                    storage[slot] = p + offset
-            configure_threads()
-            bad = self.run_calls(self.n, self.fns, self.argv, self.flags)
-            if bad >= 0:
-                traps = self.traps[bad]
-                raise traps.error(traps.flag.value)
-        finally:
-            for lk in locked:
-                lk.release()
-            self.lock.release()
-        return [self._result(s, args, fresh) for s in self.out_spec]
+        locked = [self.lock]
+        for lk in self.trap_locks:
+            if not lk.acquire(blocking=False):
+                self._leave(locked)
+                return BUSY
+            locked.append(lk)
+        if ptrs != self.ptrs and not self._rebind(srcs, ptrs):
+            self._leave(locked)
+            return MISMATCH
+        return locked
+
+    @staticmethod
+    def _leave(locked: list) -> None:
+        for lk in reversed(locked):
+            lk.release()
+
+    def _fresh(self) -> list[torch.Tensor]:
+        """This call's fresh results, their addresses patched into the argument words."""
+        fresh = [torch.empty(shape, dtype=dtype) for shape, dtype in self.fresh]
+        for t, uses in zip(fresh, self.fresh_uses):
+            p = t.data_ptr()
+            for storage, slot, offset in uses:
+                storage[slot] = p + offset
+        return fresh
 
     def _rebind(self, srcs, ptrs) -> bool:
         """Patch the words of caller arguments whose buffer moved (same layout required)."""
@@ -339,6 +427,25 @@ class Plan:
         key, view = spec[1], spec[2]
         t = fresh[key] if kind == "fresh" else args[key] if kind == "arg" else self.fixed[key]
         return t if view is None else t.as_strided(*view)
+
+
+_TOKEN_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64)
+
+
+def _numel(size) -> int:
+    n = 1
+    for d in size:
+        n *= d
+    return n
+
+
+def _contiguous(size, stride) -> bool:
+    expected = 1
+    for d, st in zip(reversed(tuple(size)), reversed(tuple(stride))):
+        if d != 1 and st != expected:
+            return False
+        expected *= d
+    return True
 
 
 class Replayer:
@@ -364,6 +471,18 @@ class Replayer:
         if self.recordings >= MAX_RECORDINGS or recorder() is not None or not enabled():
             return self.inner(*args, *self.fixed)
         return self._record(args)
+
+    def decode(self, args: Sequence, token: int, pos: int, logits: int, steps: int,
+               on_token: Callable[[int], bool] | None = None) -> Any:
+        """`Plan.decode` with the recorded plan; `MISMATCH` when there is none (nothing
+        recorded yet, replay off) or it cannot serve `args`."""
+        plan = self.plan
+        if plan is None or not enabled():
+            return MISMATCH
+        out = plan.decode(args, token, pos, logits, steps, on_token)
+        if out is not MISMATCH and out is not BUSY:
+            self.replays += len(out[0])
+        return out
 
     def _record(self, args):
         self.recordings += 1

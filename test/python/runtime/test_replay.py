@@ -249,3 +249,103 @@ def test_run_calls_runs_in_order_and_stops_at_a_set_trap_flag():
     assert call([False, False, False]) == -1 and order == [0, 1, 2] and seen_before == [0, 0]
     order.clear()
     assert call([False, True, False]) == 1 and order == [0, 1] and flags[1].value == 2
+
+
+def _decode_calls(lib, logits, steps, entries=(), traps=(), on_token=None, token=0, pos=10):
+    """lowbit_rt_decode_calls over Python entries (ctypes callbacks) and a logits buffer."""
+    import ctypes
+    n = len(entries)
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    fns = [proto(e) for e in entries]
+    fptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.cast(f, ctypes.c_void_p).value for f in fns])
+    argv = (ctypes.c_void_p * max(n, 1))()
+    fl = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(t) if t is not None else None for t in traps])
+    tok, p = ctypes.c_int64(token), ctypes.c_int64(pos)
+    out = (ctypes.c_int64 * steps)()
+    trapped = ctypes.c_int64(0)
+    cb = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64)(on_token) if on_token else None
+    done = lib.lowbit_rt_decode_calls(n, fptrs, argv, fl, steps, ctypes.byref(tok), ctypes.byref(p),
+                                      logits.data_ptr(), int(logits.dtype == torch.bfloat16), logits.numel(),
+                                      out, cb, ctypes.byref(trapped))
+    return done, list(out[:done]), tok.value, p.value, trapped.value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_calls_feed_back_torch_argmax(dtype):
+    """`lowbit_rt_decode_calls`: each step runs the entries, takes torch.argmax of the logits
+    (first maximum, the first NaN wins), writes it to the token slot and adds 1 to the
+    position; the logits an entry writes are the ones read."""
+    from lowbit.runtime.library import load_runtime
+    lib = load_runtime()
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(37, generator=gen), torch.tensor([1.0, 3.0, 3.0, -1.0]), torch.tensor([2.0, float("nan"), 5.0, float("nan")]),
+            torch.tensor([float("-inf"), float("-inf")]), torch.tensor([float("nan"), 1.0]), torch.full((5,), 7.0),
+            torch.tensor([-2.0, float("inf"), 1.0])]
+    for row in rows:
+        logits = row.to(dtype)
+        done, toks, tok, pos, trapped = _decode_calls(lib, logits, 3)
+        expected = int(torch.argmax(logits))
+        assert (done, toks, tok, pos, trapped) == (3, [expected] * 3, expected, 13, -1), row
+    # an entry that writes the logits: step s puts the maximum at s
+    logits = torch.zeros(6, dtype=dtype)
+
+    def write(_args, state={"s": 0}):
+        logits.zero_()
+        logits[state["s"] % 6] = 1
+        state["s"] += 1
+    assert _decode_calls(lib, logits, 8, entries=[write], traps=[None])[1] == [0, 1, 2, 3, 4, 5, 0, 1]
+
+
+def test_decode_calls_stop_at_a_trap_and_when_on_token_says_so():
+    import ctypes
+
+    from lowbit.runtime.library import load_runtime
+    lib = load_runtime()
+    logits = torch.tensor([0.0, 2.0, 1.0])
+    flag = ctypes.c_int32(0)
+    calls = []
+
+    def entry(_args):
+        calls.append(1)
+        if len(calls) == 3:
+            flag.value = 5
+    done, toks, _, pos, trapped = _decode_calls(lib, logits, 10, entries=[entry], traps=[flag])
+    assert (done, toks, pos, trapped) == (2, [1, 1], 12, 0)  # the third step trapped before its argmax
+    seen = []
+    done, toks, _, pos, _ = _decode_calls(lib, logits, 10, on_token=lambda t: seen.append(t) or len(seen) == 4)
+    assert (done, len(toks), pos, seen) == (4, 4, 14, [1, 1, 1, 1])
+
+
+def test_a_native_decode_loop_raises_run_time_checks_like_a_call(monkeypatch):
+    """Decoding past the KV cache in the native loop stops with the error a step raises
+    (eager's IndexError), and the runner decodes fine afterwards."""
+    from lowbit.generate import CompileCounter
+    raised = []
+    real = replay.Plan.decode
+
+    def decode(self, *a, **kw):
+        try:
+            return real(self, *a, **kw)
+        except IndexError:
+            raised.append(True)
+            raise
+    monkeypatch.setattr(replay.Plan, "decode", decode)
+    model = _models()
+    counter = CompileCounter("lowbit")
+    runner = _LlamaRunner(model, torch.compile(model, backend=counter), counter=counter)
+    eager = _LlamaRunner(model, model)
+    start = CFG.max_seq_len - 4
+    with torch.no_grad():
+        runner.reset()
+        first = int(runner.prefill(torch.arange(4)).argmax())
+        with pytest.raises(IndexError):
+            runner.decode(first, start, 8)
+        assert raised == [True]  # raised by the native loop
+        runner.reset()
+        eager.reset()
+        first = int(runner.prefill(torch.arange(4)).argmax())
+        assert first == int(eager.prefill(torch.arange(4)).argmax())
+        expected = [int(eager.step(first, 4).argmax())]
+        for i in range(4):
+            expected.append(int(eager.step(expected[-1], 5 + i).argmax()))
+        assert runner.decode(first, 4, 5) == expected

@@ -75,6 +75,20 @@ LOWBIT_API void lowbit_rt_release_cached_memory(void);
 LOWBIT_API int64_t lowbit_rt_run_calls(int64_t n, void* const* fns, void* const* args,
                                        int32_t* const* flags);
 
+/* Greedy decoding with a recorded step (runtime/replay.py, Plan.decode): up to `steps` times,
+ * run the n entries as lowbit_rt_run_calls does, take the argmax of the step's `vocab` logits
+ * (fp32, or bf16 when logits_bf16; the first maximum, a NaN counting as the maximum as in
+ * torch.argmax), store it in tokens_out[s] and in *token (the next step's input), add 1 to
+ * *pos, and call on_token(token) when given (a non-zero return stops after this step).
+ * Returns the number of steps completed; a trap stops the loop before its argmax, with the
+ * entry's index in *trapped (else -1). */
+typedef int32_t (*lowbit_token_fn)(int64_t token);
+LOWBIT_API int64_t lowbit_rt_decode_calls(int64_t n, void* const* fns, void* const* args,
+                                          int32_t* const* flags, int64_t steps, int64_t* token,
+                                          int64_t* pos, const void* logits, int32_t logits_bf16,
+                                          int64_t vocab, int64_t* tokens_out,
+                                          lowbit_token_fn on_token, int64_t* trapped);
+
 #ifdef __cplusplus
 }
 #endif
