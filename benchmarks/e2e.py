@@ -36,7 +36,8 @@ does (`_LlamaRunner`: a sequence's first step through dynamo, the rest straight 
 compiled graph, lowbit and inductor alike, and lowbit's in one native loop, `runner.decode`;
 docs/generation.md). Reported: medians with min-max spread, load and
 compile seconds, peak RSS, weight bytes streamed per decode token (everything but the
-embedding table) and the effective GB/s of that stream against the probe, and how many
+embedding table) and the effective GB/s of that stream against the probe (the runs' medians,
+and per round against that round's probe: the host's bandwidth moves), and how many
 leading greedy tokens each pair of systems shares on the same prompt. A worker that fails
 (compile error, out of memory, timeout) is reported as a failed row with its reason.
 
@@ -486,15 +487,17 @@ def drive(args, on_round=None) -> dict:
                    args.timeout, logs / "probe.log")
     probe.receive(args.timeout)
 
-    samples = {s: {"prefill_s": [], "decode_s": [], "tokens": []} for s in workers}
+    samples = {s: {"prefill_s": [], "decode_s": [], "tokens": [], "probe": []} for s in workers}
     probes: list[float] = []
     order = list(workers)
     for r in range(args.rounds):
         rot = order[r % len(order):] + order[:r % len(order)] if order else []
+        round_probe = None
         if probe.send("round"):
             res = probe.receive()
             if res:
                 probes.append(res["read_gbs"])
+                round_probe = res["read_gbs"]
         for s in rot:
             w = workers[s]
             if w.failed or not w.send("round"):
@@ -505,6 +508,7 @@ def drive(args, on_round=None) -> dict:
             samples[s]["prefill_s"].append(res["prefill_s"])
             samples[s]["decode_s"].append(res["decode_s"])
             samples[s]["tokens"].append(res["tokens"])
+            samples[s]["probe"].append(round_probe)
             if res.get("compile_counts"):
                 rows[s]["compile_counts"] = res["compile_counts"]
         print(f"[e2e] round {r + 1}/{args.rounds} done", flush=True)
@@ -544,6 +548,11 @@ def _summarize(args, systems, rows, workers, samples, probes, rounds_done) -> di
         row["weights_gbs"] = _stats(gbs)
         if read_gbs:
             row["weights_gbs_vs_probe"] = statistics.median(gbs) / read_gbs
+        # The host's bandwidth can change between rounds (42 <-> 77 GB/s within minutes): each
+        # round's stream against that round's probe.
+        per_round = [g / p for g, p in zip(gbs, smp["probe"]) if p]
+        if per_round:
+            row["weights_vs_round_probe"] = _stats(per_round)
     ok = [s for s in systems if rows[s].get("status") == "ok"]
     matches = {a: {b: _match(rows[a]["tokens"], rows[b]["tokens"]) for b in ok if b != a} for a in ok}
     return {
@@ -564,7 +573,8 @@ def table(result: dict) -> str:
     if pr:
         lines.append(f"read probe (512 MiB, torch sum): {pr['median']:.1f} GB/s [{pr['min']:.1f}-{pr['max']:.1f}]")
     lines.append(f"{'system':24s} {'prefill 128 tok/s':>22s} {'decode 8-72 tok/s':>22s} {'load s':>7s} "
-                 f"{'compile s':>9s} {'peak RSS':>9s} {'weights/token':>13s} {'GB/s (% probe)':>16s}")
+                 f"{'compile s':>9s} {'peak RSS':>9s} {'weights/token':>13s} {'GB/s (% probe)':>16s} "
+                 f"{'% of its round probe':>22s}")
     for r in result["systems"]:
         if r.get("status") != "ok":
             lines.append(f"{r['system']:24s} FAILED: {r.get('reason', '?')[:300]}")
@@ -572,11 +582,14 @@ def table(result: dict) -> str:
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
         comp = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
         pct = f"({100 * r['weights_gbs_vs_probe']:.0f}%)" if r.get("weights_gbs_vs_probe") else ""
+        rp = r.get("weights_vs_round_probe")
+        per_round = f"{100 * rp['median']:.0f}% [{100 * rp['min']:.0f}-{100 * rp['max']:.0f}]" if rp else ""
         lines.append(
             f"{r['system']:24s} {p['median']:8.1f} [{p['min']:.1f}-{p['max']:.1f}]".ljust(48)
             + f"{d['median']:7.2f} [{d['min']:.2f}-{d['max']:.2f}]".rjust(22)
             + f" {r['load_s']:7.1f} {comp:>9s} {r.get('peak_rss', 0) / 2 ** 30:8.2f}G"
-            + f" {r['streamed_bytes'] / 1e9:12.3f}G {r['weights_gbs']['median']:8.1f} {pct:>7s}")
+            + f" {r['streamed_bytes'] / 1e9:12.3f}G {r['weights_gbs']['median']:8.1f} {pct:>7s}"
+            + f" {per_round:>22s}")
     if result["greedy_match"]:
         lines.append(f"greedy tokens: leading matches out of {result['tokens_compared']} (8-token prompt)")
         for a, m in result["greedy_match"].items():
