@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include "brgemm_internal.h"
+#include "stream_prefetch.h"
 
 namespace {
 
@@ -42,15 +43,9 @@ inline void store_acc(const __m256 (&acc)[MR][NV], const Tile& t, __m256i tm) {
     }
 }
 
-// One-row tiles (GEMV: decode) stream their part of a packed B panel from DRAM: the line
-// 8 KiB ahead is prefetched per k (or k pair), as in brgemm_avx512.cpp. A tile here is 16
-// of the panel's 32 columns, i.e. one 64-byte line per k of the 128-byte packed rows.
-constexpr int64_t kGemvPrefetchAhead = 8192;
-
-inline void prefetch_ahead(const void* row) {
-  _mm_prefetch(static_cast<const char*>(row) + kGemvPrefetchAhead, _MM_HINT_T0);
-}
-
+// One-row tiles (GEMV: decode) stream their part of a packed B panel from DRAM and
+// prefetch ahead (stream_prefetch.h). A tile here is 16 of the panel's 32 columns, i.e. one
+// 64-byte line per k of the 128-byte packed rows.
 struct F32Kernel {
   template <int MR, int NV>
   static void run(const Tile& t) {
@@ -65,7 +60,7 @@ struct F32Kernel {
       const int64_t step = t.b_row_step;
       const bool stream = MR == 1 && step == 32;  // a packed panel
       for (int64_t kk = 0; kk < t.klen; ++kk) {
-        if (stream) prefetch_ahead(b[0] + kk * step);
+        if (stream) lowbit::prefetch_ahead<1>(b[0] + kk * step);
         __m256 bv[NV];
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v)
@@ -100,7 +95,7 @@ struct Bf16PackedKernel {
       for (int64_t p = 0; p < kpairs; ++p) {
         const int64_t kk = 2 * p;
         const bool pair = kk + 1 < t.klen;
-        if (stream) prefetch_ahead(b[0] + p * t.b_row_step);
+        if (stream) lowbit::prefetch_ahead<1>(b[0] + p * t.b_row_step);
         __m256 b0[NV], b1[NV];
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) {

@@ -7,24 +7,15 @@
 #include <immintrin.h>
 
 #include "brgemm_internal.h"
+#include "stream_prefetch.h"
 
 namespace {
 
 inline __mmask16 tail_mask(int tail) { return __mmask16((1u << tail) - 1u); }
 
 // One-row fp32 tiles (GEMV: decode) read a packed B panel once, front to back (NB = 32
-// columns, 128 bytes per k), from DRAM; the hardware prefetchers restart at every 4 KiB
-// page. They prefetch the panel's lines 8 KiB ahead, as the low-bit GEMV tiles do
-// (qgemm_avx512.cpp). benchmarks/gemv_stream.py --format f32, Zen 5, 2 threads: 1.23-1.67x
-// (53% -> 89% of a 68 GB/s read probe). bf16 tiles stream at the probe's rate without it
-// and measured 0.92x with it: not prefetched.
-constexpr int64_t kGemvPrefetchAhead = 8192;
-
-inline void prefetch_panel_ahead(const void* row) {
-  const char* p = static_cast<const char*>(row) + kGemvPrefetchAhead;
-  _mm_prefetch(p, _MM_HINT_T0);
-  _mm_prefetch(p + 64, _MM_HINT_T0);
-}
+// columns, 128 bytes per k): they prefetch ahead (stream_prefetch.h). bf16 panels stream at
+// the read probe's rate without it (0.92x with it): not prefetched.
 
 // Accumulator arrays must be fully unrolled to stay in registers (else gcc keeps a
 // stack copy and stores it every k step), hence the pragmas on every loop over them.
@@ -69,7 +60,7 @@ struct F32Kernel {
       const int64_t step = t.b_row_step;
       const bool stream = MR == 1 && NV == 2 && step == 32;  // a packed panel, 128 B per k
       for (int64_t kk = 0; kk < t.klen; ++kk) {
-        if (stream) prefetch_panel_ahead(b[0] + kk * step);
+        if (stream) lowbit::prefetch_ahead<2>(b[0] + kk * step);
         __m512 bv[NV];
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v)

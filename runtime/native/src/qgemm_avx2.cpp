@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "qgemm_internal.h"
+#include "stream_prefetch.h"
 
 #define LB_INLINE inline __attribute__((always_inline))
 
@@ -129,18 +130,6 @@ void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, float inv,
   }
 }
 
-// GEMV tiles read every code byte once, from DRAM at decode, and the hardware prefetchers
-// restart at each 4 KiB page: each 64-byte line of the first pass prefetches the line
-// kGemvPrefetchAhead bytes on (as the AVX-512 tiles do; qgemm_avx512.cpp has the figures).
-constexpr int64_t kGemvPrefetchAhead = 8192;
-
-template <int BITS>
-LB_INLINE void prefetch_step_ahead(const uint8_t* step) {
-#pragma GCC unroll 4
-  for (int l = 0; l < kStepBytes<BITS> / 64; ++l)
-    _mm_prefetch(reinterpret_cast<const char*>(step + kGemvPrefetchAhead + 64 * l), _MM_HINT_T0);
-}
-
 template <int BITS, int MB>
 void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
   const Format& f = d.f;
@@ -166,8 +155,8 @@ void mblock_int8(const Desc& d, const Args& g, int64_t m0, int64_t n0) {
 #pragma GCC unroll 2
         for (int h = 0; h < kSubSteps<BITS>; ++h) {
           const uint8_t* p = w + s * kStepBytes<BITS>;
-          // GEMV tiles: the first pass over the codes streams them (see kGemvPrefetchAhead).
-          if (MB == 1 && BITS < 8 && half == 0 && h == 0) prefetch_step_ahead<BITS>(p);
+          // GEMV tiles: the first pass over the codes streams them (stream_prefetch.h).
+          if (MB == 1 && BITS < 8 && half == 0 && h == 0) prefetch_ahead<kStepBytes<BITS> / 64>(p);
           const int64_t k = s * f.kg + 4 * h;
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) {

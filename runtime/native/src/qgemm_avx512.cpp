@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "qgemm_internal.h"
+#include "stream_prefetch.h"
 
 #define LB_INLINE inline __attribute__((always_inline))
 
@@ -184,23 +185,11 @@ LB_INLINE void store_row(const Desc& d, const Args& g, int64_t row, int64_t n0, 
   }
 }
 
-// GEMV tiles (one activation row) read every code byte once, from DRAM at decode, and the
-// hardware prefetchers alone keep too few lines in flight: they restart at each 4 KiB page.
-// Each 64-byte line read prefetches the line kGemvPrefetchAhead bytes further on (the same
-// n-block's later K, then the next n-block, which follows it in memory). Measured on Zen 5
-// (2 threads, the 1b preset's 64 decode GEMVs in OpenMP loops, 207 MB per pass, interleaved
-// rounds): ternary 1.16-1.19x the streaming rate at 6-12 KiB ahead (58.6 -> 70.0 GB/s at a
-// 68 GB/s read probe), 1.17x on one thread; int1 1.49x, int4 (groups of 32) 1.17x, int8 none;
-// prefetcht1 gained less, 1 KiB ahead nothing. Prefetches past the end of the weights are
-// harmless (they never fault).
-constexpr int64_t kGemvPrefetchAhead = 8192;
-
+// GEMV tiles prefetch their codes ahead (stream_prefetch.h); 8-bit codes (4 lines per step)
+// keep up without it.
 template <int BITS>
 LB_INLINE void prefetch_step_ahead(const uint8_t* step) {
-  if constexpr (BITS == 8) return;  // 4 lines per step: the hardware keeps up (measured 0.98-1.0x)
-#pragma GCC unroll 4
-  for (int l = 0; l < kStepBytes<BITS> / 64; ++l)
-    _mm_prefetch(reinterpret_cast<const char*>(step + kGemvPrefetchAhead + 64 * l), _MM_HINT_T0);
+  if constexpr (BITS != 8) prefetch_ahead<kStepBytes<BITS> / 64>(step);
 }
 
 // The GEMV tile's 2-bit inner loop (one activation row, the 4 accumulators of decode_scaled's
