@@ -300,7 +300,7 @@ def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
             and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()):
         rec = _recorder()
         if rec is not None:
-            rec.side_effect("a copy written back")
+            rec.copy(dst, src)
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
     else:
         dst.copy_(src)

@@ -12,7 +12,8 @@ every native call (`NativeFunction` reports the entry address and the argument w
 passes, the tensors behind them, and the trap flag checked around it). When the call was
 nothing but native calls -- every argument word resolves to a caller argument, a fixed
 tensor or an earlier call's output, every result to one of those, no eager ATen op other than
-allocation and views ran, no copy was written back, every entry has a static signature --
+allocation and views ran, every entry has a static signature (a mutated input copied back
+after a call, e.g. a cache's step counter, is recorded as a copy entry at its place) --
 that recording becomes a `Plan`; later calls replay it: the argument words of caller
 arguments whose buffer moved and of fresh outputs are patched, and one runtime call
 (`lowbit_rt_run_calls`) runs the entries in order, clearing and checking trap flags as the
@@ -85,6 +86,7 @@ class Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[int, list[int], Any, list, list]] = []  # (address, words, traps, ins, outs)
+        self.literals: dict[int, set[int]] = {}  # call -> argument slots that are values, not addresses
         self.problem: str | None = None
         self._trap = None
 
@@ -98,6 +100,13 @@ class Recorder(TorchDispatchMode):
     def trap(self, traps) -> None:
         """The next native call is checked with `traps` (an object with `flag` and `lock`)."""
         self._trap = traps
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A mutated input written back (contiguous, same layout): replayed as a native entry
+        (`lowbit_rt_copy_entry`) at this point of the call sequence."""
+        nbytes = dst.numel() * dst.element_size()
+        self.calls.append((_copy_entry(), [dst.data_ptr(), src.data_ptr(), nbytes], None, [src], [dst]))
+        self.literals[len(self.calls) - 1] = {2}
 
     def side_effect(self, what: str) -> None:
         if self.problem is None:
@@ -210,9 +219,10 @@ class Plan:
             plan.words.append(cells)
         uses: dict[tuple[str, int], list[tuple[Any, int, int]]] = {}
         for c, (_, words, _, _, _) in enumerate(rec.calls):
+            literal = rec.literals.get(c, ())
             for slot, w in enumerate(words):
-                if w == 0:
-                    continue  # an empty tensor's buffer
+                if w == 0 or slot in literal:
+                    continue  # an empty tensor's buffer, or a byte count
                 found = owners.resolve(w)
                 if found is None:
                     raise NotReplayable(f"argument word {slot} of native call {c} points at memory "
@@ -430,6 +440,11 @@ class Plan:
 
 
 _TOKEN_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64)
+
+
+def _copy_entry() -> int:
+    """Address of `lowbit_rt_copy_entry` (a recorded write-back)."""
+    return ctypes.cast(load_runtime().lowbit_rt_copy_entry, ctypes.c_void_p).value
 
 
 def _numel(size) -> int:

@@ -16,6 +16,13 @@ extern "C" LOWBIT_API int64_t lowbit_rt_run_calls(int64_t n, void* const* fns, v
   return -1;
 }
 
+// A mutated input written back after a compiled call (runtime/replay.py records it as an
+// entry): args[0] -> destination, args[1] -> source, args[2] -> byte count (packed form).
+extern "C" LOWBIT_API void lowbit_rt_copy_entry(void** args) {
+  std::memmove(*static_cast<void**>(args[0]), *static_cast<void**>(args[1]),
+               size_t(*static_cast<int64_t*>(args[2])));
+}
+
 namespace {
 
 float logit_at(const void* logits, bool bf16, int64_t i) {

@@ -173,3 +173,17 @@ def test_the_weight_check_after_on_token_runs_unless_trusted(count_native, monke
         runner.decode(first, 5, 9, lambda t: None, trust_on_token=trust)
     assert count_native == [9]
     assert len(checks) == (1 if trust else 1 + 9)  # the lookup's own check, then one per token
+
+
+def test_hugging_face_static_cache_decodes_in_the_native_loop(count_native):
+    """transformers' StaticCache advances a 0-dim step counter that the compiled step writes
+    back after the call: replay records that copy as an entry, so HF decode steps replay and
+    run in the native loop too, with eager's tokens."""
+    pytest.importorskip("transformers")
+    from lowbit import generate, hf
+    cfg = hf.bitnet_config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=128)
+    model = hf.make_bitnet(cfg, 0)
+    got = generate(model, [1, 5, 9, 3], 12, backend="lowbit", cache="static").tokens
+    assert count_native == [10]  # prefill, the first decode step through dynamo, then 10 native
+    assert got == generate(model, [1, 5, 9, 3], 12, backend="eager", cache="static").tokens

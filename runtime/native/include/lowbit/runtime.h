@@ -75,6 +75,9 @@ LOWBIT_API void lowbit_rt_release_cached_memory(void);
 LOWBIT_API int64_t lowbit_rt_run_calls(int64_t n, void* const* fns, void* const* args,
                                        int32_t* const* flags);
 
+/* A recorded copy (an entry for lowbit_rt_run_calls): memmove(*args[0], *args[1], *args[2]). */
+LOWBIT_API void lowbit_rt_copy_entry(void** args);
+
 /* Greedy decoding with a recorded step (runtime/replay.py, Plan.decode): up to `steps` times,
  * run the n entries as lowbit_rt_run_calls does, take the argmax of the step's `vocab` logits
  * (fp32, or bf16 when logits_bf16; the first maximum, a NaN counting as the maximum as in
