@@ -45,31 +45,31 @@ DRIVER = r"""
 #include <chrono>
 typedef int32_t (*Invoke)(int64_t, const void*, int64_t, const void*, int64_t, void*, int64_t,
                           const float*, int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t);
+typedef int32_t (*DenseInvoke)(int64_t, const void*, int64_t, const void*, int64_t, void*, int64_t, int64_t);
 struct Layer { int64_t h; const void* x; const uint8_t* w; float* y; const float* sx; const int32_t* rs;
                int64_t ntasks, task_bytes, task_rows, count; };
-extern "C" double gemv_sequence(const Layer* L, int64_t n, int64_t reps, Invoke invoke) {
+// Seconds per pass over the n layers: per layer one static OpenMP loop, task(layer, t) per task.
+template <class Task>
+double sequence(const Layer* L, int64_t n, int64_t reps, Task task) {
   auto t0 = std::chrono::steady_clock::now();
   for (int64_t r = 0; r < reps; ++r)
     for (int64_t l = 0; l < n; ++l) {
       const Layer& y = L[l];
 #pragma omp parallel for schedule(static)
-      for (int64_t t = 0; t < y.ntasks; ++t)
-        invoke(y.h, y.x, 0, y.w, t * y.task_bytes, y.y, t * y.task_rows, y.sx, 0, y.rs, 0, nullptr, 0, y.count);
+      for (int64_t t = 0; t < y.ntasks; ++t) task(y, t);
     }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
 }
-typedef int32_t (*DenseInvoke)(int64_t, const void*, int64_t, const void*, int64_t, void*, int64_t, int64_t);
+extern "C" double gemv_sequence(const Layer* L, int64_t n, int64_t reps, Invoke invoke) {
+  return sequence(L, n, reps, [=](const Layer& y, int64_t t) {
+    invoke(y.h, y.x, 0, y.w, t * y.task_bytes, y.y, t * y.task_rows, y.sx, 0, y.rs, 0, nullptr, 0, y.count);
+  });
+}
 // Dense layers: `w` is the packed B (brgemm panels), task_bytes its element offset per task.
 extern "C" double dense_sequence(const Layer* L, int64_t n, int64_t reps, DenseInvoke invoke) {
-  auto t0 = std::chrono::steady_clock::now();
-  for (int64_t r = 0; r < reps; ++r)
-    for (int64_t l = 0; l < n; ++l) {
-      const Layer& y = L[l];
-#pragma omp parallel for schedule(static)
-      for (int64_t t = 0; t < y.ntasks; ++t)
-        invoke(y.h, y.x, 0, y.w, t * y.task_bytes, y.y, t * y.task_rows, y.count);
-    }
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+  return sequence(L, n, reps, [=](const Layer& y, int64_t t) {
+    invoke(y.h, y.x, 0, y.w, t * y.task_bytes, y.y, t * y.task_rows, y.count);
+  });
 }
 """
 DENSE = {"f32": (1, torch.float32), "bf16": (2, torch.bfloat16)}  # LOWBIT_DTYPE_*, torch dtype

@@ -419,7 +419,7 @@ def greedy_decode(runner: Any, token: int, pos: int, steps: int,
     while len(out) < steps:
         direct = runner._direct
         if direct is not None:
-            got = direct.decode(runner._native_inputs(token, pos), steps - len(out), on_token, trust_on_token)
+            got = direct.decode(runner._step_inputs(token, pos), steps - len(out), on_token, trust_on_token)
             if got:
                 out += got
                 token, pos = got[-1], pos + len(got)
@@ -490,11 +490,11 @@ class _LlamaRunner:
         """`greedy_decode` of this runner."""
         return greedy_decode(self, token, pos, steps, on_token, trust_on_token)
 
-    def _native_inputs(self, token: int, pos: int) -> tuple[torch.Tensor, ...]:
+    def _step_inputs(self, token: int, pos: int) -> tuple[torch.Tensor, ...]:
         return torch.tensor([[token]]), torch.tensor([pos])
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        ids, p = torch.tensor([[token]]), torch.tensor([pos])
+        ids, p = self._step_inputs(token, pos)
         if self._direct is not None:
             out = self._direct(ids, p)
             if out is not None:
@@ -568,14 +568,14 @@ class _HFRunner:
         """`greedy_decode` of this runner."""
         return greedy_decode(self, token, pos, steps, on_token, trust_on_token)
 
-    def _native_inputs(self, token: int, pos: int) -> tuple[torch.Tensor, ...]:
+    def _step_inputs(self, token: int, pos: int) -> tuple[torch.Tensor, ...]:
         p = torch.tensor([pos])
         return torch.tensor([[token]]), p, p.view(1, -1)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        ids, p = torch.tensor([[token]]), torch.tensor([pos])
+        ids, p, p_row = self._step_inputs(token, pos)
         if self._direct is not None:
-            out = self._direct(ids, p, p.view(1, -1))
+            out = self._direct(ids, p, p_row)
             if out is not None:
                 return out[0, -1]
         kwargs = self._kwargs(ids, p)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import logging
+import math
 import operator
 import threading
 from typing import Any, Callable, Sequence
@@ -371,9 +372,9 @@ class Plan:
             return None
         shape, dtype = self.fresh[spec[1]]
         view = spec[2]
-        if dtype not in (torch.float32, torch.bfloat16) or _numel(shape if view is None else view[0]) < 1:
+        if dtype not in (torch.float32, torch.bfloat16) or math.prod(shape if view is None else view[0]) < 1:
             return None
-        if view is not None and not _contiguous(view[0], view[1]):
+        if view is not None and not torch.empty_strided(view[0], view[1], device="meta").is_contiguous():
             return None
         return view, dtype
 
@@ -445,22 +446,6 @@ _TOKEN_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64)
 def _copy_entry() -> int:
     """Address of `lowbit_rt_copy_entry` (a recorded write-back)."""
     return ctypes.cast(load_runtime().lowbit_rt_copy_entry, ctypes.c_void_p).value
-
-
-def _numel(size) -> int:
-    n = 1
-    for d in size:
-        n *= d
-    return n
-
-
-def _contiguous(size, stride) -> bool:
-    expected = 1
-    for d, st in zip(reversed(tuple(size)), reversed(tuple(stride))):
-        if d != 1 and st != expected:
-            return False
-        expected *= d
-    return True
 
 
 class Replayer:

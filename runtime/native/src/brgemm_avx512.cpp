@@ -13,10 +13,6 @@ namespace {
 
 inline __mmask16 tail_mask(int tail) { return __mmask16((1u << tail) - 1u); }
 
-// One-row fp32 tiles (GEMV: decode) read a packed B panel once, front to back (NB = 32
-// columns, 128 bytes per k): they prefetch ahead (stream_prefetch.h). bf16 panels stream at
-// the read probe's rate without it (0.92x with it): not prefetched.
-
 // Accumulator arrays must be fully unrolled to stay in registers (else gcc keeps a
 // stack copy and stores it every k step), hence the pragmas on every loop over them.
 template <int MR, int NV>
@@ -58,7 +54,10 @@ struct F32Kernel {
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) b[v] = static_cast<const float*>(t.bv[v]) + i * t.stride_b;
       const int64_t step = t.b_row_step;
-      const bool stream = MR == 1 && NV == 2 && step == 32;  // a packed panel, 128 B per k
+      // One-row tiles (GEMV: decode) read a packed panel (NB = 32 columns, 128 bytes per k)
+      // once, front to back: prefetched ahead (stream_prefetch.h). bf16 panels stream at the
+      // read probe's rate without it (0.92x with it): not prefetched.
+      const bool stream = MR == 1 && NV == 2 && step == 32;
       for (int64_t kk = 0; kk < t.klen; ++kk) {
         if (stream) lowbit::prefetch_ahead<2>(b[0] + kk * step);
         __m512 bv[NV];
