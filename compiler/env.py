@@ -216,7 +216,7 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "threads of compiled code (OpenMP)", _num_threads),
     Variable("LOWBIT_ISA", "scalar, avx2, avx512 (case-insensitive; amx is recognised and refused: no AMX "
              "kernels yet)", "forces the microkernel ISA (checked against the CPU by lowbit.runtime)", _isa),
-    Variable("LOWBIT_DUMP_IR", "a directory (created if missing)", "writes the IR after every pipeline stage",
+    Variable("LOWBIT_DUMP_IR", "a directory (created if missing)", "writes the IR after every pipeline stage, one set of files per graph",
              _dump_dir),
     Variable("LOWBIT_REPORT", "1/true/yes/on or 0/false/no/off", "prints the report of every compiled graph",
              _flag, False),

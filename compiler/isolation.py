@@ -74,7 +74,7 @@ def run_isolated(pipeline: Pipeline, module: ir.Module, captured: CapturedGraph 
     try:
         result = shared_worker().run(
             _bytecode(module), stages, dump_dir=str(pipeline.dump_dir) if pipeline.dump_dir else None,
-            dump_start=pipeline._dump_counter, on_stage=(lambda _: bar.update(1)) if bar else None)
+            dump_start=pipeline._dump_counter, dump_prefix=pipeline.dump_prefix, on_stage=(lambda _: bar.update(1)) if bar else None)
     except WorkerUnavailable as e:
         if not _warned_unavailable:
             _warned_unavailable = True

@@ -10,12 +10,15 @@
 
 Every stage after import is a string that `lowbit-opt --pass-pipeline=...` replays, so any
 stage can be run, printed and tested alone. `LOWBIT_DUMP_IR=<dir>` writes the IR after every
-stage; a failing stage raises `StageError` naming the stage, with a reproducer `.mlir` (the
+stage, its files prefixed with a hash of the graph's imported IR (a model's graphs and
+regions are compiled one after another and each keeps its own files); a failing stage
+raises `StageError` naming the stage, with a reproducer `.mlir` (the
 IR before the stage) and the one-line `lowbit-opt` command that replays it.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shlex
 import tempfile
@@ -239,6 +242,7 @@ class Pipeline:
         dump = dump_dir if dump_dir is not None else os.environ.get("LOWBIT_DUMP_IR")
         self.dump_dir = Path(dump) if dump else None
         self._dump_counter = 0
+        self.dump_prefix = ""  # set by the first dump: a hash of the module as imported
         self.report: list[dict] = []
 
     def stage(self, name: str) -> Stage:
@@ -251,9 +255,12 @@ class Pipeline:
         if self.dump_dir is None:
             return None
         self.dump_dir.mkdir(parents=True, exist_ok=True)
-        path = self.dump_dir / f"{self._dump_counter:02d}-{stage_name}{tag}.mlir"
+        text = str(module)
+        if not self.dump_prefix:
+            self.dump_prefix = hashlib.sha256(text.encode()).hexdigest()[:10] + "-"
+        path = self.dump_dir / f"{self.dump_prefix}{self._dump_counter:02d}-{stage_name}{tag}.mlir"
         self._dump_counter += 1
-        path.write_text(str(module))
+        path.write_text(text)
         return path
 
     def run_stage(self, module: ir.Module, name: str) -> None:

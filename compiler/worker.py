@@ -179,7 +179,7 @@ class CompileWorker:
         _close_pipes(proc)
 
     def run(self, module_bytes: bytes, stages: Sequence[tuple[str, str]], *, dump_dir: str | None = None,
-            dump_start: int = 0, on_stage: Callable[[str], None] | None = None) -> RemoteResult:
+            dump_start: int = 0, dump_prefix: str = "", on_stage: Callable[[str], None] | None = None) -> RemoteResult:
         """Run `stages` ((name, [pipeline elements]) pairs) over the module; `StageFailed`, `Crashed`
         or `WorkerUnavailable` otherwise."""
         from lowbit.compiler.compile_log import configure_from_env
@@ -188,6 +188,7 @@ class CompileWorker:
         configure_from_env()
         request = {
             "op": "run", "stages": [list(s) for s in stages], "dump_dir": dump_dir, "dump_start": dump_start,
+            "dump_prefix": dump_prefix,
             "env": {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_")},
             "isa": current_isa(),
             "log_level": _lowest_lowbit_level(),
@@ -341,6 +342,7 @@ def _handle_run(header: dict, payload: bytes, out) -> None:
         pipeline = Pipeline(stages=[Stage(name, list(passes)) for name, passes in header["stages"]],
                             dump_dir=header.get("dump_dir"))
         pipeline._dump_counter = int(header.get("dump_start", 0))
+        pipeline.dump_prefix = header.get("dump_prefix") or ""
         for stage in pipeline.stages:
             stage_name = stage.name
             _write_frame(out, {"event": "stage", "name": stage.name})

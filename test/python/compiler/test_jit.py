@@ -152,3 +152,17 @@ def test_write_back_of_mutated_inputs():
     half = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
     write_back(half, src)  # dtype differs: copy_ converts
     assert torch.equal(half, src.bfloat16())
+
+
+def test_dump_ir_keeps_one_set_of_files_per_graph(tmp_path, monkeypatch):
+    # A model's graphs compile one after another; each keeps its own stage files.
+    monkeypatch.setenv("LOWBIT_DUMP_IR", str(tmp_path))
+    compile_function(lambda x: x * 2, [torch.randn(4)])
+    compile_function(lambda x: x + 1, [torch.randn(3, 5)])
+    imports = sorted(tmp_path.glob("*-00-import.mlir"))
+    assert len(imports) == 2
+    texts = [p.read_text() for p in imports]
+    assert any("4xf32" in t or "[4]" in t for t in texts) and any("[3,5]" in t for t in texts)
+    for p in imports:
+        prefix = p.name[: -len("00-import.mlir")]
+        assert len(list(tmp_path.glob(prefix + "*-lower-to-llvm.mlir"))) == 1
