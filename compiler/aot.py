@@ -154,7 +154,8 @@ def trace(model: Callable, example_sets: list[tuple], dynamic_shapes) -> list[_R
             return out
         return run
 
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    from lowbit.compiler.own_code import compile_entry
+    compiled = compile_entry(model, backend=backend, fullgraph=True)
     for example in example_sets:
         _mark_dynamic(example, dynamic_shapes)
         pending.clear()

@@ -110,7 +110,8 @@ def explain(obj: Any, *example_inputs: Any) -> Report:
         return Report(list(obj.report))
     module = getattr(obj, "_orig_mod", obj)
     if example_inputs:
-        compiled = torch.compile(module, backend="lowbit")
+        from lowbit.compiler.own_code import compile_entry
+        compiled = compile_entry(module, backend="lowbit")
         with torch.no_grad():
             compiled(*example_inputs)
     if not isinstance(module, torch.nn.Module):

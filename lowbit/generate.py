@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from lowbit.compiler.own_code import compile_entry
 from lowbit.models import DecoderBlock, LlamaConfig, TinyLlama, fuse_projections_, reset_caches
 
 log = logging.getLogger("lowbit.generate")
@@ -714,7 +715,9 @@ def _compile(fn: Callable, backend: str | Callable, counter: CompileCounter | No
         _install_thread_aware_readers()
     # inductor's best case: static shapes, one specialization per shape (prefill, decode)
     kwargs = {"dynamic": False} if backend == "inductor" else {}
-    return torch.compile(fn, backend=counter if counter is not None else backend, **kwargs)
+    # A code object of its own: repeated calls (new models of one class) must not pile up
+    # entries on the class's forward until dynamo gives up on it (lowbit.compiler.own_code).
+    return compile_entry(fn, backend=counter if counter is not None else backend, **kwargs)
 
 
 def generate(model_or_config: str | os.PathLike | LlamaConfig | nn.Module,

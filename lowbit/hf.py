@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.compiler.own_code import compile_entry
+
 log = logging.getLogger("lowbit.hf")
 
 _ORIG = "_torchdynamo_orig_callable"  # set by torch.compile on the functions it wraps
@@ -267,7 +269,10 @@ def compile(model: nn.Module, backend: Any = "lowbit", **compile_kwargs: Any) ->
         forward = forward.original
     if backend == "lowbit":
         from lowbit.compiler.backend import lowbit_backend as backend  # noqa: F811
-    model.forward = _DynamicSeqForward(torch.compile(forward, backend=backend, **compile_kwargs), forward)
+    # Through a code object of its own: every transformers model's forward shares the code of
+    # transformers' deprecate_kwarg wrapper, on which dynamo would otherwise gather every
+    # compiled model's entries until it stops compiling (lowbit.compiler.own_code).
+    model.forward = _DynamicSeqForward(compile_entry(forward, backend=backend, **compile_kwargs), forward)
     return model
 
 
