@@ -20,6 +20,20 @@ it) and fills `%out` with NaN. After bufferization `lowbit-lower-attention`
 (passes/lower_attention.py) replaces that body by the runtime kernel's invocations; the
 placeholder never runs. One function serves every B, T and S (shape-generic).
 
+Keys and values repeated for grouped-query attention, the way Llama code (and transformers'
+`repeat_kv`) writes it,
+
+    %u = torch.aten.unsqueeze %kv, 2        [B, Hkv, 1, S, D]
+    %e = torch.aten.expand %u, [B, Hkv, r, S, D]
+    %c = torch.aten.clone %e                (optional; or aten.contiguous)
+    %k = torch.aten.view %c, [B, Hkv*r, S, D]   (or reshape / _unsafe_view)
+
+are passed as `%kv` itself, Hkv heads: the kernel maps query head h to kv head h / r, the
+order the expand gives, and reads every cached row once instead of the graph copying the
+whole cache r times per call first. Both k and v must have that form with the same Hkv, and
+B and S static and unchanged through the chain (a growing, dynamic-length cache is left as
+it is).
+
 Anything else (another dtype, a dynamic head count or head dim, non-constant scale) is left
 alone: the torch backend rejects the op and the partitioner runs its eager implementation.
 """
@@ -57,6 +71,50 @@ def _constant(value: ir.Value, kind: str):
 def _is_none(value: ir.Value) -> bool:
     op = _defining_op(value)
     return op is not None and op.name == "torch.constant.none"
+
+
+_VIEWS = ("torch.aten.view", "torch.aten.reshape", "torch.aten._unsafe_view")
+_COPIES = ("torch.aten.clone", "torch.aten.contiguous")
+
+
+def _int_constant(value: ir.Value) -> int | None:
+    op = _defining_op(value)
+    if op is None or op.name != "torch.constant.int":
+        return None
+    return ir.IntegerAttr(op.attributes["value"]).value
+
+
+def gqa_source(value: ir.Value) -> ir.Value | None:
+    """`%kv` when `value` is `%kv` [B, Hkv, S, D] repeated per query head (the module
+    docstring's form), else None."""
+    view = _defining_op(value)
+    if view is None or view.name not in _VIEWS:
+        return None
+    inner = _defining_op(view.operands[0])
+    if inner is not None and inner.name in _COPIES:
+        inner = _defining_op(inner.operands[0])
+    if inner is None or inner.name != "torch.aten.expand":
+        return None
+    unsq = _defining_op(inner.operands[0])
+    if unsq is None or unsq.name != "torch.aten.unsqueeze" or _int_constant(unsq.operands[1]) not in (2, -3):
+        return None
+    src = unsq.operands[0]
+    typed = [_shape_elem(x.type) for x in (src, unsq.results[0], inner.results[0], view.results[0])]
+    if any(t is None for t in typed) or len({t[1] for t in typed}) != 1:
+        return None
+    (ss, _), (us, _), (es, _), (vs, _) = typed
+    if not (len(ss) == 4 and len(us) == 5 and len(es) == 5 and len(vs) == 4):
+        return None
+    hkv, rep, d = es[1], es[2], es[4]
+    if None in (hkv, rep, d) or ss[1] != hkv or us[1:3] != [hkv, 1] or ss[3] != d or us[4] != d:
+        return None
+    if vs[1] != hkv * rep or vs[3] != d:
+        return None
+    # B and S static and the same along the chain (an expand may also broadcast a size-1
+    # batch; a dynamic one could be either).
+    if not (ss[0] == us[0] == es[0] == vs[0] and ss[2] == us[3] == es[3] == vs[2]) or None in (ss[0], ss[2]):
+        return None
+    return src
 
 
 def placeholder_text(name: str, q_shape, kv_shape, mask_shape, elem: str) -> str:
@@ -132,6 +190,10 @@ class ConvertAttention(ModulePass):
         ops = [op for op in walk(module) if op.name == "torch.operator"
                and ir.StringAttr(op.attributes["name"]).value == OP_NAME]
         for op in ops:
+            k_src, v_src = gqa_source(op.operands[1]), gqa_source(op.operands[2])
+            if k_src is not None and v_src is not None and _shape_elem(k_src.type) == _shape_elem(v_src.type):
+                op.operands[1] = k_src
+                op.operands[2] = v_src
             form = supported_form(op)
             if form is not None:
                 self._convert(module, op, *form)

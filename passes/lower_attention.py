@@ -188,8 +188,9 @@ class LowerAttention(ModulePass):
             new_func.detach_from_parent()
             ir.InsertionPoint(func).insert(new_func)
             func.erase()
+            h, hkv = (ir.ShapedType(fn_type.inputs[i]).shape[1] for i in (0, 1))
             add_report_entry(module, kind="attention", origin=name, result="fused kernel",
-                             tiles=f"causal={causal} scale={scale:.6g}")
+                             tiles=f"causal={causal} scale={scale:.6g}", heads=f"{h} query / {hkv} kv")
             lowered = True
         if lowered:
             declare_functions(module, {INVOKE: SIGNATURE, THREADS: "() -> i32"})

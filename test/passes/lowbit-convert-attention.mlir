@@ -104,3 +104,85 @@ func.func @not_converted(%q: !torch.vtensor<[1,4,3,16],f32>, %k: !torch.vtensor<
   %4 = torch.operator "torch.lowbit.attention"(%q, %k, %k, %mf, %scale, %false) : (!torch.vtensor<[1,4,3,16],f32>, !torch.vtensor<[1,4,10,16],f32>, !torch.vtensor<[1,4,10,16],f32>, !torch.vtensor<[3,10],f32>, !torch.float, !torch.bool) -> !torch.vtensor<[1,4,3,16],f32>
   return
 }
+
+// -----
+
+// Keys and values repeated per query head (Llama's / transformers' repeat_kv: unsqueeze(2),
+// expand, clone, view; 8 query heads over 2 kv heads): the call reads the [1, 2, S, D]
+// cache itself, once per kv head, instead of the copy. A view straight of the expand (no
+// clone) and _unsafe_view are the same form.
+// CHECK-LABEL: func.func @repeated_kv(
+// CHECK-SAME: %[[K:[a-z0-9]+]]: !torch.vtensor<[1,2,64,32],f32>, %[[V:[a-z0-9]+]]: !torch.vtensor<[1,2,64,32],f32>
+// CHECK: torch_c.to_builtin_tensor %[[K]] : !torch.vtensor<[1,2,64,32],f32> -> tensor<1x2x64x32xf32>
+// CHECK: torch_c.to_builtin_tensor %[[V]] : !torch.vtensor<[1,2,64,32],f32> -> tensor<1x2x64x32xf32>
+// CHECK: call @lowbit_attention_0({{.+}}) : (tensor<1x8x1x32xf32>, tensor<1x2x64x32xf32>, tensor<1x2x64x32xf32>, tensor<1x64xi1>, tensor<1x8x1x32xf32>)
+func.func @repeated_kv(%q: !torch.vtensor<[1,8,1,32],f32>, %k: !torch.vtensor<[1,2,64,32],f32>, %v: !torch.vtensor<[1,2,64,32],f32>, %m: !torch.vtensor<[1,64],i1>) -> !torch.vtensor<[1,8,1,32],f32> {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %int4 = torch.constant.int 4
+  %int8 = torch.constant.int 8
+  %int32 = torch.constant.int 32
+  %int64 = torch.constant.int 64
+  %false = torch.constant.bool false
+  %scale = torch.constant.float 0.17677669529663687
+  %e5 = torch.prim.ListConstruct %int1, %int2, %int4, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %s4 = torch.prim.ListConstruct %int1, %int8, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %ku = torch.aten.unsqueeze %k, %int2 : !torch.vtensor<[1,2,64,32],f32>, !torch.int -> !torch.vtensor<[1,2,1,64,32],f32>
+  %ke = torch.aten.expand %ku, %e5, %false : !torch.vtensor<[1,2,1,64,32],f32>, !torch.list<int>, !torch.bool -> !torch.vtensor<[1,2,4,64,32],f32>
+  %kc = torch.aten.clone %ke, %int0 : !torch.vtensor<[1,2,4,64,32],f32>, !torch.int -> !torch.vtensor<[1,2,4,64,32],f32>
+  %kr = torch.aten.view %kc, %s4 : !torch.vtensor<[1,2,4,64,32],f32>, !torch.list<int> -> !torch.vtensor<[1,8,64,32],f32>
+  %vu = torch.aten.unsqueeze %v, %int2 : !torch.vtensor<[1,2,64,32],f32>, !torch.int -> !torch.vtensor<[1,2,1,64,32],f32>
+  %ve = torch.aten.expand %vu, %e5, %false : !torch.vtensor<[1,2,1,64,32],f32>, !torch.list<int>, !torch.bool -> !torch.vtensor<[1,2,4,64,32],f32>
+  %vr = torch.aten._unsafe_view %ve, %s4 : !torch.vtensor<[1,2,4,64,32],f32>, !torch.list<int> -> !torch.vtensor<[1,8,64,32],f32>
+  %0 = torch.operator "torch.lowbit.attention"(%q, %kr, %vr, %m, %scale, %false) : (!torch.vtensor<[1,8,1,32],f32>, !torch.vtensor<[1,8,64,32],f32>, !torch.vtensor<[1,8,64,32],f32>, !torch.vtensor<[1,64],i1>, !torch.float, !torch.bool) -> !torch.vtensor<[1,8,1,32],f32>
+  return %0 : !torch.vtensor<[1,8,1,32],f32>
+}
+
+// -----
+
+// Repeats that are not the per-head form keep the expanded operands (H kv heads): the
+// unsqueeze on dim 1 (heads repeated as blocks, not per head), an expand that also
+// broadcasts the batch, a dynamic S, and k in the form while v is not.
+// CHECK-LABEL: func.func @not_repeated_kv(
+// CHECK-COUNT-4: call @lowbit_attention_{{[0-9]+}}({{.+}}) : (tensor<{{[0-9?]+}}x8x1x32xf32>, tensor<{{[0-9?]+}}x8x{{[0-9?]+}}x32xf32>, tensor<{{[0-9?]+}}x8x{{[0-9?]+}}x32xf32>
+func.func @not_repeated_kv(%q: !torch.vtensor<[1,8,1,32],f32>, %q2: !torch.vtensor<[2,8,1,32],f32>, %k: !torch.vtensor<[1,2,64,32],f32>, %kd: !torch.vtensor<[1,2,?,32],f32>, %qd: !torch.vtensor<[1,8,1,32],f32>, %plain: !torch.vtensor<[1,8,64,32],f32>) {
+  %none = torch.constant.none
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %int4 = torch.constant.int 4
+  %int8 = torch.constant.int 8
+  %int32 = torch.constant.int 32
+  %int64 = torch.constant.int 64
+  %intm1 = torch.constant.int -1
+  %false = torch.constant.bool false
+  %scale = torch.constant.float 0.17677669529663687
+  // unsqueeze(1): [1, 1, 2, 64, 32] -> expand [1, 4, 2, 64, 32] -> view [1, 8, 64, 32]
+  %b5 = torch.prim.ListConstruct %int1, %int4, %int2, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %s4 = torch.prim.ListConstruct %int1, %int8, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %bu = torch.aten.unsqueeze %k, %int1 : !torch.vtensor<[1,2,64,32],f32>, !torch.int -> !torch.vtensor<[1,1,2,64,32],f32>
+  %be = torch.aten.expand %bu, %b5, %false : !torch.vtensor<[1,1,2,64,32],f32>, !torch.list<int>, !torch.bool -> !torch.vtensor<[1,4,2,64,32],f32>
+  %br = torch.aten.view %be, %s4 : !torch.vtensor<[1,4,2,64,32],f32>, !torch.list<int> -> !torch.vtensor<[1,8,64,32],f32>
+  %0 = torch.operator "torch.lowbit.attention"(%q, %br, %br, %none, %scale, %false) : (!torch.vtensor<[1,8,1,32],f32>, !torch.vtensor<[1,8,64,32],f32>, !torch.vtensor<[1,8,64,32],f32>, !torch.none, !torch.float, !torch.bool) -> !torch.vtensor<[1,8,1,32],f32>
+  // batch broadcast: [1, 2, 1, 64, 32] -> [2, 2, 4, 64, 32]
+  %c5 = torch.prim.ListConstruct %int2, %int2, %int4, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %c4 = torch.prim.ListConstruct %int2, %int8, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %cu = torch.aten.unsqueeze %k, %int2 : !torch.vtensor<[1,2,64,32],f32>, !torch.int -> !torch.vtensor<[1,2,1,64,32],f32>
+  %ce = torch.aten.expand %cu, %c5, %false : !torch.vtensor<[1,2,1,64,32],f32>, !torch.list<int>, !torch.bool -> !torch.vtensor<[2,2,4,64,32],f32>
+  %cr = torch.aten.view %ce, %c4 : !torch.vtensor<[2,2,4,64,32],f32>, !torch.list<int> -> !torch.vtensor<[2,8,64,32],f32>
+  %1 = torch.operator "torch.lowbit.attention"(%q2, %cr, %cr, %none, %scale, %false) : (!torch.vtensor<[2,8,1,32],f32>, !torch.vtensor<[2,8,64,32],f32>, !torch.vtensor<[2,8,64,32],f32>, !torch.none, !torch.float, !torch.bool) -> !torch.vtensor<[2,8,1,32],f32>
+  // dynamic S
+  %d5 = torch.prim.ListConstruct %int1, %int2, %int4, %intm1, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %d4 = torch.prim.ListConstruct %int1, %int8, %intm1, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %du = torch.aten.unsqueeze %kd, %int2 : !torch.vtensor<[1,2,?,32],f32>, !torch.int -> !torch.vtensor<[1,2,1,?,32],f32>
+  %de = torch.aten.expand %du, %d5, %false : !torch.vtensor<[1,2,1,?,32],f32>, !torch.list<int>, !torch.bool -> !torch.vtensor<[1,2,4,?,32],f32>
+  %dr = torch.aten.view %de, %d4 : !torch.vtensor<[1,2,4,?,32],f32>, !torch.list<int> -> !torch.vtensor<[1,8,?,32],f32>
+  %2 = torch.operator "torch.lowbit.attention"(%qd, %dr, %dr, %none, %scale, %false) : (!torch.vtensor<[1,8,1,32],f32>, !torch.vtensor<[1,8,?,32],f32>, !torch.vtensor<[1,8,?,32],f32>, !torch.none, !torch.float, !torch.bool) -> !torch.vtensor<[1,8,1,32],f32>
+  // k repeated per head, v an ordinary 8-head tensor
+  %e5 = torch.prim.ListConstruct %int1, %int2, %int4, %int64, %int32 : (!torch.int, !torch.int, !torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %ku = torch.aten.unsqueeze %k, %int2 : !torch.vtensor<[1,2,64,32],f32>, !torch.int -> !torch.vtensor<[1,2,1,64,32],f32>
+  %ke = torch.aten.expand %ku, %e5, %false : !torch.vtensor<[1,2,1,64,32],f32>, !torch.list<int>, !torch.bool -> !torch.vtensor<[1,2,4,64,32],f32>
+  %kr = torch.aten.view %ke, %s4 : !torch.vtensor<[1,2,4,64,32],f32>, !torch.list<int> -> !torch.vtensor<[1,8,64,32],f32>
+  %3 = torch.operator "torch.lowbit.attention"(%q, %kr, %plain, %none, %scale, %false) : (!torch.vtensor<[1,8,1,32],f32>, !torch.vtensor<[1,8,64,32],f32>, !torch.vtensor<[1,8,64,32],f32>, !torch.none, !torch.float, !torch.bool) -> !torch.vtensor<[1,8,1,32],f32>
+  return
+}

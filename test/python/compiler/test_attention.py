@@ -398,3 +398,30 @@ def test_disabling_the_pass_keeps_the_previous_decomposition(no_fallback, monkey
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert not _attention_entries(model)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (8, 1), (6, 3), (4, 4)])
+def test_repeated_kv_heads_are_read_in_place(no_fallback, heads, kv_heads):
+    """Keys/values repeated per query head before SDPA (unsqueeze, expand, reshape: Llama's and
+    transformers' repeat_kv) reach the kernel as the kv_heads-head cache, not a copy."""
+    class RepeatKv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gain", torch.ones(()))  # explain() finds graphs by their state
+
+        def forward(self, q, k, v, mask):
+            b, hkv, s, d = k.shape
+            rep = q.shape[1] // hkv
+            k = k[:, :, None].expand(b, hkv, rep, s, d).reshape(b, hkv * rep, s, d)
+            v = v[:, :, None].expand(b, hkv, rep, s, d).reshape(b, hkv * rep, s, d)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * self.gain
+
+    model = RepeatKv()
+    compiled = torch.compile(model, backend="lowbit", dynamic=False)
+    with torch.no_grad():
+        for t, s in ((1, 37), (5, 64)):
+            q, k, v = _inputs((1, heads, kv_heads, t, s, 32), torch.float32, seed=heads + t)
+            mask = torch.rand(t, s, generator=torch.Generator().manual_seed(s)) < 0.7
+            torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=2e-6, rtol=1e-5)
+    entries = _attention_entries(model)
+    assert entries and {e["heads"] for e in entries} == {f"{heads} query / {kv_heads} kv"}, entries
