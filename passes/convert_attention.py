@@ -43,7 +43,7 @@ import dataclasses
 
 from torch_mlir import ir
 
-from lowbit.passes.convert_index_put import _shape_elem, _tensor
+from lowbit.passes.convert_index_put import _constant_int, _shape_elem, _tensor
 from lowbit.passes.qlinear import unique_symbol
 from lowbit.passes.registry import ModulePass, register_pass
 from lowbit.passes.vectorize_support import walk
@@ -77,13 +77,6 @@ _VIEWS = ("torch.aten.view", "torch.aten.reshape", "torch.aten._unsafe_view")
 _COPIES = ("torch.aten.clone", "torch.aten.contiguous")
 
 
-def _int_constant(value: ir.Value) -> int | None:
-    op = _defining_op(value)
-    if op is None or op.name != "torch.constant.int":
-        return None
-    return ir.IntegerAttr(op.attributes["value"]).value
-
-
 def gqa_source(value: ir.Value) -> ir.Value | None:
     """`%kv` when `value` is `%kv` [B, Hkv, S, D] repeated per query head (the module
     docstring's form), else None."""
@@ -96,7 +89,7 @@ def gqa_source(value: ir.Value) -> ir.Value | None:
     if inner is None or inner.name != "torch.aten.expand":
         return None
     unsq = _defining_op(inner.operands[0])
-    if unsq is None or unsq.name != "torch.aten.unsqueeze" or _int_constant(unsq.operands[1]) not in (2, -3):
+    if unsq is None or unsq.name != "torch.aten.unsqueeze" or _constant_int(unsq.operands[1]) not in (2, -3):
         return None
     src = unsq.operands[0]
     typed = [_shape_elem(x.type) for x in (src, unsq.results[0], inner.results[0], view.results[0])]
