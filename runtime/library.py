@@ -71,7 +71,8 @@ CPU_FEATURE_BITS = {
     "amx_tile": 1 << 9, "amx_int8": 1 << 10, "amx_bf16": 1 << 11,
 }
 ACCEPTED_ISAS = ("scalar", "avx2", "avx512", "amx")
-_ISA_NEEDS = {"avx2": "AVX2 + FMA", "avx512": "AVX-512 F/BW/VL/VNNI/VBMI + FMA"}
+_ISA_NEEDS = {"avx2": "AVX2 + FMA", "avx512": "AVX-512 F/BW/VL/VNNI/VBMI + FMA",
+              "amx": "AMX-INT8 (with AVX-512)"}
 
 
 def _cpu_model() -> str:
@@ -102,9 +103,11 @@ def _isa_problem(lib: ctypes.CDLL, raw: str) -> IsaEnvironmentError | None:
             return IsaEnvironmentError(
                 f"LOWBIT_ISA=amx: this CPU ({_cpu_model()}) lacks AMX-INT8 (no amx_int8 in "
                 f"CPUID, or the OS did not enable the tile state); it supports {', '.join(have)}")
-        return IsaEnvironmentError(
-            "LOWBIT_ISA=amx: this CPU has AMX-INT8, but this build of lowbit has no AMX kernels "
-            f"yet (issue 14); use one of {', '.join(have)}")
+        if "amx" not in have:
+            return IsaEnvironmentError(
+                "LOWBIT_ISA=amx: this CPU has AMX-INT8 but Linux refused this process the tile "
+                f"state (arch_prctl ARCH_REQ_XCOMP_PERM); use one of {', '.join(have)}")
+        return None
     if name not in have:
         return IsaEnvironmentError(
             f"LOWBIT_ISA={raw!r}: this CPU ({_cpu_model()}) lacks {_ISA_NEEDS.get(name, name)}; "
@@ -157,7 +160,7 @@ def cpu_features() -> set[str]:
     return {name for name, bit in CPU_FEATURE_BITS.items() if mask & bit}
 
 
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "amx"}
 ISA_IDS = {v: k for k, v in ISA_NAMES.items()}
 
 
@@ -179,8 +182,7 @@ def set_isa(name: str) -> None:
     """Force an ISA path for this process (tests use it to cover every path)."""
     lib = load_runtime()
     key = name.strip().lower() if isinstance(name, str) else name
-    if key == "amx":
-        problem = _isa_problem(lib, "amx")
+    if key == "amx" and (problem := _isa_problem(lib, "amx")) is not None:
         raise RuntimeError(str(problem).replace("LOWBIT_ISA=amx", "set_isa('amx')"))
     if key not in ISA_IDS:
         raise ValueError(f"unknown ISA {name!r}; expected one of {list(ACCEPTED_ISAS)}")

@@ -101,6 +101,7 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qgemm_invoke": (_I32, [_I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64,
                                        _P, _I64, _I64]),
         "lowbit_qgemm_handle_isa": (ctypes.c_char_p, [_I64]),
+        "lowbit_qgemm_amx_min_rows": (_I64, [_I64]),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
         "lowbit_qbench_dispatch": (_I64, [_I32, _P, _I64, _I64, _P]),
@@ -408,6 +409,14 @@ class QGemmKernel:
             _ptr(a_scale) if int8_a else None, as_off, _ptr(a_sum) if int8_a else None, sum_off,
             _ptr(bias) if self.bias else None, bias_off, count)
         _raise("invoke", rc)
+
+
+def amx_min_rows(rows: int | None = None) -> int:
+    """The fewest activation rows for which an int8 tile runs on AMX (with the `amx` ISA).
+    With `rows`, sets it for later dispatches and returns the previous value."""
+    if rows is not None and int(rows) < 1:
+        raise ValueError(f"amx_min_rows must be >= 1, got {rows}")
+    return int(_lib().lowbit_qgemm_amx_min_rows(0 if rows is None else int(rows)))
 
 
 def dispatch_for(pw: PackedWeight, m: int, *, a_dtype=torch.int8, c_dtype=torch.float32,

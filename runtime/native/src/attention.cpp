@@ -38,7 +38,8 @@ int32_t lowbit_attention_invoke(int32_t dtype, int64_t q, int64_t k, int64_t v, 
   a.scale = scale;
   a.causal = flags & LOWBIT_ATTN_CAUSAL;
   a.bh_begin = bh_begin, a.bh_end = bh_end;
-  const int32_t isa = lowbit_rt_isa();
+  // AMX has no attention kernel: its CPUs run the AVX-512 one.
+  const int32_t isa = lowbit_rt_isa() == LOWBIT_ISA_AMX ? LOWBIT_ISA_AVX512 : lowbit_rt_isa();
   t_last_isa = isa;
   switch (isa) {
     case LOWBIT_ISA_AVX512: heads_avx512(a); break;

@@ -59,7 +59,8 @@ int32_t lowbit_brgemm_has_native_bf16(void) {
 
 int64_t lowbit_brgemm_dispatch(int32_t dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                                int64_t ldc, int64_t stride_a, int64_t stride_b, int64_t flags) {
-  const int32_t isa = lowbit_rt_isa();
+  // No AMX dense tiles yet (docs/kernels.md): an AMX CPU runs the AVX-512 ones.
+  const int32_t isa = lowbit_rt_isa() == LOWBIT_ISA_AMX ? LOWBIT_ISA_AVX512 : lowbit_rt_isa();
   const int64_t key[kKeyWords] = {dtype, m, n, k, lda, ldb, ldc, stride_a, stride_b, flags, isa};
   // Repeated descriptions (compiled code dispatching per call) are a lock-free hash probe.
   if (const int64_t h = g_table.find(key)) return h;

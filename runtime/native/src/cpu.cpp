@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <atomic>
 
@@ -42,7 +44,7 @@ Features detect() {
   f.avx512vnni = zmm_os && (c & (1u << 11));
   // AMX: CPUID.7.0:EDX bits 24 (TILE), 25 (INT8), 22 (BF16), and the OS enabling the tile
   // state in XCR0 (bits 17 XTILECFG, 18 XTILEDATA). Linux additionally wants a per-process
-  // arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile instruction (left to the AMX kernels).
+  // arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile instruction (amx_permitted below).
   const bool tile_os = (xcr0 & (3ull << 17)) == (3ull << 17);
   f.amx_tile = tile_os && (d & (1u << 24));
   f.amx_int8 = f.amx_tile && (d & (1u << 25));
@@ -58,10 +60,25 @@ const Features& features() {
   return f;
 }
 
+// Linux hands out the 8 KiB AMX tile state per process on request; a tile instruction
+// without it is SIGILL. Granted once, it holds for every thread of the process (torch's
+// oneDNN asks for the same). 0x1022 / 0x1023: ARCH_GET / ARCH_REQ_XCOMP_PERM, 18:
+// XFEATURE_XTILEDATA.
+bool request_amx() {
+  unsigned long granted = 0;
+  if (syscall(SYS_arch_prctl, 0x1022, &granted) == 0 && (granted & (1ul << 18))) return true;
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+bool amx_permitted() {
+  static const bool ok = features().amx_int8 && request_amx();
+  return ok;
+}
+
 int32_t best_isa() {
   const Features& f = features();
   if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.avx512vbmi && f.fma)
-    return LOWBIT_ISA_AVX512;
+    return amx_permitted() ? LOWBIT_ISA_AMX : LOWBIT_ISA_AVX512;
   if (f.avx2 && f.fma) return LOWBIT_ISA_AVX2;
   return LOWBIT_ISA_SCALAR;
 }
@@ -71,8 +88,8 @@ std::atomic<int32_t> g_isa_error{0};
 
 // LOWBIT_ISA, case-insensitive, surrounding blanks ignored. Never fails: a value it cannot
 // honour leaves the best ISA in place and records why in lowbit_rt_isa_error()
-// (-LOWBIT_E_UNSUPPORTED: not an ISA name; -LOWBIT_E_ISA: this CPU lacks it, or "amx", whose
-// kernels are not built yet). The Python loader turns that into one clear exception.
+// (-LOWBIT_E_UNSUPPORTED: not an ISA name; -LOWBIT_E_ISA: this CPU (or the OS) lacks it).
+// The Python loader turns that into one clear exception.
 int32_t isa_from_env() {
   const char* v = getenv("LOWBIT_ISA");
   if (!v) return best_isa();
@@ -85,10 +102,7 @@ int32_t isa_from_env() {
   if (is("scalar")) want = LOWBIT_ISA_SCALAR;
   else if (is("avx2")) want = LOWBIT_ISA_AVX2;
   else if (is("avx512")) want = LOWBIT_ISA_AVX512;
-  else if (is("amx")) {
-    g_isa_error.store(-LOWBIT_E_ISA);
-    return best_isa();
-  }
+  else if (is("amx")) want = LOWBIT_ISA_AMX;
   if (want < 0) {
     g_isa_error.store(-LOWBIT_E_UNSUPPORTED);
     return best_isa();
@@ -133,6 +147,7 @@ const char* lowbit_rt_isa_name(int32_t isa) {
     case LOWBIT_ISA_SCALAR: return "scalar";
     case LOWBIT_ISA_AVX2: return "avx2";
     case LOWBIT_ISA_AVX512: return "avx512";
+    case LOWBIT_ISA_AMX: return "amx";
     default: return "unknown";
   }
 }

@@ -30,6 +30,7 @@ int64_t dispatch_desc(int32_t kind, const int64_t* v) {
 }  // namespace
 
 extern "C" LOWBIT_API int64_t lowbit_qbench_peak_loop(int32_t kind, int64_t iters);
+extern "C" LOWBIT_API int64_t lowbit_qbench_amx_loop(int32_t kind, int64_t iters);
 
 namespace {
 
@@ -109,9 +110,11 @@ extern "C" {
 // the CPU has the instruction.
 LOWBIT_API int64_t lowbit_qbench_peak(int32_t kind, int64_t iters, int32_t threads,
                                       int64_t* cpu_ns) {
-  if (threads < 1 || (kind != 100 && (kind < 0 || kind > 4))) return -1;
+  if (threads < 1 || (kind != 100 && (kind < 0 || kind > 6))) return -1;
   return run_parallel(threads, cpu_ns, [&](int32_t) {
-    const int64_t v = kind == 100 ? clock_loop(iters) : lowbit_qbench_peak_loop(kind, iters);
+    const int64_t v = kind == 100 ? clock_loop(iters)
+                      : kind >= 5 ? lowbit_qbench_amx_loop(kind, iters)
+                                  : lowbit_qbench_peak_loop(kind, iters);
     g_sink.fetch_add(uint64_t(v), std::memory_order_relaxed);
   });
 }

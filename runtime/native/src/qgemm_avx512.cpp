@@ -559,7 +559,72 @@ void tile_bits(const Desc& d, const Args& g) {
   }
 }
 
+// The AMX tiles' codes panel: sub-steps [k0, k1) / 4 of a K-block's codes decoded to one
+// u8 per code, plane j (output rows 16 j .. 16 j + 15) row s at panel + (j * rows + s) * 64,
+// which is the VNNI4 layout of an AMX B tile; rows past the codes are zero.
+template <int BITS>
+void unpack_codes(const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel, int64_t rows) {
+  constexpr int kPerStep = 4 * kSubSteps<BITS>;
+  int64_t s = 0;
+  for (int64_t k = k0; k < k1; k += kPerStep) {
+    const uint8_t* p = codes + (k / kPerStep) * kStepBytes<BITS>;
+#pragma GCC unroll 2
+    for (int h = 0; h < kSubSteps<BITS>; ++h, ++s) {
+      __m512i v[4];
+      decode<BITS>(p, h, v);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) _mm512_store_si512(panel + (j * rows + s) * 64, v[j]);
+    }
+  }
+  for (; s < rows; ++s)
+    for (int j = 0; j < 4; ++j) _mm512_store_si512(panel + (j * rows + s) * 64, _mm512_setzero_si512());
+}
+
 }  // namespace
+
+void unpack_codes_avx512(int bits, const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel,
+                         int64_t rows) {
+  switch (bits) {
+    case 1: unpack_codes<1>(codes, k0, k1, panel, rows); break;
+    case 2: unpack_codes<2>(codes, k0, k1, panel, rows); break;
+    case 4: unpack_codes<4>(codes, k0, k1, panel, rows); break;
+    default: unpack_codes<8>(codes, k0, k1, panel, rows); break;
+  }
+}
+
+// K-block i's exact integer sums acc[r][64] (sum_k x * u, u the stored codes) into the fp32
+// tile, with the arithmetic of mblock_int8's flush (so AMX and AVX-512 agree bit for bit).
+void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
+                        int64_t rows, int64_t i, const uint8_t* w, float* tile) {
+  const Format& f = d.f;
+  const int64_t cb = codes_bytes(f, d.kblock);
+  const float* scale = reinterpret_cast<const float*>(w + cb);
+  const int32_t* off = kblock_offsets(f, w, cb);
+  const bool per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  const __m512i coff = _mm512_set1_epi32(f.offset);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t ai = (m0 + r) * d.ld_aux + i;
+    const __m512i rsum = _mm512_set1_epi32(g.a_sum[ai]);
+    const __m512 ascale = _mm512_set1_ps(per_block ? 1.0f / g.a_scale[ai] : 1.0f);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i t = _mm512_load_si512(acc + r * NB + 16 * j);
+      if (f.a == 2) t = _mm512_slli_epi32(t, 1);
+      t = _mm512_sub_epi32(t, _mm512_mullo_epi32(off ? _mm512_loadu_si512(off + 16 * j) : coff, rsum));
+      __m512 sr = _mm512_loadu_ps(scale + 16 * j);
+      if (per_block) sr = _mm512_mul_ps(sr, ascale);
+      float* tr = tile + r * NB + 16 * j;
+      _mm512_store_ps(tr, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sr, _mm512_load_ps(tr)));
+    }
+  }
+}
+
+void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
+                       const float* tile) {
+  const bool per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+  for (int64_t r = 0; r < rows; ++r)
+    store_row(d, g, m0 + r, n0, per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], tile + r * NB);
+}
 
 void tile_avx512(const Desc& d, const Args& g) {
   switch (d.f.bits) {

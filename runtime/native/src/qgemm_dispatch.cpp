@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
+
 #include "handle_table.h"
 #include "qgemm_internal.h"
 
@@ -27,11 +29,16 @@ constexpr int32_t kKnownFlags =
 
 TileFn tile_for(int32_t isa) {
   switch (isa) {
+    case LOWBIT_ISA_AMX: return tile_amx;
     case LOWBIT_ISA_AVX512: return tile_avx512;
     case LOWBIT_ISA_AVX2: return tile_avx2;
     default: return tile_scalar;
   }
 }
+
+// Fewest activation rows for which an int8 tile runs on AMX (docs/kernels.md "AMX": below
+// it the AVX-512 tile is as fast, measured by benchmarks/microkernels.py --amx-rows).
+std::atomic<int64_t> g_amx_min_rows{32};
 
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
 
@@ -43,7 +50,12 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
                               int64_t kblock, int64_t lda, int64_t ldb, int64_t ldc,
                               int64_t stride_a, int64_t stride_b, int64_t ld_aux,
                               int32_t flags) {
-  const int32_t isa = lowbit_rt_isa();
+  int32_t isa = lowbit_rt_isa();
+  // AMX tiles take int8 activations and pay off from a few dozen rows; the rest of an AMX
+  // CPU's tiles run AVX-512, and their handles say so.
+  if (isa == LOWBIT_ISA_AMX &&
+      (atype != LOWBIT_QT_INT8 || m < g_amx_min_rows.load(std::memory_order_relaxed)))
+    isa = LOWBIT_ISA_AVX512;
   const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
                                   ldc, stride_a, stride_b, ld_aux, flags, isa};
   // A repeated description (the common case: compiled code dispatches per call) is one
@@ -115,6 +127,11 @@ int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const 
   return 0;
 }
 
+int64_t lowbit_qgemm_amx_min_rows(int64_t rows) {
+  if (rows > 0) return g_amx_min_rows.exchange(rows);
+  return g_amx_min_rows.load();
+}
+
 const char* lowbit_qgemm_handle_isa(int64_t handle) {
   const Entry* e = g_table.get(handle);
   return e ? lowbit_rt_isa_name(e->desc.isa) : "invalid";
@@ -135,7 +152,7 @@ int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k, in
   if (m == 0) return 0;
   if (!x || !xq || !scale || !rowsum) return -LOWBIT_E_UNSUPPORTED;
   QuantArgs qa{xtype, flags, x, m, k, ldx, kblock, nkb, xq, ldq, scale, rowsum, ld_aux};
-  if (lowbit_rt_isa() == LOWBIT_ISA_AVX512)
+  if (lowbit_rt_isa() >= LOWBIT_ISA_AVX512)
     quant_act_avx512(qa);
   else
     quant_act_scalar(qa);

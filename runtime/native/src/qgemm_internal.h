@@ -108,6 +108,17 @@ using TileFn = void (*)(const Desc&, const Args&);
 void tile_scalar(const Desc& d, const Args& args);
 void tile_avx2(const Desc& d, const Args& args);
 void tile_avx512(const Desc& d, const Args& args);
+void tile_amx(const Desc& d, const Args& args);
+
+// AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): the codes of sub-steps [k0, k1) / 4 of
+// a K-block as B-tile planes of `rows` rows (4 planes of 16 output rows), one K-block's
+// integer sums acc[rows][64] into the fp32 tile[rows][64], and the final epilogue of rows.
+void unpack_codes_avx512(int bits, const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel,
+                         int64_t rows);
+void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
+                        int64_t rows, int64_t i, const uint8_t* w, float* tile);
+void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
+                       const float* tile);
 
 // Per-ISA activation quantization rows (same contract as lowbit_qquant_act, validated).
 struct QuantArgs {

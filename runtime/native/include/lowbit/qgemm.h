@@ -142,8 +142,14 @@ LOWBIT_API int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_
                                        const int32_t* a_sum, int64_t sum_off, const float* bias,
                                        int64_t bias_off, int64_t count);
 
-/* Name of the ISA a handle was dispatched for ("scalar", "avx2", "avx512"). */
+/* Name of the ISA a handle runs ("scalar", "avx2", "avx512", "amx"). With the AMX ISA, tiles
+ * of int8 activations and at least lowbit_qgemm_amx_min_rows() rows run AMX-INT8; the
+ * others run AVX-512 and say "avx512". */
 LOWBIT_API const char* lowbit_qgemm_handle_isa(int64_t handle);
+
+/* The AMX row threshold of later dispatches: sets it when rows > 0 and returns the previous
+ * value; rows <= 0 only returns it. Handles dispatched before keep their path. */
+LOWBIT_API int64_t lowbit_qgemm_amx_min_rows(int64_t rows);
 
 /* Whole layer, single-threaded on the calling thread: y[m][n] = x[m][k] @ W^T (+ bias).
  * mode LOWBIT_QT_INT8: quantize x per token to int8 (lowbit_qquant_act) and run the int8

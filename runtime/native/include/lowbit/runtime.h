@@ -33,12 +33,16 @@ enum {
   LOWBIT_ISA_SCALAR = 0,
   LOWBIT_ISA_AVX2 = 1,   /* AVX2 + FMA (+ AVX-VNNI where present) */
   LOWBIT_ISA_AVX512 = 2, /* AVX-512 F/BW/VL/VNNI (+VBMI, BF16 where present) */
+  LOWBIT_ISA_AMX = 3,    /* AVX-512 + AMX-INT8 tiles for int8 GEMMs of enough rows
+                            (lowbit_qgemm_amx_min_rows); everything else runs AVX-512 */
 };
 
-/* The ISA the runtime uses: the best the CPU supports, or LOWBIT_ISA=scalar|avx2|avx512
- * from the environment (read once, case-insensitive; an unknown name, "amx" (no AMX kernels
- * yet) or an ISA the CPU lacks falls back to the best one and lowbit_rt_isa_error() reports
- * -LOWBIT_E_UNSUPPORTED or -LOWBIT_E_ISA). */
+/* The ISA the runtime uses: the best the CPU supports, or LOWBIT_ISA=scalar|avx2|avx512|amx
+ * from the environment (read once, case-insensitive; an unknown name or an ISA the CPU lacks
+ * falls back to the best one and lowbit_rt_isa_error() reports -LOWBIT_E_UNSUPPORTED or
+ * -LOWBIT_E_ISA). AMX counts as supported only when CPUID reports AMX-TILE/INT8, the OS
+ * enabled the tile state in XCR0 and Linux granted this process the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM, requested once at the first ISA query). */
 LOWBIT_API int32_t lowbit_rt_isa(void);
 LOWBIT_API int32_t lowbit_rt_isa_supported(int32_t isa);
 LOWBIT_API int32_t lowbit_rt_set_isa(int32_t isa); /* returns 0 or -LOWBIT_E_ISA */

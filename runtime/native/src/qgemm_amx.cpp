@@ -1,0 +1,181 @@
+// AMX-INT8 low-bit tiles: int8 activations x packed 1/2/4/8-bit codes with TDPBSUD (signed
+// activation bytes x unsigned code bytes, 16 x 16 int32 per tile, 64 k per instruction).
+//
+// Per chunk of kKC values of a K-block of one n-block (64 output rows), the codes are
+// decoded once to bytes in the B-tile layout (unpack_codes_avx512: 4 planes of 16 rows; the
+// packer's VNNI4 order is already the B tile's) and reused by every activation row of the
+// tile. Rows go 32 at a time with 2 A tiles x 2 B tiles -> 4 C tiles (tmm0-3 C, tmm4-5 A,
+// tmm6-7 B): four loads per four TDPBSUD. C tiles are kept in an int32 [rows][64] block
+// between K chunks; each K-block ends with the AVX-512 path's own flush (offset correction,
+// scales), so AMX and AVX-512 results are bitwise equal.
+//
+// Tails: the last row pair configures its tiles with fewer rows; a K-block that is not a
+// multiple of 64 pads its last B rows with zero codes and reads the last A columns from a
+// zero-padded copy (never past the activation buffer).
+#include <immintrin.h>
+#include <stdlib.h>
+
+#include <algorithm>
+
+#include "qgemm_internal.h"
+
+namespace lowbit {
+namespace q {
+
+namespace {
+
+constexpr int64_t kKC = 256;   // K values per decoded panel chunk (16 KiB of B planes)
+constexpr int64_t kMC = 256;   // activation rows per pass over the weights
+
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// C tiles tmm0, tmm1 (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles
+// tmm6, tmm7 (16 rows of 64 bytes). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
+void configure(int r0, int r1) {
+  TileConfig c;
+  memset(&c, 0, sizeof(c));
+  c.palette = 1;
+  for (int t : {0, 1, 4}) c.rows[t] = uint8_t(r0), c.colsb[t] = 64;
+  if (r1)
+    for (int t : {2, 3, 5}) c.rows[t] = uint8_t(r1), c.colsb[t] = 64;
+  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Per-thread scratch, grown on demand and kept (compiled code calls tiles from its OpenMP
+// workers over and over).
+struct Scratch {
+  uint8_t* panel = nullptr;  // 4 planes x kKC/4 rows x 64 bytes
+  int32_t* acc = nullptr;    // [kMC][64] int32
+  float* tile = nullptr;     // [kMC][64] fp32
+  int8_t* apad = nullptr;    // [32][64] zero-padded A columns of a K tail
+  Scratch() {
+    panel = static_cast<uint8_t*>(aligned_alloc(64, kKC * NB));
+    acc = static_cast<int32_t*>(aligned_alloc(64, kMC * NB * 4));
+    tile = static_cast<float*>(aligned_alloc(64, kMC * NB * 4));
+    apad = static_cast<int8_t*>(aligned_alloc(64, 32 * 64));
+  }
+  ~Scratch() {
+    free(panel);
+    free(acc);
+    free(tile);
+    free(apad);
+  }
+  bool ok() const { return panel && acc && tile && apad; }
+};
+
+// One row pair (rows [mp, mp + r0 + r1) of the M chunk) against the 64 output rows of a
+// decoded panel chunk of kc values: C tiles loaded from acc (or zeroed on the first chunk),
+// kc / 64 steps of 4 TDPBSUD per 32-column half, stored back.
+void row_pair(const int8_t* x, int64_t lda, int64_t kc, int r1, const uint8_t* panel,
+              int64_t rows, bool first, int32_t* acc, int8_t* apad) {
+  const int8_t* x1 = x + 16 * lda;
+  for (int h = 0; h < 2; ++h) {
+    int32_t* c = acc + 32 * h;
+    if (first) {
+      _tile_zero(0);
+      _tile_zero(1);
+      if (r1) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+    } else {
+      _tile_loadd(0, c, NB * 4);
+      _tile_loadd(1, c + 16, NB * 4);
+      if (r1) {
+        _tile_loadd(2, c + 16 * NB, NB * 4);
+        _tile_loadd(3, c + 16 * NB + 16, NB * 4);
+      }
+    }
+    const uint8_t* b0 = panel + (2 * h) * rows * 64;  // plane row kk / 4 holds k = kk..kk+3
+    const uint8_t* b1 = panel + (2 * h + 1) * rows * 64;
+    for (int64_t kk = 0; kk < kc; kk += 64) {
+      if (kk + 64 <= kc) {
+        _tile_loadd(4, x + kk, lda);
+        if (r1) {
+          _tile_loadd(5, x1 + kk, lda);
+        }
+      } else {
+        _tile_loadd(4, apad, 64);
+        if (r1) {
+          _tile_loadd(5, apad + 16 * 64, 64);
+        }
+      }
+      _tile_loadd(6, b0 + kk * 16, 64);
+      _tile_loadd(7, b1 + kk * 16, 64);
+      _tile_dpbsud(0, 4, 6);
+      _tile_dpbsud(1, 4, 7);
+      if (r1) {
+        _tile_dpbsud(2, 5, 6);
+        _tile_dpbsud(3, 5, 7);
+      }
+    }
+    _tile_stored(0, c, NB * 4);
+    _tile_stored(1, c + 16, NB * 4);
+    if (r1) {
+      _tile_stored(2, c + 16 * NB, NB * 4);
+      _tile_stored(3, c + 16 * NB + 16, NB * 4);
+    }
+  }
+}
+
+// Copies the last kc % 64 columns of rows [0, nrows) of x into apad, zero-padded to 64.
+void pad_tail(const int8_t* x, int64_t lda, int64_t k_from, int64_t kr, int nrows, int8_t* apad) {
+  memset(apad, 0, 32 * 64);
+  for (int r = 0; r < nrows; ++r) memcpy(apad + r * 64, x + r * lda + k_from, size_t(kr));
+}
+
+}  // namespace
+
+void tile_amx(const Desc& d, const Args& g) {
+  static thread_local Scratch s;
+  if (!s.ok()) {  // no memory for the scratch: the AVX-512 tile needs none
+    tile_avx512(d, g);
+    return;
+  }
+  const Format& f = d.f;
+  const int64_t kb = d.kblock, lda = d.lda;
+  const int8_t* a = static_cast<const int8_t*>(g.a);
+  int cfg0 = -1, cfg1 = -1;
+  // The AMX kernels' (or another library's) last tile configuration is not ours to trust:
+  // configure at the first row pair of every call, and release the tiles at the end.
+  for (int64_t m0 = 0; m0 < d.m; m0 += kMC) {
+    const int64_t mrows = std::min(kMC, d.m - m0);
+    for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
+      memset(s.tile, 0, size_t(mrows * NB * 4));
+      const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
+      for (int64_t i = 0; i < g.count; ++i) {
+        const uint8_t* w = nblock + i * d.stride_b;
+        const int8_t* xb = a + m0 * lda + i * d.stride_a;
+        for (int64_t k0 = 0; k0 < kb; k0 += kKC) {
+          const int64_t kc = std::min(kKC, kb - k0);
+          const int64_t rows = (kc + 63) / 64 * 16;
+          unpack_codes_avx512(f.bits, w, k0, k0 + kc, s.panel, rows);
+          for (int64_t mp = 0; mp < mrows; mp += 32) {
+            const int r0 = int(std::min<int64_t>(16, mrows - mp));
+            const int r1 = int(std::clamp<int64_t>(mrows - mp - 16, 0, 16));
+            if (r0 != cfg0 || r1 != cfg1) {
+              configure(r0, r1);
+              cfg0 = r0, cfg1 = r1;
+            }
+            const int8_t* x = xb + mp * lda + k0;
+            if (kc % 64) pad_tail(x, lda, kc / 64 * 64, kc % 64, r0 + r1, s.apad);
+            row_pair(x, lda, kc, r1, s.panel, rows, k0 == 0, s.acc + mp * NB, s.apad);
+          }
+        }
+        flush_block_avx512(d, g, s.acc, m0, mrows, i, w, s.tile);
+      }
+      store_rows_avx512(d, g, m0, mrows, n0, s.tile);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace q
+}  // namespace lowbit
