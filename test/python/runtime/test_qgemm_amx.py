@@ -1,0 +1,147 @@
+"""AMX-INT8 tiles (runtime/native/src/qgemm_amx.cpp) against the AVX-512 path and exact integers.
+
+The AMX tiles share the AVX-512 flush and epilogue, so for int8 activations their outputs must
+equal the AVX-512 tiles' bit for bit, on every format, epilogue, tail and stride. Run only on a
+CPU with AMX-INT8 that Linux lets this process use; skipped elsewhere with the reason.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lowbit.runtime import cpu_features, current_isa, qgemm, set_isa, supported_isas
+from isa_paths import use_isa
+from test_qgemm import FMTS, random_codes, random_zero
+
+pytestmark = pytest.mark.skipif(
+    "amx" not in supported_isas(),
+    reason=("this CPU lacks AMX-INT8" if "amx_int8" not in cpu_features() else
+            "Linux refused this process the AMX tile state") + "; the AMX tiles cannot run here")
+
+
+def run_tile(isa, pw, xq, sx, rs, m, *, c_dtype=torch.float32, bias=None, beta=False,
+             activation=None, per_block=False, c_in=None):
+    with use_isa(isa):
+        kern = qgemm.dispatch_for(pw, m, c_dtype=c_dtype, bias=bias is not None, beta=beta,
+                                  activation=activation, per_block_act_scale=per_block)
+        y = c_in.clone() if c_in is not None else torch.full((m, pw.n), float("nan")).to(c_dtype)
+        kern(xq, pw.data, y, count=pw.num_kblocks, a_scale=sx, a_sum=rs, bias=bias)
+    return y, kern.isa
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m,n,k,group", [
+    (16, 64, 64, None),     # one full tile row block, one 64-k step
+    (17, 17, 8, None),      # M tail of one row past a tile; K far below one step; N tail
+    (33, 130, 260, None),   # second row pair of one row; K-chunk 256 + a 4-wide tail
+    (47, 65, 520, 128),     # per-group scales: 5 K-blocks, the last one short
+    (64, 100, 1000, None),  # 4 K chunks, the last not a multiple of 64
+    (257, 70, 72, None),    # two passes of rows (256 + 1)
+], ids=["m16", "m17_k8", "m33_k260", "m47_groups", "m64_k1000", "m257"])
+def test_amx_equals_avx512_bitwise(fmt, m, n, k, group):
+    if fmt == "int1" and k % 8:
+        k += 8 - k % 8
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    q = random_codes(gen, fmt, n, k)
+    ngroups = -(-k // group) if group else 1
+    zero = random_zero(gen, fmt, n, ngroups)
+    scale = torch.rand(n, ngroups, generator=gen) + 0.05
+    pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
+                           zero=zero if zero is None or group else zero[:, :1])
+    x = torch.randn(m, k, generator=gen) * 3
+    bias = torch.randn(n, generator=gen)
+    for per_block in ((False, True) if group is None else (False,)):
+        kblock = 32 if per_block and k % 32 == 0 else pw.kblock
+        if kblock != pw.kblock:
+            pw = qgemm.pack_weight(q, scale[:, 0], fmt, zero=None if zero is None else zero[:, :1], kblock=kblock)
+        xq, sx, rs = qgemm.quantize_activations(x, pw.kblock, per_block=per_block)
+        for c_dtype, act, beta in ((torch.float32, None, False), (torch.bfloat16, "silu", True),
+                                   (torch.float32, "relu2", True), (torch.bfloat16, "relu", False)):
+            c_in = (torch.randn(m, n, generator=gen) * 3).to(c_dtype) if beta else None
+            kw = dict(c_dtype=c_dtype, bias=bias, beta=beta, activation=act, per_block=per_block, c_in=c_in)
+            y_amx, isa_amx = run_tile("amx", pw, xq, sx, rs, m, **kw)
+            y_ref, isa_ref = run_tile("avx512", pw, xq, sx, rs, m, **kw)
+            assert (isa_amx, isa_ref) == ("amx", "avx512")
+            assert torch.equal(y_amx.view(torch.int16) if c_dtype == torch.bfloat16 else y_amx,
+                               y_ref.view(torch.int16) if c_dtype == torch.bfloat16 else y_ref), \
+                (fmt, c_dtype, act, beta, per_block, float((y_amx.float() - y_ref.float()).abs().max()))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m,n,k", [(32, 64, 4096), (45, 129, 2056), (100, 64, 320)])
+def test_amx_integer_sums_exact(fmt, m, n, k):
+    """Unit scales, the int8 corners (-128 included): the sums equal fp64's exactly (|sum| < 2^24)."""
+    gen = torch.Generator().manual_seed(k)
+    q = random_codes(gen, fmt, n, k)
+    zero = random_zero(gen, fmt, n, 1)
+    pw = qgemm.pack_weight(q, torch.ones(n), fmt, zero=zero)
+    xq = torch.tensor([-128, 127, -1, 3], dtype=torch.int8)[torch.randint(0, 4, (m, pw.k_padded), generator=gen)]
+    xq[:, k:] = 0
+    rs = xq.to(torch.int32).sum(1, keepdim=True, dtype=torch.int32)
+    y, isa = run_tile("amx", pw, xq, torch.ones(m), rs, m)
+    assert isa == "amx"
+    w = q.to(torch.float64) - (zero.to(torch.float64) if zero is not None else 0)
+    assert torch.equal(y.to(torch.float64), xq[:, :k].to(torch.float64) @ w.T)
+
+
+def test_dispatch_rule():
+    """AMX runs int8 tiles of >= amx_min_rows() rows; fewer rows and fp activations run AVX-512."""
+    pw = qgemm.pack_weight(torch.ones(64, 256, dtype=torch.int8), torch.ones(64), "ternary")
+    before = current_isa()
+    set_isa("amx")
+    try:
+        rows = qgemm.amx_min_rows()
+        assert rows >= 1
+        assert qgemm.dispatch_for(pw, rows).isa == "amx"
+        assert qgemm.dispatch_for(pw, max(1, rows - 1)).isa == ("avx512" if rows > 1 else "amx")
+        assert qgemm.dispatch_for(pw, rows, a_dtype=torch.float32).isa == "avx512"
+        assert qgemm.dispatch_for(pw, rows, a_dtype=torch.bfloat16).isa == "avx512"
+        old = qgemm.amx_min_rows(7)
+        try:
+            assert old == rows and qgemm.amx_min_rows() == 7
+            assert qgemm.dispatch_for(pw, 7).isa == "amx" and qgemm.dispatch_for(pw, 6).isa == "avx512"
+        finally:
+            qgemm.amx_min_rows(old)
+        with pytest.raises(ValueError, match="amx_min_rows"):
+            qgemm.amx_min_rows(0)
+        set_isa("avx512")
+        assert qgemm.dispatch_for(pw, 4 * rows).isa == "avx512"
+    finally:
+        set_isa(before)
+
+
+def test_threads_and_other_amx_users_between_calls():
+    """Tiles on two threads at once, each thread also running torch's own AMX bf16 matmul
+    (oneDNN) between calls: every call configures its own tiles and gets the same result."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, k = 96, 192, 1000
+    q = random_codes(gen, "ternary", n, k)
+    pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, "ternary")
+    xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
+    ref, _ = run_tile("avx512", pw, xq, sx, rs, m)
+    a = torch.randn(64, 256, generator=gen).to(torch.bfloat16)
+    before = current_isa()
+    set_isa("amx")
+    bad = []
+    try:
+        kern = qgemm.dispatch_for(pw, m)
+        assert kern.isa == "amx"
+
+        def work():
+            for _ in range(10):
+                y = torch.full((m, n), float("nan"))
+                kern(xq, pw.data, y, count=1, a_scale=sx, a_sum=rs)
+                torch.mm(a, a.T)  # oneDNN may configure AMX tiles on this thread
+                if not torch.equal(y, ref):
+                    bad.append(float((y - ref).abs().max()))
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        set_isa(before)
+    assert not bad, bad
