@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.runtime import current_isa, set_isa, supported_isas
+from lowbit.runtime.library import ISA_IDS
 from lowbit.runtime import qgemm
 
 import sys
@@ -242,9 +243,10 @@ SBS_SHAPES = ("4096x4096x128,2560x6912x128,4096x4096x16,256x1024x16,256x2048x4,2
               "256x2048x2,256x2048x1,4096x4096x1,2560x6912x1")
 
 
-def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
+def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx512") -> None:
     """Tiles (int8 activations and ternary weights unless the shape says `f32/`, `bf16/`,
-    `format:`) of two runtime builds in one process, interleaved; % of the vpdpbusd peak."""
+    `format:`) of two runtime builds in one process, interleaved; % of the vpdpbusd peak
+    (with isa="amx": AMX tiles from 32 rows, % of the tdpbsud peak)."""
     P_, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     libs = {}
     for i, path in enumerate(lib_paths):
@@ -253,8 +255,8 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
         lib.lowbit_qgemm_dispatch.argtypes = [I32, I32, I32] + [I64] * 9 + [I32]
         lib.lowbit_qbench_tile.restype = I32
         lib.lowbit_qbench_tile.argtypes = [I64] + [P_] * 6 + [I64] * 2
-        if lib.lowbit_rt_set_isa(2) != 0:
-            raise SystemExit(f"{path}: the CPU lacks the AVX-512 path")
+        if lib.lowbit_rt_set_isa(ISA_IDS[isa]) != 0:
+            raise SystemExit(f"{path}: the CPU lacks the {isa} path")
         libs[f"{i}:{Path(path).name}"] = lib
     cases = []
     for spec in shapes.split(","):
@@ -292,8 +294,9 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
     pk = peaks_mod.Peaks()
     res = {(c[0], name): [] for c in cases for name in libs}
     pks = []
+    peak_kind = "amx_int8" if isa == "amx" else "vnni_zmm"
     for r in range(rounds):
-        pks.append(pk.burst("vnni_zmm", 1)["insts_per_s_threads"][0] * 64)
+        pks.append(pk.burst(peak_kind, 1)["insts_per_s_threads"][0] * peaks_mod.KINDS[peak_kind][1])
         for name, per, macs, _ in cases:
             order = list(libs) if r % 2 == 0 else list(libs)[::-1]
             for lname in order:
@@ -303,7 +306,7 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int) -> None:
     peak = statistics.median(pks)
     print(f"# load average {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds; thread CPU time; "
           "GMAC/s median [min..max] and % of the peak")
-    print(f"vnni_zmm 1-thread peak, same rounds: median {peak / 1e9:.1f} GMAC/s "
+    print(f"{peak_kind} 1-thread peak, same rounds: median {peak / 1e9:.1f} GMAC/s "
           f"[{min(pks) / 1e9:.1f}..{max(pks) / 1e9:.1f}]")
     names = list(libs)
     print(f"{'case':28s} " + " ".join(f"{n:>32s}" for n in names) + "   last/first")
@@ -332,6 +335,7 @@ def main() -> None:
                     help="compare runtime builds (OLD.so [NEW.so]; default NEW: the installed one)")
     ap.add_argument("--shapes", default=SBS_SHAPES, help="side-by-side shapes, NxKxM,...")
     ap.add_argument("--rounds", type=int, default=11, help="side-by-side rounds")
+    ap.add_argument("--isa", choices=["avx512", "amx"], default="avx512", help="side-by-side ISA")
     args = ap.parse_args()
     if args.side_by_side:
         from lowbit.runtime import runtime_library_path
@@ -339,7 +343,7 @@ def main() -> None:
         if len(paths) == 1:
             paths.append(str(runtime_library_path()))
         torch.set_num_threads(1)
-        side_by_side(paths, args.shapes, args.rounds)
+        side_by_side(paths, args.shapes, args.rounds, args.isa)
         return
     if "avx512" not in supported_isas():
         raise SystemExit("this benchmark measures the AVX-512 VNNI path; the CPU lacks it")
