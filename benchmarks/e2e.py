@@ -18,6 +18,7 @@ Systems (`--systems`, comma-separated):
                          q/k/v and w1/w3 fused into one linear each, as `lowbit generate` builds it
   lowbit-int8head        the same with the output head quantized too (int8 weights + activations)
   lowbit-int4head        the same with an int4 head (symmetric, groups of 32: 5 bits per weight)
+  lowbit-int4head-avx512 the same, kernels held to AVX-512 VNNI (LOWBIT_ISA=avx512; on AMX CPUs)
   eager-bf16             the same ternary values as bf16 nn.Linear weights, eager PyTorch
   inductor-bf16          same model, torch.compile(backend="inductor", dynamic=False)
   llamacpp-tq2_0         llama-cpp-python 0.3.36 (GGML_NATIVE), TQ2_0 layers, llama.cpp's default
@@ -83,6 +84,10 @@ SYSTEMS: dict[str, dict] = {
     # int4 head (symmetric, groups of 32, fp32 scales: 5 bits per weight, fewer bytes than Q6_K)
     "lowbit-int4head": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
                             backend="lowbit", head="int4", fused=True),
+    # the same with the kernels held to AVX-512 VNNI (LOWBIT_ISA=avx512): on an AMX CPU, what
+    # the AMX tiles bring to prefill, in the same run
+    "lowbit-int4head-avx512": dict(kind="torch", weights="ternary", activations="int8", dtype="float32",
+                                   backend="lowbit", head="int4", fused=True, env={"LOWBIT_ISA": "avx512"}),
     "eager-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="eager"),
     "inductor-bf16": dict(kind="torch", weights="none", activations="none", dtype="bfloat16", backend="inductor"),
     "llamacpp-tq2_0": dict(kind="llamacpp", type="TQ2_0", head=None),
@@ -156,6 +161,14 @@ def _streamed_bytes_torch(model) -> int:
     return total
 
 
+def _kernel_isa(spec: dict) -> str | None:
+    """The ISA of lowbit's kernels in this worker (None for the torch baselines)."""
+    if spec["backend"] != "lowbit":
+        return None
+    import lowbit.runtime
+    return lowbit.runtime.current_isa()
+
+
 def torch_worker(args) -> None:
     import torch
     from lowbit.generate import CompileCounter, _LlamaRunner, build_llama
@@ -203,7 +216,7 @@ def torch_worker(args) -> None:
                   compile_s=warm_s if counter is not None else None, warmup_s=warm_s,
                   compile_counts=counter.as_dict() if counter else None,
                   streamed_bytes=_streamed_bytes_torch(model), rss_after_setup=peak_rss(),
-                  threads=torch.get_num_threads()))
+                  threads=torch.get_num_threads(), isa=_kernel_isa(spec)))
         for line in sys.stdin:
             if line.strip() == "round":
                 p = prefill_round()
@@ -299,7 +312,8 @@ def probe_worker(args) -> None:
 class Worker:
     """A system's subprocess speaking JSON lines."""
 
-    def __init__(self, name: str, cmd: list[str], timeout: float, log_path: Path, max_rss: float = 0):
+    def __init__(self, name: str, cmd: list[str], timeout: float, log_path: Path, max_rss: float = 0,
+                 env: dict | None = None):
         self.name, self.timeout, self.max_rss = name, timeout, max_rss
         self.log = open(log_path, "w")
         # Compile seconds are a cold compile's: each worker gets an empty lowbit compile cache
@@ -307,7 +321,8 @@ class Worker:
         self.cache_dir = tempfile.mkdtemp(prefix="lowbit-e2e-cache-")
         atexit.register(shutil.rmtree, self.cache_dir, True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, bufsize=1, env=dict(os.environ, LOWBIT_CACHE_DIR=self.cache_dir))
+                                     text=True, bufsize=1,
+                                     env=dict(os.environ, LOWBIT_CACHE_DIR=self.cache_dir, **(env or {})))
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.failed: str | None = None
@@ -474,7 +489,8 @@ def drive(args, on_round=None) -> dict:
         else:
             cmd = [sys.executable, __file__, "--worker", s] + base
         print(f"[e2e] setting up {s}", flush=True)
-        w = Worker(s, cmd, args.timeout, logs / f"{args.model}-{s}.log", args.max_rss_gib * 2 ** 30)
+        w = Worker(s, cmd, args.timeout, logs / f"{args.model}-{s}.log", args.max_rss_gib * 2 ** 30,
+                   SYSTEMS[s].get("env"))
         ready = w.receive(args.setup_timeout)
         if ready is None:
             rows[s].update(status="failed", reason=f"setup: {w.failed}")
@@ -590,6 +606,9 @@ def table(result: dict) -> str:
             + f" {r['load_s']:7.1f} {comp:>9s} {r.get('peak_rss', 0) / 2 ** 30:8.2f}G"
             + f" {r['streamed_bytes'] / 1e9:12.3f}G {r['weights_gbs']['median']:8.1f} {pct:>7s}"
             + f" {per_round:>22s}")
+    isas = [f"{r['system']} {r['isa']}" for r in result["systems"] if r.get("isa")]
+    if isas:
+        lines.append("lowbit kernel ISA: " + ", ".join(isas))
     if result["greedy_match"]:
         lines.append(f"greedy tokens: leading matches out of {result['tokens_compared']} (8-token prompt)")
         for a, m in result["greedy_match"].items():

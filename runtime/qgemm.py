@@ -102,6 +102,7 @@ def _lib() -> ctypes.CDLL:
                                        _P, _I64, _I64]),
         "lowbit_qgemm_handle_isa": (ctypes.c_char_p, [_I64]),
         "lowbit_qgemm_amx_min_rows": (_I64, [_I64]),
+        "lowbit_qgemm_amx_invocations": (_I64, []),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
         "lowbit_qbench_dispatch": (_I64, [_I32, _P, _I64, _I64, _P]),
@@ -417,6 +418,11 @@ def amx_min_rows(rows: int | None = None) -> int:
     if rows is not None and int(rows) < 1:
         raise ValueError(f"amx_min_rows must be >= 1, got {rows}")
     return int(_lib().lowbit_qgemm_amx_min_rows(0 if rows is None else int(rows)))
+
+
+def amx_invocations() -> int:
+    """AMX tile invocations in this process so far (did compiled code reach the AMX path?)."""
+    return int(_lib().lowbit_qgemm_amx_invocations())
 
 
 def dispatch_for(pw: PackedWeight, m: int, *, a_dtype=torch.int8, c_dtype=torch.float32,

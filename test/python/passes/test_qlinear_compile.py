@@ -87,6 +87,34 @@ def test_every_isa_path(isa):
         set_isa(before)
 
 
+def test_compiled_prefill_runs_amx_tiles():
+    """With the AMX ISA, compiled int8 layers run AMX tiles for enough tokens (bitwise equal to
+    the AVX-512 build of the same graph) and AVX-512 for a few tokens."""
+    if "amx" not in supported_isas():
+        pytest.skip("this CPU lacks AMX-INT8 (or Linux refused the tile state): no AMX tiles to reach")
+    from lowbit.runtime import qgemm
+    m = torch.nn.Sequential(torch.nn.Linear(300, 130), torch.nn.SiLU(), torch.nn.Linear(130, 70))
+    lowbit.quantize_(m, lowbit.QuantConfig(weights="ternary", activations="int8"))
+    before = current_isa()
+    outs = {}
+    try:
+        for isa in ("amx", "avx512"):
+            set_isa(isa)
+            for t in (67, 5):
+                x = torch.randn(t, 300, generator=torch.Generator().manual_seed(t))
+                with torch.no_grad():
+                    c = compile_function(m, (x,))
+                    n0 = qgemm.amx_invocations()
+                    _check(c, m, x)
+                    outs[isa, t] = c(x)[0]
+                    ran = qgemm.amx_invocations() - n0
+                assert (ran > 0) == (isa == "amx" and t >= qgemm.amx_min_rows()), (isa, t, ran)
+    finally:
+        set_isa(before)
+    for t in (67, 5):
+        assert torch.equal(outs["amx", t], outs["avx512", t])
+
+
 def test_kernels_match_reference_loops():
     """Differential: the same module with and without lowbit-lower-qlinear."""
     m = _layer(48, 33, "ternary", 16, "int8")

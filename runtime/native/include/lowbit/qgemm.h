@@ -151,6 +151,10 @@ LOWBIT_API const char* lowbit_qgemm_handle_isa(int64_t handle);
  * value; rows <= 0 only returns it. Handles dispatched before keep their path. */
 LOWBIT_API int64_t lowbit_qgemm_amx_min_rows(int64_t rows);
 
+/* Number of AMX tile invocations in this process so far (tests and diagnostics: did compiled
+ * code reach the AMX path?). */
+LOWBIT_API int64_t lowbit_qgemm_amx_invocations(void);
+
 /* Whole layer, single-threaded on the calling thread: y[m][n] = x[m][k] @ W^T (+ bias).
  * mode LOWBIT_QT_INT8: quantize x per token to int8 (lowbit_qquant_act) and run the int8
  * kernels; mode LOWBIT_QT_F32: weight-only (fp32 accumulation of x against W).

@@ -1,0 +1,177 @@
+"""AMX-INT8 tiles against the AVX-512 VNNI tiles and the machine's tile peak (issue 14).
+
+One process, one thread per tile (torch.set_num_threads(1)), rounds interleaved: every round
+measures the tdpbsud and vpdpbusd peaks (benchmarks/peaks.py loops, 1 thread) and then each
+case on the AMX path and on the AVX-512 path, same operands, same handle kinds as compiled
+code uses (`lowbit_qgemm_dispatch`, whole K in one invoke). Reported per case: GMAC/s median
+[min..max] of thread CPU time, % of the AMX peak (against the same round's burst and against
+the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either ~1000 or
+~2000-2300 GMAC/s from one round to the next), and AMX / VNNI per round.
+
+Cases: the issue's M = 128 layers (4096x4096, 2560x6912: N x K) in one invoke; the tile the
+compiler issues for a 1B model's prefill (M = 128 tokens x 512 output rows x K 2048) in every
+format; an M sweep on that tile (the AMX row threshold, `qgemm.amx_min_rows()`); and the
+4096x4096 layer on 2 threads (each half of N, started together).
+
+    python benchmarks/amx.py [--rounds 9] [--quick] [--out benchmarks/results/amx.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peaks as peaks_mod  # noqa: E402
+
+from lowbit.runtime import cpu_features, qgemm, set_isa, supported_isas  # noqa: E402
+
+FORMATS = ["ternary", "int2_asym", "int1", "int4_sym", "int8"]
+
+
+class Case:
+    """One tile shape and format, dispatched on both paths over the same operands."""
+
+    def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1):
+        gen = torch.Generator().manual_seed(0)
+        info = qgemm.FORMAT_INFO[fmt]
+        q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
+        if fmt == "int1":
+            q[q == 0] = 1
+        zero = (torch.randint(0, info.qmax + 1, (n, 1), generator=gen, dtype=torch.int8)
+                if info.zero_point else None)
+        self.pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt, zero=zero)
+        self.xq, self.sx, self.rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), self.pw.kblock)
+        self.y = torch.empty(m, n)
+        self.lib, self.fmt, self.m, self.n, self.k, self.threads = lib, fmt, m, n, k, threads
+        part = n // threads  # a multiple of 64 for the shapes used
+        self.reps = max(1, int(4e8 / (m * part * k)))
+        self.handles = {}
+        for isa in ("amx", "avx512"):
+            set_isa(isa)
+            kern = qgemm.QGemmKernel(fmt, torch.int8, torch.float32, m, part, self.pw.kblock,
+                                     lda=self.pw.k_padded, ldb=self.pw.nblock_bytes, ldc=n,
+                                     stride_a=self.pw.kblock, stride_b=self.pw.kblock_bytes,
+                                     ld_aux=self.pw.num_kblocks)
+            self.handles[isa] = (kern.handle, kern.isa)
+        self.macs = m * part * k * self.reps  # per thread
+
+    def name(self) -> str:
+        t = f", {self.threads} threads" if self.threads > 1 else ""
+        return f"{self.fmt} M={self.m} {self.n}x{self.k}{t}"
+
+    def run(self, isa: str) -> float:
+        """MAC/s: the sum over threads of each thread's MACs over its CPU time."""
+        handle = self.handles[isa][0]
+        cpu = [0.0] * self.threads
+        bar = threading.Barrier(self.threads)
+        pw, part = self.pw, self.n // self.threads
+
+        def work(t):
+            args = (handle, self.xq.data_ptr(), pw.data.data_ptr() + (t * part // 64) * pw.nblock_bytes,
+                    self.y.data_ptr() + t * part * 4, self.sx.data_ptr(), self.rs.data_ptr(), None,
+                    pw.num_kblocks, self.reps)
+            bar.wait()
+            c0 = time.thread_time()
+            self.lib.lowbit_qbench_tile(*args)
+            cpu[t] = time.thread_time() - c0
+
+        if self.threads == 1:
+            work(0)
+        else:
+            ths = [threading.Thread(target=work, args=(t,)) for t in range(self.threads)]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+        return sum(self.macs / c for c in cpu)
+
+
+def summary(v: list[float]) -> dict:
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "amx.json"))
+    args = ap.parse_args()
+    cpu = peaks_mod.cpu_description()
+    if "amx" not in supported_isas():
+        why = "lacks AMX-INT8" if "amx_int8" not in cpu_features() else "has AMX but Linux refused the tile state"
+        print(f"# {cpu.get('model', 'this CPU')} {why}: no AMX tiles to measure")
+        return
+    torch.set_num_threads(1)
+    from microkernels import native
+    lib = native()
+    pk = peaks_mod.Peaks()
+    rounds = 3 if args.quick else args.rounds
+
+    cases = [Case(lib, "ternary", 128, 4096, 4096), Case(lib, "ternary", 128, 2560, 6912)]
+    cases += [Case(lib, f, 128, 512, 2048) for f in (FORMATS[:1] if args.quick else FORMATS)]
+    sweep = [Case(lib, "ternary", m, 512, 2048) for m in ((16, 32, 64) if args.quick else (8, 16, 24, 32, 48, 64))]
+    two = [Case(lib, "ternary", 128, 4096, 4096, threads=2)]
+    all_cases = cases + sweep + two
+    res = {c.name(): {"amx": [], "avx512": []} for c in all_cases}
+    peak = {"amx_int8": [], "vnni_zmm": [], "amx_int8_2t": []}
+    load0 = os.getloadavg()[0]
+    for r in range(rounds):
+        for name in ("amx_int8", "vnni_zmm"):
+            peak[name].append(pk.burst(name, 1)["insts_per_s_threads"][0] * peaks_mod.KINDS[name][1])
+        peak["amx_int8_2t"].append(sum(pk.burst("amx_int8", 2)["insts_per_s_threads"]) * peaks_mod.KINDS["amx_int8"][1])
+        for c in all_cases:
+            for isa in (("amx", "avx512") if r % 2 == 0 else ("avx512", "amx")):
+                res[c.name()][isa].append(c.run(isa))
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+
+    print(f"\n# CPU: {cpu.get('model')}; flags: {' '.join(cpu.get('flags', []))}")
+    print(f"# 1 thread per tile unless stated; {rounds} interleaved rounds; thread CPU time; load average "
+          f"{load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    for name, v in peak.items():
+        print(f"peak {name:12s} {statistics.median(v) / 1e9:8.1f} GMAC/s [{min(v) / 1e9:.1f}..{max(v) / 1e9:.1f}]")
+    best = max(peak["amx_int8"])
+    out_cases = []
+    print(f"\n{'case':34s} {'AMX GMAC/s':>24s} {'%peak (round)':>14s} {'%best':>6s} {'VNNI GMAC/s':>24s} "
+          f"{'%vnni':>6s} {'AMX/VNNI [min..max]':>22s}")
+    for c in all_cases:
+        a, v = res[c.name()]["amx"], res[c.name()]["avx512"]
+        pk_a = peak["amx_int8_2t"] if c.threads == 2 else peak["amx_int8"]
+        pk_v = [p * c.threads for p in peak["vnni_zmm"]]
+        of_round = [x / p for x, p in zip(a, pk_a)]
+        ratio = [x / y for x, y in zip(a, v)]
+        best_c = max(pk_a) if c.threads == 2 else best
+        row = {"case": c.name(), "format": c.fmt, "m": c.m, "n": c.n, "k": c.k, "threads": c.threads,
+               "handle_isa": {isa: h[1] for isa, h in c.handles.items()},
+               "amx_gmacs": summary([x / 1e9 for x in a]), "vnni_gmacs": summary([x / 1e9 for x in v]),
+               "amx_pct_round_peak": summary([100 * x for x in of_round]),
+               "amx_pct_best_peak": 100 * statistics.median(a) / best_c,
+               "vnni_pct_peak": 100 * statistics.median(v) / statistics.median(pk_v),
+               "amx_over_vnni": summary(ratio)}
+        out_cases.append(row)
+        print(f"{c.name():34s} {statistics.median(a) / 1e9:8.1f} [{min(a) / 1e9:6.1f}..{max(a) / 1e9:6.1f}] "
+              f"{row['amx_pct_round_peak']['median']:13.1f}% {row['amx_pct_best_peak']:5.1f}% "
+              f"{statistics.median(v) / 1e9:8.1f} [{min(v) / 1e9:6.1f}..{max(v) / 1e9:6.1f}] "
+              f"{row['vnni_pct_peak']:5.1f}% {statistics.median(ratio):6.2f} [{min(ratio):.2f}..{max(ratio):.2f}]"
+              + ("" if c.handles["amx"][1] == "amx" else f"  (AMX handle runs {c.handles['amx'][1]})"))
+    print(f"\nAMX row threshold in this build: {qgemm.amx_min_rows()} rows "
+          "(int8 tiles with fewer rows run AVX-512); dense bf16 AMX tiles: absent (not built)")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "rounds": rounds,
+              "timing": "thread CPU time, 1 thread per tile unless stated",
+              "peaks_gmacs": {k: summary([x / 1e9 for x in v]) for k, v in peak.items()},
+              "amx_min_rows": qgemm.amx_min_rows(), "cases": out_cases}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
