@@ -103,6 +103,7 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qgemm_handle_isa": (ctypes.c_char_p, [_I64]),
         "lowbit_qgemm_amx_min_rows": (_I64, [_I64]),
         "lowbit_qgemm_amx_invocations": (_I64, []),
+        "lowbit_qgemm_amx_min_kblock": (_I64, [_I64]),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
         "lowbit_qbench_dispatch": (_I64, [_I32, _P, _I64, _I64, _P]),
@@ -418,6 +419,14 @@ def amx_min_rows(rows: int | None = None) -> int:
     if rows is not None and int(rows) < 1:
         raise ValueError(f"amx_min_rows must be >= 1, got {rows}")
     return int(_lib().lowbit_qgemm_amx_min_rows(0 if rows is None else int(rows)))
+
+
+def amx_min_kblock(kblock: int | None = None) -> int:
+    """The shortest K-block (scale group) for which an int8 tile runs on AMX (with the `amx`
+    ISA). With `kblock`, sets it for later dispatches and returns the previous value."""
+    if kblock is not None and int(kblock) < 1:
+        raise ValueError(f"amx_min_kblock must be >= 1, got {kblock}")
+    return int(_lib().lowbit_qgemm_amx_min_kblock(0 if kblock is None else int(kblock)))
 
 
 def amx_invocations() -> int:

@@ -36,9 +36,12 @@ TileFn tile_for(int32_t isa) {
   }
 }
 
-// Fewest activation rows for which an int8 tile runs on AMX (docs/kernels.md "AMX": below
-// it the AVX-512 tile is as fast, measured by benchmarks/microkernels.py --amx-rows).
+// The AMX rule (docs/kernels.md "ISA selection", measured by benchmarks/amx.py): int8 tiles
+// of at least this many rows and K-blocks of at least this many values run AMX. K-blocks of
+// 32 (int4 with groups of 32) ran 0.8-0.9x the AVX-512 tile: half of each 64-k TDPBSUD is
+// padding and the per-block flush dominates.
 std::atomic<int64_t> g_amx_min_rows{32};
+std::atomic<int64_t> g_amx_min_kblock{64};
 
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
 
@@ -51,10 +54,11 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
                               int64_t stride_a, int64_t stride_b, int64_t ld_aux,
                               int32_t flags) {
   int32_t isa = lowbit_rt_isa();
-  // AMX tiles take int8 activations and pay off from a few dozen rows; the rest of an AMX
-  // CPU's tiles run AVX-512, and their handles say so.
+  // AMX tiles take int8 activations and pay off from a few dozen rows and 64-value K-blocks;
+  // the rest of an AMX CPU's tiles run AVX-512, and their handles say so.
   if (isa == LOWBIT_ISA_AMX &&
-      (atype != LOWBIT_QT_INT8 || m < g_amx_min_rows.load(std::memory_order_relaxed)))
+      (atype != LOWBIT_QT_INT8 || m < g_amx_min_rows.load(std::memory_order_relaxed) ||
+       kblock < g_amx_min_kblock.load(std::memory_order_relaxed)))
     isa = LOWBIT_ISA_AVX512;
   const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
                                   ldc, stride_a, stride_b, ld_aux, flags, isa};
@@ -130,6 +134,11 @@ int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const 
 int64_t lowbit_qgemm_amx_min_rows(int64_t rows) {
   if (rows > 0) return g_amx_min_rows.exchange(rows);
   return g_amx_min_rows.load();
+}
+
+int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock) {
+  if (kblock > 0) return g_amx_min_kblock.exchange(kblock);
+  return g_amx_min_kblock.load();
 }
 
 const char* lowbit_qgemm_handle_isa(int64_t handle) {

@@ -8,16 +8,18 @@ from lowbit.runtime import current_isa, qgemm, set_isa
 
 @contextlib.contextmanager
 def use_isa(name: str):
-    """Force an ISA; `amx` also runs AMX tiles from one row (by default only from
-    qgemm.amx_min_rows() rows), so every shape of a test reaches the AMX path."""
+    """Force an ISA; `amx` also runs AMX tiles from one row and any K-block (by default only
+    from qgemm.amx_min_rows() rows and qgemm.amx_min_kblock() values), so every shape of a
+    test reaches the AMX path."""
     prev = current_isa()
     set_isa(name)
-    rows = qgemm.amx_min_rows(1) if name == "amx" else None
+    rule = (qgemm.amx_min_rows(1), qgemm.amx_min_kblock(1)) if name == "amx" else None
     try:
         yield
     finally:
-        if rows is not None:
-            qgemm.amx_min_rows(rows)
+        if rule is not None:
+            qgemm.amx_min_rows(rule[0])
+            qgemm.amx_min_kblock(rule[1])
         set_isa(prev)
 
 

@@ -87,7 +87,8 @@ def test_amx_integer_sums_exact(fmt, m, n, k):
 
 
 def test_dispatch_rule():
-    """AMX runs int8 tiles of >= amx_min_rows() rows; fewer rows and fp activations run AVX-512."""
+    """AMX runs int8 tiles of >= amx_min_rows() rows and K-blocks of >= amx_min_kblock()
+    values; fewer rows, shorter K-blocks and fp activations run AVX-512."""
     pw = qgemm.pack_weight(torch.ones(64, 256, dtype=torch.int8), torch.ones(64), "ternary")
     before = current_isa()
     set_isa("amx")
@@ -106,6 +107,21 @@ def test_dispatch_rule():
             qgemm.amx_min_rows(old)
         with pytest.raises(ValueError, match="amx_min_rows"):
             qgemm.amx_min_rows(0)
+        # short K-blocks (scale groups) stay on AVX-512
+        kmin = qgemm.amx_min_kblock()
+        grouped = qgemm.pack_weight(torch.ones(64, 256, dtype=torch.int8), torch.ones(64, 256 // 32),
+                                    "int4_sym", group=32)
+        assert kmin > 32 and qgemm.dispatch_for(grouped, rows).isa == "avx512"
+        big = qgemm.pack_weight(torch.ones(64, 256, dtype=torch.int8), torch.ones(64, 256 // kmin),
+                                "int4_sym", group=kmin)
+        assert qgemm.dispatch_for(big, rows).isa == "amx"
+        old = qgemm.amx_min_kblock(32)
+        try:
+            assert old == kmin and qgemm.dispatch_for(grouped, rows).isa == "amx"
+        finally:
+            qgemm.amx_min_kblock(old)
+        with pytest.raises(ValueError, match="amx_min_kblock"):
+            qgemm.amx_min_kblock(0)
         set_isa("avx512")
         assert qgemm.dispatch_for(pw, 4 * rows).isa == "avx512"
     finally:

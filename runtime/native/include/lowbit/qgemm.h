@@ -143,13 +143,15 @@ LOWBIT_API int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_
                                        int64_t bias_off, int64_t count);
 
 /* Name of the ISA a handle runs ("scalar", "avx2", "avx512", "amx"). With the AMX ISA, tiles
- * of int8 activations and at least lowbit_qgemm_amx_min_rows() rows run AMX-INT8; the
- * others run AVX-512 and say "avx512". */
+ * of int8 activations, at least lowbit_qgemm_amx_min_rows() rows and K-blocks of at least
+ * lowbit_qgemm_amx_min_kblock() values run AMX-INT8; the others run AVX-512 and say "avx512". */
 LOWBIT_API const char* lowbit_qgemm_handle_isa(int64_t handle);
 
 /* The AMX row threshold of later dispatches: sets it when rows > 0 and returns the previous
  * value; rows <= 0 only returns it. Handles dispatched before keep their path. */
 LOWBIT_API int64_t lowbit_qgemm_amx_min_rows(int64_t rows);
+/* The same for the K-block threshold (default 64). */
+LOWBIT_API int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock);
 
 /* Number of AMX tile invocations in this process so far (tests and diagnostics: did compiled
  * code reach the AMX path?). */
