@@ -10,7 +10,8 @@ the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either
 
 Cases: the issue's M = 128 layers (4096x4096, 2560x6912: N x K) in one invoke; the tile the
 compiler issues for a 1B model's prefill (M = 128 tokens x 512 output rows x K 2048) in every
-format; an M sweep on that tile (the AMX row threshold, `qgemm.amx_min_rows()`); and the
+format; an M sweep on that tile with AMX forced at every M (what sets the row threshold,
+`qgemm.amx_min_rows()`); and the
 4096x4096 layer on 2 threads (each half of N, started together).
 
     python benchmarks/amx.py [--rounds 9] [--quick] [--out benchmarks/results/amx.json]
@@ -39,7 +40,7 @@ FORMATS = ["ternary", "int2_asym", "int1", "int4_sym", "int8"]
 class Case:
     """One tile shape and format, dispatched on both paths over the same operands."""
 
-    def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1):
+    def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1, force: bool = False):
         gen = torch.Generator().manual_seed(0)
         info = qgemm.FORMAT_INFO[fmt]
         q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
@@ -54,6 +55,8 @@ class Case:
         part = n // threads  # a multiple of 64 for the shapes used
         self.reps = max(1, int(4e8 / (m * part * k)))
         self.handles = {}
+        # force: AMX below the row threshold too (the sweep that sets the threshold)
+        rows = qgemm.amx_min_rows(1) if force else None
         for isa in ("amx", "avx512"):
             set_isa(isa)
             kern = qgemm.QGemmKernel(fmt, torch.int8, torch.float32, m, part, self.pw.kblock,
@@ -61,6 +64,8 @@ class Case:
                                      stride_a=self.pw.kblock, stride_b=self.pw.kblock_bytes,
                                      ld_aux=self.pw.num_kblocks)
             self.handles[isa] = (kern.handle, kern.isa)
+        if rows is not None:
+            qgemm.amx_min_rows(rows)
         self.macs = m * part * k * self.reps  # per thread
 
     def name(self) -> str:
@@ -117,7 +122,8 @@ def main() -> None:
 
     cases = [Case(lib, "ternary", 128, 4096, 4096), Case(lib, "ternary", 128, 2560, 6912)]
     cases += [Case(lib, f, 128, 512, 2048) for f in (FORMATS[:1] if args.quick else FORMATS)]
-    sweep = [Case(lib, "ternary", m, 512, 2048) for m in ((16, 32, 64) if args.quick else (8, 16, 24, 32, 48, 64))]
+    sweep = [Case(lib, "ternary", m, 512, 2048, force=True)
+             for m in ((16, 32, 64) if args.quick else (8, 16, 24, 32, 48, 64))]
     two = [Case(lib, "ternary", 128, 4096, 4096, threads=2)]
     all_cases = cases + sweep + two
     res = {c.name(): {"amx": [], "avx512": []} for c in all_cases}
@@ -161,12 +167,14 @@ def main() -> None:
               f"{statistics.median(v) / 1e9:8.1f} [{min(v) / 1e9:6.1f}..{max(v) / 1e9:6.1f}] "
               f"{row['vnni_pct_peak']:5.1f}% {statistics.median(ratio):6.2f} [{min(ratio):.2f}..{max(ratio):.2f}]"
               + ("" if c.handles["amx"][1] == "amx" else f"  (AMX handle runs {c.handles['amx'][1]})"))
-    print(f"\nAMX row threshold in this build: {qgemm.amx_min_rows()} rows "
-          "(int8 tiles with fewer rows run AVX-512); dense bf16 AMX tiles: absent (not built)")
+    print(f"\nAMX rule in this build: int8 tiles of >= {qgemm.amx_min_rows()} rows and K-blocks of >= "
+          f"{qgemm.amx_min_kblock()} values (the M sweep forces AMX at every M); dense bf16 AMX "
+          "tiles: absent (not built)")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "rounds": rounds,
               "timing": "thread CPU time, 1 thread per tile unless stated",
               "peaks_gmacs": {k: summary([x / 1e9 for x in v]) for k, v in peak.items()},
-              "amx_min_rows": qgemm.amx_min_rows(), "cases": out_cases}
+              "amx_min_rows": qgemm.amx_min_rows(), "amx_min_kblock": qgemm.amx_min_kblock(),
+              "cases": out_cases}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

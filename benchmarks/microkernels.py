@@ -246,7 +246,7 @@ SBS_SHAPES = ("4096x4096x128,2560x6912x128,4096x4096x16,256x1024x16,256x2048x4,2
 def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx512") -> None:
     """Tiles (int8 activations and ternary weights unless the shape says `f32/`, `bf16/`,
     `format:`) of two runtime builds in one process, interleaved; % of the vpdpbusd peak
-    (with isa="amx": AMX tiles from 32 rows, % of the tdpbsud peak)."""
+    (with isa="amx": AMX tiles from amx_min_rows() rows, % of the tdpbsud peak)."""
     P_, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     libs = {}
     for i, path in enumerate(lib_paths):

@@ -216,7 +216,7 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "threads of compiled code (OpenMP)", _num_threads),
     Variable("LOWBIT_ISA", "scalar, avx2, avx512, amx (case-insensitive)",
              "forces the microkernel ISA (checked against the CPU by lowbit.runtime; amx = AVX-512 "
-             "plus AMX-INT8 tiles for int8 GEMMs of >= 32 rows)", _isa),
+             "plus AMX-INT8 tiles for int8 GEMMs of >= 8 rows and K-blocks of >= 64)", _isa),
     Variable("LOWBIT_DUMP_IR", "a directory (created if missing)", "writes the IR after every pipeline stage, one set of files per graph",
              _dump_dir),
     Variable("LOWBIT_REPORT", "1/true/yes/on or 0/false/no/off", "prints the report of every compiled graph",

@@ -37,10 +37,11 @@ TileFn tile_for(int32_t isa) {
 }
 
 // The AMX rule (docs/kernels.md "ISA selection", measured by benchmarks/amx.py): int8 tiles
-// of at least this many rows and K-blocks of at least this many values run AMX. K-blocks of
+// of at least this many rows and K-blocks of at least this many values run AMX. Rows: AMX
+// ran 1.6-1.8x the AVX-512 tile at M = 8, 1.0-1.1x at M = 4, 0.3-0.6x at M = 1-2. K-blocks of
 // 32 (int4 with groups of 32) ran 0.8-0.9x the AVX-512 tile: half of each 64-k TDPBSUD is
 // padding and the per-block flush dominates.
-std::atomic<int64_t> g_amx_min_rows{32};
+std::atomic<int64_t> g_amx_min_rows{8};
 std::atomic<int64_t> g_amx_min_kblock{64};
 
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
