@@ -98,8 +98,9 @@ class AOTLlama(torch.nn.Module):
         self.vocab = int(info["vocab_size"])
         self.cfg = types.SimpleNamespace(max_seq_len=self.max_len, vocab_size=self.vocab)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.artifact(tokens, input_pos)
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        out = self.artifact(tokens, input_pos)  # the artifact computes every position's logits
+        return out[:, -logits_to_keep:] if logits_to_keep else out
 
     def reset(self) -> None:
         self.artifact.reset()

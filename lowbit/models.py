@@ -242,10 +242,15 @@ class TinyLlama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits `[B, T, vocab]`; with `logits_to_keep` = n > 0 only those of the last n positions
+        (as transformers' argument: a prefill that samples one token needs one row of the head,
+        not T)."""
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, input_pos)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         return self.output(self.norm(h))
 
 

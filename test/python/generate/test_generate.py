@@ -250,3 +250,32 @@ def test_graph_breaks_keep_decode_steps_on_dynamo():
         for i in range(3):
             tok = int(runner.step(tok, 4 + i).argmax())
             assert runner._direct is None
+
+
+def test_prefill_runs_the_head_for_the_last_position_only():
+    """`logits_to_keep` as transformers defines it; the runner's prefill asks for one row of the
+    head (not T) and gets the full forward's last logits, eager and compiled."""
+    from lowbit.generate import _LlamaRunner
+    from lowbit.models import reset_caches
+    cfg = dataclasses.replace(SMALL, max_seq_len=16)
+    model, _ = build_llama(cfg, 0, "ternary", "int8")
+    ids, pos = torch.arange(5).view(1, -1), torch.arange(5)
+    with torch.no_grad():
+        full = model(ids, pos)
+        reset_caches(model)
+        last = model(ids, pos, logits_to_keep=2)
+        assert full.shape == (1, 5, cfg.vocab_size) and last.shape == (1, 2, cfg.vocab_size)
+        torch.testing.assert_close(last, full[:, -2:])
+        rows = []
+        hook = model.output.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+        try:
+            runner = _LlamaRunner(model, model)
+            runner.reset()
+            torch.testing.assert_close(runner.prefill(torch.arange(5)), full[0, -1])
+        finally:
+            hook.remove()
+        assert rows == [1], rows
+        counter = CompileCounter("lowbit")
+        runner = _LlamaRunner(model, torch.compile(model, backend=counter), counter=counter)
+        runner.reset()
+        torch.testing.assert_close(runner.prefill(torch.arange(5)), full[0, -1], rtol=1e-4, atol=1e-4)
