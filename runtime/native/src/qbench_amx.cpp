@@ -8,23 +8,13 @@
 
 #include "qgemm_internal.h"
 
-namespace {
-
-struct alignas(64) Config {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-}  // namespace
-
 extern "C" {
 
 // kind 5: TDPBSUD, kind 6: TDPBF16PS. Returns a value depending on every C tile.
 LOWBIT_API int64_t lowbit_qbench_amx_loop(int32_t kind, int64_t iters) {
   if (kind != 5 && kind != 6) return -1;
   if (lowbit_rt_isa() != LOWBIT_ISA_AMX && !lowbit_rt_isa_supported(LOWBIT_ISA_AMX)) return -1;
-  Config c;
+  lowbit::q::TileConfig c;
   memset(&c, 0, sizeof(c));
   c.palette = 1;
   for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;

@@ -20,7 +20,6 @@
 #include <stdlib.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "qgemm_internal.h"
 
@@ -29,19 +28,9 @@ namespace q {
 
 namespace {
 
-std::atomic<int64_t> g_invocations{0};  // lowbit_qgemm_amx_invocations
-
 constexpr int64_t kKC = 256;             // K values per decoded codes chunk (16 KiB of B planes)
 constexpr int64_t kMC = 256;             // most activation rows per pass over the weights
 constexpr int64_t kPackBytes = 768 << 10;  // packed activations of a pass (L2-resident)
-
-struct alignas(64) TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // C tiles tmm0, tmm1 (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles
 // tmm6, tmm7 (16 rows of 64 bytes). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
@@ -155,7 +144,6 @@ void row_pair(const int8_t* a, int64_t astep, int64_t kc, int r1, const uint8_t*
 }  // namespace
 
 void tile_amx(const Desc& d, const Args& g) {
-  g_invocations.fetch_add(1, std::memory_order_relaxed);
   static thread_local Scratch s;
   const Format& f = d.f;
   const int64_t kb = d.kblock;
@@ -202,7 +190,3 @@ void tile_amx(const Desc& d, const Args& g) {
 
 }  // namespace q
 }  // namespace lowbit
-
-extern "C" int64_t lowbit_qgemm_amx_invocations(void) {
-  return lowbit::q::g_invocations.load(std::memory_order_relaxed);
-}

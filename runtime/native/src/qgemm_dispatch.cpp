@@ -43,6 +43,7 @@ TileFn tile_for(int32_t isa) {
 // padding and the per-block flush dominates.
 std::atomic<int64_t> g_amx_min_rows{8};
 std::atomic<int64_t> g_amx_min_kblock{64};
+std::atomic<int64_t> g_amx_invocations{0};  // lowbit_qgemm_amx_invocations
 
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
 
@@ -128,6 +129,7 @@ int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const 
   args.a_sum = a_sum ? a_sum + sum_off : nullptr;
   args.bias = bias ? bias + bias_off : nullptr;
   args.count = count;
+  if (d.isa == LOWBIT_ISA_AMX) g_amx_invocations.fetch_add(1, std::memory_order_relaxed);
   tile_for(d.isa)(d, args);
   return 0;
 }
@@ -136,6 +138,8 @@ int64_t lowbit_qgemm_amx_min_rows(int64_t rows) {
   if (rows > 0) return g_amx_min_rows.exchange(rows);
   return g_amx_min_rows.load();
 }
+
+int64_t lowbit_qgemm_amx_invocations(void) { return g_amx_invocations.load(std::memory_order_relaxed); }
 
 int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock) {
   if (kblock > 0) return g_amx_min_kblock.exchange(kblock);

@@ -104,6 +104,15 @@ struct Args {
 
 using TileFn = void (*)(const Desc&, const Args&);
 
+// The 64-byte operand of LDTILECFG (palette 1: up to 16 rows of up to 64 bytes per tile).
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
 // Per-ISA tile implementations (qgemm_scalar.cpp, qgemm_avx2.cpp, qgemm_avx512.cpp).
 void tile_scalar(const Desc& d, const Args& args);
 void tile_avx2(const Desc& d, const Args& args);
