@@ -517,10 +517,11 @@ class _LlamaRunner:
             out = self._direct(ids, p)
             if out is not None:
                 return out[0, -1]
+        # the prefill's `logits_to_keep` too: a one-token prompt and a decode step stay one graph
         if self.counter is None:
-            return self.fn(ids, p)[0, -1]
+            return self.fn(ids, p, **self.keep_arg)[0, -1]
         with self.counter.tap() as calls:
-            out = self.fn(ids, p)
+            out = self.fn(ids, p, **self.keep_arg)
         self._direct = _DirectStep.of(calls, (ids, p), out)
         return out[0, -1]
 
