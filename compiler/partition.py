@@ -31,6 +31,7 @@ from lowbit.compiler.reshape_fixes import fix_dynamic_reshapes
 from lowbit.compiler.regions import (RegionRunner, compile_context, compile_regions, restore_module_stacks,
                                      split_regions)
 from lowbit.compiler.report import register as register_report
+from lowbit.compiler.report import tensor_refs
 from lowbit.runtime.replay import Replayer
 
 _warned: set[str] = set()
@@ -203,7 +204,7 @@ class BoundGraph:
         self.binding = binding
         self.captured = getattr(inner, "captured", None)
         self.frozen_guard = FrozenGuard({p: args[p] for p in binding.sources if isinstance(args[p], torch.Tensor)})
-        self.state_ids = {id(args[p]) for p in binding.state_positions if isinstance(args[p], torch.Tensor)}
+        self.state_ids = tensor_refs(args[p] for p in binding.state_positions if isinstance(args[p], torch.Tensor))
         self._source_ptrs = [(p, args[p].data_ptr()) for p in binding.sources if isinstance(args[p], torch.Tensor)]
         self._replay = Replayer(inner, binding.derived)
 

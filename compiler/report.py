@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import weakref
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch_mlir import ir
@@ -100,6 +100,14 @@ def register(compiled) -> None:
         print(f"lowbit report ({len(compiled.report)} entries):\n{Report(compiled.report)}", file=sys.stderr)
 
 
+def tensor_refs(tensors: Iterable[torch.Tensor]) -> dict[int, weakref.ref]:
+    """A compiled graph's module state as id -> weak reference: `explain` finds the graphs of a
+    module by its tensors without keeping them alive, and an id alone is not enough (CPython
+    gives a freed tensor's id to the next tensor allocated, so a graph that outlives its model
+    would be reported for an unrelated one)."""
+    return {id(t): weakref.ref(t) for t in tensors}
+
+
 def explain(obj: Any, *example_inputs: Any) -> Report:
     """The compiler's report for a compiled graph, or for every graph compiled from `obj`.
 
@@ -116,12 +124,15 @@ def explain(obj: Any, *example_inputs: Any) -> Report:
             compiled(*example_inputs)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"explain() needs a compiled graph or an nn.Module, got {type(obj).__name__}")
-    owned = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+    owned = {id(t): t for t in (*module.parameters(), *module.buffers())}
     entries = []
     for compiled in list(_REGISTRY):
-        state = getattr(compiled, "state_ids", None)
-        if state is None:  # weights frozen into the code
-            state = {id(t) for t in getattr(getattr(compiled, "captured", None), "frozen", {}).values()}
-        if state & owned:
+        refs = getattr(compiled, "state_ids", None)
+        if refs is None:  # weights frozen into the code (the graph keeps them alive)
+            frozen = getattr(getattr(compiled, "captured", None), "frozen", {}).values()
+            mine = any(owned.get(id(t)) is t for t in frozen)
+        else:
+            mine = any(owned.get(i) is ref() for i, ref in refs.items() if i in owned)
+        if mine:
             entries.extend(compiled.report)
     return Report(entries)

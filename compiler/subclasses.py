@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from lowbit.compiler.report import tensor_refs
+
 log = logging.getLogger("lowbit.subclasses")
 
 
@@ -240,10 +242,10 @@ class FlattenedCall:
         self.flat = flat
         # explain(model) finds compiled graphs (the registered inner one) by the ids of the
         # model's parameters, which are the subclass tensors, not their inner tensors.
-        self.state_ids = {id(args[p]) for p in flat.types}
+        self.state_ids = tensor_refs(args[p] for p in flat.types)
         inner_ids = getattr(compiled, "state_ids", None)
-        if isinstance(inner_ids, set):
-            inner_ids |= self.state_ids
+        if isinstance(inner_ids, dict):
+            inner_ids.update(self.state_ids)
 
     def __call__(self, *args):
         return self.compiled(*self.flat.flatten(args))

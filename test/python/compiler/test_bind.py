@@ -645,3 +645,33 @@ def test_bitnet_like_layers_bind_by_the_code_table_to_the_full_proofs_bytes(k, n
     full_bytes = spy.bound()[0].binding.derived
     assert len(full_bytes) == len(table_bytes)
     assert all(torch.equal(x, y) for x, y in zip(table_bytes, full_bytes))
+
+
+def test_explain_does_not_report_a_dead_models_graphs_for_a_new_model():
+    """A compiled graph that outlives its model is not reported for a new module whose tensor
+    got one of the dead model's ids (CPython hands a freed object's id to the next one)."""
+    import gc
+
+    from lowbit.compiler import report as rep
+    m = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    lowbit.quantize_(m, lowbit.QuantConfig(weights="ternary", activations="int8"))
+    compiled = torch.compile(m, backend="lowbit")
+    with torch.no_grad():
+        compiled(torch.randn(2, 32))
+    assert lowbit.explain(m).matmuls()
+    keep = list(rep._REGISTRY)  # graphs outliving the model (a cache, a test's reference)
+    old = {id(t) for t in (*m.parameters(), *m.buffers())}
+    del m, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    fresh = []
+    for _ in range(10000):
+        t = torch.zeros(3)
+        if id(t) in old:
+            break
+        fresh.append(t)  # kept: the next tensor gets another id
+    else:
+        pytest.skip("CPython did not reuse a freed tensor's id here; nothing to check")
+    holder = torch.nn.Module()
+    holder.register_buffer("t", t)
+    assert keep and not lowbit.explain(holder).entries
