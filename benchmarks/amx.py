@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peaks as peaks_mod  # noqa: E402
+from microkernels import native, random_weight  # noqa: E402
+from peaks import summarize  # noqa: E402
 
 from lowbit.runtime import cpu_features, qgemm, set_isa, supported_isas  # noqa: E402
 
@@ -42,13 +44,7 @@ class Case:
 
     def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1, force: bool = False):
         gen = torch.Generator().manual_seed(0)
-        info = qgemm.FORMAT_INFO[fmt]
-        q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
-        if fmt == "int1":
-            q[q == 0] = 1
-        zero = (torch.randint(0, info.qmax + 1, (n, 1), generator=gen, dtype=torch.int8)
-                if info.zero_point else None)
-        self.pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt, zero=zero)
+        self.pw = random_weight(fmt, n, k, gen)
         self.xq, self.sx, self.rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), self.pw.kblock)
         self.y = torch.empty(m, n)
         self.lib, self.fmt, self.m, self.n, self.k, self.threads = lib, fmt, m, n, k, threads
@@ -99,10 +95,6 @@ class Case:
         return sum(self.macs / c for c in cpu)
 
 
-def summary(v: list[float]) -> dict:
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
@@ -115,7 +107,6 @@ def main() -> None:
         print(f"# {cpu.get('model', 'this CPU')} {why}: no AMX tiles to measure")
         return
     torch.set_num_threads(1)
-    from microkernels import native
     lib = native()
     pk = peaks_mod.Peaks()
     rounds = 3 if args.quick else args.rounds
@@ -156,11 +147,12 @@ def main() -> None:
         best_c = max(pk_a) if c.threads == 2 else best
         row = {"case": c.name(), "format": c.fmt, "m": c.m, "n": c.n, "k": c.k, "threads": c.threads,
                "handle_isa": {isa: h[1] for isa, h in c.handles.items()},
-               "amx_gmacs": summary([x / 1e9 for x in a]), "vnni_gmacs": summary([x / 1e9 for x in v]),
-               "amx_pct_round_peak": summary([100 * x for x in of_round]),
+               "amx_gmacs": summarize([x / 1e9 for x in a]),
+               "vnni_gmacs": summarize([x / 1e9 for x in v]),
+               "amx_pct_round_peak": summarize([100 * x for x in of_round]),
                "amx_pct_best_peak": 100 * statistics.median(a) / best_c,
                "vnni_pct_peak": 100 * statistics.median(v) / statistics.median(pk_v),
-               "amx_over_vnni": summary(ratio)}
+               "amx_over_vnni": summarize(ratio)}
         out_cases.append(row)
         print(f"{c.name():34s} {statistics.median(a) / 1e9:8.1f} [{min(a) / 1e9:6.1f}..{max(a) / 1e9:6.1f}] "
               f"{row['amx_pct_round_peak']['median']:13.1f}% {row['amx_pct_best_peak']:5.1f}% "
@@ -172,7 +164,7 @@ def main() -> None:
           "tiles: absent (not built)")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "rounds": rounds,
               "timing": "thread CPU time, 1 thread per tile unless stated",
-              "peaks_gmacs": {k: summary([x / 1e9 for x in v]) for k, v in peak.items()},
+              "peaks_gmacs": {k: summarize([x / 1e9 for x in v]) for k, v in peak.items()},
               "amx_min_rows": qgemm.amx_min_rows(), "amx_min_kblock": qgemm.amx_min_kblock(),
               "cases": out_cases}
     out = Path(args.out)

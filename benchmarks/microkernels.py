@@ -101,9 +101,10 @@ def measure_limits(rounds: int) -> dict:
 
 # ----------------------------------------------------------------------------- tiles
 
-def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: float,
-              bw_core: float, kblock: int | None = None, seed_x: bool = False) -> dict:
-    gen = torch.Generator().manual_seed(0)
+def random_weight(fmt: str, n: int, k: int, gen: torch.Generator, group: int | None = None,
+                  kblock: int | None = None) -> qgemm.PackedWeight:
+    """A packed [n x k] weight of random codes of `fmt` (int1 without zeros), scales in
+    [0.1, 1.1) and, for the asymmetric formats, random zero points; per channel, or per group."""
     info = qgemm.FORMAT_INFO[fmt]
     q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
     if fmt == "int1":
@@ -112,8 +113,15 @@ def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: fl
     scale = torch.rand(n, ngroups, generator=gen) + 0.1
     zero = torch.randint(0, info.qmax + 1, (n, ngroups), generator=gen, dtype=torch.int8) \
         if info.zero_point else None
-    pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
-                           zero=zero if group or zero is None else zero[:, :1], kblock=kblock)
+    return qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
+                             zero=zero if group or zero is None else zero[:, :1], kblock=kblock)
+
+
+def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: float,
+              bw_core: float, kblock: int | None = None, seed_x: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    info = qgemm.FORMAT_INFO[fmt]
+    pw = random_weight(fmt, n, k, gen, group, kblock)
     kern = qgemm.dispatch_for(pw, m)
     xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
     y = torch.empty(m, n)
@@ -178,9 +186,7 @@ def prefill_two_threads(lib, n: int, k: int, m: int, peak2: float, rounds: int =
 def weight_only_case(lib, fmt: str, m: int, n: int, k: int, fma_peak: float) -> dict:
     """fp32 activations x packed weights (the FMA tiles), L1/L2-resident."""
     gen = torch.Generator().manual_seed(0)
-    info = qgemm.FORMAT_INFO[fmt]
-    q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
-    pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt)
+    pw = random_weight(fmt, n, k, gen)
     kern = qgemm.dispatch_for(pw, m, a_dtype=torch.float32)
     a = torch.randn(m, pw.k_padded, generator=gen)
     y = torch.empty(m, n)
@@ -266,13 +272,7 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
         fmt = fmt or "ternary"
         n, k, m = (int(v) for v in dims.split("x"))
         gen = torch.Generator().manual_seed(0)
-        info = qgemm.FORMAT_INFO[fmt]
-        q = torch.randint(info.qmin, info.qmax + 1, (n, k), generator=gen, dtype=torch.int8)
-        if fmt == "int1":
-            q[q == 0] = 1
-        zero = (torch.randint(0, info.qmax + 1, (n, 1), generator=gen, dtype=torch.int8)
-                if info.zero_point else None)
-        pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, fmt, zero=zero)
+        pw = random_weight(fmt, n, k, gen)
         x = torch.randn(m, k, generator=gen)
         xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
         atype = {"i8": 1, "f32": 2, "bf16": 3}[adt]

@@ -413,20 +413,23 @@ class QGemmKernel:
         _raise("invoke", rc)
 
 
+def _amx_threshold(name: str, value: int | None) -> int:
+    """Reads (value None) or sets the AMX rule's threshold `name`; returns the previous value."""
+    if value is not None and int(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(getattr(_lib(), f"lowbit_qgemm_{name}")(0 if value is None else int(value)))
+
+
 def amx_min_rows(rows: int | None = None) -> int:
     """The fewest activation rows for which an int8 tile runs on AMX (with the `amx` ISA).
     With `rows`, sets it for later dispatches and returns the previous value."""
-    if rows is not None and int(rows) < 1:
-        raise ValueError(f"amx_min_rows must be >= 1, got {rows}")
-    return int(_lib().lowbit_qgemm_amx_min_rows(0 if rows is None else int(rows)))
+    return _amx_threshold("amx_min_rows", rows)
 
 
 def amx_min_kblock(kblock: int | None = None) -> int:
     """The shortest K-block (scale group) for which an int8 tile runs on AMX (with the `amx`
     ISA). With `kblock`, sets it for later dispatches and returns the previous value."""
-    if kblock is not None and int(kblock) < 1:
-        raise ValueError(f"amx_min_kblock must be >= 1, got {kblock}")
-    return int(_lib().lowbit_qgemm_amx_min_kblock(0 if kblock is None else int(kblock)))
+    return _amx_threshold("amx_min_kblock", kblock)
 
 
 def amx_invocations() -> int:
