@@ -56,7 +56,7 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
                               int64_t stride_a, int64_t stride_b, int64_t ld_aux,
                               int32_t flags) {
   int32_t isa = lowbit_rt_isa();
-  // AMX tiles take int8 activations and pay off from a few dozen rows and 64-value K-blocks;
+  // AMX tiles take int8 activations and pay off from 8 rows and 64-value K-blocks (g_amx_min_*);
   // the rest of an AMX CPU's tiles run AVX-512, and their handles say so.
   if (isa == LOWBIT_ISA_AMX &&
       (atype != LOWBIT_QT_INT8 || m < g_amx_min_rows.load(std::memory_order_relaxed) ||
