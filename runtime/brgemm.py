@@ -48,6 +48,11 @@ def _lib() -> ctypes.CDLL:
     lib.lowbit_brgemm_isa.argtypes = [i64]
     lib.lowbit_brgemm_isa.restype = i32
     lib.lowbit_brgemm_has_native_bf16.restype = i32
+    for name in ("lowbit_brgemm_amx_min_rows", "lowbit_brgemm_amx_min_k"):
+        getattr(lib, name).argtypes = [i64]
+        getattr(lib, name).restype = i64
+    lib.lowbit_brgemm_amx_invocations.argtypes = []
+    lib.lowbit_brgemm_amx_invocations.restype = i64
     return lib
 
 
@@ -86,6 +91,29 @@ def packed_offset(dtype: torch.dtype, k: int, n0: int, k0: int = 0) -> int:
 def native_bf16() -> bool:
     """True when bf16 runs on vdpbf16ps (AVX512_BF16) on this CPU and ISA choice."""
     return bool(_lib().lowbit_brgemm_has_native_bf16())
+
+
+def _amx_threshold(name: str, value: int | None) -> int:
+    if value is not None and int(value) < 1:
+        raise BrgemmError(f"{name} must be >= 1, got {value}")
+    return int(getattr(_lib(), f"lowbit_brgemm_{name}")(0 if value is None else int(value)))
+
+
+def amx_min_rows(rows: int | None = None) -> int:
+    """The fewest rows (m) for which a bf16 BRGEMM runs the AMX-BF16 tiles (with the `amx`
+    ISA). With `rows`, sets it for later dispatches and returns the previous value."""
+    return _amx_threshold("amx_min_rows", rows)
+
+
+def amx_min_k(k: int | None = None) -> int:
+    """The smallest k for which a bf16 BRGEMM runs the AMX-BF16 tiles (with the `amx` ISA).
+    With `k`, sets it for later dispatches and returns the previous value."""
+    return _amx_threshold("amx_min_k", k)
+
+
+def amx_invocations() -> int:
+    """BRGEMM invocations that ran the AMX tiles in this process so far (all threads)."""
+    return int(_lib().lowbit_brgemm_amx_invocations())
 
 
 def pack_b(b: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -212,5 +240,5 @@ def matmul(a: torch.Tensor, b: torch.Tensor, b_packed: bool = False, n: int | No
     return kern(a.contiguous(), b.contiguous(), c)
 
 
-__all__ = ["NB", "Brgemm", "BrgemmError", "matmul", "native_bf16", "pack_b", "packed_offset",
-           "packed_size", "padded_k"]
+__all__ = ["NB", "Brgemm", "BrgemmError", "amx_invocations", "amx_min_k", "amx_min_rows", "matmul",
+           "native_bf16", "pack_b", "packed_offset", "packed_size", "padded_k"]

@@ -5,6 +5,8 @@
 
 #include <string.h>
 
+#include <atomic>
+
 #include "brgemm_internal.h"
 #include "handle_table.h"
 
@@ -29,6 +31,19 @@ bool cpu_has_avx512_bf16() {
 }
 
 const Entry* lookup(int64_t handle) { return g_table.get(handle); }
+
+// The AMX rule (docs/kernels.md "ISA selection", measured by benchmarks/amx.py --dense): bf16
+// descriptions of at least this many rows and this K run the AMX-BF16 tiles; fp32 and smaller
+// ones run AVX-512.
+std::atomic<int64_t> g_amx_min_rows{16};
+std::atomic<int64_t> g_amx_min_k{32};
+std::atomic<int64_t> g_amx_invocations{0};  // lowbit_brgemm_amx_invocations
+
+bool amx_bf16_granted() {
+  // LOWBIT_ISA_AMX means the tile state was granted (cpu.cpp); the BF16 tiles are a CPUID bit of their own.
+  static const bool has = lowbit_rt_cpu_features() & LOWBIT_CPU_AMX_BF16;
+  return has && lowbit_rt_isa_supported(LOWBIT_ISA_AMX);
+}
 
 int64_t validate(const Desc& d) {
   if (d.dtype != LOWBIT_DTYPE_F32 && d.dtype != LOWBIT_DTYPE_BF16) return -LOWBIT_E_UNSUPPORTED;
@@ -59,8 +74,11 @@ int32_t lowbit_brgemm_has_native_bf16(void) {
 
 int64_t lowbit_brgemm_dispatch(int32_t dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                                int64_t ldc, int64_t stride_a, int64_t stride_b, int64_t flags) {
-  // No AMX dense tiles yet (docs/kernels.md): an AMX CPU runs the AVX-512 ones.
-  const int32_t isa = lowbit_rt_isa() == LOWBIT_ISA_AMX ? LOWBIT_ISA_AVX512 : lowbit_rt_isa();
+  int32_t isa = lowbit_rt_isa();
+  if (isa == LOWBIT_ISA_AMX &&
+      (dtype != LOWBIT_DTYPE_BF16 || !amx_bf16_granted() ||
+       m < g_amx_min_rows.load(std::memory_order_relaxed) || k < g_amx_min_k.load(std::memory_order_relaxed)))
+    isa = LOWBIT_ISA_AVX512;
   const int64_t key[kKeyWords] = {dtype, m, n, k, lda, ldb, ldc, stride_a, stride_b, flags, isa};
   // Repeated descriptions (compiled code dispatching per call) are a lock-free hash probe.
   if (const int64_t h = g_table.find(key)) return h;
@@ -68,7 +86,8 @@ int64_t lowbit_brgemm_dispatch(int32_t dtype, int64_t m, int64_t n, int64_t k, i
   if (const int64_t err = validate(d)) return err;
   // bf16 on an AVX-512 CPU without vdpbf16ps: widen to fp32 on the AVX2 path.
   if (d.isa == LOWBIT_ISA_AVX512 && d.bf16() && !lowbit_brgemm_has_native_bf16()) d.isa = LOWBIT_ISA_AVX2;
-  KernelFn fn = d.isa == LOWBIT_ISA_AVX512 ? lowbit_brgemm::select_avx512(d)
+  KernelFn fn = d.isa == LOWBIT_ISA_AMX    ? lowbit_brgemm::select_amx(d)
+              : d.isa == LOWBIT_ISA_AVX512 ? lowbit_brgemm::select_avx512(d)
               : d.isa == LOWBIT_ISA_AVX2   ? lowbit_brgemm::select_avx2(d)
                                            : lowbit_brgemm::select_scalar(d);
   if (!fn) return -LOWBIT_E_UNSUPPORTED;
@@ -88,6 +107,7 @@ int32_t lowbit_brgemm_invoke(int64_t handle, const void* a, int64_t a_offset, co
   if (batch < 1) return -LOWBIT_E_SHAPE;
   const Desc& d = e->desc;
   const int64_t ab = d.bf16() ? 2 : 4, cb = d.c_bf16() ? 2 : 4;
+  if (d.isa == LOWBIT_ISA_AMX) g_amx_invocations.fetch_add(1, std::memory_order_relaxed);
   e->fn(d, static_cast<const char*>(a) + a_offset * ab, static_cast<const char*>(b) + b_offset * ab,
         static_cast<char*>(c) + c_offset * cb, batch);
   return 0;
@@ -97,5 +117,17 @@ int32_t lowbit_brgemm_isa(int64_t handle) {
   const Entry* e = lookup(handle);
   return e ? e->desc.isa : -LOWBIT_E_UNSUPPORTED;
 }
+
+int64_t lowbit_brgemm_amx_min_rows(int64_t rows) {
+  if (rows > 0) return g_amx_min_rows.exchange(rows);
+  return g_amx_min_rows.load();
+}
+
+int64_t lowbit_brgemm_amx_min_k(int64_t k) {
+  if (k > 0) return g_amx_min_k.exchange(k);
+  return g_amx_min_k.load();
+}
+
+int64_t lowbit_brgemm_amx_invocations(void) { return g_amx_invocations.load(std::memory_order_relaxed); }
 
 }  // extern "C"

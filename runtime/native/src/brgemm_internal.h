@@ -36,6 +36,7 @@ using KernelFn = void (*)(const Desc&, const void* a, const void* b, void* c, in
 KernelFn select_scalar(const Desc& d);
 KernelFn select_avx2(const Desc& d);
 KernelFn select_avx512(const Desc& d);  // needs AVX512_BF16 for bf16 (caller checks)
+KernelFn select_amx(const Desc& d);     // bf16 only; AMX-BF16 granted (caller checks)
 
 using lowbit_bf16::bf16_to_f32;
 using lowbit_bf16::f32_to_bf16;

@@ -3,6 +3,7 @@
 #ifndef LOWBIT_QGEMM_INTERNAL_H
 #define LOWBIT_QGEMM_INTERNAL_H
 
+#include "amx_tile.h"
 #include "bf16.h"
 #include <stdint.h>
 #include <string.h>
@@ -104,14 +105,7 @@ struct Args {
 
 using TileFn = void (*)(const Desc&, const Args&);
 
-// The 64-byte operand of LDTILECFG (palette 1: up to 16 rows of up to 64 bytes per tile).
-struct alignas(64) TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+using TileConfig = lowbit_amx::TileConfig;  // amx_tile.h, shared with brgemm_amx.cpp
 
 // Per-ISA tile implementations (qgemm_scalar.cpp, qgemm_avx2.cpp, qgemm_avx512.cpp).
 void tile_scalar(const Desc& d, const Args& args);

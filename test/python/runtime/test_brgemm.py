@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lowbit.runtime import brgemm as bg
-from lowbit.runtime import current_isa, set_isa, supported_isas
+from lowbit.runtime import supported_isas
+from isa_paths import dense_isa, use_isa
 
 ISAS = supported_isas()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -19,10 +20,9 @@ SIZES = [1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 47, 64, 127]
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    before = current_isa()
-    set_isa(request.param)
-    yield request.param
-    set_isa(before)
+    """Every ISA path; under `amx` the bf16 kernels run the AMX tiles at every shape."""
+    with use_isa(request.param):
+        yield request.param
 
 
 def _rand(shape, dtype, gen):
@@ -108,6 +108,7 @@ def _run_case(dtype, p):
     outside = torch.ones_like(c_buf, dtype=torch.bool)
     outside[p["off_c"]:p["off_c"] + m * ldc].view(m, ldc)[:, :n] = False
     assert bool((c_buf[outside] == sentinel).all()), "kernel wrote outside the C tile"
+    return kern, c_view
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
@@ -201,12 +202,8 @@ def test_dispatch_is_pure_and_records_isa(isa):
     k2 = bg.Brgemm(torch.float32, 8, 16, 32)
     k3 = bg.Brgemm(torch.float32, 8, 16, 33)
     assert k1.handle == k2.handle != k3.handle
-    dense = "avx512" if isa == "amx" else isa  # no AMX dense tiles yet: AVX-512 runs them
-    expected = dense
-    if dense == "avx512" and not bg.native_bf16():
-        expected = "avx2"
-    assert bg.Brgemm(torch.bfloat16, 2, 2, 2).isa == expected
-    assert k1.isa == dense
+    assert bg.Brgemm(torch.bfloat16, 2, 2, 2).isa == dense_isa(isa, torch.bfloat16)
+    assert k1.isa == dense_isa(isa, torch.float32)
 
 
 @pytest.mark.parametrize("kwargs,match", [

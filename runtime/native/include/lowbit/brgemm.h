@@ -72,10 +72,20 @@ LOWBIT_API int32_t lowbit_brgemm_pack_b(int32_t dtype, const void* b, int64_t k,
                                         int64_t ldb, int32_t transposed, void* out,
                                         int64_t out_elems);
 
-/* The ISA a kernel dispatched now would use for `dtype`, and whether bf16 runs on
- * native dot-product instructions (AVX512_BF16) on this CPU. */
+/* The ISA a dispatched kernel runs (LOWBIT_ISA_*), and whether bf16 runs on native
+ * dot-product instructions (AVX512_BF16) on this CPU. With the AMX ISA, bf16 descriptions of
+ * at least lowbit_brgemm_amx_min_rows() rows and lowbit_brgemm_amx_min_k() k run the
+ * AMX-BF16 tiles (LOWBIT_ISA_AMX); fp32 and smaller ones run AVX-512. */
 LOWBIT_API int32_t lowbit_brgemm_isa(int64_t handle);
 LOWBIT_API int32_t lowbit_brgemm_has_native_bf16(void);
+
+/* The AMX rule's thresholds: a value > 0 sets it (descriptions dispatched later follow it),
+ * 0 only reads it; returns the previous value. */
+LOWBIT_API int64_t lowbit_brgemm_amx_min_rows(int64_t rows);
+LOWBIT_API int64_t lowbit_brgemm_amx_min_k(int64_t k);
+/* Invocations that ran the AMX tiles so far (all threads): tests check that compiled code
+ * reaches them. */
+LOWBIT_API int64_t lowbit_brgemm_amx_invocations(void);
 
 #ifdef __cplusplus
 }
