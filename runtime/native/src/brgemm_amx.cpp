@@ -168,12 +168,12 @@ void row_pair(const uint16_t* a, int64_t astep, int r1, const uint16_t* b, int64
     if (!bs) break;
     const uint16_t* as = a + s * astep;
     _tile_loadd(4, as, 64);
-    if (r1) _tile_loadd(5, as + 16 * 32, 64);
     _tile_loadd(6, bs, 4 * NB);
-    _tile_loadd(7, bs + 32, 4 * NB);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, bs + 32, 4 * NB);
     _tile_dpbf16ps(1, 4, 7);
     if (r1) {
+      _tile_loadd(5, as + 16 * 32, 64);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }

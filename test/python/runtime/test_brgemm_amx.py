@@ -178,7 +178,7 @@ def test_amx_threads_with_onednn_amx_between_calls():
         _check_close(out, ref, mag, a.shape[1], torch.float32)
 
 
-@pytest.mark.parametrize("tokens", [67, 5])
+@pytest.mark.parametrize("tokens", [67, 1])
 def test_compiled_bf16_linear_runs_amx_tiles(tokens):
     """With the AMX ISA and its default rule, a compiled bf16 model's matmuls run the AMX dense
     tiles for enough rows (the invocation counter grows) and AVX-512 below amx_min_rows()."""
@@ -201,6 +201,6 @@ def test_compiled_bf16_linear_runs_amx_tiles(tokens):
     finally:
         set_isa(before)
     torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
-    # Tiles of the M dimension may be split by the compiler: AMX runs when its tiles have
-    # at least amx_min_rows() rows, which 67 tokens give and 5 do not.
+    # The compiler may split M into tiles: AMX runs for tiles of at least amx_min_rows() rows,
+    # which 67 tokens give and one token (a decode step) does not.
     assert (ran > 0) == (tokens >= bg.amx_min_rows()), (tokens, ran)
