@@ -12,7 +12,8 @@ Cases: the issue's M = 128 layers (4096x4096, 2560x6912: N x K) in one invoke; t
 compiler issues for a 1B model's prefill (M = 128 tokens x 512 output rows x K 2048) in every
 format; an M sweep on that tile with AMX forced at every M (what sets the row threshold,
 `qgemm.amx_min_rows()`); and the
-4096x4096 layer on 2 threads (each half of N, started together).
+4096x4096 layer on 2 threads (each half of N, started together). The dense bf16 BRGEMM's AMX
+tiles against AVX-512 and torch.matmul: benchmarks/amx_dense.py.
 
     python benchmarks/amx.py [--rounds 9] [--quick] [--out benchmarks/results/amx.json]
 """
@@ -34,7 +35,7 @@ import peaks as peaks_mod  # noqa: E402
 from microkernels import native, random_weight  # noqa: E402
 from peaks import summarize  # noqa: E402
 
-from lowbit.runtime import cpu_features, qgemm, set_isa, supported_isas  # noqa: E402
+from lowbit.runtime import brgemm, cpu_features, qgemm, set_isa, supported_isas  # noqa: E402
 
 FORMATS = ["ternary", "int2_asym", "int1", "int4_sym", "int8"]
 
@@ -160,8 +161,8 @@ def main() -> None:
               f"{row['vnni_pct_peak']:5.1f}% {statistics.median(ratio):6.2f} [{min(ratio):.2f}..{max(ratio):.2f}]"
               + ("" if c.handles["amx"][1] == "amx" else f"  (AMX handle runs {c.handles['amx'][1]})"))
     print(f"\nAMX rule in this build: int8 tiles of >= {qgemm.amx_min_rows()} rows and K-blocks of >= "
-          f"{qgemm.amx_min_kblock()} values (the M sweep forces AMX at every M); dense bf16 AMX "
-          "tiles: absent (not built)")
+          f"{qgemm.amx_min_kblock()} values (the M sweep forces AMX at every M); dense bf16 BRGEMMs: "
+          f">= {brgemm.amx_min_rows()} rows and k >= {brgemm.amx_min_k()} (benchmarks/amx_dense.py)")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "rounds": rounds,
               "timing": "thread CPU time, 1 thread per tile unless stated",
               "peaks_gmacs": {k: summarize([x / 1e9 for x in v]) for k, v in peak.items()},
