@@ -6,7 +6,8 @@
 
 // int8 activations, bias, dynamic M (m_tile 8192, N = 128 in two 64-row tiles): the weight
 // and bias pointers come from the function's arguments (no global); the activations are
-// quantized once into buffers sized from the run-time M; one kernel is dispatched per row
+// quantized once into buffers sized from the run-time M, in blocks of 256 rows (16384
+// values of K = 64) on threads when M is more than one block, by one call otherwise; one kernel is dispatched per row
 // chunk (1, 4, 16, 64 and m_tile rows), hoisted above the parallel loop over N tiles; the
 // M loop runs full m_tile chunks, then the remainder in chunks of 64, 16, 4 and 1 rows,
 // each with its own handle.
@@ -27,7 +28,19 @@
 // CHECK: %[[XQ:.+]] = memref.alloc(%[[XQN]]) {alignment = 64 : i64} : memref<?xi8>
 // CHECK: memref.alloc(%{{.+}}) {alignment = 64 : i64} : memref<?xf32>
 // CHECK: memref.alloc(%{{.+}}) {alignment = 64 : i64} : memref<?xi32>
-// CHECK: call @lowbit_qquant_act(%{{.+}}, %{{.+}}, %[[M64]],
+// CHECK: %[[QROWS:.+]] = arith.constant 256 : index
+// CHECK: %[[MANY:.+]] = arith.cmpi ugt, %[[M]], %[[QROWS]] : index
+// CHECK: scf.if %[[MANY]] {
+// CHECK: %[[QT:.+]] = arith.ceildivui %[[M]], %[[QROWS]] : index
+// CHECK: scf.forall (%[[T:.+]]) in (%[[QT]]) {
+// CHECK: %[[R0:.+]] = arith.muli %[[T]], %[[QROWS]] : index
+// CHECK: %[[LEFT:.+]] = arith.subi %[[M]], %[[R0]] : index
+// CHECK: %[[ROWS:.+]] = arith.minui %[[LEFT]], %[[QROWS]] : index
+// CHECK: %[[ROWS64:.+]] = arith.index_cast %[[ROWS]] : index to i64
+// CHECK: call @lowbit_qquant_act(%{{.+}}, %{{.+}}, %[[ROWS64]],
+// CHECK: } else {
+// CHECK: %[[MQ:.+]] = arith.index_cast %[[M]] : index to i64
+// CHECK: call @lowbit_qquant_act(%{{.+}}, %{{.+}}, %[[MQ]],
 // CHECK: %[[H1:.+]] = call @lowbit_qgemm_dispatch(
 // CHECK: %[[H4:.+]] = call @lowbit_qgemm_dispatch(
 // CHECK: %[[H16:.+]] = call @lowbit_qgemm_dispatch(

@@ -40,6 +40,34 @@ func.func private @lowbit_qlinear_0(%arg0: memref<6x40xf32>, %arg1: memref<6x100
 
 // -----
 
+// Edge: int8 activations, static M = 300 rows of K = 64, more than one quantization block
+// (16384 values = 256 rows): blocks of rows are quantized on threads, each call at its
+// rows' offsets (x 256 B per row, xq K = 64 B, the scale 4 B, the row sums 4 B per K-block);
+// a remainder block of 44 rows.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0
+// CHECK-DAG: %[[M:.+]] = arith.constant 300 : index
+// CHECK-DAG: %[[XROW:.+]] = arith.constant 256 : i64
+// CHECK-DAG: %[[ROWS:.+]] = arith.constant 256 : index
+// CHECK: %[[MANY:.+]] = arith.cmpi ugt, %[[M]], %[[ROWS]] : index
+// CHECK: scf.if %[[MANY]] {
+// CHECK: scf.forall
+// CHECK: %[[R0:.+]] = arith.muli %{{.+}}, %[[ROWS]] : index
+// CHECK: arith.minui
+// CHECK: %[[R064:.+]] = arith.index_cast %[[R0]] : index to i64
+// CHECK: %[[XOFF:.+]] = arith.muli %[[R064]], %[[XROW]] : i64
+// CHECK: %[[XP:.+]] = arith.addi %{{.+}}, %[[XOFF]] : i64
+// CHECK: call @lowbit_qquant_act(%{{.+}}, %[[XP]],
+// CHECK: } else {
+// CHECK: call @lowbit_qquant_act(
+// CHECK: }
+// CHECK: call @lowbit_qgemm_dispatch(
+memref.global "private" constant @lowbit_qlinear_0_packed : memref<1536xi8> = dense<0> {alignment = 64 : i64}
+func.func private @lowbit_qlinear_0(%arg0: memref<300x64xf32>, %arg1: memref<300x64xf32>) attributes {lowbit.packed = {bias = "", bytes = 1536 : i64, kblock = 64 : i64, kblock_bytes = 1536 : i64, nblock_bytes = 1536 : i64, num_kblocks = 1 : i64, symbol = "lowbit_qlinear_0_packed"}, lowbit.qlinear = {act_format = "int8", act_group_size = 0 : i64, granularity = "channel", group_size = 0 : i64, in_features = 64 : i64, origin = "test", out_features = 64 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 64 : i64, m_tile = 300 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}
+
+// -----
+
 // Edge: weight-only with K = 6 < kblock = 8: the kernel reads whole K-blocks, so the
 // activations are copied into a zero-padded buffer first.
 // CHECK-LABEL: func.func private @lowbit_qlinear_0

@@ -115,6 +115,29 @@ def test_compiled_prefill_runs_amx_tiles():
         assert torch.equal(outs["amx", t], outs["avx512", t])
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_token_counts_around_the_quantization_blocks():
+    """A shape-generic compile (bound weights, run-time M) quantizes the activation rows in
+    blocks on threads once M exceeds one block (16384 values: 17 rows of K = 1000), with a
+    partial last block; one block or less is a single call. Every count matches eager, so
+    each block read its own rows of x and wrote its own scales and row sums."""
+    from lowbit.passes.lower_qlinear import QUANT_TASK_ELEMENTS
+    k = 1000
+    rows = -(-QUANT_TASK_ELEMENTS // k)
+    m = torch.nn.Sequential(torch.nn.Linear(k, 70), torch.nn.SiLU(), torch.nn.Linear(70, 33))
+    lowbit.quantize_(m, lowbit.QuantConfig(weights="ternary", activations="int8"))
+    compiled = torch.compile(m, backend="lowbit", dynamic=True)
+    with torch.no_grad():
+        for t in (1, rows - 1, rows, rows + 1, 2 * rows + 5, 100):
+            x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+            x[t // 2] *= 50  # a row whose scale differs from its neighbours'
+            ref, out = m(x), compiled(x)
+            scale = ref.abs().max().item()
+            assert (out - ref).abs().max().item() <= 2e-5 * scale * k ** 0.5, t
+    assert all(e["result"] == "recognized" and e["format"] == "ternary/tensor a=int8"
+               for e in lowbit.explain(m).matmuls())
+
+
 def test_kernels_match_reference_loops():
     """Differential: the same module with and without lowbit-lower-qlinear."""
     m = _layer(48, 33, "ternary", 16, "int8")
