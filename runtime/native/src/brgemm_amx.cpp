@@ -19,9 +19,11 @@
 //
 // The tile configuration is loaded at the first row pair of every call and released at the
 // end (torch's oneDNN uses AMX on the same threads). Results are not bitwise equal to the
-// AVX-512 vdpbf16ps tiles, only within fp32 accumulation error: the SDM has TDPBF16PS add a
-// pair's two products even-first and VDPBF16PS odd-first, and the old C is added after the
-// sum instead of before it (both flush bf16 denormal inputs and fp32 denormal results).
+// AVX-512 vdpbf16ps tiles, only within fp32 accumulation error: in the SDM's pseudo-code
+// TDPBF16PS sums a 32-k step's even and odd products in two fp32 chains and adds their sum to
+// C, VDPBF16PS adds both products of each pair to the accumulator, and here the old C is added
+// after the whole sum instead of before it (both flush bf16 denormal inputs and fp32 denormal
+// results).
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>

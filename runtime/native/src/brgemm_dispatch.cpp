@@ -35,10 +35,11 @@ const Entry* lookup(int64_t handle) { return g_table.get(handle); }
 // The AMX rule (docs/kernels.md "ISA selection", measured by benchmarks/amx_dense.py with AMX
 // forced at every size, 2048 x 2048 B): bf16 descriptions of at least this many rows and this k
 // run the AMX-BF16 tiles; fp32 and smaller ones run AVX-512. Rows: AMX ran 1.0x the AVX-512
-// tile at M = 1, 1.2x at M = 2, 1.4x at M = 4, 4x at M = 16 (vdpbf16ps is slow here: ~43 GMAC/s
-// per core). k at M = 128: 0.6x at k = 2, 0.7x at 8, 1.2x at 16, 2.5x at 32 (a 32-k step is
-// padded with zeros).
-std::atomic<int64_t> g_amx_min_rows{2};
+// tile at M = 1, 1.0-1.2x at M = 2 (three runs), 1.35-1.5x at M = 4, 4x at M = 16 (vdpbf16ps
+// is slow here: ~43 GMAC/s per core); M = 2-3 stay on AVX-512 for the small and unsteady gain
+// (the sweep's B is L3-resident, a decode GEMV's streams from memory). k at M = 128: 0.6x at
+// k = 2, 0.7-0.8x at 8, 1.25x at 16, 2.5x at 32 (a 32-k step is padded with zeros).
+std::atomic<int64_t> g_amx_min_rows{4};
 std::atomic<int64_t> g_amx_min_k{16};
 std::atomic<int64_t> g_amx_invocations{0};  // lowbit_brgemm_amx_invocations
 

@@ -6,8 +6,9 @@ use; skipped elsewhere with the reason.
 Tolerances: bf16 x bf16 products are exact in fp32, so the only error is fp32 accumulation
 (|err| <= 2 k u sum|a||b|, u = 2^-24, test_brgemm._check_close) plus, for a bf16 C, one final
 rounding of 2^-8 relative. AMX and AVX-512 are each held to that bound against fp64 and to
-the sum of both bounds against each other; not bitwise: TDPBF16PS and VDPBF16PS add a pair's
-two products in different orders, and the AMX path adds the old C after the sum.
+the sum of both bounds against each other; not bitwise: the summation orders differ
+(TDPBF16PS sums a 32-k step's even and odd products in two chains, VDPBF16PS adds each pair to
+the accumulator, and the AMX path adds the old C after the sum).
 """
 from __future__ import annotations
 
