@@ -161,7 +161,6 @@ void tile_amx(const Desc& d, const Args& g) {
     const int64_t mrows = std::min(mc, d.m - m0);
     pack_rows(d, g, m0, mrows, nb, s.apack);
     for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
-      memset(s.tile, 0, size_t(mrows * NB * 4));
       const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
       for (int64_t i = 0; i < g.count; ++i) {
         const uint8_t* w = nblock + i * d.stride_b;

@@ -115,7 +115,8 @@ void tile_amx(const Desc& d, const Args& args);
 
 // AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): the codes of sub-steps [k0, k1) / 4 of
 // a K-block as B-tile planes of `rows` rows (4 planes of 16 output rows), one K-block's
-// integer sums acc[rows][64] into the fp32 tile[rows][64], and the final epilogue of rows.
+// integer sums acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and
+// the final epilogue of rows.
 void unpack_codes_avx512(int bits, const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel,
                          int64_t rows);
 void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
