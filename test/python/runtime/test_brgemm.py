@@ -279,3 +279,26 @@ def test_matmul_helper(dtype):
     _check_close(out, ref, mag, 33, dtype)
     with pytest.raises(bg.BrgemmError, match="do not chain"):
         bg.matmul(a, b.t())
+
+
+@pytest.mark.parametrize("at_end", [True, False], ids=["guard_after", "guard_before"])
+def test_kernels_stay_in_bounds(isa, at_end):
+    """Every operand holds exactly the elements the kernel may touch (Brgemm.extent_*) and
+    sits flush against an inaccessible page: a read or write one element out faults (guard
+    pages see AVX-512 masked accesses and AMX tile loads, which ASan does not)."""
+    from test_qgemm import GuardedArena
+    arena = GuardedArena()
+    gen = torch.Generator().manual_seed(13)
+    for dtype in DTYPES:
+        for m, n, k in [(1, 1, 1), (17, 15, 33), (33, 100, 97), (5, 40, 520)]:
+            for packed in (False, True):
+                batch = 2
+                b_list = [_rand((k, n), dtype, gen) for _ in range(batch)]
+                b = torch.cat([bg.pack_b(x) if packed else x.flatten() for x in b_list])
+                for beta, c_dtype in ((0, torch.float32), (1, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)):
+                    kern = bg.Brgemm(dtype, m, n, k, stride_a=m * k, stride_b=b.numel() // batch, beta=beta,
+                                     b_packed=packed, c_dtype=c_dtype)
+                    a = arena.place(_rand((kern.extent_a(batch),), dtype, gen), at_end)
+                    bb = arena.place(b[:kern.extent_b(batch)].contiguous(), at_end)
+                    c = arena.place(torch.zeros(kern.extent_c(), dtype=c_dtype), at_end)
+                    kern(a, bb, c, batch=batch)
