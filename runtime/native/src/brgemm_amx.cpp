@@ -2,10 +2,10 @@
 // tile, 32 k per instruction: an A tile is 16 rows x 32 bf16, a B tile 16 k pairs x 16 columns
 // in VNNI-2 order), C fp32 or rounded once to bf16.
 //
-// A pass takes up to kMC rows of A (all batch elements, kPackBytes at most: L2) and copies
-// them once into 32-column panels, so an A tile is 1 KiB of consecutive bytes (rows lda apart
-// put a whole tile in one L1 set when lda is a multiple of 2 KiB, as the int8 AMX tiles
-// measured) and columns past K are zero. B is read per n-block of 32 columns (the packed
+// A: a call of N >= kDirectMaxN columns copies a pass of up to kMC rows of A (all batch
+// elements, kPackBytes at most: L2) once into 32-column panels (an A tile is then 1 KiB of
+// consecutive bytes, zero past K); a narrower call (compiled code's N tiles) loads A tiles in
+// place, rows lda apart, and copies only the K tail (K not a multiple of 32) zero-padded. B is read per n-block of 32 columns (the packed
 // panel width) and K chunk of kKC values, reused by every row of the pass:
 //   packed B: the panel's VNNI-2 rows are the two B tiles' rows (128 bytes apart), loaded in
 //             place; only a K tail (K not a multiple of 32) is copied, zero-padded, to a
@@ -48,6 +48,11 @@ constexpr int64_t kStepElems = 16 * 2 * NB;   // B chunk elements per 32 k (16 p
 // they are read 256 columns (8 cache lines) at a time (32 columns, one line per row and page,
 // ran the 128 x 4096 x 4096 tile at 0.45x the packed one; software prefetch did not help).
 constexpr int64_t kPanelBlocks = 8;
+// Calls narrower than this read A tiles in place (rows lda apart), wider ones copy A to
+// panels first. Compiled code calls N tiles of 64-256 columns with the whole A, so a copy per
+// call cost more than it saved: in-place A ran 3.2-3.8x the copying kernel at N = 64 (M = 128,
+// K = 2048-5632), 1.4-1.8x at 256, 1.0-1.4x at 1024.
+constexpr int64_t kDirectMaxN = 1024;
 
 // C tiles tmm0, tmm1 (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles
 // tmm6, tmm7 (16 pairs of 16 columns). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
@@ -146,12 +151,18 @@ void packed_tail(const uint16_t* b, int64_t kvalid, uint16_t* out) {
   }
 }
 
-// One row pair (pass rows mp .. mp + r0 + r1) against a B chunk of 32 output columns:
-// C tiles loaded from acc (zeroed when `first`), `full` steps of 32 k from b (steps
-// kStepElems apart, rows 128 bytes apart), then one step from `tail` if given, stored back.
-// `a` is the pair's first A tile, the next 32 columns `astep` elements further.
-void row_pair(const uint16_t* a, int64_t astep, int r1, const uint16_t* b, int64_t full,
-              const uint16_t* tail, bool first, float* acc) {
+// Where each 32-k step of a chunk reads its A tile (rows `stride` bytes apart; the pair's
+// second tile 16 rows further) and its two B tiles (b, b + 32; rows 128 bytes apart).
+struct Steps {
+  const uint16_t* a[kKC / 32];
+  int64_t a_stride[kKC / 32];
+  const uint16_t* b[kKC / 32];
+  int n = 0;
+};
+
+// One row pair (pass rows mp .. mp + r0 + r1) over the steps of a chunk against 32 output
+// columns: C tiles loaded from acc (zeroed when `first`) and stored back.
+void row_pair(const Steps& st, int r1, bool first, float* acc) {
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
@@ -167,17 +178,17 @@ void row_pair(const uint16_t* a, int64_t astep, int r1, const uint16_t* b, int64
       _tile_loadd(3, acc + 16 * NB + 16, NB * 4);
     }
   }
-  for (int64_t s = 0; s <= full; ++s) {
-    const uint16_t* bs = s < full ? b + s * kStepElems : tail;
-    if (!bs) break;
-    const uint16_t* as = a + s * astep;
-    _tile_loadd(4, as, 64);
+  for (int s = 0; s < st.n; ++s) {
+    const uint16_t* as = st.a[s];
+    const int64_t ast = st.a_stride[s];
+    const uint16_t* bs = st.b[s];
+    _tile_loadd(4, as, ast);
     _tile_loadd(6, bs, 4 * NB);
     _tile_dpbf16ps(0, 4, 6);
     _tile_loadd(7, bs + 32, 4 * NB);
     _tile_dpbf16ps(1, 4, 7);
     if (r1) {
-      _tile_loadd(5, as + 16 * 32, 64);
+      _tile_loadd(5, as + 16 * (ast / 2), ast);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -229,43 +240,56 @@ void store_block(const Desc& d, const float* acc, void* c_base, int64_t m0, int6
   }
 }
 
+// The K tail of rows [m0, m0 + mrows) of every batch element (columns [32 (np - 1), K),
+// zero-padded to 32) at apack + (i * mrows + r) * 32: what direct A tiles cannot read.
+void pack_a_tail(const Desc& d, const uint16_t* a, int64_t batch, int64_t m0, int64_t mrows,
+                 int64_t np, uint16_t* apack) {
+  const __mmask32 mk = (__mmask32(1) << (d.k - 32 * (np - 1))) - 1;
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t r = 0; r < mrows; ++r)
+      _mm512_store_si512(apack + (i * mrows + r) * 32,
+                         _mm512_maskz_loadu_epi16(mk, a + i * d.stride_a + (m0 + r) * d.lda + 32 * (np - 1)));
+}
+
 void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void* c_base,
                      int64_t batch) {
   static thread_local Scratch s;
   const uint16_t* A = static_cast<const uint16_t*>(a_base);
   const uint16_t* B = static_cast<const uint16_t*>(b_base);
   const int64_t np = (d.k + 31) / 32;  // 32-column A panels per batch element
-  const int64_t per_row = batch * np * 64;
-  const int64_t mc = std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
+  const bool direct = d.n < kDirectMaxN;  // A tiles read in place, only a K tail copied
+  const int64_t per_row = direct ? batch * 64 : batch * np * 64;
+  const int64_t mc = direct ? kMC : std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
   if (!s.reserve(size_t(std::min(mc, d.m) * per_row))) {  // no memory: AVX-512 needs none
     lowbit_brgemm::select_avx512(d)(d, a_base, b_base, c_base, batch);
     return;
   }
   const int64_t panel = d.packed() ? NB : kPanelBlocks * NB;
+  const int64_t k_full = d.k / 32 * 32;  // A columns direct tiles may read
   int cfg0 = -1, cfg1 = -1;
+  Steps st;
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t mrows = std::min(mc, d.m - m0);
-    pack_a(d, A, batch, m0, mrows, np, s.apack);
+    if (!direct) pack_a(d, A, batch, m0, mrows, np, s.apack);
+    else if (k_full < d.k) pack_a_tail(d, A, batch, m0, mrows, np, s.apack);
     for (int64_t p0 = 0; p0 < d.n; p0 += panel) {
       const int64_t pw = std::min(panel, d.n - p0);
       for (int64_t i = 0; i < batch; ++i) {
         const uint16_t* bi = B + i * d.stride_b;
         for (int64_t k0 = 0; k0 < d.k; k0 += kKC) {
           const int64_t kc = std::min(kKC, d.k - k0);
-          const int64_t steps = (kc + 31) / 32;
+          const int steps = int((kc + 31) / 32);
+          st.n = steps;
           if (!d.packed()) interleave_b(bi, d.ldb, k0, kc, d.k, p0, pw, s.bchunk);
           const bool first = i == 0 && k0 == 0;
-          const uint16_t* ak = s.apack + (i * np + k0 / 32) * mrows * 32;
           for (int64_t j = 0; j * NB < pw; ++j) {
-            const uint16_t* b = s.bchunk + j * steps * kStepElems;
-            int64_t full = steps;
-            const uint16_t* tail = nullptr;
+            for (int t = 0; t < steps; ++t) st.b[t] = s.bchunk + (j * steps + t) * kStepElems;
             if (d.packed()) {
-              b = bi + ((p0 / NB) + j) * d.ldb + k0 * NB;  // panel row pairs of k0 (k0 even)
-              full = kc / 32;
+              const uint16_t* b = bi + ((p0 / NB) + j) * d.ldb + k0 * NB;  // row pairs of k0 (even)
+              for (int t = 0; t < steps; ++t) st.b[t] = b + t * kStepElems;
               if (kc % 32) {
-                packed_tail(b + full * kStepElems, kc % 32, s.bchunk);
-                tail = s.bchunk;
+                packed_tail(st.b[steps - 1], kc % 32, s.bchunk);
+                st.b[steps - 1] = s.bchunk;
               }
             }
             float* acc = s.acc + j * mrows * NB;
@@ -278,7 +302,20 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
                 configure(r0, r1);
                 cfg0 = r0, cfg1 = r1;
               }
-              row_pair(ak + mp * 32, mrows * 32, r1, b, full, tail, first, acc + mp * NB);
+              for (int t = 0; t < steps; ++t) {
+                const int64_t kk = k0 + 32 * t;
+                if (!direct) {
+                  st.a[t] = s.apack + ((i * np + kk / 32) * mrows + mp) * 32;
+                  st.a_stride[t] = 64;
+                } else if (kk < k_full) {
+                  st.a[t] = A + i * d.stride_a + (m0 + mp) * d.lda + kk;
+                  st.a_stride[t] = d.lda * 2;
+                } else {
+                  st.a[t] = s.apack + (i * mrows + mp) * 32;
+                  st.a_stride[t] = 64;
+                }
+              }
+              row_pair(st, r1, first, acc + mp * NB);
             }
           }
         }

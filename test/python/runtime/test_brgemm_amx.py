@@ -56,6 +56,8 @@ def test_amx_every_shape_against_fp64(beta, packed, c_bf16):
     (70, 33, 4096, 3),    # 24 KiB of panels per row: passes of 32 rows, 8 K chunks per element
     (40, 300, 130, 2),    # row-major B over two panels of 8 n-blocks, the second a tail
     (128, 64, 1024, 1),   # full row pairs over two K chunks
+    (33, 1030, 97, 2),    # N >= 1024: A copied to panels (narrower calls read A in place)
+    (20, 1024, 64, 1),
 ])
 @pytest.mark.parametrize("packed", [False, True], ids=["rowmajor", "packed"])
 def test_amx_passes_chunks_and_panels(m, n, k, batch, packed):
