@@ -14,7 +14,8 @@ this host's AMX peak is bimodal), and lowbit AMX / torch per round.
 
 Cases: M = 128 x the issue's layer shapes (N x K of 2048/4096/5632); an M sweep (1..128) at
 2048 x 2048 and a K sweep at M = 128 with AMX forced at every size (what sets the dispatch
-rule, `brgemm.amx_min_rows()` / `brgemm.amx_min_k()`).
+rule, `brgemm.amx_min_rows()` / `brgemm.amx_min_k()`); the 256-column tiles compiled code
+issues; and a compiled bf16 MLP (lowbit's compile_function, wall clock) against eager torch.
 
     python benchmarks/amx_dense.py [--rounds 7] [--quick] [--out benchmarks/results/amx_dense.json]
 """
@@ -94,6 +95,58 @@ class Case:
         return self.macs * self.reps / (time.thread_time() - t0)
 
 
+class CompiledMLP:
+    """A bf16 MLP (Linear K->N, SiLU, Linear N->K, no bias) compiled by lowbit (its matmuls
+    become BRGEMM tiles of N-tile width over the whole A) against eager torch. Wall-clock
+    (compiled code may run on an OpenMP worker), 1 thread; the ISA is set before each call
+    since compiled code dispatches when it runs."""
+
+    group = "compiled"
+    paths = ("amx-packed", "avx512-packed", "torch")
+
+    def __init__(self, m: int, n: int, k: int):
+        from lowbit.compiler import threads
+        from lowbit.compiler.compile import compile_function
+        threads.set_num_threads(1)
+        self.m, self.n, self.k = m, n, k
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False), torch.nn.SiLU(),
+                                         torch.nn.Linear(n, k, bias=False)).to(torch.bfloat16)
+        self.x = torch.randn(m, k, dtype=torch.bfloat16)
+        with torch.no_grad():
+            self.compiled = compile_function(self.model, (self.x,))
+        self.macs = 2 * m * n * k
+        self.reps = max(1, int(TARGET_MACS / self.macs))
+        self.isas = {"amx-packed": "amx", "avx512-packed": "avx512", "torch": "eager"}
+        n0 = bg.amx_invocations()
+        self.call("amx-packed")
+        assert bg.amx_invocations() > n0, "the compiled model did not reach the AMX tiles"
+        with torch.no_grad():
+            ref = self.model(self.x).float()
+        for p in ("amx-packed", "avx512-packed"):
+            err = (self.call(p).float() - ref).abs().max().item()
+            assert err <= 2e-2 * ref.abs().max().item(), f"{self.name()} {p}: max error {err}"
+
+    def name(self) -> str:
+        return f"MLP M={self.m} {self.k}->{self.n}->{self.k}"
+
+    def call(self, path: str):
+        with torch.no_grad():
+            if path == "torch":
+                return self.model(self.x)
+            set_isa(path.split("-")[0])
+            return self.compiled(self.x)[0]
+
+    def run(self, path: str) -> float:
+        before = current_isa()
+        t0 = time.perf_counter()
+        for _ in range(self.reps):
+            self.call(path)
+        dt = time.perf_counter() - t0
+        set_isa(before)
+        return self.macs * self.reps / dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -115,6 +168,8 @@ def main() -> None:
     cases += [Case(m, 2048, 2048, "m-sweep", ("amx-packed", "avx512-packed", "torch")) for m in sweep_m]
     sweep_k = (16, 32, 64, 128) if args.quick else (2, 8, 16, 24, 32, 48, 64, 128, 256)
     cases += [Case(128, 2048, k, "k-sweep", ("amx-packed", "avx512-packed")) for k in sweep_k]
+    cases += [Case(128, 256, k, "n-tile (compiled code's)", ("amx-packed", "avx512-packed")) for k in (2048, 5632)]
+    cases.append(CompiledMLP(128, 5632, 2048))
     res = {c.name(): {p: [] for p in c.paths} for c in cases}
     peak = {"amx_bf16": [], "bf16_zmm": []}
     load0 = os.getloadavg()[0]
@@ -141,6 +196,7 @@ def main() -> None:
             print(f"\n{group:22s} " + " ".join(f"{p:>22s}" for p in full)
                   + f" {'AMX %peak rnd/best':>19s} {'AMX/torch [min..max]':>21s} {'AMX/AVX-512':>11s}")
         row = {"case": c.name(), "group": c.group, "m": c.m, "n": c.n, "k": c.k, "handle_isa": c.isas,
+               "timing": "wall clock" if isinstance(c, CompiledMLP) else "thread CPU time",
                "gmacs": {p: summarize([x / 1e9 for x in v]) for p, v in res[c.name()].items()}}
         amx = res[c.name()]["amx-packed"]
         of_round = [x / p for x, p in zip(amx, peak["amx_bf16"])]

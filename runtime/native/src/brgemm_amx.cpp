@@ -2,11 +2,13 @@
 // tile, 32 k per instruction: an A tile is 16 rows x 32 bf16, a B tile 16 k pairs x 16 columns
 // in VNNI-2 order), C fp32 or rounded once to bf16.
 //
-// A: a call of N >= kDirectMaxN columns copies a pass of up to kMC rows of A (all batch
-// elements, kPackBytes at most: L2) once into 32-column panels (an A tile is then 1 KiB of
-// consecutive bytes, zero past K); a narrower call (compiled code's N tiles) loads A tiles in
-// place, rows lda apart, and copies only the K tail (K not a multiple of 32) zero-padded. B is read per n-block of 32 columns (the packed
-// panel width) and K chunk of kKC values, reused by every row of the pass:
+// A tiles are loaded in place, 16 rows lda apart; only a K tail (K not a multiple of 32) is
+// copied, zero-padded (columns past K may be NaN). Copying A to 32-column panels first, as the
+// int8 tiles do, gained nothing on whole layers (in-place A ran 0.98-1.12x the copying kernel
+// at M = 128, N and K of 2048-5632, lda a multiple of 4 KiB included) and cost 3.2-3.8x on the
+// 64-column N tiles compiled code issues with the whole A (the copy is paid per call).
+// B is read per n-block of 32 columns (the packed panel width) and K chunk of kKC values,
+// reused by every row pair of a pass of up to kMC rows:
 //   packed B: the panel's VNNI-2 rows are the two B tiles' rows (128 bytes apart), loaded in
 //             place; only a K tail (K not a multiple of 32) is copied, zero-padded, to a
 //             scratch step (the rows past K may be another block's data, NaN * 0 is NaN);
@@ -39,20 +41,12 @@ using lowbit_amx::TileConfig;
 
 constexpr int64_t NB = LOWBIT_BRGEMM_NB;      // output columns per n-block (2 C tiles)
 constexpr int64_t kKC = 512;                  // K values per B chunk (32 KiB of bf16 B: L1)
-constexpr int64_t kMC = 256;                  // most rows of A per pass over B
-// Packed A of a pass, L2-resident: 1.5 MiB keeps M = 128 in one pass up to K = 6144 (the
-// 128 x 2048 x 5632 tile ran 1.2x faster than with 1 MiB, which read B twice).
-constexpr int64_t kPackBytes = 3 << 19;
+constexpr int64_t kMC = 256;                  // most rows of A per pass over B (B reuse)
 constexpr int64_t kStepElems = 16 * 2 * NB;   // B chunk elements per 32 k (16 pairs x 64)
 // n-blocks per panel of a row-major B: its rows are ldb apart, one page each for a wide B, so
 // they are read 256 columns (8 cache lines) at a time (32 columns, one line per row and page,
 // ran the 128 x 4096 x 4096 tile at 0.45x the packed one; software prefetch did not help).
 constexpr int64_t kPanelBlocks = 8;
-// Calls narrower than this read A tiles in place (rows lda apart), wider ones copy A to
-// panels first. Compiled code calls N tiles of 64-256 columns with the whole A, so a copy per
-// call cost more than it saved: in-place A ran 3.2-3.8x the copying kernel at N = 64 (M = 128,
-// K = 2048-5632), 1.4-1.8x at 256, 1.0-1.4x at 1024.
-constexpr int64_t kDirectMaxN = 1024;
 
 // C tiles tmm0, tmm1 (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles
 // tmm6, tmm7 (16 pairs of 16 columns). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
@@ -72,8 +66,8 @@ void configure(int r0, int r1) {
 struct Scratch {
   uint16_t* bchunk = nullptr;  // a row-major B panel chunk in VNNI-2 order, or a packed K tail step
   float* acc = nullptr;        // [kPanelBlocks][kMC][NB] fp32
-  uint16_t* apack = nullptr;   // A panels of a pass
-  size_t apack_bytes = 0;
+  uint16_t* atail = nullptr;   // the K tail of a pass's rows of A
+  size_t atail_bytes = 0;
   Scratch() {
     bchunk = static_cast<uint16_t*>(aligned_alloc(64, kPanelBlocks * (kKC / 32) * kStepElems * 2));
     acc = static_cast<float*>(aligned_alloc(64, kPanelBlocks * kMC * NB * 4));
@@ -81,33 +75,17 @@ struct Scratch {
   ~Scratch() {
     free(bchunk);
     free(acc);
-    free(apack);
+    free(atail);
   }
   bool reserve(size_t bytes) {
     if (!bchunk || !acc) return false;
-    if (bytes <= apack_bytes) return true;
-    free(apack);
-    apack = static_cast<uint16_t*>(aligned_alloc(64, bytes));
-    apack_bytes = apack ? bytes : 0;
-    return apack != nullptr;
+    if (bytes <= atail_bytes) return true;
+    free(atail);
+    atail = static_cast<uint16_t*>(aligned_alloc(64, bytes));
+    atail_bytes = atail ? bytes : 0;
+    return atail != nullptr;
   }
 };
-
-// Rows [m0, m0 + mrows) of every batch element as 32-column panels: element i's columns
-// [32 p, 32 p + 32) of row r at apack + ((i * np + p) * mrows + r) * 32, zero past K.
-void pack_a(const Desc& d, const uint16_t* a, int64_t batch, int64_t m0, int64_t mrows,
-            int64_t np, uint16_t* apack) {
-  for (int64_t i = 0; i < batch; ++i)
-    for (int64_t r = 0; r < mrows; ++r) {
-      const uint16_t* x = a + i * d.stride_a + (m0 + r) * d.lda;
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t left = d.k - 32 * p;
-        const __mmask32 mk = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
-        _mm512_store_si512(apack + ((i * np + p) * mrows + r) * 32,
-                           _mm512_maskz_loadu_epi16(mk, x + 32 * p));
-      }
-    }
-}
 
 // Rows [k0, k0 + kc) of row-major B, columns [n0, n0 + w), into VNNI-2 steps per n-block of
 // 32 columns: n-block j, pair q, column c, half h at out[(j * pairs + q) * 64 + 2 c + h], with
@@ -241,13 +219,13 @@ void store_block(const Desc& d, const float* acc, void* c_base, int64_t m0, int6
 }
 
 // The K tail of rows [m0, m0 + mrows) of every batch element (columns [32 (np - 1), K),
-// zero-padded to 32) at apack + (i * mrows + r) * 32: what direct A tiles cannot read.
+// zero-padded to 32) at atail + (i * mrows + r) * 32: what in-place A tiles must not read.
 void pack_a_tail(const Desc& d, const uint16_t* a, int64_t batch, int64_t m0, int64_t mrows,
-                 int64_t np, uint16_t* apack) {
+                 int64_t np, uint16_t* atail) {
   const __mmask32 mk = (__mmask32(1) << (d.k - 32 * (np - 1))) - 1;
   for (int64_t i = 0; i < batch; ++i)
     for (int64_t r = 0; r < mrows; ++r)
-      _mm512_store_si512(apack + (i * mrows + r) * 32,
+      _mm512_store_si512(atail + (i * mrows + r) * 32,
                          _mm512_maskz_loadu_epi16(mk, a + i * d.stride_a + (m0 + r) * d.lda + 32 * (np - 1)));
 }
 
@@ -256,22 +234,19 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
   static thread_local Scratch s;
   const uint16_t* A = static_cast<const uint16_t*>(a_base);
   const uint16_t* B = static_cast<const uint16_t*>(b_base);
-  const int64_t np = (d.k + 31) / 32;  // 32-column A panels per batch element
-  const bool direct = d.n < kDirectMaxN;  // A tiles read in place, only a K tail copied
-  const int64_t per_row = direct ? batch * 64 : batch * np * 64;
-  const int64_t mc = direct ? kMC : std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
-  if (!s.reserve(size_t(std::min(mc, d.m) * per_row))) {  // no memory: AVX-512 needs none
+  const int64_t np = (d.k + 31) / 32;  // 32-k steps per batch element
+  const int64_t mc = kMC;
+  if (!s.reserve(size_t(std::min(mc, d.m) * batch * 64))) {  // no memory: AVX-512 needs none
     lowbit_brgemm::select_avx512(d)(d, a_base, b_base, c_base, batch);
     return;
   }
   const int64_t panel = d.packed() ? NB : kPanelBlocks * NB;
-  const int64_t k_full = d.k / 32 * 32;  // A columns direct tiles may read
+  const int64_t k_full = d.k / 32 * 32;  // A columns tiles read in place
   int cfg0 = -1, cfg1 = -1;
   Steps st;
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t mrows = std::min(mc, d.m - m0);
-    if (!direct) pack_a(d, A, batch, m0, mrows, np, s.apack);
-    else if (k_full < d.k) pack_a_tail(d, A, batch, m0, mrows, np, s.apack);
+    if (k_full < d.k) pack_a_tail(d, A, batch, m0, mrows, np, s.atail);
     for (int64_t p0 = 0; p0 < d.n; p0 += panel) {
       const int64_t pw = std::min(panel, d.n - p0);
       for (int64_t i = 0; i < batch; ++i) {
@@ -304,14 +279,11 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
               }
               for (int t = 0; t < steps; ++t) {
                 const int64_t kk = k0 + 32 * t;
-                if (!direct) {
-                  st.a[t] = s.apack + ((i * np + kk / 32) * mrows + mp) * 32;
-                  st.a_stride[t] = 64;
-                } else if (kk < k_full) {
+                if (kk < k_full) {
                   st.a[t] = A + i * d.stride_a + (m0 + mp) * d.lda + kk;
                   st.a_stride[t] = d.lda * 2;
                 } else {
-                  st.a[t] = s.apack + (i * mrows + mp) * 32;
+                  st.a[t] = s.atail + (i * mrows + mp) * 32;
                   st.a_stride[t] = 64;
                 }
               }

@@ -53,10 +53,10 @@ def test_amx_every_shape_against_fp64(beta, packed, c_bf16):
 
 @pytest.mark.parametrize("m,n,k,batch", [
     (257, 40, 64, 1),     # two passes of rows (256 + 1)
-    (70, 33, 4096, 3),    # 24 KiB of panels per row: passes of 32 rows, 8 K chunks per element
+    (70, 33, 4096, 3),    # 8 K chunks per batch element, lda a multiple of 4 KiB
     (40, 300, 130, 2),    # row-major B over two panels of 8 n-blocks, the second a tail
     (128, 64, 1024, 1),   # full row pairs over two K chunks
-    (33, 1030, 97, 2),    # N >= 1024: A copied to panels (narrower calls read A in place)
+    (33, 1030, 97, 2),    # wide: 33 n-blocks, K tail
     (20, 1024, 64, 1),
 ])
 @pytest.mark.parametrize("packed", [False, True], ids=["rowmajor", "packed"])
