@@ -178,6 +178,7 @@ LOWER_TO_LLVM = [
     # scf.forall -> OpenMP (libiomp5 at run time; lowbit.compiler.threads sets the count).
     "scf-forall-to-parallel",
     "convert-scf-to-openmp",
+    "lowbit-omp-schedule",
     "func.func(lower-vector-mask)",
     "func.func(lower-vector-multi-reduction)",
     "convert-vector-to-scf",

@@ -5,6 +5,8 @@ Matches each `@lowbit_qlinear_*` function after bufferization (signature
 its reference body by:
 
     [int8]  lowbit_qquant_act(x -> xq, per-token scales, per-K-block row sums)
+                                                  in blocks of rows on threads (scf.forall)
+                                                  when M is more than one block
             h = lowbit_qgemm_dispatch(...)        one per (M tail?, N tail?) tile shape,
                                                   hoisted out of the loops
             scf.forall (%nt) in (N tiles) {       output-row tiles run on threads
