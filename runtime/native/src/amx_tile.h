@@ -4,6 +4,13 @@
 #define LOWBIT_AMX_TILE_H
 
 #include <stdint.h>
+#include <string.h>
+
+#ifdef __AMX_TILE__
+#include <immintrin.h>
+
+#include <initializer_list>
+#endif
 
 namespace lowbit_amx {
 
@@ -15,6 +22,22 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
+
+#ifdef __AMX_TILE__  // AMX-flagged translation units only
+// The 2 x 2 blocking of the GEMM tiles (qgemm_amx.cpp, brgemm_amx.cpp): C tiles tmm0, tmm1
+// (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles tmm6, tmm7 (16 rows
+// of 64 bytes). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
+inline void configure_2x2(int r0, int r1) {
+  TileConfig c;
+  memset(&c, 0, sizeof(c));
+  c.palette = 1;
+  for (int t : {0, 1, 4}) c.rows[t] = uint8_t(r0), c.colsb[t] = 64;
+  if (r1)
+    for (int t : {2, 3, 5}) c.rows[t] = uint8_t(r1), c.colsb[t] = 64;
+  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+#endif
 
 }  // namespace lowbit_amx
 #endif

@@ -37,8 +37,6 @@
 
 namespace {
 
-using lowbit_amx::TileConfig;
-
 constexpr int64_t NB = LOWBIT_BRGEMM_NB;      // output columns per n-block (2 C tiles)
 constexpr int64_t kKC = 512;                  // K values per B chunk (32 KiB of bf16 B: L1)
 constexpr int64_t kMC = 256;                  // most rows of A per pass over B (B reuse)
@@ -48,18 +46,6 @@ constexpr int64_t kStepElems = 16 * 2 * NB;   // B chunk elements per 32 k (16 p
 // ran the 128 x 4096 x 4096 tile at 0.45x the packed one; software prefetch did not help).
 constexpr int64_t kPanelBlocks = 8;
 
-// C tiles tmm0, tmm1 (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles
-// tmm6, tmm7 (16 pairs of 16 columns). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
-void configure(int r0, int r1) {
-  TileConfig c;
-  memset(&c, 0, sizeof(c));
-  c.palette = 1;
-  for (int t : {0, 1, 4}) c.rows[t] = uint8_t(r0), c.colsb[t] = 64;
-  if (r1)
-    for (int t : {2, 3, 5}) c.rows[t] = uint8_t(r1), c.colsb[t] = 64;
-  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
-  _tile_loadconfig(&c);
-}
 
 // Per-thread scratch, grown on demand and kept (compiled code calls tiles from its OpenMP
 // workers over and over).
@@ -274,7 +260,7 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
               // The last tile configuration on this thread is not ours to trust (another
               // library may have used AMX): configured at the first row pair of every call.
               if (r0 != cfg0 || r1 != cfg1) {
-                configure(r0, r1);
+                lowbit_amx::configure_2x2(r0, r1);
                 cfg0 = r0, cfg1 = r1;
               }
               for (int t = 0; t < steps; ++t) {

@@ -32,18 +32,6 @@ constexpr int64_t kKC = 256;             // K values per decoded codes chunk (16
 constexpr int64_t kMC = 256;             // most activation rows per pass over the weights
 constexpr int64_t kPackBytes = 768 << 10;  // packed activations of a pass (L2-resident)
 
-// C tiles tmm0, tmm1 (rows r0), tmm2, tmm3 (rows r1), A tiles tmm4 (r0), tmm5 (r1), B tiles
-// tmm6, tmm7 (16 rows of 64 bytes). r1 = 0 leaves tmm2, 3, 5 unconfigured (never used).
-void configure(int r0, int r1) {
-  TileConfig c;
-  memset(&c, 0, sizeof(c));
-  c.palette = 1;
-  for (int t : {0, 1, 4}) c.rows[t] = uint8_t(r0), c.colsb[t] = 64;
-  if (r1)
-    for (int t : {2, 3, 5}) c.rows[t] = uint8_t(r1), c.colsb[t] = 64;
-  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
-  _tile_loadconfig(&c);
-}
 
 // Per-thread scratch, grown on demand and kept (compiled code calls tiles from its OpenMP
 // workers over and over).
@@ -172,7 +160,7 @@ void tile_amx(const Desc& d, const Args& g) {
             const int r0 = int(std::min<int64_t>(16, mrows - mp));
             const int r1 = int(std::clamp<int64_t>(mrows - mp - 16, 0, 16));
             if (r0 != cfg0 || r1 != cfg1) {
-              configure(r0, r1);
+              lowbit_amx::configure_2x2(r0, r1);
               cfg0 = r0, cfg1 = r1;
             }
             const int8_t* a = s.apack + ((i * nb + k0 / 64) * mrows + mp) * 64;

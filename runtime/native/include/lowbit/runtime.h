@@ -33,8 +33,9 @@ enum {
   LOWBIT_ISA_SCALAR = 0,
   LOWBIT_ISA_AVX2 = 1,   /* AVX2 + FMA (+ AVX-VNNI where present) */
   LOWBIT_ISA_AVX512 = 2, /* AVX-512 F/BW/VL/VNNI (+VBMI, BF16 where present) */
-  LOWBIT_ISA_AMX = 3,    /* AVX-512 + AMX-INT8 tiles for int8 GEMMs of enough rows
-                            (lowbit_qgemm_amx_min_rows); everything else runs AVX-512 */
+  LOWBIT_ISA_AMX = 3,    /* AVX-512 + AMX tiles: AMX-INT8 for int8 GEMMs of enough rows
+                            (lowbit_qgemm_amx_min_rows), AMX-BF16 for dense bf16 BRGEMMs
+                            (lowbit_brgemm_amx_min_rows); everything else runs AVX-512 */
 };
 
 /* The ISA the runtime uses: the best the CPU supports, or LOWBIT_ISA=scalar|avx2|avx512|amx
