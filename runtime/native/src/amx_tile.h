@@ -37,6 +37,37 @@ inline void configure_2x2(int r0, int r1) {
   for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
   _tile_loadconfig(&c);
 }
+
+// The C tiles of a row pair in a block of 4-byte sums (int32 or fp32), `ld` elements per row:
+// tmm1 16 columns right of tmm0, tmm2 and tmm3 16 rows below them (r1 = 0: tmm0, tmm1 only).
+inline void load_c_2x2(const void* c, int64_t ld, int r1, bool zero) {
+  const char* p = static_cast<const char*>(c);
+  if (zero) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (r1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    return;
+  }
+  _tile_loadd(0, p, ld * 4);
+  _tile_loadd(1, p + 64, ld * 4);
+  if (r1) {
+    _tile_loadd(2, p + 64 * ld, ld * 4);
+    _tile_loadd(3, p + 64 * ld + 64, ld * 4);
+  }
+}
+
+inline void store_c_2x2(void* c, int64_t ld, int r1) {
+  char* p = static_cast<char*>(c);
+  _tile_stored(0, p, ld * 4);
+  _tile_stored(1, p + 64, ld * 4);
+  if (r1) {
+    _tile_stored(2, p + 64 * ld, ld * 4);
+    _tile_stored(3, p + 64 * ld + 64, ld * 4);
+  }
+}
 #endif
 
 }  // namespace lowbit_amx

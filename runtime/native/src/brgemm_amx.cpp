@@ -127,21 +127,7 @@ struct Steps {
 // One row pair (pass rows mp .. mp + r0 + r1) over the steps of a chunk against 32 output
 // columns: C tiles loaded from acc (zeroed when `first`) and stored back.
 void row_pair(const Steps& st, int r1, bool first, float* acc) {
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if (r1) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-  } else {
-    _tile_loadd(0, acc, NB * 4);
-    _tile_loadd(1, acc + 16, NB * 4);
-    if (r1) {
-      _tile_loadd(2, acc + 16 * NB, NB * 4);
-      _tile_loadd(3, acc + 16 * NB + 16, NB * 4);
-    }
-  }
+  lowbit_amx::load_c_2x2(acc, NB, r1, first);
   for (int s = 0; s < st.n; ++s) {
     const uint16_t* as = st.a[s];
     const int64_t ast = st.a_stride[s];
@@ -157,12 +143,7 @@ void row_pair(const Steps& st, int r1, bool first, float* acc) {
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, acc, NB * 4);
-  _tile_stored(1, acc + 16, NB * 4);
-  if (r1) {
-    _tile_stored(2, acc + 16 * NB, NB * 4);
-    _tile_stored(3, acc + 16 * NB + 16, NB * 4);
-  }
+  lowbit_amx::store_c_2x2(acc, NB, r1);
 }
 
 // fp32 -> bf16, nearest even, NaN kept quiet (lowbit_bf16::f32_to_bf16 on 16 lanes).

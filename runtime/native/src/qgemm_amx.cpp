@@ -88,21 +88,7 @@ void row_pair(const int8_t* a, int64_t astep, int64_t kc, int r1, const uint8_t*
               int64_t rows, bool first, int32_t* acc) {
   for (int h = 0; h < 2; ++h) {
     int32_t* c = acc + 32 * h;
-    if (first) {
-      _tile_zero(0);
-      _tile_zero(1);
-      if (r1) {
-        _tile_zero(2);
-        _tile_zero(3);
-      }
-    } else {
-      _tile_loadd(0, c, NB * 4);
-      _tile_loadd(1, c + 16, NB * 4);
-      if (r1) {
-        _tile_loadd(2, c + 16 * NB, NB * 4);
-        _tile_loadd(3, c + 16 * NB + 16, NB * 4);
-      }
-    }
+    lowbit_amx::load_c_2x2(c, NB, r1, first);
     const uint8_t* b0 = panel + (2 * h) * rows * 64;  // plane row kk / 4 holds k = kk..kk+3
     const uint8_t* b1 = panel + (2 * h + 1) * rows * 64;
     for (int64_t kk = 0; kk < kc; kk += 64) {
@@ -120,12 +106,7 @@ void row_pair(const int8_t* a, int64_t astep, int64_t kc, int r1, const uint8_t*
         _tile_dpbsud(3, 5, 7);
       }
     }
-    _tile_stored(0, c, NB * 4);
-    _tile_stored(1, c + 16, NB * 4);
-    if (r1) {
-      _tile_stored(2, c + 16 * NB, NB * 4);
-      _tile_stored(3, c + 16 * NB + 16, NB * 4);
-    }
+    lowbit_amx::store_c_2x2(c, NB, r1);
   }
 }
 
