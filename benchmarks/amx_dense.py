@@ -175,7 +175,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     for r in range(rounds):
         for name in peak:
-            peak[name].append(pk.burst(name, 1)["insts_per_s_threads"][0] * peaks_mod.KINDS[name][1])
+            peak[name].append(pk.macs_per_s(name))
         for c in cases:
             order = c.paths if r % 2 == 0 else tuple(reversed(c.paths))
             for p in order:

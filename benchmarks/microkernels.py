@@ -296,7 +296,7 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
     pks = []
     peak_kind = "amx_int8" if isa == "amx" else "vnni_zmm"
     for r in range(rounds):
-        pks.append(pk.burst(peak_kind, 1)["insts_per_s_threads"][0] * peaks_mod.KINDS[peak_kind][1])
+        pks.append(pk.macs_per_s(peak_kind))
         for name, per, macs, _ in cases:
             order = list(libs) if r % 2 == 0 else list(libs)[::-1]
             for lname in order:

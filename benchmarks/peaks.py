@@ -128,6 +128,11 @@ class Peaks:
         per_thread = [insts / (c * 1e-9) for c in cpu]
         return {"insts_per_s_threads": per_thread, "insts_per_s_wall": insts * threads / (wall * 1e-9)}
 
+    def macs_per_s(self, name: str, threads: int = 1) -> float:
+        """One burst of peak `name` as multiply-accumulates per second, summed over `threads`
+        threads (each from its own CPU time)."""
+        return sum(self.burst(name, threads)["insts_per_s_threads"]) * KINDS[name][1]
+
     def read_bandwidth(self, buf: np.ndarray, threads: int) -> float:
         nbytes = buf.nbytes // (512 * threads) * 512 * threads
         ns = self.lib.lowbit_qbench_read(buf.ctypes.data, nbytes, threads, 1)
