@@ -4,23 +4,31 @@
 // A pass takes up to 256 activation rows and copies them once into 64-column panels: each A
 // tile is then 1 KiB of consecutive rows (tiles loaded straight from rows `lda` apart ran
 // 25-35% slower in-process, with lda padded off 4 KiB multiples too: 16 pages per tile).
-// Per chunk of kKC values of a K-block of one n-block (64 output rows), the codes are decoded
-// once to bytes in the B-tile layout (unpack_codes_avx512: 4 planes of 16 rows; the packer's
-// VNNI4 order is already the B tile's) and reused by every row of the pass (prefetching the
-// next n-block's codes cost 4-5%: the hardware prefetchers keep up; decoding the next chunk in
-// slices between the TDPBSUDs measured 0.9-1.1x). Rows go 32 at a time:
-// 2 A tiles x 2 B tiles -> 4 C tiles (tmm0-3 C, tmm4-5 A, tmm6-7 B), four loads per four
-// TDPBSUD. C tiles are kept in an int32 [rows][64] block between K chunks; each K-block ends
-// with the AVX-512 path's own flush (offset correction, scales), so AMX and AVX-512 results
-// are bitwise equal.
+// Rows go 32 at a time against 32 output columns (half h of a 64-row n-block): 2 A tiles x
+// 2 B tiles -> 4 C tiles (tmm0-3 C, tmm4-5 A, tmm6-7 B), four loads per four TDPBSUD, and the
+// C tiles stay in their registers for a whole K-block.
+//
+// The B tiles are decoded just in time: while the TDPBSUDs of K step t run, the codes of step
+// t + kAhead are decoded (decode<BITS>, the AVX-512 tiles' own; the packer's VNNI4 order is
+// already a B tile's) into a small ring that stays in L1. Measured on the AMX Xeon (a 128 x
+// 4096 x 4096 ternary layer, one thread, against the adjacent tdpbsud burst): a tile whose two
+// operands both come from L2 runs at ~0.65 of the burst, one from L1 at ~0.9; decoding a
+// whole n-block's K into an L2 panel (decoded once, reused by every row pair) adds L2 write
+// traffic and ran at ~0.52, decoding 256-value chunks into L1 with the int32 sums spilled
+// between chunks (this file's earlier design) at ~0.42, this ring at ~0.59 although every
+// row pair decodes the codes again: decode work is cheap next to the tile unit, the memory
+// traffic is not.
 //
 // Tails: the last row pair configures its tiles with fewer rows; a K-block that is not a
-// multiple of 64 has its panels zero-padded (activations and codes), adding nothing.
+// multiple of 64 has its activation panels zero-padded and the ring rows past its end zero.
+// Each K-block ends with the AVX-512 path's own flush (offset correction, scales), so AMX and
+// AVX-512 results are bitwise equal.
 #include <immintrin.h>
 #include <stdlib.h>
 
 #include <algorithm>
 
+#include "qgemm_decode_avx512.h"
 #include "qgemm_internal.h"
 
 namespace lowbit {
@@ -28,32 +36,33 @@ namespace q {
 
 namespace {
 
-constexpr int64_t kKC = 256;             // K values per decoded codes chunk (16 KiB of B planes)
-constexpr int64_t kMC = 256;             // most activation rows per pass over the weights
+constexpr int64_t kMC = 256;               // most activation rows per pass over the weights
 constexpr int64_t kPackBytes = 768 << 10;  // packed activations of a pass (L2-resident)
+constexpr int kRing = 8;                   // decoded K steps in the ring (2 B tiles each)
+constexpr int kAhead = 4;                  // steps decoded ahead of the tiles that read them
 
 
 // Per-thread scratch, grown on demand and kept (compiled code calls tiles from its OpenMP
 // workers over and over).
 struct Scratch {
-  uint8_t* panel = nullptr;  // 4 planes x kKC/4 rows x 64 bytes
+  uint8_t* ring = nullptr;   // kRing x 2 B tiles of 1 KiB
   int32_t* acc = nullptr;    // [kMC][64] int32
   float* tile = nullptr;     // [kMC][64] fp32
   int8_t* apack = nullptr;   // activation panels of a pass
   size_t apack_bytes = 0;
   Scratch() {
-    panel = static_cast<uint8_t*>(aligned_alloc(64, kKC * NB));
+    ring = static_cast<uint8_t*>(aligned_alloc(64, kRing * 2048));
     acc = static_cast<int32_t*>(aligned_alloc(64, kMC * NB * 4));
     tile = static_cast<float*>(aligned_alloc(64, kMC * NB * 4));
   }
   ~Scratch() {
-    free(panel);
+    free(ring);
     free(acc);
     free(tile);
     free(apack);
   }
   bool reserve(size_t bytes) {
-    if (!panel || !acc || !tile) return false;
+    if (!ring || !acc || !tile) return false;
     if (bytes <= apack_bytes) return true;
     free(apack);
     apack = static_cast<int8_t*>(aligned_alloc(64, bytes));
@@ -80,49 +89,92 @@ void pack_rows(const Desc& d, const Args& g, int64_t m0, int64_t mrows, int64_t 
     }
 }
 
-// One row pair (rows mp .. mp + r0 + r1 of the pass) against the 64 output rows of a decoded
-// codes chunk of kc values: C tiles loaded from acc (or zeroed on the first chunk), kc / 64
-// steps of 4 TDPBSUD per 32-column half, stored back. `a` is the pair's first A tile, the
-// next 64 columns `astep` bytes further.
-void row_pair(const int8_t* a, int64_t astep, int64_t kc, int r1, const uint8_t* panel,
-              int64_t rows, bool first, int32_t* acc) {
-  for (int h = 0; h < 2; ++h) {
-    int32_t* c = acc + 32 * h;
-    lowbit_amx::load_c_2x2(c, NB, r1, first);
-    const uint8_t* b0 = panel + (2 * h) * rows * 64;  // plane row kk / 4 holds k = kk..kk+3
-    const uint8_t* b1 = panel + (2 * h + 1) * rows * 64;
-    for (int64_t kk = 0; kk < kc; kk += 64) {
-      const int8_t* ak = a + (kk / 64) * astep;
-      _tile_loadd(4, ak, 64);
-      if (r1) {
-        _tile_loadd(5, ak + 16 * 64, 64);
-      }
-      _tile_loadd(6, b0 + kk * 16, 64);
-      _tile_loadd(7, b1 + kk * 16, 64);
-      _tile_dpbsud(0, 4, 6);
-      _tile_dpbsud(1, 4, 7);
-      if (r1) {
-        _tile_dpbsud(2, 5, 6);
-        _tile_dpbsud(3, 5, 7);
-      }
+// The codes of K step t (values [64 t, 64 t + 64) of a K-block of kblock values) for output
+// rows 32 H .. 32 H + 31 of the n-block, as two B tiles: vectors 2H and 2H + 1 of each 4-k
+// sub-step, rows 16 apart; sub-steps past the K-block are zero. (H is a template argument so
+// that the decoded vectors stay in registers.)
+template <int BITS, int H>
+inline void decode_step(const uint8_t* codes, int64_t t, int64_t kblock, uint8_t* b) {
+  constexpr int kPerStep = 4 * kSubSteps<BITS>;  // k values per packed step
+  const uint8_t* p = codes + 64 * t / kPerStep * kStepBytes<BITS>;
+  const int full = int(std::clamp<int64_t>((kblock - 64 * t) / 4, 0, 16));  // sub-steps in the K-block
+  if (full == 16) {
+#pragma GCC unroll 16
+    for (int s = 0; s < 16; ++s) {
+      __m512i v[4];
+      decode<BITS>(p + s / kSubSteps<BITS> * kStepBytes<BITS>, s % kSubSteps<BITS>, v);
+      _mm512_store_si512(b + 64 * s, v[2 * H]);
+      _mm512_store_si512(b + 1024 + 64 * s, v[2 * H + 1]);
     }
-    lowbit_amx::store_c_2x2(c, NB, r1);
+    return;
+  }
+  for (int s = 0; s < 16; ++s) {
+    __m512i v[4];
+    if (s < full) {
+      decode<BITS>(p + s / kSubSteps<BITS> * kStepBytes<BITS>, s % kSubSteps<BITS>, v);
+    } else {
+      v[2 * H] = v[2 * H + 1] = _mm512_setzero_si512();
+    }
+    _mm512_store_si512(b + 64 * s, v[2 * H]);
+    _mm512_store_si512(b + 1024 + 64 * s, v[2 * H + 1]);
   }
 }
 
-}  // namespace
-
-void tile_amx(const Desc& d, const Args& g) {
-  static thread_local Scratch s;
-  const Format& f = d.f;
-  const int64_t kb = d.kblock;
-  const int64_t nb = (kb + 63) / 64;  // 64-column panels per K-block
-  const int64_t per_row = g.count * nb * 64;
-  const int64_t mc = std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
-  if (!s.reserve(size_t(std::min(mc, d.m) * per_row))) {  // no memory: AVX-512 needs none
-    tile_avx512(d, g);
-    return;
+// Rows mp .. mp + r0 + r1 of the pass x output rows 32 H .. 32 H + 31 over one K-block of
+// `steps` 64-value steps: the C tiles start at zero and end in acc (int32, NB per row). `a` is
+// the row pair's first A tile of step 0, step t's `t * astep` bytes further.
+template <int BITS, int H>
+void row_pair(const int8_t* a, int64_t astep, int64_t steps, int r1, const uint8_t* codes,
+              int64_t kblock, uint8_t* ring, int32_t* acc) {
+  // 8-bit codes are bytes already: full steps load their B tiles straight from the packed
+  // weights (rows 256 bytes apart); only a K tail goes through the ring.
+  constexpr bool kDirect = BITS == 8;
+  const int64_t direct_steps = kDirect ? kblock / 64 : 0;
+  for (int64_t t = direct_steps; t < std::min<int64_t>(direct_steps + kAhead, steps); ++t)
+    decode_step<BITS, H>(codes, t, kblock, ring + (t % kRing) * 2048);
+  _tile_zero(0);
+  _tile_zero(1);
+  if (r1) {
+    _tile_zero(2);
+    _tile_zero(3);
   }
+  for (int64_t t = 0; t < steps; ++t) {
+    const int8_t* at = a + t * astep;
+    _tile_loadd(4, at, 64);
+    if (r1) _tile_loadd(5, at + 16 * 64, 64);
+    if (t < direct_steps) {
+      const uint8_t* b = codes + t * 16 * kStepBytes<BITS> + 128 * H;
+      _tile_loadd(6, b, kStepBytes<BITS>);
+      _tile_loadd(7, b + 64, kStepBytes<BITS>);
+    } else {
+      const uint8_t* b = ring + (t % kRing) * 2048;
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + 1024, 64);
+    }
+    _tile_dpbsud(0, 4, 6);
+    _tile_dpbsud(1, 4, 7);
+    // the decode runs on the vector units while the tile unit works
+    if (t >= direct_steps && t + kAhead < steps)
+      decode_step<BITS, H>(codes, t + kAhead, kblock, ring + ((t + kAhead) % kRing) * 2048);
+    if (r1) {
+      _tile_dpbsud(2, 5, 6);
+      _tile_dpbsud(3, 5, 7);
+    }
+  }
+  lowbit_amx::store_c_2x2(acc + 32 * H, NB, r1);
+}
+
+// Activation rows per pass: as many as kPackBytes of panels hold, a multiple of 32.
+int64_t pass_rows(const Desc& d, const Args& g) {
+  const int64_t per_row = g.count * ((d.kblock + 63) / 64) * 64;
+  return std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
+}
+
+template <int BITS>
+void tile_bits(const Desc& d, const Args& g, Scratch& s) {
+  const int64_t kb = d.kblock;
+  const int64_t nb = (kb + 63) / 64;  // 64-column panels (K steps) per K-block
+  const int64_t mc = pass_rows(d, g);
   int cfg0 = -1, cfg1 = -1;
   // The last tile configuration on this thread is not ours to trust (another library may
   // have used AMX): configure at the first row pair of every call, release at the end.
@@ -133,20 +185,16 @@ void tile_amx(const Desc& d, const Args& g) {
       const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
       for (int64_t i = 0; i < g.count; ++i) {
         const uint8_t* w = nblock + i * d.stride_b;
-        for (int64_t k0 = 0; k0 < kb; k0 += kKC) {
-          const int64_t kc = std::min(kKC, kb - k0);
-          const int64_t rows = (kc + 63) / 64 * 16;
-          unpack_codes_avx512(f.bits, w, k0, k0 + kc, s.panel, rows);
-          for (int64_t mp = 0; mp < mrows; mp += 32) {
-            const int r0 = int(std::min<int64_t>(16, mrows - mp));
-            const int r1 = int(std::clamp<int64_t>(mrows - mp - 16, 0, 16));
-            if (r0 != cfg0 || r1 != cfg1) {
-              lowbit_amx::configure_2x2(r0, r1);
-              cfg0 = r0, cfg1 = r1;
-            }
-            const int8_t* a = s.apack + ((i * nb + k0 / 64) * mrows + mp) * 64;
-            row_pair(a, mrows * 64, kc, r1, s.panel, rows, k0 == 0, s.acc + mp * NB);
+        for (int64_t mp = 0; mp < mrows; mp += 32) {
+          const int r0 = int(std::min<int64_t>(16, mrows - mp));
+          const int r1 = int(std::clamp<int64_t>(mrows - mp - 16, 0, 16));
+          if (r0 != cfg0 || r1 != cfg1) {
+            lowbit_amx::configure_2x2(r0, r1);
+            cfg0 = r0, cfg1 = r1;
           }
+          const int8_t* a = s.apack + (i * nb * mrows + mp) * 64;
+          row_pair<BITS, 0>(a, mrows * 64, nb, r1, w, kb, s.ring, s.acc + mp * NB);
+          row_pair<BITS, 1>(a, mrows * 64, nb, r1, w, kb, s.ring, s.acc + mp * NB);
         }
         flush_block_avx512(d, g, s.acc, m0, mrows, i, w, s.tile);
       }
@@ -154,6 +202,23 @@ void tile_amx(const Desc& d, const Args& g) {
     }
   }
   _tile_release();
+}
+
+}  // namespace
+
+void tile_amx(const Desc& d, const Args& g) {
+  static thread_local Scratch s;
+  const int64_t panel_bytes = g.count * ((d.kblock + 63) / 64) * 64;  // per activation row
+  if (!s.reserve(size_t(std::min(pass_rows(d, g), d.m) * panel_bytes))) {  // no memory: AVX-512 needs none
+    tile_avx512(d, g);
+    return;
+  }
+  switch (d.f.bits) {
+    case 1: tile_bits<1>(d, g, s); break;
+    case 2: tile_bits<2>(d, g, s); break;
+    case 4: tile_bits<4>(d, g, s); break;
+    default: tile_bits<8>(d, g, s); break;
+  }
 }
 
 }  // namespace q

@@ -7,10 +7,9 @@
 
 #include <algorithm>
 
+#include "qgemm_decode_avx512.h"
 #include "qgemm_internal.h"
 #include "stream_prefetch.h"
-
-#define LB_INLINE inline __attribute__((always_inline))
 
 // gcc 12's AVX-512 intrinsics pass _mm512_undefined_*() as the masked-off source and then
 // warn about it once inlined into loops (a known false positive).
@@ -20,36 +19,6 @@ namespace lowbit {
 namespace q {
 
 namespace {
-
-// Decode the 4 VNNI4 u8 operand vectors of 4-k sub-step `h` from a packed step.
-template <int BITS>
-LB_INLINE void decode(const uint8_t* p, int h, __m512i v[4]) {
-  if constexpr (BITS == 1) {
-    const __m512i m1 = _mm512_set1_epi8(1);
-    const __m512i x = _mm512_srli_epi16(_mm512_loadu_si512(p), 4 * h);
-    v[0] = _mm512_and_si512(x, m1);
-    v[1] = _mm512_and_si512(_mm512_srli_epi16(x, 1), m1);
-    v[2] = _mm512_and_si512(_mm512_srli_epi16(x, 2), m1);
-    v[3] = _mm512_and_si512(_mm512_srli_epi16(x, 3), m1);
-  } else if constexpr (BITS == 2) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    const __m512i x = _mm512_loadu_si512(p);
-    v[0] = _mm512_and_si512(x, m3);
-    v[1] = _mm512_and_si512(_mm512_srli_epi16(x, 2), m3);
-    v[2] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m3);
-    v[3] = _mm512_and_si512(_mm512_srli_epi16(x, 6), m3);
-  } else if constexpr (BITS == 4) {
-    const __m512i m15 = _mm512_set1_epi8(15);
-    const __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
-    v[0] = _mm512_and_si512(x0, m15);
-    v[1] = _mm512_and_si512(_mm512_srli_epi16(x0, 4), m15);
-    v[2] = _mm512_and_si512(x1, m15);
-    v[3] = _mm512_and_si512(_mm512_srli_epi16(x1, 4), m15);
-  } else {
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_si512(p + 64 * j);
-  }
-}
 
 // The int8 path's GEMV-shaped decode skips the shifts: vector j keeps its codes at their
 // bit position, u * 2^shift, and its accumulators are shifted back (exactly) at the flush.
@@ -108,10 +77,6 @@ constexpr int field_shift(int j) {
   return BITS == 1 ? j : BITS == 2 ? 2 * j : BITS == 4 ? 4 * (j % 2) : 0;
 }
 
-template <int BITS>
-constexpr int kStepBytes = BITS == 1 ? 64 : BITS == 2 ? 64 : BITS == 4 ? 128 : 256;
-template <int BITS>
-constexpr int kSubSteps = BITS == 1 ? 2 : 1;  // 4-k sub-steps per packed step
 
 LB_INLINE __mmask16 lane_mask(int64_t valid) {
   if (valid >= 16) return 0xffff;
@@ -559,38 +524,7 @@ void tile_bits(const Desc& d, const Args& g) {
   }
 }
 
-// The AMX tiles' codes panel: sub-steps [k0, k1) / 4 of a K-block's codes decoded to one
-// u8 per code, plane j (output rows 16 j .. 16 j + 15) row s at panel + (j * rows + s) * 64,
-// which is the VNNI4 layout of an AMX B tile; rows past the codes are zero.
-template <int BITS>
-void unpack_codes(const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel, int64_t rows) {
-  constexpr int kPerStep = 4 * kSubSteps<BITS>;
-  int64_t s = 0;
-  for (int64_t k = k0; k < k1; k += kPerStep) {
-    const uint8_t* p = codes + (k / kPerStep) * kStepBytes<BITS>;
-#pragma GCC unroll 2
-    for (int h = 0; h < kSubSteps<BITS>; ++h, ++s) {
-      __m512i v[4];
-      decode<BITS>(p, h, v);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) _mm512_store_si512(panel + (j * rows + s) * 64, v[j]);
-    }
-  }
-  for (; s < rows; ++s)
-    for (int j = 0; j < 4; ++j) _mm512_store_si512(panel + (j * rows + s) * 64, _mm512_setzero_si512());
-}
-
 }  // namespace
-
-void unpack_codes_avx512(int bits, const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel,
-                         int64_t rows) {
-  switch (bits) {
-    case 1: unpack_codes<1>(codes, k0, k1, panel, rows); break;
-    case 2: unpack_codes<2>(codes, k0, k1, panel, rows); break;
-    case 4: unpack_codes<4>(codes, k0, k1, panel, rows); break;
-    default: unpack_codes<8>(codes, k0, k1, panel, rows); break;
-  }
-}
 
 // K-block i's exact integer sums acc[r][64] (sum_k x * u, u the stored codes) into the fp32
 // tile, with the arithmetic of mblock_int8's flush (so AMX and AVX-512 agree bit for bit).

@@ -113,12 +113,9 @@ void tile_avx2(const Desc& d, const Args& args);
 void tile_avx512(const Desc& d, const Args& args);
 void tile_amx(const Desc& d, const Args& args);
 
-// AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): the codes of sub-steps [k0, k1) / 4 of
-// a K-block as B-tile planes of `rows` rows (4 planes of 16 output rows), one K-block's
-// integer sums acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and
-// the final epilogue of rows.
-void unpack_codes_avx512(int bits, const uint8_t* codes, int64_t k0, int64_t k1, uint8_t* panel,
-                         int64_t rows);
+// AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): one K-block's integer sums
+// acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and the final
+// epilogue of rows. (The codes decode they share is qgemm_decode_avx512.h.)
 void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
                         int64_t rows, int64_t i, const uint8_t* w, float* tile);
 void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
