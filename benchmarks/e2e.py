@@ -100,6 +100,8 @@ DEFAULT_SYSTEMS = ["lowbit", "lowbit-int8head", "llamacpp-tq2_0", "llamacpp-tq2_
                    "llamacpp-q4_0",
                    "llamacpp-f16", "eager-bf16", "inductor-bf16"]
 MODELS = ("1b", "2b4t", "demo", "tiny")
+# the systems every other one is compared with, round by round (when they ran)
+REFERENCES = ("eager-bf16", "llamacpp-tq2_0")
 
 PREFILL = 128
 DECODE_START = 8
@@ -571,6 +573,18 @@ def _summarize(args, systems, rows, workers, samples, probes, rounds_done) -> di
             row["weights_vs_round_probe"] = _stats(per_round)
     ok = [s for s in systems if rows[s].get("status") == "ok"]
     matches = {a: {b: _match(rows[a]["tokens"], rows[b]["tokens"]) for b in ok if b != a} for a in ok}
+    # The host's state moves both sides of a comparison (its AMX throughput halves between
+    # rounds on the Xeon seen so far): speedups as the median of each round's own ratio.
+    for s in ok:
+        ratios = {}
+        for ref in REFERENCES:
+            if ref == s or ref not in ok or len(samples[ref]["prefill_s"]) != len(samples[s]["prefill_s"]):
+                continue
+            ratios[ref] = {
+                "prefill": _stats([b / a for a, b in zip(samples[s]["prefill_s"], samples[ref]["prefill_s"])]),
+                "decode": _stats([b / a for a, b in zip(samples[s]["decode_s"], samples[ref]["decode_s"])])}
+        if ratios:
+            rows[s]["speedup_per_round"] = ratios
     return {
         "model": args.model, "seed": args.seed, "threads": args.threads, "cpu": _cpu_model(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": rounds_done,
@@ -606,6 +620,11 @@ def table(result: dict) -> str:
             + f" {r['load_s']:7.1f} {comp:>9s} {r.get('peak_rss', 0) / 2 ** 30:8.2f}G"
             + f" {r['streamed_bytes'] / 1e9:12.3f}G {r['weights_gbs']['median']:8.1f} {pct:>7s}"
             + f" {per_round:>22s}")
+    for r in result["systems"]:
+        for ref, sp in r.get("speedup_per_round", {}).items():
+            p, d = sp["prefill"], sp["decode"]
+            lines.append(f"{r['system']} / {ref}, median of per-round ratios: prefill {p['median']:.2f}x "
+                         f"[{p['min']:.2f}-{p['max']:.2f}], decode {d['median']:.2f}x [{d['min']:.2f}-{d['max']:.2f}]")
     isas = [f"{r['system']} {r['isa']}" for r in result["systems"] if r.get("isa")]
     if isas:
         lines.append("lowbit kernel ISA: " + ", ".join(isas))
