@@ -526,35 +526,77 @@ void tile_bits(const Desc& d, const Args& g) {
 
 }  // namespace
 
-// K-block i's exact integer sums acc[r][64] (sum_k x * u, u the stored codes) into the fp32
-// tile, with the arithmetic of mblock_int8's flush (so AMX and AVX-512 agree bit for bit).
-void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
-                        int64_t rows, int64_t i, const uint8_t* w, float* tile) {
-  const Format& f = d.f;
-  const int64_t cb = codes_bytes(f, d.kblock);
-  const float* scale = reinterpret_cast<const float*>(w + cb);
-  const int32_t* off = kblock_offsets(f, w, cb);
-  const bool per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
-  const __m512i coff = _mm512_set1_epi32(f.offset);
-  // K-block 0 writes the tile instead of adding to a zeroed one (the memset of every n-block's
-  // tile was ~5% of an AMX tile). x * s + 0 rounds as the FMA onto +0 did, -0 included.
-  const bool first = i == 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t ai = (m0 + r) * d.ld_aux + i;
+namespace {
+
+// Row `r` of K-block i's exact integer sums acc[r][64] (sum_k x * u, u the stored codes) as
+// the fp32 corrected sums and their scales, with the arithmetic of mblock_int8's flush (the
+// caller adds x * s to the row so far, or to +0 for K-block 0), so AMX and AVX-512 agree bit
+// for bit.
+struct BlockFlush {
+  const int32_t* off;
+  const float* scale;
+  __m512i coff;
+  bool per_block;
+  int a;
+
+  BlockFlush(const Desc& d, const uint8_t* w) {
+    const int64_t cb = codes_bytes(d.f, d.kblock);
+    scale = reinterpret_cast<const float*>(w + cb);
+    off = kblock_offsets(d.f, w, cb);
+    coff = _mm512_set1_epi32(d.f.offset);
+    per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
+    a = d.f.a;
+  }
+
+  LB_INLINE void row(const Args& g, const int32_t* acc_row, int64_t ai, __m512 x[4], __m512 s[4]) const {
     const __m512i rsum = _mm512_set1_epi32(g.a_sum[ai]);
     const __m512 ascale = _mm512_set1_ps(per_block ? 1.0f / g.a_scale[ai] : 1.0f);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      __m512i t = _mm512_load_si512(acc + r * NB + 16 * j);
-      if (f.a == 2) t = _mm512_slli_epi32(t, 1);
+      __m512i t = _mm512_load_si512(acc_row + 16 * j);
+      if (a == 2) t = _mm512_slli_epi32(t, 1);
       t = _mm512_sub_epi32(t, _mm512_mullo_epi32(off ? _mm512_loadu_si512(off + 16 * j) : coff, rsum));
-      __m512 sr = _mm512_loadu_ps(scale + 16 * j);
-      if (per_block) sr = _mm512_mul_ps(sr, ascale);
-      float* tr = tile + r * NB + 16 * j;
-      const __m512 v = _mm512_cvtepi32_ps(t);
-      _mm512_store_ps(tr, first ? _mm512_add_ps(_mm512_mul_ps(v, sr), _mm512_setzero_ps())
-                                : _mm512_fmadd_ps(v, sr, _mm512_load_ps(tr)));
+      s[j] = _mm512_loadu_ps(scale + 16 * j);
+      if (per_block) s[j] = _mm512_mul_ps(s[j], ascale);
+      x[j] = _mm512_cvtepi32_ps(t);
     }
+  }
+};
+
+}  // namespace
+
+// K-block i's sums acc[r][64] into the fp32 tile (BlockFlush::row).
+void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
+                        int64_t rows, int64_t i, const uint8_t* w, float* tile) {
+  const BlockFlush fl(d, w);
+  // K-block 0 writes the tile instead of adding to a zeroed one (the memset of every n-block's
+  // tile was ~5% of an AMX tile). x * s + 0 rounds as the FMA onto +0 did, -0 included.
+  const bool first = i == 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 x[4], s[4];
+    fl.row(g, acc + r * NB, (m0 + r) * d.ld_aux + i, x, s);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      float* tr = tile + r * NB + 16 * j;
+      _mm512_store_ps(tr, first ? _mm512_add_ps(_mm512_mul_ps(x[j], s[j]), _mm512_setzero_ps())
+                                : _mm512_fmadd_ps(x[j], s[j], _mm512_load_ps(tr)));
+    }
+  }
+}
+
+// A single K-block's sums straight to the output rows (flush_block_avx512, then
+// store_rows_avx512, without the fp32 tile between them).
+void flush_store_rows_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
+                             int64_t rows, const uint8_t* w, int64_t n0) {
+  const BlockFlush fl(d, w);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 x[4], s[4];
+    alignas(64) float row[NB];
+    fl.row(g, acc + r * NB, (m0 + r) * d.ld_aux, x, s);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      _mm512_store_ps(row + 16 * j, _mm512_add_ps(_mm512_mul_ps(x[j], s[j]), _mm512_setzero_ps()));
+    store_row(d, g, m0 + r, n0, fl.per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], row);
   }
 }
 
