@@ -1,28 +1,28 @@
 // AMX-INT8 low-bit tiles: int8 activations x packed 1/2/4/8-bit codes with TDPBSUD (signed
 // activation bytes x unsigned code bytes, 16 x 16 int32 per tile, 64 k per instruction).
 //
-// A pass takes up to 256 activation rows and copies them once into 64-column panels: each A
-// tile is then 1 KiB of consecutive rows (tiles loaded straight from rows `lda` apart ran
-// 25-35% slower in-process, with lda padded off 4 KiB multiples too: 16 pages per tile).
+// Activations: a call of up to kDirectMaxRows output rows (the compiled prefill's tasks) loads
+// its A tiles straight from the rows, `lda` apart; a wider call first copies each pass of up
+// to 256 rows into 64-column panels (an A tile is then 1 KiB of consecutive rows), which pays
+// off over many n-blocks (direct_rows). A tiles are loaded with TILELOADDT1: the activations
+// stream past without evicting the codes and the decode ring from L1.
 // Rows go 32 at a time against 32 output columns (half h of a 64-row n-block): 2 A tiles x
 // 2 B tiles -> 4 C tiles (tmm0-3 C, tmm4-5 A, tmm6-7 B), four loads per four TDPBSUD, and the
 // C tiles stay in their registers for a whole K-block.
 //
 // The B tiles are decoded just in time: while the TDPBSUDs of K step t run, the codes of step
 // t + kAhead are decoded (decode<BITS>, the AVX-512 tiles' own; the packer's VNNI4 order is
-// already a B tile's) into a small ring that stays in L1. Measured on the AMX Xeon (a 128 x
-// 4096 x 4096 ternary layer, one thread, against the adjacent tdpbsud burst): a tile whose two
-// operands both come from L2 runs at ~0.65 of the burst, one from L1 at ~0.9; decoding a
-// whole n-block's K into an L2 panel (decoded once, reused by every row pair) adds L2 write
-// traffic and ran at ~0.52, decoding 256-value chunks into L1 with the int32 sums spilled
-// between chunks (this file's earlier design) at ~0.42, this ring at ~0.59 although every
-// row pair decodes the codes again: decode work is cheap next to the tile unit, the memory
-// traffic is not.
+// already a B tile's) into a small ring that stays in L1, every row pair decoding the codes
+// again: decode work is cheap next to the tile unit, memory traffic is not. Measured outside
+// the runtime (benchmarks/amx_loops.py, a 128 x 4096 x 4096 ternary layer, one thread, against
+// the adjacent tdpbsud bursts): this ring 0.70, without the streaming hint 0.46, a decoded
+// panel of all of K in L2 0.49, 256-value chunks decoded into L1 with the int32 sums spilled
+// between chunks (this file's earlier design) 0.39; no decode at all 0.70.
 //
 // Tails: the last row pair configures its tiles with fewer rows; a K-block that is not a
-// multiple of 64 has its activation panels zero-padded and the ring rows past its end zero.
-// Each K-block ends with the AVX-512 path's own flush (offset correction, scales), so AMX and
-// AVX-512 results are bitwise equal.
+// multiple of 64 has zero ring rows past its end (and zero-padded panels, or whatever the
+// activation row holds there: times zero). Each K-block ends with the AVX-512 path's own
+// flush (offset correction, scales), so AMX and AVX-512 results are bitwise equal.
 #include <immintrin.h>
 #include <stdlib.h>
 
@@ -40,6 +40,7 @@ constexpr int64_t kMC = 256;               // most activation rows per pass over
 constexpr int64_t kPackBytes = 768 << 10;  // packed activations of a pass (L2-resident)
 constexpr int kRing = 8;                   // decoded K steps in the ring (2 B tiles each)
 constexpr int kAhead = 4;                  // steps decoded ahead of the tiles that read them
+constexpr int64_t kDirectMaxRows = 1024;   // output rows of a call that read A unpacked
 
 
 // Per-thread scratch, grown on demand and kept (compiled code calls tiles from its OpenMP
@@ -122,9 +123,10 @@ inline void decode_step(const uint8_t* codes, int64_t t, int64_t kblock, uint8_t
 
 // Rows mp .. mp + r0 + r1 of the pass x output rows 32 H .. 32 H + 31 over one K-block of
 // `steps` 64-value steps: the C tiles start at zero and end in acc (int32, NB per row). `a` is
-// the row pair's first A tile of step 0, step t's `t * astep` bytes further.
+// the row pair's first A tile of step 0 (rows `lda` bytes apart), step t's `t * astep` bytes
+// further.
 template <int BITS, int H>
-void row_pair(const int8_t* a, int64_t astep, int64_t steps, int r1, const uint8_t* codes,
+void row_pair(const int8_t* a, int64_t astep, int64_t lda, int64_t steps, int r1, const uint8_t* codes,
               int64_t kblock, uint8_t* ring, int32_t* acc) {
   // 8-bit codes are bytes already: full steps load their B tiles straight from the packed
   // weights (rows 256 bytes apart); only a K tail goes through the ring.
@@ -142,8 +144,8 @@ void row_pair(const int8_t* a, int64_t astep, int64_t steps, int r1, const uint8
     const int8_t* at = a + t * astep;
     // TILELOADDT1: the activations pass through without evicting the codes and the ring
     // from L1 (1.2-1.26x over plain loads in the standalone loop, K = 2048 and 4096)
-    _tile_stream_loadd(4, at, 64);
-    if (r1) _tile_stream_loadd(5, at + 16 * 64, 64);
+    _tile_stream_loadd(4, at, lda);
+    if (r1) _tile_stream_loadd(5, at + 16 * lda, lda);
     if (t < direct_steps) {
       const uint8_t* b = codes + t * 16 * kStepBytes<BITS> + 128 * H;
       _tile_loadd(6, b, kStepBytes<BITS>);
@@ -172,17 +174,30 @@ int64_t pass_rows(const Desc& d, const Args& g) {
   return std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
 }
 
+// Whether the A tiles are loaded straight from the activation rows (`lda` apart) instead of
+// from 64-column panels packed per call: measured (ternary, M = 128, same process) 1.07-1.29x
+// for calls of 256-1024 output rows, the compiled prefill's tasks, and 0.89-0.91x for 4096,
+// where one packing serves 64 n-blocks. A row's last step reads up to 63 bytes past its
+// K-block (multiplied by zero B rows), which must still be inside the row.
+bool direct_rows(const Desc& d, const Args& g) {
+  const int64_t nb = (d.kblock + 63) / 64;
+  return d.n <= kDirectMaxRows && (g.count - 1) * d.stride_a + nb * 64 <= d.lda;
+}
+
 template <int BITS>
 void tile_bits(const Desc& d, const Args& g, Scratch& s) {
   const int64_t kb = d.kblock;
   const int64_t nb = (kb + 63) / 64;  // 64-column panels (K steps) per K-block
-  const int64_t mc = pass_rows(d, g);
+  const bool direct = direct_rows(d, g);
+  const int64_t mc = direct ? kMC : pass_rows(d, g);  // rows per pass (acc, tile hold kMC)
+  const int64_t alda = direct ? d.lda : 64;           // bytes between an A tile's rows
   int cfg0 = -1, cfg1 = -1;
   // The last tile configuration on this thread is not ours to trust (another library may
   // have used AMX): configure at the first row pair of every call, release at the end.
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t mrows = std::min(mc, d.m - m0);
-    pack_rows(d, g, m0, mrows, nb, s.apack);
+    const int64_t astep = direct ? 64 : mrows * 64;  // bytes between an A tile's K steps
+    if (!direct) pack_rows(d, g, m0, mrows, nb, s.apack);
     for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
       const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
       for (int64_t i = 0; i < g.count; ++i) {
@@ -194,9 +209,10 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
             lowbit_amx::configure_2x2(r0, r1);
             cfg0 = r0, cfg1 = r1;
           }
-          const int8_t* a = s.apack + (i * nb * mrows + mp) * 64;
-          row_pair<BITS, 0>(a, mrows * 64, nb, r1, w, kb, s.ring, s.acc + mp * NB);
-          row_pair<BITS, 1>(a, mrows * 64, nb, r1, w, kb, s.ring, s.acc + mp * NB);
+          const int8_t* a = direct ? static_cast<const int8_t*>(g.a) + (m0 + mp) * d.lda + i * d.stride_a
+                                   : s.apack + (i * nb * mrows + mp) * 64;
+          row_pair<BITS, 0>(a, astep, alda, nb, r1, w, kb, s.ring, s.acc + mp * NB);
+          row_pair<BITS, 1>(a, astep, alda, nb, r1, w, kb, s.ring, s.acc + mp * NB);
           // one K-block: the row pair's sums go to the output while they are in L1
           if (g.count == 1) flush_store_rows_avx512(d, g, s.acc + mp * NB, m0 + mp, r0 + r1, w, n0);
         }
@@ -213,7 +229,7 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
 void tile_amx(const Desc& d, const Args& g) {
   static thread_local Scratch s;
   const int64_t panel_bytes = g.count * ((d.kblock + 63) / 64) * 64;  // per activation row
-  if (!s.reserve(size_t(std::min(pass_rows(d, g), d.m) * panel_bytes))) {  // no memory: AVX-512 needs none
+  if (!s.reserve(direct_rows(d, g) ? 0 : size_t(std::min(pass_rows(d, g), d.m) * panel_bytes))) {  // no memory: AVX-512 needs none
     tile_avx512(d, g);
     return;
   }

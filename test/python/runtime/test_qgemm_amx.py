@@ -13,7 +13,7 @@ import torch
 
 from lowbit.runtime import cpu_features, current_isa, qgemm, set_isa, supported_isas
 from isa_paths import use_isa
-from test_qgemm import FMTS, random_codes, random_zero
+from test_qgemm import FMTS, GuardedArena, random_codes, random_zero
 
 pytestmark = pytest.mark.skipif(
     "amx" not in supported_isas(),
@@ -161,3 +161,37 @@ def test_threads_and_other_amx_users_between_calls():
     finally:
         set_isa(before)
     assert not bad, bad
+
+
+@pytest.mark.parametrize("at_end", [True, False], ids=["guard_after", "guard_before"])
+def test_amx_tiles_stay_in_bounds(at_end):
+    """Every operand flush against an inaccessible page: the A tiles read straight from the
+    activation rows (calls of <= 1024 output rows whose last K step fits the row) and from
+    packed panels (wider calls, or K-blocks whose last step would run past the row) must not
+    read a byte outside them, nor the decode outside the codes, nor the epilogue outside C."""
+    arena = GuardedArena()
+    gen = torch.Generator().manual_seed(13)
+    for fmt in FMTS:
+        # (m, n, k, group): direct A, one K-block; packed (tail step past the row); direct A
+        # over 5 K-blocks of a padded row; packed (a call wider than 1024 output rows)
+        for m, n, k, group in [(8, 64, 128, None), (17, 130, 264, None), (33, 65, 520, 128),
+                               (40, 1100, 200, None)]:
+            q = random_codes(gen, fmt, n, k)
+            ngroups = -(-k // group) if group else 1
+            zero = random_zero(gen, fmt, n, ngroups)
+            scale = torch.rand(n, ngroups, generator=gen) + 0.1
+            pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
+                                   zero=zero if zero is None or group else zero[:, :1])
+            x = torch.randn(m, k, generator=gen)
+            xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
+            ref, isa_ref = run_tile("avx512", pw, xq, sx, rs, m)
+            packed, xq_g, sx_g, rs_g = (arena.place(t, at_end) for t in (pw.data, xq, sx, rs))
+            pw_g = qgemm.PackedWeight(packed, *[getattr(pw, f) for f in
+                                               ("fmt", "n", "k", "kblock", "kblock_bytes",
+                                                "nblock_bytes", "num_kblocks")])
+            with use_isa("amx"):
+                kern = qgemm.dispatch_for(pw_g, m)
+                y = arena.place(torch.full((m, n), float("nan")), at_end)
+                kern(xq_g, packed, y, count=pw.num_kblocks, a_scale=sx_g, a_sum=rs_g)
+            assert (kern.isa, isa_ref) == ("amx", "avx512")
+            assert torch.equal(y.view(torch.int32), ref.view(torch.int32)), (fmt, m, n, k)
