@@ -584,20 +584,18 @@ void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_
   }
 }
 
-// A single K-block's sums straight to the output rows (flush_block_avx512, then
+// Row `row` of a single K-block's sums straight to the output (flush_block_avx512, then
 // store_rows_avx512, without the fp32 tile between them).
-void flush_store_rows_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
-                             int64_t rows, const uint8_t* w, int64_t n0) {
+void flush_store_row_avx512(const Desc& d, const Args& g, const int32_t* acc_row, int64_t row,
+                            const uint8_t* w, int64_t n0) {
   const BlockFlush fl(d, w);
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512 x[4], s[4];
-    alignas(64) float row[NB];
-    fl.row(g, acc + r * NB, (m0 + r) * d.ld_aux, x, s);
+  __m512 x[4], s[4];
+  alignas(64) float out[NB];
+  fl.row(g, acc_row, row * d.ld_aux, x, s);
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)
-      _mm512_store_ps(row + 16 * j, _mm512_add_ps(_mm512_mul_ps(x[j], s[j]), _mm512_setzero_ps()));
-    store_row(d, g, m0 + r, n0, fl.per_block ? 1.0f : 1.0f / g.a_scale[m0 + r], row);
-  }
+  for (int j = 0; j < 4; ++j)
+    _mm512_store_ps(out + 16 * j, _mm512_add_ps(_mm512_mul_ps(x[j], s[j]), _mm512_setzero_ps()));
+  store_row(d, g, row, n0, fl.per_block ? 1.0f : 1.0f / g.a_scale[row], out);
 }
 
 void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,

@@ -120,9 +120,9 @@ void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_
                         int64_t rows, int64_t i, const uint8_t* w, float* tile);
 void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
                        const float* tile);
-// Both at once for a tile of one K-block (no fp32 tile between them).
-void flush_store_rows_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
-                             int64_t rows, const uint8_t* w, int64_t n0);
+// Both at once for one row of a tile of one K-block (no fp32 tile between them).
+void flush_store_row_avx512(const Desc& d, const Args& g, const int32_t* acc_row, int64_t row,
+                            const uint8_t* w, int64_t n0);
 
 // Per-ISA activation quantization rows (same contract as lowbit_qquant_act, validated).
 struct QuantArgs {
