@@ -535,7 +535,7 @@ namespace {
 struct BlockFlush {
   const int32_t* off;
   const float* scale;
-  __m512i coff;
+  int32_t offset;
   bool per_block;
   int a;
 
@@ -543,7 +543,7 @@ struct BlockFlush {
     const int64_t cb = codes_bytes(d.f, d.kblock);
     scale = reinterpret_cast<const float*>(w + cb);
     off = kblock_offsets(d.f, w, cb);
-    coff = _mm512_set1_epi32(d.f.offset);
+    offset = d.f.offset;
     per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
     a = d.f.a;
   }
@@ -551,11 +551,14 @@ struct BlockFlush {
   LB_INLINE void row(const Args& g, const int32_t* acc_row, int64_t ai, __m512 x[4], __m512 s[4]) const {
     const __m512i rsum = _mm512_set1_epi32(g.a_sum[ai]);
     const __m512 ascale = _mm512_set1_ps(per_block ? 1.0f / g.a_scale[ai] : 1.0f);
+    // a symmetric format's offset is one constant: its product with the row sum is one scalar
+    // multiply (wrapping like vpmulld's low half) instead of four
+    const __m512i csum = _mm512_set1_epi32(int32_t(uint32_t(offset) * uint32_t(g.a_sum[ai])));
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       __m512i t = _mm512_load_si512(acc_row + 16 * j);
       if (a == 2) t = _mm512_slli_epi32(t, 1);
-      t = _mm512_sub_epi32(t, _mm512_mullo_epi32(off ? _mm512_loadu_si512(off + 16 * j) : coff, rsum));
+      t = _mm512_sub_epi32(t, off ? _mm512_mullo_epi32(_mm512_loadu_si512(off + 16 * j), rsum) : csum);
       s[j] = _mm512_loadu_ps(scale + 16 * j);
       if (per_block) s[j] = _mm512_mul_ps(s[j], ascale);
       x[j] = _mm512_cvtepi32_ps(t);
