@@ -128,12 +128,12 @@ struct PendingRows {
   const Desc* d = nullptr;
   const Args* g = nullptr;
   const int32_t* acc = nullptr;  // row `next` of the block at acc + (next - row0) * NB
-  const uint8_t* w = nullptr;    // the n-block's K-block (its scales)
+  KBlockFlush flush{};            // the n-block's K-block's scales and offsets
   int64_t n0 = 0, row0 = 0, next = 0, end = 0;
 
   void flush_one() {
     if (next < end) {
-      flush_store_row_avx512(*d, *g, acc + (next - row0) * NB, next, w, n0);
+      flush_store_row_avx512(*d, *g, flush, acc + (next - row0) * NB, next, n0);
       ++next;
     }
   }
@@ -244,7 +244,7 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
           if (g.count == 1) {  // this row pair's rows go out during the next one's steps
             pending.drain();
             pending.acc = acc;
-            pending.w = w;
+            pending.flush = kblock_flush(d, w);
             pending.n0 = n0;
             pending.row0 = pending.next = m0 + mp;
             pending.end = m0 + mp + r0 + r1;

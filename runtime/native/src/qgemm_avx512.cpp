@@ -524,60 +524,40 @@ void tile_bits(const Desc& d, const Args& g) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // Row `r` of K-block i's exact integer sums acc[r][64] (sum_k x * u, u the stored codes) as
 // the fp32 corrected sums and their scales, with the arithmetic of mblock_int8's flush (the
 // caller adds x * s to the row so far, or to +0 for K-block 0), so AMX and AVX-512 agree bit
 // for bit.
-struct BlockFlush {
-  const int32_t* off;
-  const float* scale;
-  int32_t offset;
-  bool per_block;
-  int a;
-
-  BlockFlush(const Desc& d, const uint8_t* w) {
-    const int64_t cb = codes_bytes(d.f, d.kblock);
-    scale = reinterpret_cast<const float*>(w + cb);
-    off = kblock_offsets(d.f, w, cb);
-    offset = d.f.offset;
-    per_block = d.flags & LOWBIT_QF_ASCALE_PER_BLOCK;
-    a = d.f.a;
-  }
-
-  LB_INLINE void row(const Args& g, const int32_t* acc_row, int64_t ai, __m512 x[4], __m512 s[4]) const {
-    const __m512i rsum = _mm512_set1_epi32(g.a_sum[ai]);
-    const __m512 ascale = _mm512_set1_ps(per_block ? 1.0f / g.a_scale[ai] : 1.0f);
-    // a symmetric format's offset is one constant: its product with the row sum is one scalar
-    // multiply (wrapping like vpmulld's low half) instead of four
-    const __m512i csum = _mm512_set1_epi32(int32_t(uint32_t(offset) * uint32_t(g.a_sum[ai])));
+LB_INLINE void flush_row(const KBlockFlush& fl, const Args& g, const int32_t* acc_row, int64_t ai,
+                         __m512 x[4], __m512 s[4]) {
+  const __m512i rsum = _mm512_set1_epi32(g.a_sum[ai]);
+  const __m512 ascale = _mm512_set1_ps(fl.per_block ? 1.0f / g.a_scale[ai] : 1.0f);
+  // a symmetric format's offset is one constant: its product with the row sum is one scalar
+  // multiply (wrapping like vpmulld's low half) instead of four
+  const __m512i csum = _mm512_set1_epi32(int32_t(uint32_t(fl.offset) * uint32_t(g.a_sum[ai])));
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      __m512i t = _mm512_load_si512(acc_row + 16 * j);
-      if (a == 2) t = _mm512_slli_epi32(t, 1);
-      t = _mm512_sub_epi32(t, off ? _mm512_mullo_epi32(_mm512_loadu_si512(off + 16 * j), rsum) : csum);
-      s[j] = _mm512_loadu_ps(scale + 16 * j);
-      if (per_block) s[j] = _mm512_mul_ps(s[j], ascale);
-      x[j] = _mm512_cvtepi32_ps(t);
-    }
+  for (int j = 0; j < 4; ++j) {
+    __m512i t = _mm512_load_si512(acc_row + 16 * j);
+    if (fl.a == 2) t = _mm512_slli_epi32(t, 1);
+    t = _mm512_sub_epi32(t, fl.off ? _mm512_mullo_epi32(_mm512_loadu_si512(fl.off + 16 * j), rsum) : csum);
+    s[j] = _mm512_loadu_ps(fl.scale + 16 * j);
+    if (fl.per_block) s[j] = _mm512_mul_ps(s[j], ascale);
+    x[j] = _mm512_cvtepi32_ps(t);
   }
-};
+}
 
 }  // namespace
 
-// K-block i's sums acc[r][64] into the fp32 tile (BlockFlush::row).
+// K-block i's sums acc[r][64] into the fp32 tile (flush_row).
 void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
                         int64_t rows, int64_t i, const uint8_t* w, float* tile) {
-  const BlockFlush fl(d, w);
+  const KBlockFlush fl = kblock_flush(d, w);
   // K-block 0 writes the tile instead of adding to a zeroed one (the memset of every n-block's
   // tile was ~5% of an AMX tile). x * s + 0 rounds as the FMA onto +0 did, -0 included.
   const bool first = i == 0;
   for (int64_t r = 0; r < rows; ++r) {
     __m512 x[4], s[4];
-    fl.row(g, acc + r * NB, (m0 + r) * d.ld_aux + i, x, s);
+    flush_row(fl, g, acc + r * NB, (m0 + r) * d.ld_aux + i, x, s);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       float* tr = tile + r * NB + 16 * j;
@@ -589,12 +569,11 @@ void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_
 
 // Row `row` of a single K-block's sums straight to the output (flush_block_avx512, then
 // store_rows_avx512, without the fp32 tile between them).
-void flush_store_row_avx512(const Desc& d, const Args& g, const int32_t* acc_row, int64_t row,
-                            const uint8_t* w, int64_t n0) {
-  const BlockFlush fl(d, w);
+void flush_store_row_avx512(const Desc& d, const Args& g, const KBlockFlush& fl,
+                            const int32_t* acc_row, int64_t row, int64_t n0) {
   __m512 x[4], s[4];
   alignas(64) float out[NB];
-  fl.row(g, acc_row, row * d.ld_aux, x, s);
+  flush_row(fl, g, acc_row, row * d.ld_aux, x, s);
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j)
     _mm512_store_ps(out + 16 * j, _mm512_add_ps(_mm512_mul_ps(x[j], s[j]), _mm512_setzero_ps()));

@@ -120,9 +120,23 @@ void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_
                         int64_t rows, int64_t i, const uint8_t* w, float* tile);
 void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
                        const float* tile);
+// Where a K-block's flush constants are: its scales, its offsets (nullptr: the format's one
+// offset), computed once per K-block rather than per row.
+struct KBlockFlush {
+  const float* scale;
+  const int32_t* off;
+  int32_t offset;
+  int a;
+  bool per_block;
+};
+inline KBlockFlush kblock_flush(const Desc& d, const uint8_t* w) {
+  const int64_t cb = codes_bytes(d.f, d.kblock);
+  return {reinterpret_cast<const float*>(w + cb), kblock_offsets(d.f, w, cb), d.f.offset, d.f.a,
+          (d.flags & LOWBIT_QF_ASCALE_PER_BLOCK) != 0};
+}
 // Both at once for one row of a tile of one K-block (no fp32 tile between them).
-void flush_store_row_avx512(const Desc& d, const Args& g, const int32_t* acc_row, int64_t row,
-                            const uint8_t* w, int64_t n0);
+void flush_store_row_avx512(const Desc& d, const Args& g, const KBlockFlush& fl,
+                            const int32_t* acc_row, int64_t row, int64_t n0);
 
 // Per-ISA activation quantization rows (same contract as lowbit_qquant_act, validated).
 struct QuantArgs {
