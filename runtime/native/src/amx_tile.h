@@ -9,6 +9,7 @@
 #ifdef __AMX_TILE__
 #include <immintrin.h>
 
+#include <algorithm>
 #include <initializer_list>
 #endif
 
@@ -37,6 +38,22 @@ inline void configure_2x2(int r0, int r1) {
   for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
   _tile_loadconfig(&c);
 }
+
+// The tile rows of a row pair (16 + 16 rows, fewer at the end of a pass) with the tiles
+// configured for them: LDTILECFG only when they differ from the previous row pair's. The
+// first row pair of every call configures (the thread's last configuration is not ours to
+// trust: another library may have used AMX).
+struct RowPairTiles {
+  int r0 = 0, r1 = 0;  // rows of tmm0/1/4 and tmm2/3/5; 0: not configured yet
+  void set(int64_t rows_left) {
+    const int a = int(std::min<int64_t>(16, rows_left));
+    const int b = int(std::clamp<int64_t>(rows_left - 16, 0, 16));
+    if (a != r0 || b != r1) {
+      configure_2x2(a, b);
+      r0 = a, r1 = b;
+    }
+  }
+};
 
 // The C tiles of a row pair in a block of 4-byte sums (int32 or fp32), `ld` elements per row:
 // tmm1 16 columns right of tmm0, tmm2 and tmm3 16 rows below them (r1 = 0: tmm0, tmm1 only).

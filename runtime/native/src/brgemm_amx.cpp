@@ -209,7 +209,7 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
   }
   const int64_t panel = d.packed() ? NB : kPanelBlocks * NB;
   const int64_t k_full = d.k / 32 * 32;  // A columns tiles read in place
-  int cfg0 = -1, cfg1 = -1;
+  lowbit_amx::RowPairTiles tiles;  // configured at the first row pair, released at the end
   Steps st;
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t mrows = std::min(mc, d.m - m0);
@@ -236,14 +236,7 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
             }
             float* acc = s.acc + j * mrows * NB;
             for (int64_t mp = 0; mp < mrows; mp += 32) {
-              const int r0 = int(std::min<int64_t>(16, mrows - mp));
-              const int r1 = int(std::clamp<int64_t>(mrows - mp - 16, 0, 16));
-              // The last tile configuration on this thread is not ours to trust (another
-              // library may have used AMX): configured at the first row pair of every call.
-              if (r0 != cfg0 || r1 != cfg1) {
-                lowbit_amx::configure_2x2(r0, r1);
-                cfg0 = r0, cfg1 = r1;
-              }
+              tiles.set(mrows - mp);
               for (int t = 0; t < steps; ++t) {
                 const int64_t kk = k0 + 32 * t;
                 if (kk < k_full) {
@@ -254,7 +247,7 @@ void brgemm_amx_bf16(const Desc& d, const void* a_base, const void* b_base, void
                   st.a_stride[t] = 64;
                 }
               }
-              row_pair(st, r1, first, acc + mp * NB);
+              row_pair(st, tiles.r1, first, acc + mp * NB);
             }
           }
         }

@@ -190,10 +190,14 @@ void row_pair(const int8_t* a, int64_t astep, int64_t lda, int64_t steps, int r1
   lowbit_amx::store_c_2x2(acc + 32 * H, NB, r1);
 }
 
+// Bytes of 64-column panels per activation row (every K-block's columns, zero-padded).
+int64_t panel_row_bytes(const Desc& d, const Args& g) {
+  return g.count * ((d.kblock + 63) / 64) * 64;
+}
+
 // Activation rows per pass: as many as kPackBytes of panels hold, a multiple of 32.
 int64_t pass_rows(const Desc& d, const Args& g) {
-  const int64_t per_row = g.count * ((d.kblock + 63) / 64) * 64;
-  return std::clamp<int64_t>(kPackBytes / per_row / 32 * 32, 32, kMC);
+  return std::clamp<int64_t>(kPackBytes / panel_row_bytes(d, g) / 32 * 32, 32, kMC);
 }
 
 // Whether the A tiles are loaded straight from the activation rows (`lda` apart) instead of
@@ -213,13 +217,11 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
   const bool direct = direct_rows(d, g);
   const int64_t mc = direct ? kMC : pass_rows(d, g);  // rows per pass (acc, tile hold kMC)
   const int64_t alda = direct ? d.lda : 64;           // bytes between an A tile's rows
-  int cfg0 = -1, cfg1 = -1;
+  lowbit_amx::RowPairTiles tiles;  // configured at the first row pair, released at the end
   PendingRows pending;
   int64_t pair = 0;  // row pairs so far (their acc slot, with a single K-block)
   pending.d = &d;
   pending.g = &g;
-  // The last tile configuration on this thread is not ours to trust (another library may
-  // have used AMX): configure at the first row pair of every call, release at the end.
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t mrows = std::min(mc, d.m - m0);
     const int64_t astep = direct ? 64 : mrows * 64;  // bytes between an A tile's K steps
@@ -229,25 +231,20 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
       for (int64_t i = 0; i < g.count; ++i) {
         const uint8_t* w = nblock + i * d.stride_b;
         for (int64_t mp = 0; mp < mrows; mp += 32) {
-          const int r0 = int(std::min<int64_t>(16, mrows - mp));
-          const int r1 = int(std::clamp<int64_t>(mrows - mp - 16, 0, 16));
-          if (r0 != cfg0 || r1 != cfg1) {
-            lowbit_amx::configure_2x2(r0, r1);
-            cfg0 = r0, cfg1 = r1;
-          }
+          tiles.set(mrows - mp);
           const int8_t* a = direct ? static_cast<const int8_t*>(g.a) + (m0 + mp) * d.lda + i * d.stride_a
                                    : s.apack + (i * nb * mrows + mp) * 64;
           // one K-block: two row-pair slots of acc alternate (one is being flushed)
           int32_t* acc = g.count == 1 ? s.acc + (pair++ & 1) * 32 * NB : s.acc + mp * NB;
-          row_pair<BITS, 0>(a, astep, alda, nb, r1, w, kb, s.ring, acc, pending);
-          row_pair<BITS, 1>(a, astep, alda, nb, r1, w, kb, s.ring, acc, pending);
+          row_pair<BITS, 0>(a, astep, alda, nb, tiles.r1, w, kb, s.ring, acc, pending);
+          row_pair<BITS, 1>(a, astep, alda, nb, tiles.r1, w, kb, s.ring, acc, pending);
           if (g.count == 1) {  // this row pair's rows go out during the next one's steps
             pending.drain();
             pending.acc = acc;
             pending.flush = kblock_flush(d, w);
             pending.n0 = n0;
             pending.row0 = pending.next = m0 + mp;
-            pending.end = m0 + mp + r0 + r1;
+            pending.end = m0 + mp + tiles.r0 + tiles.r1;
           }
         }
         if (g.count > 1) flush_block_avx512(d, g, s.acc, m0, mrows, i, w, s.tile);
@@ -263,8 +260,8 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
 
 void tile_amx(const Desc& d, const Args& g) {
   static thread_local Scratch s;
-  const int64_t panel_bytes = g.count * ((d.kblock + 63) / 64) * 64;  // per activation row
-  if (!s.reserve(direct_rows(d, g) ? 0 : size_t(std::min(pass_rows(d, g), d.m) * panel_bytes))) {  // no memory: AVX-512 needs none
+  const size_t panels = direct_rows(d, g) ? 0 : size_t(std::min(pass_rows(d, g), d.m) * panel_row_bytes(d, g));
+  if (!s.reserve(panels)) {  // no memory: AVX-512 needs none
     tile_avx512(d, g);
     return;
   }

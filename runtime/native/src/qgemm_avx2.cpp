@@ -18,10 +18,6 @@ namespace q {
 
 namespace {
 
-template <int BITS>
-constexpr int kStepBytes = BITS == 1 ? 64 : BITS == 2 ? 64 : BITS == 4 ? 128 : 256;
-template <int BITS>
-constexpr int kSubSteps = BITS == 1 ? 2 : 1;
 
 // Operand vector j of 4-k sub-step h, for output-row half `half` of the n-block.
 template <int BITS>

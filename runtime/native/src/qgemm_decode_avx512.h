@@ -12,11 +12,6 @@ namespace lowbit {
 namespace q {
 namespace {
 
-template <int BITS>
-constexpr int kStepBytes = BITS == 1 ? 64 : BITS == 2 ? 64 : BITS == 4 ? 128 : 256;
-template <int BITS>
-constexpr int kSubSteps = BITS == 1 ? 2 : 1;  // 4-k sub-steps per packed step
-
 // Decode the 4 VNNI4 u8 operand vectors of 4-k sub-step `h` from a packed step.
 template <int BITS>
 LB_INLINE void decode(const uint8_t* p, int h, __m512i v[4]) {

@@ -15,6 +15,13 @@ namespace q {
 
 constexpr int NB = LOWBIT_QGEMM_NB;
 
+// Compile-time packed-step sizes per storage width (Format::step_bytes, for tiles templated on
+// the bits): bytes per packed step of an n-block, and 4-k sub-steps per packed step.
+template <int BITS>
+constexpr int kStepBytes = BITS == 1 ? 64 : BITS == 2 ? 64 : BITS == 4 ? 128 : 256;
+template <int BITS>
+constexpr int kSubSteps = BITS == 1 ? 2 : 1;
+
 // Static properties of a weight format. A stored code u relates to the integer code q by
 // q = a*u - offset; the decoded kernel operand is the unsigned byte u.
 struct Format {
