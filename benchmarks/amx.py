@@ -21,7 +21,6 @@ tiles against AVX-512 and torch.matmul: benchmarks/amx_dense.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import peaks as peaks_mod  # noqa: E402
 from microkernels import native, random_weight  # noqa: E402
 from peaks import summarize  # noqa: E402
 
-from lowbit.runtime import brgemm, cpu_features, qgemm, set_isa, supported_isas  # noqa: E402
+from lowbit.runtime import brgemm, qgemm, set_isa  # noqa: E402
 
 FORMATS = ["ternary", "int2_asym", "int1", "int4_sym", "int8"]
 
@@ -104,8 +103,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "amx.json"))
     args = ap.parse_args()
     cpu = peaks_mod.cpu_description()
-    if "amx" not in supported_isas():
-        why = "lacks AMX-INT8" if "amx_int8" not in cpu_features() else "has AMX but Linux refused the tile state"
+    why = peaks_mod.amx_missing("amx_int8")
+    if why:
         print(f"# {cpu.get('model', 'this CPU')} {why}: no AMX tiles to measure")
         return
     torch.set_num_threads(1)
@@ -177,10 +176,7 @@ def main() -> None:
               "peaks_gmacs": {k: summarize([x / 1e9 for x in v]) for k, v in peak.items()},
               "amx_min_rows": qgemm.amx_min_rows(), "amx_min_kblock": qgemm.amx_min_kblock(),
               "cases": out_cases}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    peaks_mod.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ issues; and a compiled bf16 MLP (lowbit's compile_function, wall clock) against 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import peaks as peaks_mod  # noqa: E402
 from peaks import summarize  # noqa: E402
 
 from lowbit.runtime import brgemm as bg  # noqa: E402
-from lowbit.runtime import cpu_features, current_isa, set_isa, supported_isas  # noqa: E402
+from lowbit.runtime import current_isa, set_isa  # noqa: E402
 
 TARGET_MACS = 1.0e9  # per measurement on the fast paths (a few ms)
 
@@ -154,8 +153,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "amx_dense.json"))
     args = ap.parse_args()
     cpu = peaks_mod.cpu_description()
-    if "amx" not in supported_isas() or "amx_bf16" not in cpu_features():
-        why = "lacks AMX-BF16" if "amx_bf16" not in cpu_features() else "has AMX but Linux refused the tile state"
+    why = peaks_mod.amx_missing("amx_bf16")
+    if why:
         print(f"# {cpu.get('model', 'this CPU')} {why}: no AMX tiles to measure")
         return
     torch.set_num_threads(1)
@@ -226,10 +225,7 @@ def main() -> None:
               "timing": "thread CPU time, 1 thread (torch.set_num_threads(1))",
               "peaks_gmacs": {k: summarize([x / 1e9 for x in v]) for k, v in peak.items()},
               "amx_min_rows": bg.amx_min_rows(), "amx_min_k": bg.amx_min_k(), "cases": out_cases}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    peaks_mod.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,13 @@ void store_c(int32_t* c) {
   _tile_stored(2, c + 16 * 64, 256);
   _tile_stored(3, c + 16 * 64 + 16, 256);
 }
+// A row pair's two A tiles (1 KiB apart) and the two B tiles at b0, b1 (64-byte rows).
+inline void load_operands(const int8_t* a, const uint8_t* b0, const uint8_t* b1) {
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a + 1024, 64);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+}
 inline void dp4() {
   _tile_dpbsud(0, 4, 6);
   _tile_dpbsud(1, 4, 7);
@@ -110,11 +117,8 @@ __attribute__((noinline)) void chunked() {
           int32_t* c = acc + mp * 64 + 32 * h;
           if (k0 == 0) zero_c(); else load_c(c);
           for (int kk = 0; kk < kc; kk += 64) {
-            const int8_t* a = apanels + ((int64_t)(k0 + kk) / 64 * M + mp) * 64;
-            _tile_loadd(4, a, 64);
-            _tile_loadd(5, a + 1024, 64);
-            _tile_loadd(6, scratch + (2 * h * rows + kk / 4) * 64, 64);
-            _tile_loadd(7, scratch + ((2 * h + 1) * rows + kk / 4) * 64, 64);
+            load_operands(apanels + ((int64_t)(k0 + kk) / 64 * M + mp) * 64,
+                          scratch + (2 * h * rows + kk / 4) * 64, scratch + ((2 * h + 1) * rows + kk / 4) * 64);
             dp4();
           }
           store_c(c);
@@ -139,11 +143,8 @@ __attribute__((noinline)) void l2_panel() {
       for (int h = 0; h < 2; ++h) {
         zero_c();
         for (int kk = 0; kk < K; kk += 64) {
-          const int8_t* a = apanels + ((int64_t)kk / 64 * M + mp) * 64;
-          _tile_loadd(4, a, 64);
-          _tile_loadd(5, a + 1024, 64);
-          _tile_loadd(6, cur + (2 * h * rows + kk / 4) * 64, 64);
-          _tile_loadd(7, cur + ((2 * h + 1) * rows + kk / 4) * 64, 64);
+          load_operands(apanels + ((int64_t)kk / 64 * M + mp) * 64, cur + (2 * h * rows + kk / 4) * 64,
+                        cur + ((2 * h + 1) * rows + kk / 4) * 64);
           _tile_dpbsud(0, 4, 6);
           _tile_dpbsud(1, 4, 7);
           for (int u = 0; u < 2 && more && s < rows; ++u, ++s)
@@ -208,11 +209,8 @@ __attribute__((noinline)) void no_decode() {
       for (int h = 0; h < 2; ++h) {
         zero_c();
         for (int kk = 0; kk < K; kk += 64) {
-          const int8_t* a = apanels + ((int64_t)kk / 64 * M + mp) * 64;
-          _tile_loadd(4, a, 64);
-          _tile_loadd(5, a + 1024, 64);
-          _tile_loadd(6, scratch + (2 * h * rows + kk / 4) * 64, 64);
-          _tile_loadd(7, scratch + ((2 * h + 1) * rows + kk / 4) * 64, 64);
+          load_operands(apanels + ((int64_t)kk / 64 * M + mp) * 64, scratch + (2 * h * rows + kk / 4) * 64,
+                        scratch + ((2 * h + 1) * rows + kk / 4) * 64);
           dp4();
         }
         store_c(acc + mp * 64 + 32 * h);

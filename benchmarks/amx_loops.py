@@ -22,7 +22,6 @@ halves and recovers within seconds on the Xeon seen, and that moves both), and G
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peaks as peaks_mod  # noqa: E402
 from peaks import summarize  # noqa: E402
 
-from lowbit.runtime import cpu_features, supported_isas  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-int8"]
@@ -72,8 +70,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "amx_loops.json"))
     args = ap.parse_args()
     cpu = peaks_mod.cpu_description()
-    if "amx" not in supported_isas():
-        why = "lacks AMX-INT8" if "amx_int8" not in cpu_features() else "has AMX but Linux refused the tile state"
+    why = peaks_mod.amx_missing("amx_int8")
+    if why:
         print(f"# {cpu.get('model', 'this CPU')} {why}: no AMX loops to measure")
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,10 +92,8 @@ def main() -> None:
                   + f"{g['median']:8.0f} [{g['min']:.0f}..{g['max']:.0f}]")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "reps": args.reps,
               "timing": "thread CPU time, 1 thread", "flags": FLAGS, "shapes": shapes}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    print()
+    peaks_mod.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import statistics
@@ -455,10 +454,8 @@ def main() -> None:
               "tiles": tiles, "prefill_tiles": prefill, "prefill_tiles_2_threads": prefill2,
               "weight_only_tiles": wo, "layers": layers,
               "wall_clock_median_min_s": wall_stats}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    print()
+    peaks_mod.write_json(args.out, result)
 
 
 if __name__ == "__main__":

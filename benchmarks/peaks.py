@@ -139,6 +139,25 @@ class Peaks:
         return nbytes / (ns * 1e-9)
 
 
+def amx_missing(flag: str = "amx_int8") -> str | None:
+    """Why this process cannot run AMX tiles needing `flag` (amx_int8, amx_bf16), or None."""
+    from lowbit.runtime import supported_isas
+    if flag not in cpu_features():
+        return f"lacks {flag.upper().replace('_', '-')}"
+    if "amx" not in supported_isas():
+        return "has AMX but Linux refused the tile state"
+    return None
+
+
+def write_json(out: str | Path, result: dict) -> Path:
+    """A benchmark's result file (parents created), reported on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
