@@ -6,6 +6,7 @@ CPU with AMX-INT8 that Linux lets this process use; skipped elsewhere with the r
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -31,6 +32,18 @@ def run_tile(isa, pw, xq, sx, rs, m, *, c_dtype=torch.float32, bias=None, beta=F
     return y, kern.isa
 
 
+def random_packed(gen, fmt, n, k, group, scale_floor):
+    """Random codes, zero points (formats that have them) and scales (per group, or per row
+    when `group` is None), packed: (q, scale, zero, pw)."""
+    q = random_codes(gen, fmt, n, k)
+    ngroups = -(-k // group) if group else 1
+    zero = random_zero(gen, fmt, n, ngroups)
+    scale = torch.rand(n, ngroups, generator=gen) + scale_floor
+    pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
+                           zero=zero if zero is None or group else zero[:, :1])
+    return q, scale, zero, pw
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m,n,k,group", [
     (16, 64, 64, None),     # one full tile row block, one 64-k step
@@ -44,12 +57,7 @@ def test_amx_equals_avx512_bitwise(fmt, m, n, k, group):
     if fmt == "int1" and k % 8:
         k += 8 - k % 8
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
-    q = random_codes(gen, fmt, n, k)
-    ngroups = -(-k // group) if group else 1
-    zero = random_zero(gen, fmt, n, ngroups)
-    scale = torch.rand(n, ngroups, generator=gen) + 0.05
-    pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
-                           zero=zero if zero is None or group else zero[:, :1])
+    q, scale, zero, pw = random_packed(gen, fmt, n, k, group, 0.05)
     x = torch.randn(m, k, generator=gen) * 3
     bias = torch.randn(n, generator=gen)
     for per_block in ((False, True) if group is None else (False,)):
@@ -176,19 +184,12 @@ def test_amx_tiles_stay_in_bounds(at_end):
         # over 5 K-blocks of a padded row; packed (a call wider than 1024 output rows)
         for m, n, k, group in [(8, 64, 128, None), (17, 130, 264, None), (33, 65, 520, 128),
                                (40, 1100, 200, None)]:
-            q = random_codes(gen, fmt, n, k)
-            ngroups = -(-k // group) if group else 1
-            zero = random_zero(gen, fmt, n, ngroups)
-            scale = torch.rand(n, ngroups, generator=gen) + 0.1
-            pw = qgemm.pack_weight(q, scale if group else scale[:, 0], fmt, group=group,
-                                   zero=zero if zero is None or group else zero[:, :1])
+            pw = random_packed(gen, fmt, n, k, group, 0.1)[3]
             x = torch.randn(m, k, generator=gen)
             xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
             ref, isa_ref = run_tile("avx512", pw, xq, sx, rs, m)
             packed, xq_g, sx_g, rs_g = (arena.place(t, at_end) for t in (pw.data, xq, sx, rs))
-            pw_g = qgemm.PackedWeight(packed, *[getattr(pw, f) for f in
-                                               ("fmt", "n", "k", "kblock", "kblock_bytes",
-                                                "nblock_bytes", "num_kblocks")])
+            pw_g = dataclasses.replace(pw, data=packed)
             with use_isa("amx"):
                 kern = qgemm.dispatch_for(pw_g, m)
                 y = arena.place(torch.full((m, n), float("nan")), at_end)
