@@ -104,6 +104,8 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qgemm_amx_min_rows": (_I64, [_I64]),
         "lowbit_qgemm_amx_invocations": (_I64, []),
         "lowbit_qgemm_amx_min_kblock": (_I64, [_I64]),
+        "lowbit_qgemm_panel_min_rows": (_I64, [_I64]),
+        "lowbit_qgemm_panel_invocations": (_I64, []),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
         "lowbit_qbench_dispatch": (_I64, [_I32, _P, _I64, _I64, _P]),
@@ -430,6 +432,21 @@ def amx_min_kblock(kblock: int | None = None) -> int:
     """The shortest K-block (scale group) for which an int8 tile runs on AMX (with the `amx`
     ISA). With `kblock`, sets it for later dispatches and returns the previous value."""
     return _amx_threshold("amx_min_kblock", kblock)
+
+
+def panel_min_rows(rows: int | None = None) -> int:
+    """The fewest activation rows for which an AVX-512 tile of int8 activations x 1-/2-bit codes
+    decodes the codes once per pass into an L1 panel (the same results, bit for bit, as the
+    register tiles, which decode them again for every 6 rows). With `rows`, sets it for later
+    dispatches and returns the previous value."""
+    if rows is not None and int(rows) < 1:
+        raise ValueError(f"panel_min_rows must be >= 1, got {rows}")
+    return int(_lib().lowbit_qgemm_panel_min_rows(0 if rows is None else int(rows)))
+
+
+def panel_invocations() -> int:
+    """Panel tile invocations in this process so far (did a call take the panel path?)."""
+    return int(_lib().lowbit_qgemm_panel_invocations())
 
 
 def amx_invocations() -> int:

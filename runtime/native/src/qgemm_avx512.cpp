@@ -588,6 +588,7 @@ void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, i
 }
 
 void tile_avx512(const Desc& d, const Args& g) {
+  if (d.panel && tile_panel_avx512(d, g)) return;
   switch (d.f.bits) {
     case 1: tile_bits<1>(d, g); break;
     case 2: tile_bits<2>(d, g); break;

@@ -17,7 +17,7 @@ namespace {
 constexpr int64_t kMaxInt8KBlock = 65536;
 
 // Everything a tile depends on; equal keys get equal handles.
-constexpr int kKeyWords = 14;
+constexpr int kKeyWords = 15;
 struct Entry {
   int64_t key[kKeyWords];
   Desc desc;
@@ -45,6 +45,14 @@ std::atomic<int64_t> g_amx_min_rows{8};
 std::atomic<int64_t> g_amx_min_kblock{64};
 std::atomic<int64_t> g_amx_invocations{0};  // lowbit_qgemm_amx_invocations
 
+// The panel rule (docs/kernels.md "ISA selection"): AVX-512 tiles of int8 activations x 1-/2-bit
+// codes with at least this many rows decode each n-block's codes once per pass into an L1 panel
+// (qgemm_panel_avx512.cpp). Measured on a two-port Intel Xeon, one thread, M = 128: 1.1-1.3x
+// the register tiles (80-93% of the vpdpbusd peak); M = 8-16 1.2x, M = 6 1.1x; 4-/8-bit codes
+// 0.8-0.96x (their decode is one AND or none: nothing to save), so they never take it.
+std::atomic<int64_t> g_panel_min_rows{8};
+std::atomic<int64_t> g_panel_invocations{0};  // lowbit_qgemm_panel_invocations
+
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
 
 }  // namespace
@@ -62,8 +70,16 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
       (atype != LOWBIT_QT_INT8 || m < g_amx_min_rows.load(std::memory_order_relaxed) ||
        kblock < g_amx_min_kblock.load(std::memory_order_relaxed)))
     isa = LOWBIT_ISA_AVX512;
+  int bits = 0;
+  switch (wfmt) {
+    case LOWBIT_QW_TERNARY: case LOWBIT_QW_INT2_SYM: case LOWBIT_QW_INT2_ASYM: bits = 2; break;
+    case LOWBIT_QW_INT1: bits = 1; break;
+    default: break;
+  }
+  const bool panel = isa == LOWBIT_ISA_AVX512 && atype == LOWBIT_QT_INT8 && bits != 0 &&
+                     m >= g_panel_min_rows.load(std::memory_order_relaxed);
   const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
-                                  ldc, stride_a, stride_b, ld_aux, flags, isa};
+                                  ldc, stride_a, stride_b, ld_aux, flags, isa, panel};
   // A repeated description (the common case: compiled code dispatches per call) is one
   // lock-free hash probe; only invalid descriptions are never in the table.
   if (const int64_t h = g_table.find(key)) return h;
@@ -92,6 +108,7 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
   d.ctype = ctype;
   d.flags = flags;
   d.isa = isa;
+  d.panel = panel;
   d.m = m;
   d.n = n;
   d.kblock = kblock;
@@ -130,6 +147,7 @@ int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const 
   args.bias = bias ? bias + bias_off : nullptr;
   args.count = count;
   if (d.isa == LOWBIT_ISA_AMX) g_amx_invocations.fetch_add(1, std::memory_order_relaxed);
+  if (d.panel) g_panel_invocations.fetch_add(1, std::memory_order_relaxed);
   tile_for(d.isa)(d, args);
   return 0;
 }
@@ -140,6 +158,15 @@ int64_t lowbit_qgemm_amx_min_rows(int64_t rows) {
 }
 
 int64_t lowbit_qgemm_amx_invocations(void) { return g_amx_invocations.load(std::memory_order_relaxed); }
+
+int64_t lowbit_qgemm_panel_min_rows(int64_t rows) {
+  if (rows > 0) return g_panel_min_rows.exchange(rows);
+  return g_panel_min_rows.load();
+}
+
+int64_t lowbit_qgemm_panel_invocations(void) {
+  return g_panel_invocations.load(std::memory_order_relaxed);
+}
 
 int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock) {
   if (kblock > 0) return g_amx_min_kblock.exchange(kblock);

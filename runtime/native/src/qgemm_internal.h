@@ -96,6 +96,7 @@ inline void code_position(int bits, int64_t n_local, int64_t k_local, int64_t* b
 // A dispatched tile (immutable once published in the kernel table).
 struct Desc {
   int32_t wfmt, atype, ctype, flags, isa;
+  bool panel;  // AVX-512: the decoded-panel tiles (tile_panel_avx512)
   int64_t m, n, kblock, lda, ldb, ldc, stride_a, stride_b, ld_aux;
   Format f;
 };
@@ -119,6 +120,10 @@ void tile_scalar(const Desc& d, const Args& args);
 void tile_avx2(const Desc& d, const Args& args);
 void tile_avx512(const Desc& d, const Args& args);
 void tile_amx(const Desc& d, const Args& args);
+// The AVX-512 tiles of many int8 rows x 1-/2-bit codes over a decoded panel
+// (qgemm_panel_avx512.cpp), for descriptions dispatched with `panel`. False: no memory for its
+// scratch (nothing was written; the register tiles run instead).
+bool tile_panel_avx512(const Desc& d, const Args& args);
 
 // AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): one K-block's integer sums
 // acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and the final

@@ -157,6 +157,14 @@ LOWBIT_API int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock);
  * code reach the AMX path?). */
 LOWBIT_API int64_t lowbit_qgemm_amx_invocations(void);
 
+/* AVX-512 tiles of int8 activations x 1-/2-bit codes with at least this many rows (default 8)
+ * decode the codes once per pass into an L1 panel instead of once per 6 rows (same results, bit
+ * for bit). Sets the threshold of later dispatches when rows > 0 and returns the previous
+ * value; rows <= 0 only returns it. Handles dispatched before keep their path. */
+LOWBIT_API int64_t lowbit_qgemm_panel_min_rows(int64_t rows);
+/* Number of invocations of panel tiles in this process so far. */
+LOWBIT_API int64_t lowbit_qgemm_panel_invocations(void);
+
 /* Whole layer, single-threaded on the calling thread: y[m][n] = x[m][k] @ W^T (+ bias).
  * mode LOWBIT_QT_INT8: quantize x per token to int8 (lowbit_qquant_act) and run the int8
  * kernels; mode LOWBIT_QT_F32: weight-only (fp32 accumulation of x against W).
