@@ -8,9 +8,9 @@
 // codes of kKC k values of one n-block are decoded once per pass of up to kMC rows into a
 // panel of u8 vectors that stays in L1 (decode<BITS>, the order vpdpbusd reads), and every 6
 // rows then run 24 vpdpbusd per 4 loads and 6 broadcasts: the vector ports do nothing else
-// (80-93% of the peak at M = 128). The pass's activations are first copied chunk by chunk
-// (pack_rows), its int32 sums are spilled between panels, and every K-block ends with the
-// AVX-512 tiles' own flush, so the results equal theirs bit for bit.
+// (87-93% of the peak at M = 128). The activations are read in place (a copy of each pass's
+// rows measured no faster), the pass's int32 sums are spilled between panels, and every
+// K-block ends with the AVX-512 tiles' own flush, so the results equal theirs bit for bit.
 #include <immintrin.h>
 
 #include <stdlib.h>
@@ -27,8 +27,7 @@ namespace {
 
 constexpr int64_t kKC = 256;             // k values per panel: 64 sub-steps x 256 B = 16 KiB
 constexpr int64_t kSubs = kKC / 4;       // 4-k sub-steps per panel
-constexpr int64_t kMC = 120;             // most rows per pass (multiple of 6)
-constexpr int64_t kPackBytes = 512 << 10;  // packed activations of a pass (L2-resident)
+constexpr int64_t kMC = 192;             // most rows per pass (multiple of 6)
 
 // Sub-steps [s0, s0 + nsub) of a K-block's codes as u8 vectors: sub-step t's vector j at
 // panel + 256 t + 64 j.
@@ -117,59 +116,23 @@ LB_INLINE void panel_rows(const uint8_t* panel, int64_t nsub, const int8_t* x, i
 #undef LB_ACC_REGS
 
 // Per-thread scratch (compiled code calls tiles from its OpenMP workers over and over): the
-// panel, a pass's int32 sums and fp32 tile, and its packed activations (grown on demand).
+// panel, and a pass's int32 sums and fp32 tile.
 struct Scratch {
-  uint8_t* panel = nullptr;  // kSubs x 4 vectors
-  int32_t* acc = nullptr;    // [kMC][64]
-  float* tile = nullptr;     // [kMC][64]
-  int8_t* apack = nullptr;
-  size_t apack_bytes = 0;
-  Scratch() {
-    panel = static_cast<uint8_t*>(aligned_alloc(64, kSubs * 256));
-    acc = static_cast<int32_t*>(aligned_alloc(64, kMC * NB * 4));
-    tile = static_cast<float*>(aligned_alloc(64, kMC * NB * 4));
-  }
+  uint8_t* panel = static_cast<uint8_t*>(aligned_alloc(64, kSubs * 256));
+  int32_t* acc = static_cast<int32_t*>(aligned_alloc(64, kMC * NB * 4));
+  float* tile = static_cast<float*>(aligned_alloc(64, kMC * NB * 4));
   ~Scratch() {
     free(panel);
     free(acc);
     free(tile);
-    free(apack);
   }
-  bool reserve(size_t bytes) {
-    if (!panel || !acc || !tile) return false;
-    if (bytes <= apack_bytes) return true;
-    free(apack);
-    apack = static_cast<int8_t*>(aligned_alloc(64, (bytes + 63) / 64 * 64));
-    apack_bytes = apack ? bytes : 0;
-    return apack != nullptr;
-  }
+  bool ok() const { return panel && acc && tile; }
 };
 
-// Panels per K-block.
-int64_t chunk_count(const Desc& d) { return (d.kblock / 4 + kSubs - 1) / kSubs; }
-
-// Rows per pass: the passes share the rows evenly, in multiples of 6, and a pass's packed
-// activations stay within kPackBytes (they are read again for every n-block).
-int64_t pass_rows(const Desc& d, const Args& g) {
-  const int64_t kpad = g.count * chunk_count(d) * kKC;
-  const int64_t most = std::clamp<int64_t>(kPackBytes / kpad / 6 * 6, 6, kMC);
-  const int64_t passes = (d.m + most - 1) / most;
-  return std::min(most, ((d.m + passes - 1) / passes + 5) / 6 * 6);
-}
-
-// Rows [m0, m0 + rows) as panel-sized chunks: K-block i's values [kKC c, kKC c + kKC) of row r
-// at apack + ((i * chunks + c) * rows + r) * kKC. Activation rows `lda` apart are packed
-// because a power-of-two `lda` puts every row's chunk in the same L1 sets (measured: the
-// unpacked rows held the tile at the register tiles' 75% of the vpdpbusd peak).
-void pack_rows(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t chunks, int8_t* apack) {
-  const int8_t* a = static_cast<const int8_t*>(g.a);
-  for (int64_t i = 0; i < g.count; ++i)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t len = std::min(kKC, d.kblock - kKC * c);
-      for (int64_t r = 0; r < rows; ++r)
-        memcpy(apack + ((i * chunks + c) * rows + r) * kKC,
-               a + (m0 + r) * d.lda + i * d.stride_a + kKC * c, size_t(len));
-    }
+// Rows per pass: the passes share the rows evenly, in multiples of 6 (kMC at most).
+int64_t pass_rows(int64_t m) {
+  const int64_t passes = (m + kMC - 1) / kMC;
+  return std::min(kMC, ((m + passes - 1) / passes + 5) / 6 * 6);
 }
 
 template <int BITS>
@@ -177,13 +140,12 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
   uint8_t* const panel = s.panel;
   int32_t* const acc = s.acc;
   float* const tile = s.tile;
-  int8_t* const apack = s.apack;
   const int64_t subs = d.kblock / 4;  // sub-steps per K-block (activation rows are zero past K)
-  const int64_t chunks = chunk_count(d);
-  const int64_t mc = pass_rows(d, g);
+  const int64_t chunks = (subs + kSubs - 1) / kSubs;
+  const int64_t mc = pass_rows(d.m), lda = d.lda;
+  const int8_t* a = static_cast<const int8_t*>(g.a);
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t rows = std::min(mc, d.m - m0);
-    pack_rows(d, g, m0, rows, chunks, apack);
     for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
       const uint8_t* nblock = g.b + (n0 / NB) * d.ldb;
       for (int64_t i = 0; i < g.count; ++i) {
@@ -191,21 +153,21 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t nsub = std::min(kSubs, subs - kSubs * c);
           decode_panel<BITS>(w, kSubs * c, nsub, panel);
-          const int8_t* x = apack + (i * chunks + c) * rows * kKC;
+          const int8_t* x = a + m0 * lda + i * d.stride_a + kKC * c;
           const bool first = c == 0;
           // the first rows prefetch the next panel's codes (past the last panel: harmless)
           const uint8_t* pf = w + (kSubs * (c + 1)) / kSubSteps<BITS> * kStepBytes<BITS>;
           constexpr int64_t kPfStep = kStepBytes<BITS> / kSubSteps<BITS>;  // codes per sub-step
           int64_t r = 0;
           for (; r + 6 <= rows; r += 6, pf = panel)
-            panel_rows<6>(panel, nsub, x + r * kKC, kKC, acc + r * NB, first, pf, r ? 0 : kPfStep);
+            panel_rows<6>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, r ? 0 : kPfStep);
           const int64_t pfs = r ? 0 : kPfStep;
           switch (rows - r) {
-            case 5: panel_rows<5>(panel, nsub, x + r * kKC, kKC, acc + r * NB, first, pf, pfs); break;
-            case 4: panel_rows<4>(panel, nsub, x + r * kKC, kKC, acc + r * NB, first, pf, pfs); break;
-            case 3: panel_rows<3>(panel, nsub, x + r * kKC, kKC, acc + r * NB, first, pf, pfs); break;
-            case 2: panel_rows<2>(panel, nsub, x + r * kKC, kKC, acc + r * NB, first, pf, pfs); break;
-            case 1: panel_rows<1>(panel, nsub, x + r * kKC, kKC, acc + r * NB, first, pf, pfs); break;
+            case 5: panel_rows<5>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 4: panel_rows<4>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 3: panel_rows<3>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 2: panel_rows<2>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 1: panel_rows<1>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
             default: break;
           }
         }
@@ -220,8 +182,7 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
 
 bool tile_panel_avx512(const Desc& d, const Args& g) {
   static thread_local Scratch s;
-  if (d.f.bits > 2) return false;
-  if (!s.reserve(size_t(std::min(pass_rows(d, g), d.m) * g.count * chunk_count(d) * kKC))) return false;
+  if (d.f.bits > 2 || !s.ok()) return false;
   if (d.f.bits == 1) tile_bits<1>(d, g, s);
   else tile_bits<2>(d, g, s);
   return true;

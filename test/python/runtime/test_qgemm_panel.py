@@ -67,8 +67,8 @@ def packed(gen, fmt, n, k, group):
     (15, 130, 260, None),     # 2 blocks + 3 rows; a second panel of one sub-step
     (47, 65, 520, 128),       # per-group scales: 5 K-blocks, the last one short
     (64, 100, 1000, None),    # 4 panels, the last not full
-    (127, 70, 72, None),      # two passes (66 + 61 rows, a 1-row tail)
-    (250, 66, 6912 // 8, None),  # three passes of 84/84/82 rows
+    (127, 70, 72, None),      # 21 blocks of 6 rows + a 1-row tail
+    (250, 66, 6912 // 8, None),  # two passes of 126 + 124 rows
 ], ids=["m2", "m6_k8", "m15_k260", "m47_groups", "m64_k1000", "m127", "m250"])
 def test_panel_equals_register_tiles_bitwise(fmt, m, n, k, group):
     if fmt == "int1" and k % 8:
