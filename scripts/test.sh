@@ -7,7 +7,8 @@ PY=${PYTHON:-python3}
 lit_rc=$?
 # Two workers (pytest-xdist, one test file per worker at a time): most tests compile, and a
 # compile is single-threaded Python + MLIR, so the suite's wall time halves on 2 cores.
-"$PY" -m pytest -q -n 2 --dist loadfile test/python "$@"
+# --durations: the slowest tests in every log, to keep the suite within its 20-minute budget.
+"$PY" -m pytest -q -n 2 --dist loadfile --durations=15 test/python "$@"
 py_rc=$?
 if [ $lit_rc -ne 0 ]; then echo "lit failed (exit $lit_rc)"; fi
 exit $(( lit_rc != 0 || py_rc != 0 ))
