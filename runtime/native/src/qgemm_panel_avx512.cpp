@@ -8,7 +8,7 @@
 // codes of kKC k values of one n-block are decoded once per pass of up to kMC rows into a
 // panel of u8 vectors that stays in L1 (decode<BITS>, the order vpdpbusd reads), and every 6
 // rows then run 24 vpdpbusd per 4 loads and 6 broadcasts: the vector ports do nothing else
-// (87-93% of the peak at M = 128). The activations are read in place (a copy of each pass's
+// (87-95% of the peak at M = 128). The activations are read in place (a copy of each pass's
 // rows measured no faster), the pass's int32 sums are spilled between panels, and every
 // K-block ends with the AVX-512 tiles' own flush, so the results equal theirs bit for bit.
 #include <immintrin.h>
