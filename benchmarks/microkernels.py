@@ -31,8 +31,9 @@ loaded with RTLD_LOCAL, same operands, interleaved rounds, thread CPU time, the 
 peak of the same rounds):
 
     python benchmarks/microkernels.py --side-by-side OLD.so [NEW.so] [--rounds 11]
-        [--shapes 4096x4096x128,int1:256x2048x1,f32/int4_sym:256x1024x1,...]
-        ([i8|f32|bf16/][format:]NxKxM: activation type, weight format, shape)
+        [--shapes 4096x4096x128,int1:256x2048x1,f32/int4_sym:256x1024x1,int4_sym@128:...]
+        ([i8|f32|bf16/][format[@group]:]NxKxM: activation type, weight format, scale group,
+        shape)
 """
 from __future__ import annotations
 
@@ -268,10 +269,10 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
         adt, _, spec = spec.rpartition("/")
         adt = adt or "i8"
         fmt, _, dims = spec.rpartition(":")
-        fmt = fmt or "ternary"
+        fmt, _, group = (fmt or "ternary").partition("@")
         n, k, m = (int(v) for v in dims.split("x"))
         gen = torch.Generator().manual_seed(0)
-        pw = random_weight(fmt, n, k, gen)
+        pw = random_weight(fmt, n, k, gen, int(group) if group else None)
         x = torch.randn(m, k, generator=gen)
         xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
         atype = {"i8": 1, "f32": 2, "bf16": 3}[adt]
@@ -289,7 +290,7 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
                 raise SystemExit(f"{name}: dispatch failed ({h})")
             per[name] = (h, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
                          rs.data_ptr(), None, pw.num_kblocks, reps)
-        cases.append((f"{adt}/{fmt} {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
+        cases.append((f"{adt}/{fmt}{'@' + group if group else ''} {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
     pk = peaks_mod.Peaks()
     res = {(c[0], name): [] for c in cases for name in libs}
     pks = []

@@ -105,6 +105,7 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qgemm_amx_invocations": (_I64, []),
         "lowbit_qgemm_amx_min_kblock": (_I64, [_I64]),
         "lowbit_qgemm_panel_min_rows": (_I64, [_I64]),
+        "lowbit_qgemm_panel_min_kblock": (_I64, [_I64]),
         "lowbit_qgemm_panel_invocations": (_I64, []),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
@@ -434,14 +435,26 @@ def amx_min_kblock(kblock: int | None = None) -> int:
     return _amx_threshold("amx_min_kblock", kblock)
 
 
+def _panel_threshold(name: str, value: int | None) -> int:
+    """Reads (value None) or sets the panel rule's threshold `name`; returns the previous value."""
+    if value is not None and int(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(getattr(_lib(), f"lowbit_qgemm_{name}")(0 if value is None else int(value)))
+
+
 def panel_min_rows(rows: int | None = None) -> int:
-    """The fewest activation rows for which an AVX-512 tile of int8 activations x 1-/2-bit codes
-    decodes the codes once per pass into an L1 panel (the same results, bit for bit, as the
-    register tiles, which decode them again for every 6 rows). With `rows`, sets it for later
-    dispatches and returns the previous value."""
-    if rows is not None and int(rows) < 1:
-        raise ValueError(f"panel_min_rows must be >= 1, got {rows}")
-    return int(_lib().lowbit_qgemm_panel_min_rows(0 if rows is None else int(rows)))
+    """The fewest activation rows for which an AVX-512 tile of int8 activations x 1-/2-/4-bit
+    codes decodes the codes once per pass into an L1 panel (the same results, bit for bit, as
+    the register tiles, which decode them again for every 6 rows). With `rows`, sets it for
+    later dispatches and returns the previous value."""
+    return _panel_threshold("panel_min_rows", rows)
+
+
+def panel_min_kblock(kblock: int | None = None) -> int:
+    """The shortest K-block (scale group) for which such a tile takes the panel (shorter ones
+    flush too often for it to pay). With `kblock`, sets it for later dispatches and returns
+    the previous value."""
+    return _panel_threshold("panel_min_kblock", kblock)
 
 
 def panel_invocations() -> int:

@@ -45,12 +45,16 @@ std::atomic<int64_t> g_amx_min_rows{8};
 std::atomic<int64_t> g_amx_min_kblock{64};
 std::atomic<int64_t> g_amx_invocations{0};  // lowbit_qgemm_amx_invocations
 
-// The panel rule (docs/kernels.md "ISA selection"): AVX-512 tiles of int8 activations x 1-/2-bit
-// codes with at least this many rows decode each n-block's codes once per pass into an L1 panel
-// (qgemm_panel_avx512.cpp). Measured on a two-port Intel Xeon, one thread, M = 128: 1.1-1.3x
-// the register tiles (80-93% of the vpdpbusd peak); M = 8-16 1.2x, M = 6 1.1x; 4-/8-bit codes
-// 0.8-0.96x (their decode is one AND or none: nothing to save), so they never take it.
+// The panel rule (docs/kernels.md "ISA selection"): AVX-512 tiles of int8 activations x
+// 1-/2-/4-bit codes with at least this many rows and K-blocks of at least this many values
+// decode each n-block's codes once per pass into an L1 panel (qgemm_panel_avx512.cpp).
+// Measured on a two-port Intel Xeon, one thread, against the register tiles: M = 128 per
+// channel 1.1-1.3x for 1-/2-bit codes (80-95% of the vpdpbusd peak), 1.07-1.18x for 4-bit
+// ones (K-blocks >= 256); M = 8-16 1.2x, M = 6 1.1x; K-blocks of 128 0.9-1.05x, of 32-64
+// 0.75-0.9x (each K-block's flush goes through memory); 8-bit codes 0.76-0.86x (no decode
+// to save), so they never take it.
 std::atomic<int64_t> g_panel_min_rows{8};
+std::atomic<int64_t> g_panel_min_kblock{256};
 std::atomic<int64_t> g_panel_invocations{0};  // lowbit_qgemm_panel_invocations
 
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
@@ -74,10 +78,12 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
   switch (wfmt) {
     case LOWBIT_QW_TERNARY: case LOWBIT_QW_INT2_SYM: case LOWBIT_QW_INT2_ASYM: bits = 2; break;
     case LOWBIT_QW_INT1: bits = 1; break;
+    case LOWBIT_QW_INT4_SYM: case LOWBIT_QW_INT4_ASYM: bits = 4; break;
     default: break;
   }
   const bool panel = isa == LOWBIT_ISA_AVX512 && atype == LOWBIT_QT_INT8 && bits != 0 &&
-                     m >= g_panel_min_rows.load(std::memory_order_relaxed);
+                     m >= g_panel_min_rows.load(std::memory_order_relaxed) &&
+                     kblock >= g_panel_min_kblock.load(std::memory_order_relaxed);
   const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
                                   ldc, stride_a, stride_b, ld_aux, flags, isa, panel};
   // A repeated description (the common case: compiled code dispatches per call) is one
@@ -162,6 +168,11 @@ int64_t lowbit_qgemm_amx_invocations(void) { return g_amx_invocations.load(std::
 int64_t lowbit_qgemm_panel_min_rows(int64_t rows) {
   if (rows > 0) return g_panel_min_rows.exchange(rows);
   return g_panel_min_rows.load();
+}
+
+int64_t lowbit_qgemm_panel_min_kblock(int64_t kblock) {
+  if (kblock > 0) return g_panel_min_kblock.exchange(kblock);
+  return g_panel_min_kblock.load();
 }
 
 int64_t lowbit_qgemm_panel_invocations(void) {

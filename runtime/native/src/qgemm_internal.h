@@ -120,7 +120,7 @@ void tile_scalar(const Desc& d, const Args& args);
 void tile_avx2(const Desc& d, const Args& args);
 void tile_avx512(const Desc& d, const Args& args);
 void tile_amx(const Desc& d, const Args& args);
-// The AVX-512 tiles of many int8 rows x 1-/2-bit codes over a decoded panel
+// The AVX-512 tiles of many int8 rows x 1-/2-/4-bit codes over a decoded panel
 // (qgemm_panel_avx512.cpp), for descriptions dispatched with `panel`. False: no memory for its
 // scratch (nothing was written; the register tiles run instead).
 bool tile_panel_avx512(const Desc& d, const Args& args);

@@ -1,5 +1,5 @@
-// AVX-512 VNNI GEMM tiles over a decoded panel: int8 activations x packed 1-/2-bit codes for
-// calls of many rows (prefill), where the register tiles of qgemm_avx512.cpp decode each
+// AVX-512 VNNI GEMM tiles over a decoded panel: int8 activations x packed 1-/2-/4-bit codes
+// for calls of many rows (prefill), where the register tiles of qgemm_avx512.cpp decode each
 // n-block's codes again for every 6 rows.
 //
 // On a CPU with two vpdpbusd ports (recent Intel, Zen 5) the decode competes with vpdpbusd for
@@ -8,9 +8,11 @@
 // codes of kKC k values of one n-block are decoded once per pass of up to kMC rows into a
 // panel of u8 vectors that stays in L1 (decode<BITS>, the order vpdpbusd reads), and every 6
 // rows then run 24 vpdpbusd per 4 loads and 6 broadcasts: the vector ports do nothing else
-// (87-95% of the peak at M = 128). The activations are read in place (a copy of each pass's
-// rows measured no faster), the pass's int32 sums are spilled between panels, and every
+// (87-95% of the peak at M = 128, 2-bit). The activations are read in place (a copy of each
+// pass's rows measured no faster), the pass's int32 sums are spilled between panels, and every
 // K-block ends with the AVX-512 tiles' own flush, so the results equal theirs bit for bit.
+// 8-bit codes have nothing to decode and never come here; short K-blocks neither (the
+// dispatch rule: their per-block flush through memory costs more than the decode saved).
 #include <immintrin.h>
 
 #include <stdlib.h>
@@ -44,9 +46,10 @@ void decode_panel(const uint8_t* codes, int64_t s0, int64_t nsub, uint8_t* panel
 
 // MB <= 6 rows (`lda` apart, `x` at the panel's first k) x 64 columns over `nsub` >= 1
 // sub-steps of the panel, adding to the int32 sums acc[MB][64] (or starting them at zero).
-// Each sub-step prefetches the line at `pf`, `pf_step` bytes further each time: the first
-// rows of a panel fetch the next panel's codes, spread over the loop (issued all at once
-// before the decode, the prefetches stalled it for 4% of the tile's time).
+// Each sub-step prefetches PF_LINES lines at `pf`, `pf_step` bytes further each time: the first
+// rows of a panel fetch the next panel's codes (one sub-step's: 1 line, 2 for 4-bit codes),
+// spread over the loop (issued all at once before the decode, the prefetches stalled it for
+// 4% of the tile's time).
 // Written in asm because gcc 12 kept the 24 accumulators of the intrinsics version on the
 // stack (31% of the vpdpbusd peak). Row r's sums are zmm 4r .. 4r + 3, the panel's vectors
 // zmm24-27, the broadcast activations alternate between zmm28 and zmm29.
@@ -60,7 +63,7 @@ void decode_panel(const uint8_t* codes, int64_t s0, int64_t nsub, uint8_t* panel
   ".endif\n\t"
 #define LB_ACC_REGS "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23"
 
-template <int MB>
+template <int MB, int PF_LINES>
 LB_INLINE void panel_rows(const uint8_t* panel, int64_t nsub, const int8_t* x, int64_t lda,
                           int32_t* acc, bool first, const uint8_t* pf, int64_t pf_step) {
   static_assert(MB >= 1 && MB <= 6, "panel_rows: 1 to 6 rows");
@@ -84,6 +87,9 @@ LB_INLINE void panel_rows(const uint8_t* panel, int64_t nsub, const int8_t* x, i
       ".p2align 5\n\t"
       "1:\n\t"
       "prefetcht0 (%[pf])\n\t"
+      ".if %c[pfl] > 1\n\t"
+      "prefetcht0 64(%[pf])\n\t"
+      ".endif\n\t"
       "add %[pfs], %[pf]\n\t"
       "vmovdqa64 (%[p]), %%zmm24\n\t"
       "vmovdqa64 64(%[p]), %%zmm25\n\t"
@@ -106,7 +112,7 @@ LB_INLINE void panel_rows(const uint8_t* panel, int64_t nsub, const int8_t* x, i
       ".endif\n\t"
       ".endr\n\t"
       : [p] "+r"(panel), [x] "+r"(x), [x3] "+r"(x3), [n] "+r"(nsub), [pf] "+r"(pf)
-      : [pfs] "r"(pf_step), [l] "r"(lda), [acc] "r"(acc), [first] "r"(int(first)), [mb] "i"(MB)
+      : [pfs] "r"(pf_step), [l] "r"(lda), [acc] "r"(acc), [first] "r"(int(first)), [mb] "i"(MB), [pfl] "i"(PF_LINES)
       : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
         "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
         "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28",
@@ -158,16 +164,17 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
           // the first rows prefetch the next panel's codes (past the last panel: harmless)
           const uint8_t* pf = w + (kSubs * (c + 1)) / kSubSteps<BITS> * kStepBytes<BITS>;
           constexpr int64_t kPfStep = kStepBytes<BITS> / kSubSteps<BITS>;  // codes per sub-step
+          constexpr int kPfLines = kPfStep > 64 ? 2 : 1;
           int64_t r = 0;
           for (; r + 6 <= rows; r += 6, pf = panel)
-            panel_rows<6>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, r ? 0 : kPfStep);
+            panel_rows<6, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, r ? 0 : kPfStep);
           const int64_t pfs = r ? 0 : kPfStep;
           switch (rows - r) {
-            case 5: panel_rows<5>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
-            case 4: panel_rows<4>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
-            case 3: panel_rows<3>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
-            case 2: panel_rows<2>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
-            case 1: panel_rows<1>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 5: panel_rows<5, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 4: panel_rows<4, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 3: panel_rows<3, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 2: panel_rows<2, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
+            case 1: panel_rows<1, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, pfs); break;
             default: break;
           }
         }
@@ -182,9 +189,10 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
 
 bool tile_panel_avx512(const Desc& d, const Args& g) {
   static thread_local Scratch s;
-  if (d.f.bits > 2 || !s.ok()) return false;
+  if (d.f.bits > 4 || !s.ok()) return false;
   if (d.f.bits == 1) tile_bits<1>(d, g, s);
-  else tile_bits<2>(d, g, s);
+  else if (d.f.bits == 2) tile_bits<2>(d, g, s);
+  else tile_bits<4>(d, g, s);
   return true;
 }
 

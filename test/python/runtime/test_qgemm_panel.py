@@ -1,7 +1,8 @@
 """AVX-512 panel tiles (runtime/native/src/qgemm_panel_avx512.cpp) against the register tiles.
 
-Tiles of int8 activations x 1-/2-bit codes with at least qgemm.panel_min_rows() rows decode the
-codes once per pass into an L1 panel. They share the register tiles' flush and epilogue, so
+Tiles of int8 activations x 1-/2-/4-bit codes with at least qgemm.panel_min_rows() rows and
+K-blocks of at least qgemm.panel_min_kblock() values decode the codes once per pass into an L1
+panel. They share the register tiles' flush and epilogue, so
 their outputs must equal the register tiles' bit for bit on every format, epilogue, tail,
 K-block and stride; the integer part must be exact. Needs AVX-512 VNNI; skipped elsewhere.
 """
@@ -21,19 +22,20 @@ from test_qgemm import GuardedArena, random_codes, random_zero
 pytestmark = pytest.mark.skipif("avx512" not in supported_isas(),
                                 reason="this CPU lacks AVX-512 VNNI; the panel tiles cannot run here")
 
-PANEL_FMTS = ["int1", "int2_asym", "int2_sym", "ternary"]  # the 1-/2-bit formats
+PANEL_FMTS = ["int1", "int2_asym", "int2_sym", "int4_asym", "int4_sym", "ternary"]  # 1-/2-/4-bit
 
 
 @contextlib.contextmanager
 def panel_rows(rows: int):
-    """Dispatch with panel_min_rows() = rows (1: every 1-/2-bit int8 tile takes the panel;
-    a huge value: none does) under the AVX-512 ISA."""
-    old = qgemm.panel_min_rows(rows)
+    """Dispatch under the AVX-512 ISA with panel_min_rows() = rows and every K-block length
+    allowed (1: every 1-/2-/4-bit int8 tile takes the panel; a huge value: none does)."""
+    old = qgemm.panel_min_rows(rows), qgemm.panel_min_kblock(1)
     try:
         with use_isa("avx512"):
             yield
     finally:
-        qgemm.panel_min_rows(old)
+        qgemm.panel_min_rows(old[0])
+        qgemm.panel_min_kblock(old[1])
 
 
 def run(rows, pw, xq, sx, rs, m, *, c_dtype=torch.float32, bias=None, beta=False, activation=None,
@@ -119,37 +121,48 @@ def test_panel_integer_sums_exact(fmt, m, n, k, lda_pad):
 
 
 def test_dispatch_rule():
-    """The panel runs int8 tiles of 1-/2-bit codes from panel_min_rows() rows; fewer rows,
-    4-/8-bit codes and fp activations keep the register tiles."""
+    """The panel runs int8 tiles of 1-/2-/4-bit codes from panel_min_rows() rows and K-blocks
+    of panel_min_kblock() values; fewer rows, shorter K-blocks, 8-bit codes and fp activations
+    keep the register tiles."""
     before = qgemm.panel_invocations()
-    rows = qgemm.panel_min_rows()
-    assert rows >= 1
+    rows, kmin = qgemm.panel_min_rows(), qgemm.panel_min_kblock()
+    assert rows >= 1 and kmin >= 4
 
-    def takes_panel(fmt, m, a_dtype=torch.int8):
+    def takes_panel(fmt, m, a_dtype=torch.int8, group=None):
         zero = torch.ones(64, 1, dtype=torch.int8) if qgemm.FORMAT_INFO[fmt].zero_point else None
-        pw = qgemm.pack_weight(torch.ones(64, 256, dtype=torch.int8), torch.ones(64), fmt, zero=zero)
+        k = 512
+        if group:
+            zero = None if zero is None else zero.expand(64, k // group).contiguous()
+        pw = qgemm.pack_weight(torch.ones(64, k, dtype=torch.int8),
+                               torch.ones(64, k // group) if group else torch.ones(64), fmt,
+                               group=group, zero=zero)
         xa = torch.ones(m, pw.k_padded, dtype=a_dtype)
-        kw = dict(a_scale=torch.ones(m), a_sum=torch.full((m, 1), 256, dtype=torch.int32)) \
+        kw = dict(a_scale=torch.ones(m), a_sum=torch.full((m, pw.num_kblocks), pw.kblock, dtype=torch.int32)) \
             if a_dtype == torch.int8 else {}
         with use_isa("avx512"):
             kern = qgemm.dispatch_for(pw, m, a_dtype=a_dtype)
             n0 = qgemm.panel_invocations()
-            kern(xa, pw.data, torch.empty(m, 64), count=1, **kw)
+            kern(xa, pw.data, torch.empty(m, 64), count=pw.num_kblocks, **kw)
             return qgemm.panel_invocations() > n0
 
-    assert takes_panel("ternary", rows) and takes_panel("int1", rows)
-    assert not takes_panel("int4_sym", rows) and not takes_panel("int8", rows)
+    assert takes_panel("ternary", rows) and takes_panel("int1", rows) and takes_panel("int4_sym", rows)
+    assert not takes_panel("int8", rows)
     assert not takes_panel("ternary", rows, torch.float32)
     if rows > 1:
         assert not takes_panel("ternary", rows - 1)
-    old = qgemm.panel_min_rows(3)
+    assert takes_panel("int2_asym", rows, group=kmin) and not takes_panel("int2_asym", rows, group=kmin // 2)
+    old = qgemm.panel_min_rows(3), qgemm.panel_min_kblock(64)
     try:
-        assert old == rows and qgemm.panel_min_rows() == 3
+        assert old == (rows, kmin) and qgemm.panel_min_rows() == 3 and qgemm.panel_min_kblock() == 64
         assert takes_panel("int2_asym", 3) and not takes_panel("int2_asym", 2)
+        assert takes_panel("int4_asym", 3, group=64) and not takes_panel("int4_asym", 3, group=32)
     finally:
-        qgemm.panel_min_rows(old)
+        qgemm.panel_min_rows(old[0])
+        qgemm.panel_min_kblock(old[1])
     with pytest.raises(ValueError, match="panel_min_rows"):
         qgemm.panel_min_rows(0)
+    with pytest.raises(ValueError, match="panel_min_kblock"):
+        qgemm.panel_min_kblock(-1)
     assert qgemm.panel_invocations() > before
 
 

@@ -157,11 +157,14 @@ LOWBIT_API int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock);
  * code reach the AMX path?). */
 LOWBIT_API int64_t lowbit_qgemm_amx_invocations(void);
 
-/* AVX-512 tiles of int8 activations x 1-/2-bit codes with at least this many rows (default 8)
- * decode the codes once per pass into an L1 panel instead of once per 6 rows (same results, bit
- * for bit). Sets the threshold of later dispatches when rows > 0 and returns the previous
- * value; rows <= 0 only returns it. Handles dispatched before keep their path. */
+/* AVX-512 tiles of int8 activations x 1-/2-/4-bit codes with at least this many rows (default
+ * 8) and K-blocks of at least lowbit_qgemm_panel_min_kblock() values (default 256) decode the
+ * codes once per pass into an L1 panel instead of once per 6 rows (same results, bit for bit).
+ * Sets the threshold of later dispatches when rows > 0 and returns the previous value;
+ * rows <= 0 only returns it. Handles dispatched before keep their path. */
 LOWBIT_API int64_t lowbit_qgemm_panel_min_rows(int64_t rows);
+/* The same for the K-block threshold. */
+LOWBIT_API int64_t lowbit_qgemm_panel_min_kblock(int64_t kblock);
 /* Number of invocations of panel tiles in this process so far. */
 LOWBIT_API int64_t lowbit_qgemm_panel_invocations(void);
 
