@@ -309,7 +309,9 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
     print(f"{peak_kind} 1-thread peak, same rounds: median {peak / 1e9:.1f} GMAC/s "
           f"[{min(pks) / 1e9:.1f}..{max(pks) / 1e9:.1f}]")
     names = list(libs)
-    print(f"{'case':28s} " + " ".join(f"{n:>32s}" for n in names) + "   last/first")
+    # last/first per round as well: the two builds run back to back within a round, so the
+    # paired ratio sees through the host's state changes between rounds
+    print(f"{'case':28s} " + " ".join(f"{n:>32s}" for n in names) + "   last/first  per round [min..max]")
     for name, _, _, _ in cases:
         cells, meds = [], []
         for lname in names:
@@ -317,7 +319,9 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
             med = statistics.median(v)
             meds.append(med)
             cells.append(f"{med / 1e9:6.1f} [{v[0] / 1e9:5.1f}..{v[-1] / 1e9:5.1f}] {100 * med / peak:5.1f}%")
-        print(f"{name:28s} " + " ".join(f"{c:>32s}" for c in cells) + f"   {meds[-1] / meds[0]:.3f}")
+        paired = sorted(b / a for a, b in zip(res[(name, names[0])], res[(name, names[-1])]))
+        print(f"{name:28s} " + " ".join(f"{c:>32s}" for c in cells) + f"   {meds[-1] / meds[0]:.3f}"
+              f"  {statistics.median(paired):.3f} [{paired[0]:.2f}..{paired[-1]:.2f}]")
 
 
 # ----------------------------------------------------------------------------- main

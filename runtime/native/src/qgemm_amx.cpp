@@ -18,6 +18,10 @@
 // the adjacent tdpbsud bursts): this ring 0.70, without the streaming hint 0.46, a decoded
 // panel of all of K in L2 0.49, 256-value chunks decoded into L1 with the int32 sums spilled
 // between chunks (this file's earlier design) 0.39; no decode at all 0.70.
+// The ring runs on across a K-block's row_pair invocations (Ring): each decodes the next one's
+// first kAhead steps during its own last steps, so only a K-block's first invocation fills it
+// before its first TDPBSUD (per-round paired ratios, M = 128: 512 x 2048 1.13-1.18x, other
+// shapes 0.93-1.16x, medians ~1.0-1.03x).
 //
 // Tails: the last row pair configures its tiles with fewer rows; a K-block that is not a
 // multiple of 64 has zero ring rows past its end (and zero-padded panels, or whatever the
@@ -121,6 +125,32 @@ inline void decode_step(const uint8_t* codes, int64_t t, int64_t kblock, uint8_t
   }
 }
 
+// The decode ring of consecutive row_pair invocations over one K-block. Step t of an
+// invocation uses slot (base + t) % kRing; the next invocation starts where this one ended,
+// so its first kAhead steps can be decoded during this one's last kAhead steps (into slots
+// this one no longer reads) instead of serially before its first TDPBSUD. `next_codes`: the
+// next invocation's codes and half (nullptr: none, or its K-block is too short to be covered);
+// `warm`: this invocation's first steps are decoded already.
+struct Ring {
+  uint8_t* mem = nullptr;
+  int64_t base = 0;
+  bool warm = false;
+  const uint8_t* next_codes = nullptr;
+  int next_h = 0;
+
+  uint8_t* slot(int64_t t) const { return mem + ((base + t) % kRing) * 2048; }
+  template <int BITS>
+  void decode_next(int64_t t, int64_t kblock, uint8_t* b) const {
+    if (next_h) decode_step<BITS, 1>(next_codes, t, kblock, b);
+    else decode_step<BITS, 0>(next_codes, t, kblock, b);
+  }
+  void advance(int64_t steps) {
+    base = (base + steps) % kRing;
+    warm = next_codes != nullptr;
+    next_codes = nullptr;
+  }
+};
+
 // With a single K-block, a row pair's finished sums go to the output rows one row per K step
 // of the next row pair's passes, on the vector units while the tile unit works (flushed
 // serially they were 17-30% of a tile's time at M = 128).
@@ -148,13 +178,14 @@ struct PendingRows {
 // further.
 template <int BITS, int H>
 void row_pair(const int8_t* a, int64_t astep, int64_t lda, int64_t steps, int r1, const uint8_t* codes,
-              int64_t kblock, uint8_t* ring, int32_t* acc, PendingRows& pending) {
+              int64_t kblock, Ring& ring, int32_t* acc, PendingRows& pending) {
   // 8-bit codes are bytes already: full steps load their B tiles straight from the packed
   // weights (rows 256 bytes apart); only a K tail goes through the ring.
   constexpr bool kDirect = BITS == 8;
   const int64_t direct_steps = kDirect ? kblock / 64 : 0;
-  for (int64_t t = direct_steps; t < std::min<int64_t>(direct_steps + kAhead, steps); ++t)
-    decode_step<BITS, H>(codes, t, kblock, ring + (t % kRing) * 2048);
+  if (!ring.warm)
+    for (int64_t t = direct_steps; t < std::min<int64_t>(direct_steps + kAhead, steps); ++t)
+      decode_step<BITS, H>(codes, t, kblock, ring.slot(t));
   _tile_zero(0);
   _tile_zero(1);
   if (r1) {
@@ -172,7 +203,7 @@ void row_pair(const int8_t* a, int64_t astep, int64_t lda, int64_t steps, int r1
       _tile_loadd(6, b, kStepBytes<BITS>);
       _tile_loadd(7, b + 64, kStepBytes<BITS>);
     } else {
-      const uint8_t* b = ring + (t % kRing) * 2048;
+      const uint8_t* b = ring.slot(t);
       _tile_loadd(6, b, 64);
       _tile_loadd(7, b + 1024, 64);
     }
@@ -180,7 +211,9 @@ void row_pair(const int8_t* a, int64_t astep, int64_t lda, int64_t steps, int r1
     _tile_dpbsud(1, 4, 7);
     // the decode runs on the vector units while the tile unit works
     if (t >= direct_steps && t + kAhead < steps)
-      decode_step<BITS, H>(codes, t + kAhead, kblock, ring + ((t + kAhead) % kRing) * 2048);
+      decode_step<BITS, H>(codes, t + kAhead, kblock, ring.slot(t + kAhead));
+    else if (ring.next_codes && t + kAhead >= steps)  // the next invocation's first steps
+      ring.decode_next<BITS>(t + kAhead - steps, kblock, ring.slot(t + kAhead));
     pending.flush_one();
     if (r1) {
       _tile_dpbsud(2, 5, 6);
@@ -188,6 +221,7 @@ void row_pair(const int8_t* a, int64_t astep, int64_t lda, int64_t steps, int r1
     }
   }
   lowbit_amx::store_c_2x2(acc + 32 * H, NB, r1);
+  ring.advance(steps);
 }
 
 // Bytes of 64-column panels per activation row (every K-block's columns, zero-padded).
@@ -219,6 +253,8 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
   const int64_t alda = direct ? d.lda : 64;           // bytes between an A tile's rows
   lowbit_amx::RowPairTiles tiles;  // configured at the first row pair, released at the end
   PendingRows pending;
+  Ring ring;  // every K-block's first invocation fills it serially (ring.warm is false)
+  ring.mem = s.ring;
   int64_t pair = 0;  // row pairs so far (their acc slot, with a single K-block)
   pending.d = &d;
   pending.g = &g;
@@ -236,8 +272,14 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
                                    : s.apack + (i * nb * mrows + mp) * 64;
           // one K-block: two row-pair slots of acc alternate (one is being flushed)
           int32_t* acc = g.count == 1 ? s.acc + (pair++ & 1) * 32 * NB : s.acc + mp * NB;
-          row_pair<BITS, 0>(a, astep, alda, nb, tiles.r1, w, kb, s.ring, acc, pending);
-          row_pair<BITS, 1>(a, astep, alda, nb, tiles.r1, w, kb, s.ring, acc, pending);
+          // the ring decodes ahead into the next invocation when it covers all its first steps
+          const bool ahead = BITS != 8 && nb >= kAhead;
+          ring.next_codes = ahead ? w : nullptr;
+          ring.next_h = 1;
+          row_pair<BITS, 0>(a, astep, alda, nb, tiles.r1, w, kb, ring, acc, pending);
+          ring.next_codes = ahead && mp + 32 < mrows ? w : nullptr;
+          ring.next_h = 0;
+          row_pair<BITS, 1>(a, astep, alda, nb, tiles.r1, w, kb, ring, acc, pending);
           if (g.count == 1) {  // this row pair's rows go out during the next one's steps
             pending.drain();
             pending.acc = acc;
