@@ -57,6 +57,12 @@ std::atomic<int64_t> g_panel_min_rows{8};
 std::atomic<int64_t> g_panel_min_kblock{256};
 std::atomic<int64_t> g_panel_invocations{0};  // lowbit_qgemm_panel_invocations
 
+// A rule threshold's C entry point: sets it when value > 0 and returns the previous value;
+// value <= 0 only returns it.
+int64_t threshold(std::atomic<int64_t>& t, int64_t value) {
+  return value > 0 ? t.exchange(value) : t.load();
+}
+
 int elem_size(int32_t t) { return t == LOWBIT_QT_INT8 ? 1 : t == LOWBIT_QT_F32 ? 4 : 2; }
 
 }  // namespace
@@ -74,15 +80,10 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
       (atype != LOWBIT_QT_INT8 || m < g_amx_min_rows.load(std::memory_order_relaxed) ||
        kblock < g_amx_min_kblock.load(std::memory_order_relaxed)))
     isa = LOWBIT_ISA_AVX512;
-  int bits = 0;
-  switch (wfmt) {
-    case LOWBIT_QW_TERNARY: case LOWBIT_QW_INT2_SYM: case LOWBIT_QW_INT2_ASYM: bits = 2; break;
-    case LOWBIT_QW_INT1: bits = 1; break;
-    case LOWBIT_QW_INT4_SYM: case LOWBIT_QW_INT4_ASYM: bits = 4; break;
-    default: break;
-  }
-  const bool panel = isa == LOWBIT_ISA_AVX512 && atype == LOWBIT_QT_INT8 && bits != 0 &&
-                     m >= g_panel_min_rows.load(std::memory_order_relaxed) &&
+  Format f{};
+  const bool known_format = format_of(wfmt, &f);
+  const bool panel = isa == LOWBIT_ISA_AVX512 && atype == LOWBIT_QT_INT8 && known_format &&
+                     f.bits <= 4 && m >= g_panel_min_rows.load(std::memory_order_relaxed) &&
                      kblock >= g_panel_min_kblock.load(std::memory_order_relaxed);
   const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
                                   ldc, stride_a, stride_b, ld_aux, flags, isa, panel};
@@ -90,8 +91,9 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
   // lock-free hash probe; only invalid descriptions are never in the table.
   if (const int64_t h = g_table.find(key)) return h;
 
+  if (!known_format) return -LOWBIT_E_UNSUPPORTED;
   Desc d{};
-  if (!format_of(wfmt, &d.f)) return -LOWBIT_E_UNSUPPORTED;
+  d.f = f;
   if (atype != LOWBIT_QT_INT8 && atype != LOWBIT_QT_F32 && atype != LOWBIT_QT_BF16)
     return -LOWBIT_E_UNSUPPORTED;
   if (ctype != LOWBIT_QT_F32 && ctype != LOWBIT_QT_BF16) return -LOWBIT_E_UNSUPPORTED;
@@ -158,31 +160,19 @@ int32_t lowbit_qgemm_invoke(int64_t handle, const void* a, int64_t a_off, const 
   return 0;
 }
 
-int64_t lowbit_qgemm_amx_min_rows(int64_t rows) {
-  if (rows > 0) return g_amx_min_rows.exchange(rows);
-  return g_amx_min_rows.load();
-}
+int64_t lowbit_qgemm_amx_min_rows(int64_t rows) { return threshold(g_amx_min_rows, rows); }
 
 int64_t lowbit_qgemm_amx_invocations(void) { return g_amx_invocations.load(std::memory_order_relaxed); }
 
-int64_t lowbit_qgemm_panel_min_rows(int64_t rows) {
-  if (rows > 0) return g_panel_min_rows.exchange(rows);
-  return g_panel_min_rows.load();
-}
+int64_t lowbit_qgemm_panel_min_rows(int64_t rows) { return threshold(g_panel_min_rows, rows); }
 
-int64_t lowbit_qgemm_panel_min_kblock(int64_t kblock) {
-  if (kblock > 0) return g_panel_min_kblock.exchange(kblock);
-  return g_panel_min_kblock.load();
-}
+int64_t lowbit_qgemm_panel_min_kblock(int64_t kblock) { return threshold(g_panel_min_kblock, kblock); }
 
 int64_t lowbit_qgemm_panel_invocations(void) {
   return g_panel_invocations.load(std::memory_order_relaxed);
 }
 
-int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock) {
-  if (kblock > 0) return g_amx_min_kblock.exchange(kblock);
-  return g_amx_min_kblock.load();
-}
+int64_t lowbit_qgemm_amx_min_kblock(int64_t kblock) { return threshold(g_amx_min_kblock, kblock); }
 
 const char* lowbit_qgemm_handle_isa(int64_t handle) {
   const Entry* e = g_table.get(handle);
