@@ -416,8 +416,9 @@ class QGemmKernel:
         _raise("invoke", rc)
 
 
-def _amx_threshold(name: str, value: int | None) -> int:
-    """Reads (value None) or sets the AMX rule's threshold `name`; returns the previous value."""
+def _threshold(name: str, value: int | None) -> int:
+    """Reads (value None) or sets the dispatch rule's threshold `name` (amx_min_rows,
+    panel_min_kblock, ...); returns the previous value."""
     if value is not None and int(value) < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(getattr(_lib(), f"lowbit_qgemm_{name}")(0 if value is None else int(value)))
@@ -426,20 +427,13 @@ def _amx_threshold(name: str, value: int | None) -> int:
 def amx_min_rows(rows: int | None = None) -> int:
     """The fewest activation rows for which an int8 tile runs on AMX (with the `amx` ISA).
     With `rows`, sets it for later dispatches and returns the previous value."""
-    return _amx_threshold("amx_min_rows", rows)
+    return _threshold("amx_min_rows", rows)
 
 
 def amx_min_kblock(kblock: int | None = None) -> int:
     """The shortest K-block (scale group) for which an int8 tile runs on AMX (with the `amx`
     ISA). With `kblock`, sets it for later dispatches and returns the previous value."""
-    return _amx_threshold("amx_min_kblock", kblock)
-
-
-def _panel_threshold(name: str, value: int | None) -> int:
-    """Reads (value None) or sets the panel rule's threshold `name`; returns the previous value."""
-    if value is not None and int(value) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(getattr(_lib(), f"lowbit_qgemm_{name}")(0 if value is None else int(value)))
+    return _threshold("amx_min_kblock", kblock)
 
 
 def panel_min_rows(rows: int | None = None) -> int:
@@ -447,14 +441,14 @@ def panel_min_rows(rows: int | None = None) -> int:
     codes decodes the codes once per pass into an L1 panel (the same results, bit for bit, as
     the register tiles, which decode them again for every 6 rows). With `rows`, sets it for
     later dispatches and returns the previous value."""
-    return _panel_threshold("panel_min_rows", rows)
+    return _threshold("panel_min_rows", rows)
 
 
 def panel_min_kblock(kblock: int | None = None) -> int:
     """The shortest K-block (scale group) for which such a tile takes the panel (shorter ones
     flush too often for it to pay). With `kblock`, sets it for later dispatches and returns
     the previous value."""
-    return _panel_threshold("panel_min_kblock", kblock)
+    return _threshold("panel_min_kblock", kblock)
 
 
 def panel_invocations() -> int:
