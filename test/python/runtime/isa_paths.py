@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -43,3 +44,26 @@ def dense_isa(isa: str, dtype: torch.dtype) -> str:
     if isa == "avx512" and dtype == torch.bfloat16 and not brgemm.native_bf16():
         return "avx2"
     return isa
+
+
+def mismatches_on_threads(call, ref: torch.Tensor, between=None, threads: int = 2, reps: int = 10) -> list[float]:
+    """Runs call(y) `reps` times on each of `threads` threads at once, y a fresh NaN array shaped
+    like `ref` (and `between()` after every call); returns max |y - ref| of every call whose
+    y differs from `ref`."""
+    bad = []
+
+    def work():
+        for _ in range(reps):
+            y = torch.full(ref.shape, float("nan"))
+            call(y)
+            if between is not None:
+                between()
+            if not torch.equal(y, ref):
+                bad.append(float((y - ref).abs().max()))
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return bad

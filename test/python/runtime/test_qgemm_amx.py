@@ -7,13 +7,12 @@ CPU with AMX-INT8 that Linux lets this process use; skipped elsewhere with the r
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import pytest
 import torch
 
 from lowbit.runtime import cpu_features, current_isa, qgemm, set_isa, supported_isas
-from isa_paths import use_isa
+from isa_paths import mismatches_on_threads, use_isa
 from test_qgemm import FMTS, GuardedArena, random_codes, random_zero
 
 pytestmark = pytest.mark.skipif(
@@ -148,24 +147,12 @@ def test_threads_and_other_amx_users_between_calls():
     a = torch.randn(64, 256, generator=gen).to(torch.bfloat16)
     before = current_isa()
     set_isa("amx")
-    bad = []
     try:
         kern = qgemm.dispatch_for(pw, m)
         assert kern.isa == "amx"
-
-        def work():
-            for _ in range(10):
-                y = torch.full((m, n), float("nan"))
-                kern(xq, pw.data, y, count=1, a_scale=sx, a_sum=rs)
-                torch.mm(a, a.T)  # oneDNN may configure AMX tiles on this thread
-                if not torch.equal(y, ref):
-                    bad.append(float((y - ref).abs().max()))
-
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # oneDNN may configure AMX tiles on this thread between our calls
+        bad = mismatches_on_threads(lambda y: kern(xq, pw.data, y, count=1, a_scale=sx, a_sum=rs), ref,
+                                    between=lambda: torch.mm(a, a.T))
     finally:
         set_isa(before)
     assert not bad, bad

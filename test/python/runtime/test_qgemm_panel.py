@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 
 import pytest
 import torch
 
 from lowbit.runtime import qgemm, supported_isas
-from isa_paths import use_isa
+from isa_paths import mismatches_on_threads, use_isa
 from test_qgemm import GuardedArena, random_codes, random_zero
 
 pytestmark = pytest.mark.skipif("avx512" not in supported_isas(),
@@ -173,22 +172,9 @@ def test_threads_share_nothing():
     pw = packed(gen, "ternary", n, k, None)[3]
     xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
     ref, _ = run(1 << 40, pw, xq, sx, rs, m)
-    bad = []
     with panel_rows(1):
         kern = qgemm.dispatch_for(pw, m)
-
-        def work():
-            for _ in range(10):
-                y = torch.full((m, n), float("nan"))
-                kern(xq, pw.data, y, count=1, a_scale=sx, a_sum=rs)
-                if not torch.equal(y, ref):
-                    bad.append(float((y - ref).abs().max()))
-
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        bad = mismatches_on_threads(lambda y: kern(xq, pw.data, y, count=1, a_scale=sx, a_sum=rs), ref)
     assert not bad, bad
 
 
