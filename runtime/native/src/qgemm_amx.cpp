@@ -244,11 +244,13 @@ bool direct_rows(const Desc& d, const Args& g) {
   return d.n <= kDirectMaxRows && (g.count - 1) * d.stride_a + nb * 64 <= d.lda;
 }
 
+// `direct`: direct_rows(d, g), decided once by the caller (it also sizes the scratch).
 template <int BITS>
-void tile_bits(const Desc& d, const Args& g, Scratch& s) {
+void tile_bits(const Desc& d, const Args& g, Scratch& s, bool direct) {
   const int64_t kb = d.kblock;
   const int64_t nb = (kb + 63) / 64;  // 64-column panels (K steps) per K-block
-  const bool direct = direct_rows(d, g);
+  // the ring decodes ahead into the next invocation when that covers all its first steps
+  const bool ahead = BITS != 8 && nb >= kAhead;
   const int64_t mc = direct ? kMC : pass_rows(d, g);  // rows per pass (acc, tile hold kMC)
   const int64_t alda = direct ? d.lda : 64;           // bytes between an A tile's rows
   lowbit_amx::RowPairTiles tiles;  // configured at the first row pair, released at the end
@@ -272,8 +274,6 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
                                    : s.apack + (i * nb * mrows + mp) * 64;
           // one K-block: two row-pair slots of acc alternate (one is being flushed)
           int32_t* acc = g.count == 1 ? s.acc + (pair++ & 1) * 32 * NB : s.acc + mp * NB;
-          // the ring decodes ahead into the next invocation when it covers all its first steps
-          const bool ahead = BITS != 8 && nb >= kAhead;
           ring.next_codes = ahead ? w : nullptr;
           ring.next_h = 1;
           row_pair<BITS, 0>(a, astep, alda, nb, tiles.r1, w, kb, ring, acc, pending);
@@ -302,16 +302,17 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
 
 void tile_amx(const Desc& d, const Args& g) {
   static thread_local Scratch s;
-  const size_t panels = direct_rows(d, g) ? 0 : size_t(std::min(pass_rows(d, g), d.m) * panel_row_bytes(d, g));
+  const bool direct = direct_rows(d, g);
+  const size_t panels = direct ? 0 : size_t(std::min(pass_rows(d, g), d.m) * panel_row_bytes(d, g));
   if (!s.reserve(panels)) {  // no memory: AVX-512 needs none
     tile_avx512(d, g);
     return;
   }
   switch (d.f.bits) {
-    case 1: tile_bits<1>(d, g, s); break;
-    case 2: tile_bits<2>(d, g, s); break;
-    case 4: tile_bits<4>(d, g, s); break;
-    default: tile_bits<8>(d, g, s); break;
+    case 1: tile_bits<1>(d, g, s, direct); break;
+    case 2: tile_bits<2>(d, g, s, direct); break;
+    case 4: tile_bits<4>(d, g, s, direct); break;
+    default: tile_bits<8>(d, g, s, direct); break;
   }
 }
 

@@ -150,6 +150,8 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
   const int64_t chunks = (subs + kSubs - 1) / kSubs;
   const int64_t mc = pass_rows(d.m), lda = d.lda;
   const int8_t* a = static_cast<const int8_t*>(g.a);
+  constexpr int64_t kPfStep = kStepBytes<BITS> / kSubSteps<BITS>;  // code bytes per sub-step
+  constexpr int kPfLines = kPfStep > 64 ? 2 : 1;
   for (int64_t m0 = 0; m0 < d.m; m0 += mc) {
     const int64_t rows = std::min(mc, d.m - m0);
     for (int64_t n0 = 0; n0 < d.n; n0 += NB) {
@@ -163,8 +165,6 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
           const bool first = c == 0;
           // the first rows prefetch the next panel's codes (past the last panel: harmless)
           const uint8_t* pf = w + (kSubs * (c + 1)) / kSubSteps<BITS> * kStepBytes<BITS>;
-          constexpr int64_t kPfStep = kStepBytes<BITS> / kSubSteps<BITS>;  // codes per sub-step
-          constexpr int kPfLines = kPfStep > 64 ? 2 : 1;
           int64_t r = 0;
           for (; r + 6 <= rows; r += 6, pf = panel)
             panel_rows<6, kPfLines>(panel, nsub, x + r * lda, lda, acc + r * NB, first, pf, r ? 0 : kPfStep);
