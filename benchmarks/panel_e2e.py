@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = e2e._config(args.model, PROMPT)
-    model, _ = build_llama(cfg, 0, "ternary", "int8", dtype=torch.float32, head="int4", fused=True)
+    spec = e2e.SYSTEMS["lowbit-int4head-avx512"]  # e2e.py's system held to VNNI, the same model
+    model, _ = build_llama(cfg, 0, spec["weights"], spec["activations"], dtype=getattr(torch, spec["dtype"]),
+                           head=spec["head"], fused=spec["fused"])
     counter = CompileCounter("lowbit")
     runner = _LlamaRunner(model, torch.compile(model, backend=counter), dynamic=True, counter=counter)
     prompt = torch.tensor(e2e.prompt_ids(0, PROMPT, cfg.vocab_size))
