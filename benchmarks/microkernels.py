@@ -319,9 +319,9 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
             med = statistics.median(v)
             meds.append(med)
             cells.append(f"{med / 1e9:6.1f} [{v[0] / 1e9:5.1f}..{v[-1] / 1e9:5.1f}] {100 * med / peak:5.1f}%")
-        paired = sorted(b / a for a, b in zip(res[(name, names[0])], res[(name, names[-1])]))
+        paired = peaks_mod.summarize([b / a for a, b in zip(res[(name, names[0])], res[(name, names[-1])])])
         print(f"{name:28s} " + " ".join(f"{c:>32s}" for c in cells) + f"   {meds[-1] / meds[0]:.3f}"
-              f"  {statistics.median(paired):.3f} [{paired[0]:.2f}..{paired[-1]:.2f}]")
+              f"  {paired['median']:.3f} [{paired['min']:.2f}..{paired['max']:.2f}]")
 
 
 # ----------------------------------------------------------------------------- main
