@@ -46,7 +46,9 @@ class Case:
     def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1, force: bool = False):
         gen = torch.Generator().manual_seed(0)
         self.pw = random_weight(fmt, n, k, gen)
-        self.xq, self.sx, self.rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), self.pw.kblock)
+        # activations in the rows compiled layers quantize into (qgemm.act_stride)
+        self.xq, self.sx, self.rs = qgemm.quantize_activations(
+            torch.randn(m, k, generator=gen), self.pw.kblock, stride=qgemm.act_stride(self.pw.k_padded))
         self.y = torch.empty(m, n)
         self.lib, self.fmt, self.m, self.n, self.k, self.threads = lib, fmt, m, n, k, threads
         part = n // threads  # a multiple of 64 for the shapes used
@@ -57,7 +59,7 @@ class Case:
         for isa in ("amx", "avx512"):
             set_isa(isa)
             kern = qgemm.QGemmKernel(fmt, torch.int8, torch.float32, m, part, self.pw.kblock,
-                                     lda=self.pw.k_padded, ldb=self.pw.nblock_bytes, ldc=n,
+                                     lda=self.xq.shape[1], ldb=self.pw.nblock_bytes, ldc=n,
                                      stride_a=self.pw.kblock, stride_b=self.pw.kblock_bytes,
                                      ld_aux=self.pw.num_kblocks)
             self.handles[isa] = (kern.handle, kern.isa)

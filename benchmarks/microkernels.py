@@ -122,8 +122,10 @@ def tile_case(lib, fmt: str, m: int, n: int, k: int, group: int | None, peak: fl
     gen = torch.Generator().manual_seed(0)
     info = qgemm.FORMAT_INFO[fmt]
     pw = random_weight(fmt, n, k, gen, group, kblock)
-    kern = qgemm.dispatch_for(pw, m)
-    xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
+    # activations in the rows compiled layers quantize into (qgemm.act_stride)
+    xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock,
+                                            stride=qgemm.act_stride(pw.k_padded))
+    kern = qgemm.dispatch_for(pw, m, lda=xq.shape[1])
     y = torch.empty(m, n)
     reps = max(1, int(2e7 / (m * n * k)))  # ~0.1-1 ms per sample (large tiles: ~2-4 ms)
     args = (kern.handle, xq.data_ptr(), pw.data.data_ptr(), y.data_ptr(), sx.data_ptr(),
@@ -146,11 +148,12 @@ def prefill_two_threads(lib, n: int, k: int, m: int, peak2: float, rounds: int =
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
     pw = qgemm.pack_weight(q, torch.rand(n, generator=gen) + 0.1, "ternary")
-    xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock)
+    xq, sx, rs = qgemm.quantize_activations(torch.randn(m, k, generator=gen), pw.kblock,
+                                            stride=qgemm.act_stride(pw.k_padded))
     y = torch.empty(m, n)
     half = n // 2  # a multiple of 64 for the shapes used
     kern = qgemm.QGemmKernel("ternary", torch.int8, torch.float32, m, half, pw.kblock,
-                             lda=pw.k_padded, ldb=pw.nblock_bytes, ldc=n, stride_a=pw.kblock,
+                             lda=xq.shape[1], ldb=pw.nblock_bytes, ldc=n, stride_a=pw.kblock,
                              stride_b=pw.kblock_bytes, ld_aux=pw.num_kblocks)
     reps = max(1, int(3e8 / (m * half * k)))
     argsets = [(kern.handle, xq.data_ptr(), pw.data.data_ptr() + (t * half // 64) * pw.nblock_bytes,
@@ -274,7 +277,7 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
         gen = torch.Generator().manual_seed(0)
         pw = random_weight(fmt, n, k, gen, int(group) if group else None)
         x = torch.randn(m, k, generator=gen)
-        xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
+        xq, sx, rs = qgemm.quantize_activations(x, pw.kblock, stride=qgemm.act_stride(pw.k_padded))
         atype = {"i8": 1, "f32": 2, "bf16": 3}[adt]
         if adt != "i8":  # weight-only tiles read fp32 / bf16 activations (K zero-padded)
             xq = torch.zeros(m, pw.k_padded, dtype=torch.float32 if adt == "f32" else torch.bfloat16)
@@ -284,7 +287,7 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
         per = {}
         for name, lib in libs.items():
             h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[fmt], atype, 2, m, n, pw.kblock,
-                                          pw.k_padded, pw.nblock_bytes, n, pw.kblock,
+                                          xq.shape[1], pw.nblock_bytes, n, pw.kblock,
                                           pw.kblock_bytes, pw.num_kblocks, 0)
             if h <= 0:
                 raise SystemExit(f"{name}: dispatch failed ({h})")

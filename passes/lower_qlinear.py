@@ -65,8 +65,9 @@ class _Kernel:
 QUANT_TASK_ELEMENTS = 16384  # activations per quantization task (rows x K) on threads
 
 
-def _emit_quant(emit, m_index: str, spec, k: int, kblock: int, kp: int, nkb: int, x_elem: str) -> None:
-    """`lowbit_qquant_act` of the rows of x (`m_index` of them) into %xqp / %sxp / %rsp.
+def _emit_quant(emit, m_index: str, spec, k: int, kblock: int, ldq: int, nkb: int, x_elem: str) -> None:
+    """`lowbit_qquant_act` of the rows of x (`m_index` of them) into %xqp (rows `ldq` bytes
+    apart) / %sxp / %rsp.
 
     Each row is quantized on its own, so blocks of rows run as an `scf.forall` on the threads
     when there is more than one block (a prefill); one block (a decode step's single row) is
@@ -76,7 +77,7 @@ def _emit_quant(emit, m_index: str, spec, k: int, kblock: int, kp: int, nkb: int
     decl = DECLARATIONS["lowbit_qquant_act"]
     emit(f"  %xtype = arith.constant {_TYPE_CODE[x_elem]} : i32")
     emit(f"  %qflags = arith.constant {F_AUNIT if spec.act_format == 'int8_unit' else 0} : i32")
-    consts = {"k": k, "kb": kblock, "kp": kp, "nkb": nkb, "xrow": k * _ELEM_BYTES[x_elem], "rsrow": 4 * nkb,
+    consts = {"k": k, "kb": kblock, "ldq": ldq, "nkb": nkb, "xrow": k * _ELEM_BYTES[x_elem], "rsrow": 4 * nkb,
               "four": 4}
     for key, value in consts.items():
         emit(f"  %q_{key} = arith.constant {value} : i64")
@@ -90,16 +91,16 @@ def _emit_quant(emit, m_index: str, spec, k: int, kblock: int, kp: int, nkb: int
     emit("      %q_n_i = arith.minui %q_left, %q_rows : index")
     emit("      %q_r0 = arith.index_cast %q_r0_i : index to i64")
     emit("      %q_n = arith.index_cast %q_n_i : index to i64")
-    for ptr, stride in (("xp", "%q_xrow"), ("xqp", "%q_kp"), ("sxp", "%q_four"), ("rsp", "%q_rsrow")):
+    for ptr, stride in (("xp", "%q_xrow"), ("xqp", "%q_ldq"), ("sxp", "%q_four"), ("rsp", "%q_rsrow")):
         emit(f"      %q_{ptr}_off = arith.muli %q_r0, {stride} : i64")
         emit(f"      %q_{ptr} = arith.addi %{ptr}, %q_{ptr}_off : i64")
     emit("      %q_rc = func.call @lowbit_qquant_act(%xtype, %q_xp, %q_n, %q_k, %q_k, %q_kb, %qflags, "
-         "%q_xqp, %q_kp, %q_sxp, %q_rsp, %q_nkb) : " + decl)
+         "%q_xqp, %q_ldq, %q_sxp, %q_rsp, %q_nkb) : " + decl)
     emit("    }")
     emit("  } else {")
     emit(f"    %q_m = arith.index_cast {m_index} : index to i64")
     emit("    %qrc = func.call @lowbit_qquant_act(%xtype, %xp, %q_m, %q_k, %q_k, %q_kb, %qflags, "
-         "%xqp, %q_kp, %sxp, %rsp, %q_nkb) : " + decl)
+         "%xqp, %q_ldq, %sxp, %rsp, %q_nkb) : " + decl)
     emit("  }")
 
 
@@ -119,6 +120,16 @@ def _check_dispatch(args: tuple) -> int:
     fn.restype = ctypes.c_int64
     fn.argtypes = [ctypes.c_int32] * 3 + [ctypes.c_int64] * 9 + [ctypes.c_int32]
     return int(fn(*args))
+
+
+def _act_stride(kp: int) -> int:
+    """The runtime's row stride for int8 activations of kp values (lowbit_qgemm_act_stride):
+    compiled layers quantize into rows this far apart and dispatch their tiles with it."""
+    from lowbit.runtime.library import load_runtime
+    fn = load_runtime().lowbit_qgemm_act_stride
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int64]
+    return int(fn(kp))
 
 
 @register_pass
@@ -221,7 +232,7 @@ class LowerQLinear(ModulePass):
         if residual:
             flags |= F_BETA1
         pad = (not int8) and kp != k
-        lda = kp if (int8 or pad) else k
+        lda = _act_stride(kp) if int8 else kp if pad else k
         ld_aux = nkb
         shapes = {(mt, nt) for mt in {m_tile, m_last} for nt in {n_tile, n_last}}
         handles = {}
@@ -256,13 +267,13 @@ class LowerQLinear(ModulePass):
         if int8:
             emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %x : {xt} -> index")
             emit("  %xp = arith.index_cast %xp_i : index to i64")
-            for var, shape, elem in (("xq", m * kp, "i8"), ("sx", m, "f32"), ("rs", m * nkb, "i32")):
+            for var, shape, elem in (("xq", m * lda, "i8"), ("sx", m, "f32"), ("rs", m * nkb, "i32")):
                 emit(f"  %{var} = memref.alloc() {{alignment = 64 : i64}} : memref<{shape}x{elem}>")
                 emit(f"  %{var}p_i = memref.extract_aligned_pointer_as_index %{var} : memref<{shape}x{elem}> -> index")
                 emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
                 deallocs.append((var, f"memref<{shape}x{elem}>"))
             emit(f"  %q_m_i = arith.constant {m} : index")
-            _emit_quant(emit, "%q_m_i", spec, k, kblock, kp, nkb, x_elem)
+            _emit_quant(emit, "%q_m_i", spec, k, kblock, lda, nkb, x_elem)
             a_ptr, as_ptr, sum_ptr = "%xqp", "%sxp", "%rsp"
         elif pad:
             emit(f"  %xpad = memref.alloc() {{alignment = 64 : i64}} : memref<{m}x{kp}x{x_elem}>")
@@ -380,7 +391,7 @@ def _bound_text(name, spec, tiles, bound, fn_type, wfmt, epilogue):
     if residual:
         flags |= F_BETA1
     pad = (not int8) and kp != k
-    lda = kp if (int8 or pad) else k
+    lda = _act_stride(kp) if int8 else kp if pad else k
     handles = {}
     for mc in chunks:
         for nt in sorted({n_tile, n_last}):
@@ -419,14 +430,14 @@ def _bound_text(name, spec, tiles, bound, fn_type, wfmt, epilogue):
     if int8:
         emit(f"  %xp_i = memref.extract_aligned_pointer_as_index %x : {xt} -> index")
         emit("  %xp = arith.index_cast %xp_i : index to i64")
-        for var, per_row, elem in (("xq", kp, "i8"), ("sx", 1, "f32"), ("rs", nkb, "i32")):
+        for var, per_row, elem in (("xq", lda, "i8"), ("sx", 1, "f32"), ("rs", nkb, "i32")):
             emit(f"  %{var}_rows = arith.constant {per_row} : index")
             emit(f"  %{var}_n = arith.muli %m_i, %{var}_rows : index")
             emit(f"  %{var} = memref.alloc(%{var}_n) {{alignment = 64 : i64}} : memref<?x{elem}>")
             emit(f"  %{var}p_i = memref.extract_aligned_pointer_as_index %{var} : memref<?x{elem}> -> index")
             emit(f"  %{var}p = arith.index_cast %{var}p_i : index to i64")
             deallocs.append((var, f"memref<?x{elem}>"))
-        _emit_quant(emit, "%m_i", spec, k, kblock, kp, nkb, x_elem)
+        _emit_quant(emit, "%m_i", spec, k, kblock, lda, nkb, x_elem)
         a_ptr, as_ptr, sum_ptr = "%xqp", "%sxp", "%rsp"
     elif pad:
         pt = f"memref<?x{kp}x{x_elem}>"

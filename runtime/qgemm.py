@@ -97,6 +97,7 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qunpack": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _I64]),
         "lowbit_qquant_act": (_I32, [_I32, _P, _I64, _I64, _I64, _I64, _I32, _P, _I64, _P, _P,
                                      _I64]),
+        "lowbit_qgemm_act_stride": (_I64, [_I64]),
         "lowbit_qgemm_dispatch": (_I64, [_I32, _I32, _I32] + [_I64] * 9 + [_I32]),
         "lowbit_qgemm_invoke": (_I32, [_I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64,
                                        _P, _I64, _I64]),
@@ -307,11 +308,22 @@ def unpack_weight(pw: PackedWeight) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- activations
 
-def quantize_activations(x, kblock: int, *, per_block: bool = False):
+def act_stride(kp: int) -> int:
+    """Row stride (bytes) for int8 activations of kp values that the tiles read fastest: kp
+    rounded up to an odd number of 64-byte lines (lowbit_qgemm_act_stride). Compiled layers
+    quantize into rows this far apart."""
+    if kp <= 0:
+        raise ValueError(f"kp must be positive, got {kp}")
+    return int(_lib().lowbit_qgemm_act_stride(kp))
+
+
+def quantize_activations(x, kblock: int, *, per_block: bool = False, stride: int | None = None):
     """Dynamic int8 quantization of x (fp32/bf16 [M, K]) with per-K-block row sums.
 
     Returns (xq int8 [M, Kp], scale fp32 [M] or [M, nkb], rowsum int32 [M, nkb]) with
     Kp = nkb * kblock and xq zero in columns [K, Kp). scale is s = 127 / max(amax, 1e-5).
+    With `stride` (>= Kp), xq is [M, stride] instead, zero past Kp: act_stride(Kp) gives the
+    rows compiled layers quantize into; dispatch the tile with lda=xq.shape[1].
     """
     x = _check(_as_tensor(x, "x"), "x", (torch.float32, torch.bfloat16), ndim=2)
     m, k = x.shape
@@ -320,12 +332,16 @@ def quantize_activations(x, kblock: int, *, per_block: bool = False):
     if kblock <= 0 or kblock % 4:
         raise ValueError(f"kblock must be a positive multiple of 4, got {kblock}")
     nkb = -(-k // kblock)
-    xq = torch.empty(m, nkb * kblock, dtype=torch.int8)
+    kp = nkb * kblock
+    stride = kp if stride is None else stride
+    if stride < kp:
+        raise ValueError(f"stride must be at least Kp = {kp}, got {stride}")
+    xq = torch.empty(m, kp, dtype=torch.int8) if stride == kp else torch.zeros(m, stride, dtype=torch.int8)
     scale = torch.empty((m, nkb) if per_block else (m,), dtype=torch.float32)
     rowsum = torch.empty(m, nkb, dtype=torch.int32)
     rc = _lib().lowbit_qquant_act(_DTYPE_TO_T[x.dtype], x.data_ptr(), m, k, k, kblock,
                                   F_ASCALE_PER_BLOCK if per_block else 0, xq.data_ptr(),
-                                  nkb * kblock, scale.data_ptr(), rowsum.data_ptr(), nkb)
+                                  stride, scale.data_ptr(), rowsum.data_ptr(), nkb)
     _raise("activation quantization", rc)
     return xq, scale, rowsum
 
@@ -463,9 +479,10 @@ def amx_invocations() -> int:
 
 def dispatch_for(pw: PackedWeight, m: int, *, a_dtype=torch.int8, c_dtype=torch.float32,
                  bias: bool = False, per_block_act_scale: bool = False, beta: bool = False,
-                 activation: str | None = None) -> QGemmKernel:
-    """The tile that covers a whole packed weight for m rows of K-padded activations."""
-    return QGemmKernel(pw.fmt, a_dtype, c_dtype, m, pw.n, pw.kblock, lda=pw.k_padded,
+                 activation: str | None = None, lda: int | None = None) -> QGemmKernel:
+    """The tile that covers a whole packed weight for m rows of K-padded activations (rows
+    `lda` elements apart, default pw.k_padded)."""
+    return QGemmKernel(pw.fmt, a_dtype, c_dtype, m, pw.n, pw.kblock, lda=lda or pw.k_padded,
                        ldb=pw.nblock_bytes, ldc=pw.n, stride_a=pw.kblock,
                        stride_b=pw.kblock_bytes, ld_aux=pw.num_kblocks, bias=bias,
                        per_block_act_scale=per_block_act_scale, beta=beta,

@@ -84,6 +84,33 @@ func.func private @lowbit_qlinear_0(%arg0: memref<?x64xf32>, %arg1: memref<3072x
 
 // -----
 
+// int8 activations with K = 128 (two 64-byte lines): the quantized rows are padded to an odd
+// number of lines, 192 bytes (lowbit_qgemm_act_stride), so that rows a power of two apart do
+// not share L1 sets; the buffer, the quantization's row stride, every dispatch's lda and the
+// invokes' activation offsets all use 192.
+// CHECK-LABEL: func.func private @lowbit_qlinear_0(
+// CHECK-SAME: %[[X:[^:]+]]: memref<?x128xf32>
+// CHECK: %[[XQROW:.+]] = arith.constant 192 : index
+// CHECK: %[[XQN:.+]] = arith.muli %{{.+}}, %[[XQROW]] : index
+// CHECK: memref.alloc(%[[XQN]]) {alignment = 64 : i64} : memref<?xi8>
+// CHECK: %[[LDQ:.+]] = arith.constant 192 : i64
+// CHECK: call @lowbit_qquant_act(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %[[LDQ]],
+// CHECK: call @lowbit_qquant_act(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %[[LDQ]],
+// CHECK-COUNT-5: call @lowbit_qgemm_dispatch(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c192_i64
+// CHECK-NOT: call @lowbit_qgemm_dispatch(
+// CHECK: %[[LDA:.+]] = arith.constant 192 : i64
+// CHECK: scf.forall
+// CHECK: scf.for
+// CHECK: %[[ROW:.+]] = arith.index_cast %{{.+}} : index to i64
+// CHECK: %[[AOFF:.+]] = arith.muli %[[ROW]], %[[LDA]] : i64
+// CHECK: func.call @lowbit_qgemm_invoke(%{{.+}}, %{{.+}}, %[[AOFF]],
+
+func.func private @lowbit_qlinear_0(%arg0: memref<?x128xf32>, %arg1: memref<2304xi8>, %arg2: memref<?x64xf32>) attributes {lowbit.bound = {bias = 0 : i64, bytes = 2304 : i64, kblock = 128 : i64, kblock_bytes = 2304 : i64, nblock_bytes = 2304 : i64, num_kblocks = 1 : i64}, lowbit.qlinear = {act_format = "int8", act_group_size = 0 : i64, granularity = "tensor", group_size = 0 : i64, in_features = 128 : i64, origin = "bound", out_features = 64 : i64, weight_format = "ternary"}, lowbit.tiles = {kblock = 128 : i64, m_tile = 8192 : i64, n_tile = 64 : i64, threads = 2 : i64}, no_inline} {
+  return
+}
+
+// -----
+
 // Weight-only fp32 with a residual epilogue, static M = 3 (m_tile 3) and an N tail (N = 100:
 // a 64-row tile and a 36-row tail): (x, r, w, y); chunks of 3 then 1 rows, each dispatched
 // for both N tile widths with BETA1 (flags 1); y's tile receives r's tile right before each

@@ -24,9 +24,11 @@ func.func private @lowbit_qlinear_0(%arg0: memref<2x8xf32>, %arg1: memref<2x4xf3
 // -----
 
 // int8 activations with M and N tails (M = 6 in tiles of 4, N = 100 in tiles of 64):
-// activations are quantized once, four tile shapes are dispatched, and each tile
-// selects its handle.
+// activations are quantized once, into rows of one 64-byte line (K = 40 rounded up to an
+// odd number of lines, lowbit_qgemm_act_stride: 6 x 64 bytes), four tile shapes are
+// dispatched, and each tile selects its handle.
 // CHECK-LABEL: func.func private @lowbit_qlinear_0
+// CHECK: memref.alloc() {alignment = 64 : i64} : memref<384xi8>
 // CHECK: call @lowbit_qquant_act(
 // CHECK-COUNT-4: call @lowbit_qgemm_dispatch(
 // CHECK: scf.forall (%{{.+}}) in (2) {

@@ -2,7 +2,9 @@
 // activation bytes x unsigned code bytes, 16 x 16 int32 per tile, 64 k per instruction).
 //
 // Activations: a call of up to kDirectMaxRows output rows (the compiled prefill's tasks) loads
-// its A tiles straight from the rows, `lda` apart; a wider call first copies each pass of up
+// its A tiles straight from the rows, `lda` apart (compiled layers quantize into rows
+// lowbit_qgemm_act_stride apart, an odd number of 64-byte lines: with 2048 or 4096 an A tile's
+// 16 rows shared two or one L1 sets, 1.18-1.26x slower per tile); a wider call first copies each pass of up
 // to 256 rows into 64-column panels (an A tile is then 1 KiB of consecutive rows), which pays
 // off over many n-blocks (direct_rows). A tiles are loaded with TILELOADDT1: the activations
 // stream past without evicting the codes and the decode ring from L1.

@@ -179,6 +179,12 @@ const char* lowbit_qgemm_handle_isa(int64_t handle) {
   return e ? lowbit_rt_isa_name(e->desc.isa) : "invalid";
 }
 
+int64_t lowbit_qgemm_act_stride(int64_t kp) {
+  if (kp <= 0) return 0;
+  const int64_t lines = (kp + 63) / 64;
+  return (lines | 1) * 64;
+}
+
 int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, int64_t k, int64_t ldx,
                           int64_t kblock, int32_t flags, int8_t* xq, int64_t ldq, float* scale,
                           int32_t* rowsum, int64_t ld_aux) {
@@ -217,14 +223,15 @@ int32_t lowbit_qlinear(int32_t wfmt, const uint8_t* packed, int64_t n, int64_t k
   const int32_t flags = bias ? LOWBIT_QF_BIAS : 0;
 
   if (mode == LOWBIT_QT_INT8) {
-    int8_t* xq = static_cast<int8_t*>(malloc(size_t(m * kp)));
+    const int64_t ldq = lowbit_qgemm_act_stride(kp);
+    int8_t* xq = static_cast<int8_t*>(malloc(size_t(m * ldq)));
     float* sx = static_cast<float*>(malloc(size_t(m) * 4));
     int32_t* rs = static_cast<int32_t*>(malloc(size_t(m * nkb) * 4));
     int32_t rc = (xq && sx && rs) ? 0 : -LOWBIT_E_SHAPE;
-    if (rc == 0) rc = lowbit_qquant_act(xtype, x, m, k, ldx, kblock, 0, xq, kp, sx, rs, nkb);
+    if (rc == 0) rc = lowbit_qquant_act(xtype, x, m, k, ldx, kblock, 0, xq, ldq, sx, rs, nkb);
     int64_t h = 0;
     if (rc == 0)
-      h = lowbit_qgemm_dispatch(wfmt, LOWBIT_QT_INT8, ytype, m, n, kblock, kp, nbb, ldy, kblock,
+      h = lowbit_qgemm_dispatch(wfmt, LOWBIT_QT_INT8, ytype, m, n, kblock, ldq, nbb, ldy, kblock,
                                 kbb, nkb, flags);
     if (rc == 0 && h < 0) rc = int32_t(h);
     if (rc == 0) rc = lowbit_qgemm_invoke(h, xq, 0, packed, 0, y, 0, sx, 0, rs, 0, bias, 0, nkb);

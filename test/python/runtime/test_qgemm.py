@@ -134,6 +134,34 @@ def test_quantize_activations_exact(isa, m, k, kb4, per_block, bf16, seed, scale
     assert torch.equal(rs, rxq.to(torch.int32).view(m, nkb, kblock).sum(-1, dtype=torch.int32))
 
 
+def test_act_stride_is_an_odd_number_of_lines():
+    """Compiled layers quantize into rows act_stride(Kp) bytes apart: at least Kp, a whole
+    number of 64-byte lines, odd, and the smallest such."""
+    for kp in [1, 4, 32, 63, 64, 65, 96, 128, 200, 2048, 2560, 4096, 5632, 6912, 8192, 11008]:
+        s = qgemm.act_stride(kp)
+        lines = s // 64
+        assert s % 64 == 0 and lines % 2 == 1 and s >= kp, (kp, s)
+        assert s - 128 < kp, (kp, s)  # the next smaller odd number of lines is too short
+    assert qgemm.act_stride(4096) == 4160 and qgemm.act_stride(64) == 64
+    with pytest.raises(ValueError, match="kp must be positive"):
+        qgemm.act_stride(0)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_quantize_into_strided_rows(per_block):
+    """quantize_activations(stride=...) writes the same values into wider rows, zero past Kp."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 100, generator=gen)  # Kp = 128: two lines, stride three
+    xq, s, rs = qgemm.quantize_activations(x, 64, per_block=per_block)
+    stride = qgemm.act_stride(xq.shape[1])
+    wq, ws, wrs = qgemm.quantize_activations(x, 64, per_block=per_block, stride=stride)
+    assert wq.shape == (5, stride) == (5, 192)
+    assert torch.equal(wq[:, :128], xq) and not wq[:, 128:].any()
+    assert torch.equal(ws, s) and torch.equal(wrs, rs)
+    with pytest.raises(ValueError, match="stride must be at least Kp = 128"):
+        qgemm.quantize_activations(x, 64, stride=127)
+
+
 def test_quantize_rounds_half_to_even():
     # amax = 127 -> s = 1: x * s is exactly representable, so ties are real ties.
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49]])

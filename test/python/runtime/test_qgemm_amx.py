@@ -25,7 +25,8 @@ def run_tile(isa, pw, xq, sx, rs, m, *, c_dtype=torch.float32, bias=None, beta=F
              activation=None, per_block=False, c_in=None):
     with use_isa(isa):
         kern = qgemm.dispatch_for(pw, m, c_dtype=c_dtype, bias=bias is not None, beta=beta,
-                                  activation=activation, per_block_act_scale=per_block)
+                                  activation=activation, per_block_act_scale=per_block,
+                                  lda=xq.shape[1])
         y = c_in.clone() if c_in is not None else torch.full((m, pw.n), float("nan")).to(c_dtype)
         kern(xq, pw.data, y, count=pw.num_kblocks, a_scale=sx, a_sum=rs, bias=bias)
     return y, kern.isa
@@ -74,6 +75,26 @@ def test_amx_equals_avx512_bitwise(fmt, m, n, k, group):
             bits = torch.int16 if c_dtype == torch.bfloat16 else torch.int32  # -0 and +0 differ
             assert torch.equal(y_amx.view(bits), y_ref.view(bits)), \
                 (fmt, c_dtype, act, beta, per_block, float((y_amx.float() - y_ref.float()).abs().max()))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m,n,k", [(33, 130, 2048), (64, 65, 520), (128, 64, 4096)])
+def test_amx_at_the_compiled_stride(fmt, m, n, k):
+    """Activations in rows act_stride(Kp) apart (what compiled layers quantize into; the AMX
+    tiles then load their A tiles from the rows in place): the same bits as contiguous rows,
+    and as AVX-512 at that stride."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    _, _, _, pw = random_packed(gen, fmt, n, k, None, 0.05)
+    x = torch.randn(m, k, generator=gen) * 3
+    xq, sx, rs = qgemm.quantize_activations(x, pw.kblock)
+    wq, _, _ = qgemm.quantize_activations(x, pw.kblock, stride=qgemm.act_stride(pw.k_padded))
+    assert wq.shape[1] > xq.shape[1]
+    y_amx, isa = run_tile("amx", pw, wq, sx, rs, m, c_dtype=torch.bfloat16, activation="silu")
+    y_ref, _ = run_tile("avx512", pw, wq, sx, rs, m, c_dtype=torch.bfloat16, activation="silu")
+    y_contig, _ = run_tile("amx", pw, xq, sx, rs, m, c_dtype=torch.bfloat16, activation="silu")
+    assert isa == "amx"
+    assert torch.equal(y_amx.view(torch.int16), y_ref.view(torch.int16))
+    assert torch.equal(y_amx.view(torch.int16), y_contig.view(torch.int16))
 
 
 @pytest.mark.parametrize("fmt", FMTS)

@@ -122,6 +122,14 @@ LOWBIT_API int32_t lowbit_qquant_act(int32_t xtype, const void* x, int64_t m, in
                                      int64_t ldx, int64_t kblock, int32_t flags, int8_t* xq,
                                      int64_t ldq, float* scale, int32_t* rowsum, int64_t ld_aux);
 
+/* The row stride (bytes) to give int8 activations of nkb*kblock = kp values that the tiles
+ * read: kp rounded up to an odd number of 64-byte lines. A stride of many lines times a power
+ * of two (2048, 4096: every K of a real model) puts the 16 rows of an AMX A tile, and rows
+ * further down, into the same few L1 sets; an odd number of lines spreads them over all sets
+ * (AMX tiles reading rows in place 1.18-1.26x, the other paths unchanged). Depends on kp only,
+ * not on the CPU, so compiled artifacts carry it as a constant. kp <= 0 returns 0. */
+LOWBIT_API int64_t lowbit_qgemm_act_stride(int64_t kp);
+
 /* Dispatch a BRGEMM tile: C[m x n] over `count` K-blocks of `kblock` values (count is given
  * at invoke time). Strides: lda, ldc in elements; stride_a in elements between the batch's
  * A blocks (usually kblock); ldb, stride_b in bytes (from lowbit_qpack_layout); ld_aux is the
