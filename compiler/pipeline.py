@@ -165,6 +165,9 @@ RUNTIME_CALLS = [
     "lowbit-lower-qlinear",
     "lowbit-lower-attention",
     "lowbit-dense-brgemm-calls",
+    # copies left between parallel loops (concatenations, results into out-params) run
+    # on every thread; after the lowerings above, whose own copies sit in their loops
+    "lowbit-parallel-copy",
     "symbol-dce",
 ]
 

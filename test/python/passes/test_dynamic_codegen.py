@@ -183,6 +183,29 @@ def test_rmsnorm_silu_dynamic_tokens(dtype, nthreads, caplog):
         _close(*mlp(a, b), dtype)
 
 
+def rotate_half_rope(q, cos, sin):
+    # Llama's RoPE: the concatenation of the two rotated halves is a buffer copy per half
+    half = q.shape[-1] // 2
+    rot = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+    return q * cos + rot * sin
+
+
+def test_rope_concat_copies_run_in_parallel(nthreads):
+    """The concatenation's copies are split over the threads (lowbit-parallel-copy) when
+    they are large, copied serially when small; exact for every token count."""
+    heads, d = 16, 128
+    f = DynamicFunction(rotate_half_rope, [torch.randn(1, heads, 5, d), torch.randn(5, d), torch.randn(5, d)],
+                        [{2: "T"}, {0: "T"}, {0: "T"}])
+    text = f.ir_after["runtime-calls"]
+    assert "call @lowbit_parallel_copy_" in text and "scf.forall" in text
+    g = torch.Generator().manual_seed(4)
+    for t in SIZES + [1000]:  # 1000 tokens: 4 MiB per half, far above the threshold
+        q = torch.randn(1, heads, t, d, generator=g)
+        cos, sin = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
+        got, want = f(q, cos, sin)
+        assert torch.equal(got[0], want[0]), t
+
+
 def test_softmax_over_dynamic_kv_length(nthreads, caplog):
     with caplog.at_level(logging.INFO, logger="lowbit.vectorize"):
         sm = DynamicFunction(masked_scores_softmax,
