@@ -11,7 +11,8 @@ the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either
 
 Cases: the issue's M = 128 layers (4096x4096, 2560x6912: N x K) in one invoke; the tile the
 compiler issues for a 1B model's prefill (M = 128 tokens x 512 output rows x K 2048) in every
-format; an M sweep on that tile with AMX forced at every M (what sets the row threshold,
+format, and once more with its activation rows 2048 bytes apart instead of the compiled
+layout's act_stride (2112: the ratio is printed); an M sweep on that tile with AMX forced at every M (what sets the row threshold,
 `qgemm.amx_min_rows()`); and the
 4096x4096 layer on 2 threads (each half of N, started together). The dense bf16 BRGEMM's AMX
 tiles against AVX-512 and torch.matmul: benchmarks/amx_dense.py.
@@ -43,16 +44,22 @@ FORMATS = ["ternary", "int2_asym", "int1", "int4_sym", "int8"]
 class Case:
     """One tile shape and format, dispatched on both paths over the same operands."""
 
-    def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1, force: bool = False):
+    def __init__(self, lib, fmt: str, m: int, n: int, k: int, threads: int = 1, force: bool = False,
+                 packed_rows: bool = False):
         gen = torch.Generator().manual_seed(0)
         self.pw = random_weight(fmt, n, k, gen)
-        # activations in the rows compiled layers quantize into (qgemm.act_stride)
+        # activations in the rows compiled layers quantize into (qgemm.act_stride), or with
+        # packed_rows exactly Kp bytes apart (the layout before act_stride)
+        self.packed_rows = packed_rows
         self.xq, self.sx, self.rs = qgemm.quantize_activations(
-            torch.randn(m, k, generator=gen), self.pw.kblock, stride=qgemm.act_stride(self.pw.k_padded))
+            torch.randn(m, k, generator=gen), self.pw.kblock,
+            stride=None if packed_rows else qgemm.act_stride(self.pw.k_padded))
         self.y = torch.empty(m, n)
         self.lib, self.fmt, self.m, self.n, self.k, self.threads = lib, fmt, m, n, k, threads
         part = n // threads  # a multiple of 64 for the shapes used
-        self.reps = max(1, int(4e8 / (m * part * k)))
+        # ~1-2 ms of AMX work per sample: shorter ones (0.1-0.3 ms) read 20-25% low, the AMX
+        # unit still waking up after the VNNI run before it
+        self.reps = max(1, int(2e9 / (m * part * k)))
         self.handles = {}
         # force: AMX below the row threshold too (the sweep that sets the threshold)
         rows = qgemm.amx_min_rows(1) if force else None
@@ -69,7 +76,8 @@ class Case:
 
     def name(self) -> str:
         t = f", {self.threads} threads" if self.threads > 1 else ""
-        return f"{self.fmt} M={self.m} {self.n}x{self.k}{t}"
+        rows = ", rows Kp apart" if self.packed_rows else ""
+        return f"{self.fmt} M={self.m} {self.n}x{self.k}{t}{rows}"
 
     def run(self, isa: str) -> float:
         """MAC/s: the sum over threads of each thread's MACs over its CPU time."""
@@ -116,6 +124,8 @@ def main() -> None:
 
     cases = [Case(lib, "ternary", 128, 4096, 4096), Case(lib, "ternary", 128, 2560, 6912)]
     cases += [Case(lib, f, 128, 512, 2048) for f in (FORMATS[:1] if args.quick else FORMATS)]
+    # the compiled prefill's tile with its activation rows 2048 bytes apart (same L1 sets)
+    cases += [Case(lib, "ternary", 128, 512, 2048, packed_rows=True)]
     sweep = [Case(lib, "ternary", m, 512, 2048, force=True)
              for m in ((16, 32, 64) if args.quick else (8, 16, 24, 32, 48, 64))]
     two = [Case(lib, "ternary", 128, 4096, 4096, threads=2)]
@@ -170,6 +180,11 @@ def main() -> None:
               f"{statistics.median(v) / 1e9:8.1f} [{min(v) / 1e9:6.1f}..{max(v) / 1e9:6.1f}] "
               f"{row['vnni_pct_peak']:5.1f}% {statistics.median(ratio):6.2f} [{min(ratio):.2f}..{max(ratio):.2f}]"
               + ("" if c.handles["amx"][1] == "amx" else f"  (AMX handle runs {c.handles['amx'][1]})"))
+    stride = [x / y for x, y in zip(res["ternary M=128 512x2048"]["amx"],
+                                    res["ternary M=128 512x2048, rows Kp apart"]["amx"])]
+    print(f"\nAMX, ternary M=128 512x2048, activation rows act_stride(2048) = "
+          f"{qgemm.act_stride(2048)} vs 2048 bytes apart: {statistics.median(stride):.3f} "
+          f"[{min(stride):.3f}..{max(stride):.3f}] per round")
     print(f"\nAMX rule in this build: int8 tiles of >= {qgemm.amx_min_rows()} rows and K-blocks of >= "
           f"{qgemm.amx_min_kblock()} values (the M sweep forces AMX at every M); dense bf16 BRGEMMs: "
           f">= {brgemm.amx_min_rows()} rows and k >= {brgemm.amx_min_k()} (benchmarks/amx_dense.py)")
@@ -177,7 +192,7 @@ def main() -> None:
               "timing": "thread CPU time, 1 thread per tile unless stated",
               "peaks_gmacs": {k: summarize([x / 1e9 for x in v]) for k, v in peak.items()},
               "amx_min_rows": qgemm.amx_min_rows(), "amx_min_kblock": qgemm.amx_min_kblock(),
-              "cases": out_cases}
+              "cases": out_cases, "amx_act_stride_over_kp_rows": summarize(stride)}
     peaks_mod.write_json(args.out, result)
 
 
