@@ -46,7 +46,7 @@ constexpr int64_t kMC = 256;               // most activation rows per pass over
 constexpr int64_t kPackBytes = 768 << 10;  // packed activations of a pass (L2-resident)
 constexpr int kRing = 8;                   // decoded K steps in the ring (2 B tiles each)
 constexpr int kAhead = 4;                  // steps decoded ahead of the tiles that read them
-constexpr int64_t kDirectMaxRows = 1024;   // output rows of a call that read A unpacked
+constexpr int64_t kDirectMaxRows = 4096;   // output rows of a call that read A unpacked
 
 
 // Per-thread scratch, grown on demand and kept (compiled code calls tiles from its OpenMP
@@ -238,9 +238,12 @@ int64_t pass_rows(const Desc& d, const Args& g) {
 
 // Whether the A tiles are loaded straight from the activation rows (`lda` apart) instead of
 // from 64-column panels packed per call: measured (ternary, M = 128, same process) 1.07-1.29x
-// for calls of 256-1024 output rows, the compiled prefill's tasks, and 0.89-0.91x for 4096,
-// where one packing serves 64 n-blocks. A row's last step reads up to 63 bytes past its
-// K-block (multiplied by zero B rows), which must still be inside the row.
+// for calls of 256-1024 output rows, the compiled prefill's tasks. With rows Kp apart, 4096
+// rows ran 0.89-0.91x (one packing serves 64 n-blocks); with the padded act_stride rows,
+// per-round medians of four or five runs: 4096 x 4096 0.94-1.09x, 2560 x 6912 1.01-1.39x,
+// 2048 x 2048 0.78-1.41x, but 6912 x 2560 0.88-1.03x and 8192 x 2048 0.96-1.03x. A row's
+// last step reads up to 63 bytes past its K-block (multiplied by zero B rows), which must
+// still be inside the row.
 bool direct_rows(const Desc& d, const Args& g) {
   const int64_t nb = (d.kblock + 63) / 64;
   return d.n <= kDirectMaxRows && (g.count - 1) * d.stride_a + nb * 64 <= d.lda;

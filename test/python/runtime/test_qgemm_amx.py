@@ -78,11 +78,12 @@ def test_amx_equals_avx512_bitwise(fmt, m, n, k, group):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("m,n,k", [(33, 130, 2048), (64, 65, 520), (128, 64, 4096)])
+@pytest.mark.parametrize("m,n,k", [(33, 130, 2048), (64, 65, 520), (128, 64, 4096), (33, 1100, 256),
+                                   (40, 4160, 128)])
 def test_amx_at_the_compiled_stride(fmt, m, n, k):
     """Activations in rows act_stride(Kp) apart (what compiled layers quantize into; the AMX
-    tiles then load their A tiles from the rows in place): the same bits as contiguous rows,
-    and as AVX-512 at that stride."""
+    tiles then load their A tiles from the rows in place, up to 4096 output rows per call,
+    and pack them above): the same bits as contiguous rows, and as AVX-512 at that stride."""
     gen = torch.Generator().manual_seed(m + n + k)
     _, _, _, pw = random_packed(gen, fmt, n, k, None, 0.05)
     x = torch.randn(m, k, generator=gen) * 3
