@@ -283,7 +283,8 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
             xq = torch.zeros(m, pw.k_padded, dtype=torch.float32 if adt == "f32" else torch.bfloat16)
             xq[:, :k] = x
         y = torch.empty(m, n)
-        reps = max(1, int((4e8 if adt == "i8" else 1e8) / (m * n * k)))
+        # AMX: ~1-2 ms per sample (shorter ones read the tile unit still waking up)
+        reps = max(1, int((2e9 if isa == "amx" else 4e8 if adt == "i8" else 1e8) / (m * n * k)))
         per = {}
         for name, lib in libs.items():
             h = lib.lowbit_qgemm_dispatch(qgemm.FORMATS[fmt], atype, 2, m, n, pw.kblock,
