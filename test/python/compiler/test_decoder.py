@@ -140,3 +140,22 @@ def test_backend_entry_point_by_name():
         torch.testing.assert_close(compiled(x, torch.arange(3)), eager(x, torch.arange(3)), rtol=1e-5, atol=1e-5)
     import lowbit
     assert lowbit.backend is lowbit_backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reset_caches_zeroes_every_cache(dtype):
+    """reset_caches clears each layer's keys and values (a memset for contiguous CPU caches,
+    zero_() otherwise), so a reset sequence equals a fresh one."""
+    from lowbit.models import _zero, reset_caches
+    cfg = LlamaConfig(dim=48, n_heads=4, n_kv_heads=2, hidden_dim=80, max_seq_len=24, vocab_size=97, n_layers=2)
+    model = make_tiny_llama(cfg, dtype, seed=3)
+    caches = _caches(model)
+    assert len(caches) == 2
+    for k, v in caches:
+        k.fill_(float("nan"))
+        v.fill_(-7.0)
+    reset_caches(model)
+    assert all(not k.any() and not v.any() for k, v in caches)
+    strided = torch.ones(4, 6, dtype=dtype)[:, ::2]  # not contiguous: zero_() path
+    _zero(strided)
+    assert not strided.any()
