@@ -6,7 +6,8 @@ its reference body by:
 
     [int8]  lowbit_qquant_act(x -> xq, per-token scales, per-K-block row sums)
                                                   in blocks of rows on threads (scf.forall)
-                                                  when M is more than one block
+                                                  when M is more than one block; xq's rows
+                                                  lowbit_qgemm_act_stride(Kp) bytes apart
             h = lowbit_qgemm_dispatch(...)        one per (M tail?, N tail?) tile shape,
                                                   hoisted out of the loops
             scf.forall (%nt) in (N tiles) {       output-row tiles run on threads

@@ -29,7 +29,7 @@ import dataclasses
 
 from torch_mlir import ir
 
-from lowbit.passes.registry import ModulePass, register_pass
+from lowbit.passes.registry import ModulePass, PassError, register_pass
 from lowbit.passes.vectorize_support import walk
 
 PARALLEL_LOOPS = ("scf.forall", "scf.parallel", "omp.parallel", "omp.wsloop")
@@ -142,7 +142,6 @@ class ParallelCopy(ModulePass):
     tasks: int = 16
 
     def run(self, module: ir.Operation) -> None:
-        from lowbit.passes.registry import PassError
         if self.min_bytes < 1 or self.tasks < 2:
             raise PassError(f"{self.NAME}: min-bytes must be >= 1 and tasks >= 2, "
                             f"got {self.min_bytes} and {self.tasks}")

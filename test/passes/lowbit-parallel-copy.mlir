@@ -1,4 +1,7 @@
 // RUN: lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-parallel-copy)' | filecheck %s
+// RUN: not lowbit-opt %s --split-input-file --pass-pipeline='builtin.module(lowbit-parallel-copy{tasks=1})' 2>&1 >/dev/null | filecheck %s --check-prefix=ERR
+
+// ERR: lowbit-parallel-copy: min-bytes must be >= 1 and tasks >= 2, got 262144 and 1
 
 // A dynamic copy into half of a concatenation buffer (RoPE's rotate_half after
 // bufferization): the copy becomes a call of a helper that splits dimension 1 (the first
