@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402
 import peaks as peaks_mod  # noqa: E402
-from peaks import summarize  # noqa: E402
 
 from lowbit.generate import CompileCounter, _LlamaRunner, build_llama  # noqa: E402
 from lowbit.runtime import qgemm  # noqa: E402
@@ -74,21 +72,11 @@ def main(argv=None) -> int:
                 logits.setdefault(path, out.clone())
                 rates[path].append(PROMPT / (t1 - t0))
     equal = torch.equal(logits["panel"], logits["register"])
-    ratios = [b / a for a, b in zip(rates["register"], rates["panel"])]
-    result = {"cpu": peaks_mod.cpu_description(), "model": args.model, "threads": args.threads,
-              "isa": "avx512", "prompt_tokens": PROMPT, "rounds": args.rounds,
-              "loadavg": [load0, os.getloadavg()[0]], "logits_equal": equal,
-              "prefill_tok_s": {p: summarize(v) for p, v in rates.items()},
-              "panel_over_register": summarize(ratios)}
-    print(f"# {result['cpu'].get('model', '?')}; {args.threads} threads; LOWBIT_ISA=avx512; model "
-          f"{args.model}; {args.rounds} interleaved rounds; load average {load0:.1f}")
-    print(f"{'tiles':10s} {'prefill tok/s median [min..max]':>34s}")
-    for p, v in rates.items():
-        print(f"{p:10s} {statistics.median(v):14.1f} [{min(v):.1f}..{max(v):.1f}]")
-    r = result["panel_over_register"]
-    print(f"panel / register, median of per-round ratios: {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]; "
-          f"logits equal bit for bit: {equal}")
-    peaks_mod.write_json(args.out, result)
+    peaks_mod.report_pair(
+        rates, header=f"{args.threads} threads; LOWBIT_ISA=avx512; model {args.model}; {args.rounds} "
+        f"interleaved rounds; load average {load0:.1f}", ratio_key="panel_over_register", equal=equal,
+        out=args.out, model=args.model, threads=args.threads, isa="avx512", prompt_tokens=PROMPT,
+        rounds=args.rounds, loadavg=[load0, os.getloadavg()[0]])
     return 0 if equal else 1
 
 

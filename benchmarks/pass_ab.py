@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402
 import peaks as peaks_mod  # noqa: E402
-from peaks import summarize  # noqa: E402
 
 from lowbit.compiler.pipeline import default_stages  # noqa: E402
 from lowbit.generate import CompileCounter, _LlamaRunner, build_llama  # noqa: E402
@@ -87,21 +85,12 @@ def main(argv=None) -> int:
                     best = min(best, time.perf_counter() - t0)
                 rates[variant].append(PROMPT / best)
     equal = torch.equal(logits["with"], logits["without"])
-    ratios = [w / wo for w, wo in zip(rates["with"], rates["without"])]
-    result = {"cpu": peaks_mod.cpu_description(), "pass": args.disable, "model": args.model,
-              "system": SYSTEM, "threads": args.threads, "prompt_tokens": PROMPT, "rounds": args.rounds,
-              "repeat": args.repeat, "loadavg": [load0, os.getloadavg()[0]], "logits_equal": equal,
-              "prefill_tok_s": {v: summarize(r) for v, r in rates.items()},
-              "with_over_without": summarize(ratios)}
-    print(f"# {result['cpu'].get('model', '?')}; {args.threads} threads; {SYSTEM} {args.model}; "
-          f"{args.rounds} interleaved rounds, best of {args.repeat}; load average {load0:.1f}")
-    print(f"{args.disable:28s} {'prefill tok/s median [min..max]':>34s}")
-    for v, r in rates.items():
-        print(f"{v:28s} {statistics.median(r):14.1f} [{min(r):.1f}..{max(r):.1f}]")
-    r = result["with_over_without"]
-    print(f"with / without, median of per-round ratios: {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]; "
-          f"logits equal bit for bit: {equal}")
-    peaks_mod.write_json(args.out, result)
+    peaks_mod.report_pair(
+        rates, header=f"{args.threads} threads; {SYSTEM} {args.model}; {args.disable} without / with; "
+        f"{args.rounds} interleaved rounds, best of {args.repeat}; load average {load0:.1f}",
+        ratio_key="with_over_without", equal=equal, out=args.out, **{"pass": args.disable},
+        model=args.model, system=SYSTEM, threads=args.threads, prompt_tokens=PROMPT, rounds=args.rounds,
+        repeat=args.repeat, loadavg=[load0, os.getloadavg()[0]])
     return 0 if equal or args.allow_different else 1
 
 

@@ -163,6 +163,27 @@ def summarize(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def report_pair(rates: dict[str, list[float]], *, header: str, ratio_key: str, equal: bool,
+                out: str | Path, **fields) -> dict:
+    """Print and write a two-variant prefill comparison of one process: `rates` maps the
+    first then the second variant to tok/s per round; the ratio is second / first per round.
+    `fields` go into the JSON after the CPU; `equal`: whether their logits matched."""
+    (first, a), (second, b) = rates.items()
+    result = {"cpu": cpu_description(), **fields, "logits_equal": equal,
+              "prefill_tok_s": {v: summarize(r) for v, r in rates.items()},
+              ratio_key: summarize([y / x for x, y in zip(a, b)])}
+    print(f"# {result['cpu'].get('model', '?')}; {header}")
+    width = max(10, *(len(v) for v in rates))
+    print(f"{'':{width}s} {'prefill tok/s median [min..max]':>34s}")
+    for v, r in rates.items():
+        print(f"{v:{width}s} {statistics.median(r):14.1f} [{min(r):.1f}..{max(r):.1f}]")
+    r = result[ratio_key]
+    print(f"{second} / {first}, median of per-round ratios: {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]; "
+          f"logits equal bit for bit: {equal}")
+    write_json(out, result)
+    return result
+
+
 def measure(rounds: int = 7, burst_ms: float = 20.0, threads=(1, 2), bandwidth: bool = True,
             kinds=None, log=print) -> dict:
     p = Peaks()
