@@ -126,11 +126,8 @@ def _check_dispatch(args: tuple) -> int:
 def _act_stride(kp: int) -> int:
     """The runtime's row stride for int8 activations of kp values (lowbit_qgemm_act_stride):
     compiled layers quantize into rows this far apart and dispatch their tiles with it."""
-    from lowbit.runtime.library import load_runtime
-    fn = load_runtime().lowbit_qgemm_act_stride
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_int64]
-    return int(fn(kp))
+    from lowbit.runtime.qgemm import act_stride
+    return act_stride(kp)
 
 
 @register_pass
