@@ -13,7 +13,7 @@
 // C tiles stay in their registers for a whole K-block.
 //
 // The B tiles are decoded just in time: while the TDPBSUDs of K step t run, the codes of step
-// t + kAhead are decoded (decode<BITS>, the AVX-512 tiles' own; the packer's VNNI4 order is
+// t + kAhead are decoded (fields masked in place, decode_half; the packer's VNNI4 order is
 // already a B tile's) into a small ring that stays in L1, every row pair decoding the codes
 // again: decode work is cheap next to the tile unit, memory traffic is not. Measured outside
 // the runtime (benchmarks/amx_loops.py, a 128 x 4096 x 4096 ternary layer, one thread, against
@@ -34,7 +34,6 @@
 
 #include <algorithm>
 
-#include "qgemm_decode_avx512.h"
 #include "qgemm_internal.h"
 
 namespace lowbit {
@@ -96,10 +95,39 @@ void pack_rows(const Desc& d, const Args& g, int64_t m0, int64_t mrows, int64_t 
     }
 }
 
+// How far field j of a code byte sits from bit 0 in the B tiles: the fields are masked in
+// place instead of shifted down (one AND per B tile vector; 1-bit codes shift their high
+// nibble once), so the int32 sums of field j are 2^shift times the codes' sums and are
+// shifted back, exactly, before the flush. The largest masked code (240) is below 255, so
+// kMaxInt8KBlock's int32 bound for 8-bit codes covers it.
+template <int BITS>
+constexpr int field_shift(int j) {
+  return BITS == 2 ? 2 * j : BITS == 1 ? j : BITS == 4 ? 4 * (j & 1) : 0;
+}
+
+// Fields 2H and 2H + 1 of 4-k sub-step `sub`'s codes at p (decode<BITS>'s v[2H], v[2H + 1],
+// times 2^field_shift), each code vector loaded once: gcc would fold the load into both ANDs,
+// and the tile's loads (A, B, codes) are what it waits for.
+template <int BITS, int H>
+inline void decode_half(const uint8_t* p, int sub, __m512i& lo, __m512i& hi) {
+  if constexpr (BITS == 8) {
+    lo = _mm512_loadu_si512(p + 128 * H);
+    hi = _mm512_loadu_si512(p + 128 * H + 64);
+  } else {
+    __m512i x = _mm512_loadu_si512(BITS == 4 ? p + 64 * H : p);
+    __asm__("" : "+v"(x));  // one load, kept in a register
+    if (BITS == 1 && sub) x = _mm512_srli_epi16(x, 4);  // the high nibble's 4 fields
+    constexpr int kLo = BITS == 4 ? 0x0f : BITS == 2 ? 0x03 << (4 * H) : 0x01 << (2 * H);
+    constexpr int kHi = BITS == 4 ? 0xf0 : BITS == 2 ? 0x0c << (4 * H) : 0x02 << (2 * H);
+    lo = _mm512_and_si512(x, _mm512_set1_epi8(char(kLo)));
+    hi = _mm512_and_si512(x, _mm512_set1_epi8(char(kHi)));
+  }
+}
+
 // The codes of K step t (values [64 t, 64 t + 64) of a K-block of kblock values) for output
-// rows 32 H .. 32 H + 31 of the n-block, as two B tiles: vectors 2H and 2H + 1 of each 4-k
+// rows 32 H .. 32 H + 31 of the n-block, as two B tiles: fields 2H and 2H + 1 of each 4-k
 // sub-step, rows 16 apart; sub-steps past the K-block are zero. (H is a template argument so
-// that the decoded vectors stay in registers.)
+// that the masks are constants.)
 template <int BITS, int H>
 inline void decode_step(const uint8_t* codes, int64_t t, int64_t kblock, uint8_t* b) {
   constexpr int kPerStep = 4 * kSubSteps<BITS>;  // k values per packed step
@@ -108,23 +136,28 @@ inline void decode_step(const uint8_t* codes, int64_t t, int64_t kblock, uint8_t
   if (full == 16) {
 #pragma GCC unroll 16
     for (int s = 0; s < 16; ++s) {
-      __m512i v[4];
-      decode<BITS>(p + s / kSubSteps<BITS> * kStepBytes<BITS>, s % kSubSteps<BITS>, v);
-      _mm512_store_si512(b + 64 * s, v[2 * H]);
-      _mm512_store_si512(b + 1024 + 64 * s, v[2 * H + 1]);
+      __m512i lo, hi;
+      decode_half<BITS, H>(p + s / kSubSteps<BITS> * kStepBytes<BITS>, s % kSubSteps<BITS>, lo, hi);
+      _mm512_store_si512(b + 64 * s, lo);
+      _mm512_store_si512(b + 1024 + 64 * s, hi);
     }
     return;
   }
   for (int s = 0; s < 16; ++s) {
-    __m512i v[4];
-    if (s < full) {
-      decode<BITS>(p + s / kSubSteps<BITS> * kStepBytes<BITS>, s % kSubSteps<BITS>, v);
-    } else {
-      v[2 * H] = v[2 * H + 1] = _mm512_setzero_si512();
-    }
-    _mm512_store_si512(b + 64 * s, v[2 * H]);
-    _mm512_store_si512(b + 1024 + 64 * s, v[2 * H + 1]);
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    if (s < full) decode_half<BITS, H>(p + s / kSubSteps<BITS> * kStepBytes<BITS>, s % kSubSteps<BITS>, lo, hi);
+    _mm512_store_si512(b + 64 * s, lo);
+    _mm512_store_si512(b + 1024 + 64 * s, hi);
   }
+}
+
+// A K-block's flush constants for sums of masked fields (field_shift).
+template <int BITS>
+KBlockFlush amx_flush(const Desc& d, const uint8_t* w) {
+  KBlockFlush fl = kblock_flush(d, w);
+  fl.shifted = BITS != 8;
+  for (int j = 0; j < 4; ++j) fl.shift[j] = uint8_t(field_shift<BITS>(j));
+  return fl;
 }
 
 // The decode ring of consecutive row_pair invocations over one K-block. Step t of an
@@ -288,13 +321,13 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s, bool direct) {
           if (g.count == 1) {  // this row pair's rows go out during the next one's steps
             pending.drain();
             pending.acc = acc;
-            pending.flush = kblock_flush(d, w);
+            pending.flush = amx_flush<BITS>(d, w);
             pending.n0 = n0;
             pending.row0 = pending.next = m0 + mp;
             pending.end = m0 + mp + tiles.r0 + tiles.r1;
           }
         }
-        if (g.count > 1) flush_block_avx512(d, g, s.acc, m0, mrows, i, w, s.tile);
+        if (g.count > 1) flush_block_avx512(d, g, amx_flush<BITS>(d, w), s.acc, m0, mrows, i, s.tile);
       }
       if (g.count > 1) store_rows_avx512(d, g, m0, mrows, n0, s.tile);
     }

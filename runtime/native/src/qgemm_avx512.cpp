@@ -538,6 +538,7 @@ LB_INLINE void flush_row(const KBlockFlush& fl, const Args& g, const int32_t* ac
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
     __m512i t = _mm512_load_si512(acc_row + 16 * j);
+    if (fl.shifted) t = _mm512_sra_epi32(t, _mm_cvtsi32_si128(fl.shift[j]));  // exact
     if (fl.a == 2) t = _mm512_slli_epi32(t, 1);
     t = _mm512_sub_epi32(t, fl.off ? _mm512_mullo_epi32(_mm512_loadu_si512(fl.off + 16 * j), rsum) : csum);
     s[j] = _mm512_loadu_ps(fl.scale + 16 * j);
@@ -549,9 +550,8 @@ LB_INLINE void flush_row(const KBlockFlush& fl, const Args& g, const int32_t* ac
 }  // namespace
 
 // K-block i's sums acc[r][64] into the fp32 tile (flush_row).
-void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
-                        int64_t rows, int64_t i, const uint8_t* w, float* tile) {
-  const KBlockFlush fl = kblock_flush(d, w);
+void flush_block_avx512(const Desc& d, const Args& g, const KBlockFlush& fl, const int32_t* acc,
+                        int64_t m0, int64_t rows, int64_t i, float* tile) {
   // K-block 0 writes the tile instead of adding to a zeroed one (the memset of every n-block's
   // tile was ~5% of an AMX tile). x * s + 0 rounds as the FMA onto +0 did, -0 included.
   const bool first = i == 0;

@@ -128,18 +128,22 @@ bool tile_panel_avx512(const Desc& d, const Args& args);
 // AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): one K-block's integer sums
 // acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and the final
 // epilogue of rows. (The codes decode they share is qgemm_decode_avx512.h.)
-void flush_block_avx512(const Desc& d, const Args& g, const int32_t* acc, int64_t m0,
-                        int64_t rows, int64_t i, const uint8_t* w, float* tile);
+struct KBlockFlush;
+void flush_block_avx512(const Desc& d, const Args& g, const KBlockFlush& fl, const int32_t* acc,
+                        int64_t m0, int64_t rows, int64_t i, float* tile);
 void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
                        const float* tile);
 // Where a K-block's flush constants are: its scales, its offsets (nullptr: the format's one
-// offset), computed once per K-block rather than per row.
+// offset), computed once per K-block rather than per row. `shift`: the AMX tiles multiply
+// codes masked in place (field j times 2^shift[j]); their sums are shifted back first.
 struct KBlockFlush {
   const float* scale;
   const int32_t* off;
   int32_t offset;
   int a;
   bool per_block;
+  bool shifted;
+  uint8_t shift[4];
 };
 inline KBlockFlush kblock_flush(const Desc& d, const uint8_t* w) {
   const int64_t cb = codes_bytes(d.f, d.kblock);

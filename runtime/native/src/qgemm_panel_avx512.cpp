@@ -178,7 +178,7 @@ void tile_bits(const Desc& d, const Args& g, Scratch& s) {
             default: break;
           }
         }
-        flush_block_avx512(d, g, acc, m0, rows, i, w, tile);
+        flush_block_avx512(d, g, kblock_flush(d, w), acc, m0, rows, i, tile);
       }
       store_rows_avx512(d, g, m0, rows, n0, tile);
     }
