@@ -7,7 +7,9 @@ code uses (`lowbit_qgemm_dispatch`, whole K in one invoke). Reported per case: G
 [min..max] of thread CPU time, % of the AMX peak (against the mean of the tdpbsud bursts run
 right before and after that case's AMX run, against the same round's burst and against
 the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either ~1000 or
-~2000-2300 GMAC/s from one round to the next), and AMX / VNNI per round.
+~2000-2300 GMAC/s from one round to the next), and AMX / VNNI per round. Then the fast state
+alone: each side's upper quartile over the run (tiles, VNNI tiles, every tdpbsud burst), since
+the bursts and the tiles change state independently within a round.
 
 Cases: the issue's M = 128 layers (4096x4096, 2560x6912: N x K) in one invoke; the tile the
 compiler issues for a 1B model's prefill (M = 128 tokens x 512 output rows x K 2048) in every
@@ -106,6 +108,10 @@ class Case:
         return sum(self.macs / c for c in cpu)
 
 
+def upper_quartile(values: list[float]) -> float:
+    return statistics.quantiles(values, n=4, method="inclusive")[2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
@@ -132,18 +138,23 @@ def main() -> None:
     all_cases = cases + sweep + two
     res = {c.name(): {"amx": [], "avx512": [], "adjacent": []} for c in all_cases}
     peak = {"amx_int8": [], "vnni_zmm": [], "amx_int8_2t": []}
+    bursts = {1: [], 2: []}  # every tdpbsud burst of the run, by threads
     load0 = os.getloadavg()[0]
     for r in range(rounds):
         for name in ("amx_int8", "vnni_zmm"):
             peak[name].append(pk.macs_per_s(name))
         peak["amx_int8_2t"].append(pk.macs_per_s("amx_int8", 2))
+        bursts[1].append(peak["amx_int8"][-1])
+        bursts[2].append(peak["amx_int8_2t"][-1])
         for c in all_cases:
             for isa in (("amx", "avx512") if r % 2 == 0 else ("avx512", "amx")):
                 if isa == "amx":  # the tdpbsud bursts right before and after the AMX run
                     before = pk.macs_per_s("amx_int8", c.threads)
                 res[c.name()][isa].append(c.run(isa))
                 if isa == "amx":
-                    res[c.name()]["adjacent"].append((before + pk.macs_per_s("amx_int8", c.threads)) / 2)
+                    after = pk.macs_per_s("amx_int8", c.threads)
+                    res[c.name()]["adjacent"].append((before + after) / 2)
+                    bursts[c.threads] += [before, after]
         print(f"  round {r + 1}/{rounds} done", flush=True)
 
     print(f"\n# CPU: {cpu.get('model')}; flags: {' '.join(cpu.get('flags', []))}")
@@ -180,6 +191,18 @@ def main() -> None:
               f"{statistics.median(v) / 1e9:8.1f} [{min(v) / 1e9:6.1f}..{max(v) / 1e9:6.1f}] "
               f"{row['vnni_pct_peak']:5.1f}% {statistics.median(ratio):6.2f} [{min(ratio):.2f}..{max(ratio):.2f}]"
               + ("" if c.handles["amx"][1] == "amx" else f"  (AMX handle runs {c.handles['amx'][1]})"))
+    # The host's AMX rate halves and recovers within milliseconds, for the bursts and the
+    # tiles separately (a tile can read faster than the burst next to it), so per-round
+    # pairs mix states. The upper quartiles of all samples estimate each in the fast state.
+    print(f"\nFast state (upper quartile of each side's samples over the run; tdpbsud bursts: "
+          f"{upper_quartile(bursts[1]) / 1e9:.0f} GMAC/s 1 thread, {upper_quartile(bursts[2]) / 1e9:.0f} 2 threads)")
+    print(f"{'case':34s} {'AMX GMAC/s':>11s} {'%burst':>7s} {'VNNI GMAC/s':>12s} {'AMX/VNNI':>9s}")
+    for c, row in zip(all_cases, out_cases):
+        a, v = (upper_quartile(res[c.name()][isa]) for isa in ("amx", "avx512"))
+        b = upper_quartile(bursts[c.threads])
+        row["fast_state"] = {"amx_gmacs": a / 1e9, "burst_gmacs": b / 1e9, "amx_pct_burst": 100 * a / b,
+                             "vnni_gmacs": v / 1e9, "amx_over_vnni": a / v}
+        print(f"{c.name():34s} {a / 1e9:11.1f} {100 * a / b:6.1f}% {v / 1e9:12.1f} {a / v:9.2f}")
     stride = [x / y for x, y in zip(res["ternary M=128 512x2048"]["amx"],
                                     res["ternary M=128 512x2048, rows Kp apart"]["amx"])]
     print(f"\nAMX, ternary M=128 512x2048, activation rows act_stride(2048) = "
