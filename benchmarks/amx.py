@@ -4,7 +4,7 @@ One process, one thread per tile (torch.set_num_threads(1)), rounds interleaved:
 measures the tdpbsud and vpdpbusd peaks (benchmarks/peaks.py loops, 1 thread) and then each
 case on the AMX path and on the AVX-512 path, same operands, same handle kinds as compiled
 code uses (`lowbit_qgemm_dispatch`, whole K in one invoke). Reported per case: GMAC/s median
-[min..max] of thread CPU time, % of the AMX peak (against the mean of the tdpbsud bursts run
+[min..max] of thread CPU time (each sample after one untimed call of the same tile), % of the AMX peak (against the mean of the tdpbsud bursts run
 right before and after that case's AMX run, against the same round's burst and against
 the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either ~1000 or
 ~2000-2300 GMAC/s from one round to the next), and AMX / VNNI per round. Then the fast state
@@ -92,6 +92,9 @@ class Case:
             args = (handle, self.xq.data_ptr(), pw.data.data_ptr() + (t * part // 64) * pw.nblock_bytes,
                     self.y.data_ptr() + t * part * 4, self.sx.data_ptr(), self.rs.data_ptr(), None,
                     pw.num_kblocks, self.reps)
+            # one untimed call first: right after a tdpbsud burst the tiles ran ~10% slower
+            # for a while (4096 x 4096: 0.90x back-to-back calls, median of 16 blocks)
+            self.lib.lowbit_qbench_tile(*args[:-1], 1)
             bar.wait()
             c0 = time.thread_time()
             self.lib.lowbit_qbench_tile(*args)
