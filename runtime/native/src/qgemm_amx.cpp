@@ -34,6 +34,7 @@
 
 #include <algorithm>
 
+#include "qgemm_decode_avx512.h"
 #include "qgemm_internal.h"
 
 namespace lowbit {
@@ -95,19 +96,12 @@ void pack_rows(const Desc& d, const Args& g, int64_t m0, int64_t mrows, int64_t 
     }
 }
 
-// How far field j of a code byte sits from bit 0 in the B tiles: the fields are masked in
-// place instead of shifted down (one AND per B tile vector; 1-bit codes shift their high
-// nibble once), so the int32 sums of field j are 2^shift times the codes' sums and are
-// shifted back, exactly, before the flush. The largest masked code (240) is below 255, so
-// kMaxInt8KBlock's int32 bound for 8-bit codes covers it.
-template <int BITS>
-constexpr int field_shift(int j) {
-  return BITS == 2 ? 2 * j : BITS == 1 ? j : BITS == 4 ? 4 * (j & 1) : 0;
-}
-
-// Fields 2H and 2H + 1 of 4-k sub-step `sub`'s codes at p (decode<BITS>'s v[2H], v[2H + 1],
-// times 2^field_shift), each code vector loaded once: gcc would fold the load into both ANDs,
-// and the tile's loads (A, B, codes) are what it waits for.
+// Fields 2H and 2H + 1 of 4-k sub-step `sub`'s codes at p (decode<BITS>'s v[2H], v[2H + 1])
+// masked where they sit, i.e. times 2^field_shift<BITS>(j): one AND per B tile row from one
+// load of the codes (gcc would fold the load into both ANDs, and loads are what the tile
+// waits for; 1-bit codes shift their high nibble down once). The sums of field j are shifted
+// back, exactly, before the flush (KBlockFlush::shift); the largest masked code (240) is
+// below 255, so kMaxInt8KBlock's int32 bound for 8-bit codes covers it.
 template <int BITS, int H>
 inline void decode_half(const uint8_t* p, int sub, __m512i& lo, __m512i& hi) {
   if constexpr (BITS == 8) {
@@ -116,11 +110,10 @@ inline void decode_half(const uint8_t* p, int sub, __m512i& lo, __m512i& hi) {
   } else {
     __m512i x = _mm512_loadu_si512(BITS == 4 ? p + 64 * H : p);
     __asm__("" : "+v"(x));  // one load, kept in a register
-    if (BITS == 1 && sub) x = _mm512_srli_epi16(x, 4);  // the high nibble's 4 fields
-    constexpr int kLo = BITS == 4 ? 0x0f : BITS == 2 ? 0x03 << (4 * H) : 0x01 << (2 * H);
-    constexpr int kHi = BITS == 4 ? 0xf0 : BITS == 2 ? 0x0c << (4 * H) : 0x02 << (2 * H);
-    lo = _mm512_and_si512(x, _mm512_set1_epi8(char(kLo)));
-    hi = _mm512_and_si512(x, _mm512_set1_epi8(char(kHi)));
+    if (BITS == 1 && sub) x = _mm512_srli_epi16(x, 4);
+    constexpr int kMask = (1 << BITS) - 1;
+    lo = _mm512_and_si512(x, _mm512_set1_epi8(char(kMask << field_shift<BITS>(2 * H))));
+    hi = _mm512_and_si512(x, _mm512_set1_epi8(char(kMask << field_shift<BITS>(2 * H + 1))));
   }
 }
 

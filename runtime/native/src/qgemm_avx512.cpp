@@ -71,12 +71,6 @@ LB_INLINE void decode_int8(const uint8_t* p, int h, __m512i v[4]) {
   else decode<BITS>(p, h, v);
 }
 
-// Bit position of vector j's codes after decode_scaled.
-template <int BITS>
-constexpr int field_shift(int j) {
-  return BITS == 1 ? j : BITS == 2 ? 2 * j : BITS == 4 ? 4 * (j % 2) : 0;
-}
-
 
 LB_INLINE __mmask16 lane_mask(int64_t valid) {
   if (valid >= 16) return 0xffff;

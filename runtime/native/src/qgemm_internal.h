@@ -148,7 +148,7 @@ struct KBlockFlush {
 inline KBlockFlush kblock_flush(const Desc& d, const uint8_t* w) {
   const int64_t cb = codes_bytes(d.f, d.kblock);
   return {reinterpret_cast<const float*>(w + cb), kblock_offsets(d.f, w, cb), d.f.offset, d.f.a,
-          (d.flags & LOWBIT_QF_ASCALE_PER_BLOCK) != 0};
+          (d.flags & LOWBIT_QF_ASCALE_PER_BLOCK) != 0, false, {}};
 }
 // Both at once for one row of a tile of one K-block (no fp32 tile between them).
 void flush_store_row_avx512(const Desc& d, const Args& g, const KBlockFlush& fl,
