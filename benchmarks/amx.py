@@ -9,7 +9,10 @@ right before and after that case's AMX run, against the same round's burst and a
 the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either ~1000 or
 ~2000-2300 GMAC/s from one round to the next), and AMX / VNNI per round. Then the fast state
 alone: each side's upper quartile over the run (tiles, VNNI tiles, every tdpbsud burst), since
-the bursts and the tiles change state independently within a round.
+the bursts and the tiles change state independently within a round. Last, "sustained": the
+issue's two layers and the compiled prefill's tile called back to back as a prefill does,
+blocks of AMX / VNNI call pairs between two bursts (each pair's ratio shares the host's
+state; blocks of the cases interleaved; `--blocks`).
 
 Cases: the issue's M = 128 layers (4096x4096, 2560x6912: N x K) in one invoke; the tile the
 compiler issues for a 1B model's prefill (M = 128 tokens x 512 output rows x K 2048) in every
@@ -19,7 +22,7 @@ layout's act_stride (2112: the ratio is printed); an M sweep on that tile with A
 4096x4096 layer on 2 threads (each half of N, started together). The dense bf16 BRGEMM's AMX
 tiles against AVX-512 and torch.matmul: benchmarks/amx_dense.py.
 
-    python benchmarks/amx.py [--rounds 9] [--quick] [--out benchmarks/results/amx.json]
+    python benchmarks/amx.py [--rounds 9] [--blocks 12] [--quick] [--out benchmarks/results/amx.json]
 """
 from __future__ import annotations
 
@@ -81,8 +84,9 @@ class Case:
         rows = ", rows Kp apart" if self.packed_rows else ""
         return f"{self.fmt} M={self.m} {self.n}x{self.k}{t}{rows}"
 
-    def run(self, isa: str) -> float:
-        """MAC/s: the sum over threads of each thread's MACs over its CPU time."""
+    def run(self, isa: str, warm: bool = True) -> float:
+        """MAC/s: the sum over threads of each thread's MACs over its CPU time (`warm`: after
+        one untimed call)."""
         handle = self.handles[isa][0]
         cpu = [0.0] * self.threads
         bar = threading.Barrier(self.threads)
@@ -94,7 +98,8 @@ class Case:
                     pw.num_kblocks, self.reps)
             # one untimed call first: right after a tdpbsud burst the tiles ran ~10% slower
             # for a while (4096 x 4096: 0.90x back-to-back calls, median of 16 blocks)
-            self.lib.lowbit_qbench_tile(*args[:-1], 1)
+            if warm:
+                self.lib.lowbit_qbench_tile(*args[:-1], 1)
             bar.wait()
             c0 = time.thread_time()
             self.lib.lowbit_qbench_tile(*args)
@@ -115,11 +120,67 @@ def upper_quartile(values: list[float]) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[2]
 
 
+def sustained(cases: list[Case], pk, blocks: int, pairs: int = 16) -> dict:
+    """Back-to-back calls, as in a prefill: per block and case, a tdpbsud burst, one untimed
+    AMX / VNNI pair, `pairs` timed pairs (order alternating), another burst. Per block: the
+    medians of the AMX and VNNI calls, of the pairs' AMX / VNNI ratios, and the AMX median
+    against the mean of the two bursts; blocks of the cases interleaved."""
+    med = statistics.median
+    out = {c.name(): {"amx": [], "vnni": [], "amx_over_vnni": [], "pct_adjacent": [], "bursts": []}
+           for c in cases}
+    for _ in range(blocks):
+        for c in cases:
+            before = pk.macs_per_s("amx_int8")
+            c.run("amx", warm=False)
+            c.run("avx512", warm=False)
+            amx, vnni, ratio = [], [], []
+            for i in range(pairs):
+                r = {isa: c.run(isa, warm=False) for isa in (("amx", "avx512") if i % 2 == 0 else ("avx512", "amx"))}
+                amx.append(r["amx"])
+                vnni.append(r["avx512"])
+                ratio.append(r["amx"] / r["avx512"])
+            after = pk.macs_per_s("amx_int8")
+            rec = out[c.name()]
+            rec["amx"].append(med(amx))
+            rec["vnni"].append(med(vnni))
+            rec["amx_over_vnni"].append(med(ratio))
+            rec["pct_adjacent"].append(200 * med(amx) / (before + after))
+            rec["bursts"] += [before, after]
+    return out
+
+
+def report_sustained(res: dict, blocks: int, pairs: int) -> dict:
+    """Print the sustained blocks' table; returns its JSON."""
+    bursts = [b for r in res.values() for b in r["bursts"]]
+    fast = upper_quartile(bursts)
+    print(f"\nSustained: {blocks} blocks of {pairs} back-to-back AMX / VNNI call pairs per case, "
+          f"1 thread; median [min..max] over blocks (upper quartile); tdpbsud bursts "
+          f"{statistics.median(bursts) / 1e9:.0f} GMAC/s median, {fast / 1e9:.0f} upper quartile")
+    print(f"{'case':24s} {'AMX GMAC/s':>26s} {'%adjacent bursts':>24s} {'%fast burst':>12s} "
+          f"{'VNNI GMAC/s':>12s} {'AMX/VNNI per pair':>26s}")
+    out = {}
+    for name, r in res.items():
+        a, q, adj, v = r["amx"], r["amx_over_vnni"], r["pct_adjacent"], r["vnni"]
+        out[name] = {"amx_gmacs": summarize([x / 1e9 for x in a]), "vnni_gmacs": summarize([x / 1e9 for x in v]),
+                     "amx_over_vnni": summarize(q), "amx_pct_adjacent": summarize(adj),
+                     "amx_pct_fast_burst": 100 * statistics.median(a) / fast,
+                     "upper_quartile": {"amx_gmacs": upper_quartile(a) / 1e9,
+                                        "amx_pct_fast_burst": 100 * upper_quartile(a) / fast,
+                                        "amx_over_vnni": upper_quartile(q)}}
+        print(f"{name:24s} {statistics.median(a) / 1e9:7.1f} [{min(a) / 1e9:6.1f}..{max(a) / 1e9:6.1f}] "
+              f"({upper_quartile(a) / 1e9:4.0f}) {statistics.median(adj):6.1f}% [{min(adj):3.0f}..{max(adj):3.0f}] "
+              f"({upper_quartile(adj):3.0f}%) {100 * statistics.median(a) / fast:5.1f}% ({100 * upper_quartile(a) / fast:3.0f}%) "
+              f"{statistics.median(v) / 1e9:8.1f} {statistics.median(q):7.2f} [{min(q):.2f}..{max(q):.2f}] ({upper_quartile(q):.2f})")
+    return {"blocks": blocks, "pairs": pairs, "bursts_gmacs": summarize([b / 1e9 for b in bursts]),
+            "fast_burst_gmacs": fast / 1e9, "cases": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "amx.json"))
+    ap.add_argument("--blocks", type=int, default=12, help="sustained blocks per headline case (0: none)")
     args = ap.parse_args()
     cpu = peaks_mod.cpu_description()
     why = peaks_mod.amx_missing("amx_int8")
@@ -214,11 +275,15 @@ def main() -> None:
     print(f"\nAMX rule in this build: int8 tiles of >= {qgemm.amx_min_rows()} rows and K-blocks of >= "
           f"{qgemm.amx_min_kblock()} values (the M sweep forces AMX at every M); dense bf16 BRGEMMs: "
           f">= {brgemm.amx_min_rows()} rows and k >= {brgemm.amx_min_k()} (benchmarks/amx_dense.py)")
+    sus = None
+    if args.blocks:  # the issue's layers and the compiled prefill's tile, back to back
+        pairs = 8 if args.quick else 16
+        sus = report_sustained(sustained(cases[:3], pk, args.blocks, pairs), args.blocks, pairs)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "rounds": rounds,
               "timing": "thread CPU time, 1 thread per tile unless stated",
               "peaks_gmacs": {k: summarize([x / 1e9 for x in v]) for k, v in peak.items()},
               "amx_min_rows": qgemm.amx_min_rows(), "amx_min_kblock": qgemm.amx_min_kblock(),
-              "cases": out_cases, "amx_act_stride_over_kp_rows": summarize(stride)}
+              "cases": out_cases, "amx_act_stride_over_kp_rows": summarize(stride), "sustained": sus}
     peaks_mod.write_json(args.out, result)
 
 
