@@ -71,7 +71,6 @@ LB_INLINE void decode_int8(const uint8_t* p, int h, __m512i v[4]) {
   else decode<BITS>(p, h, v);
 }
 
-
 LB_INLINE __mmask16 lane_mask(int64_t valid) {
   if (valid >= 16) return 0xffff;
   if (valid <= 0) return 0;

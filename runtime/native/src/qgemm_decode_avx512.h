@@ -12,7 +12,6 @@ namespace lowbit {
 namespace q {
 namespace {
 
-// Decode the 4 VNNI4 u8 operand vectors of 4-k sub-step `h` from a packed step.
 // Bit position of field j (vector j of decode) in a code byte, for decodes that mask the
 // fields in place instead of shifting them down (decode_scaled of the GEMV tiles, the AMX
 // tiles' decode_half): their sums are 2^field_shift times the codes' and are shifted back.
@@ -21,6 +20,7 @@ constexpr int field_shift(int j) {
   return BITS == 1 ? j : BITS == 2 ? 2 * j : BITS == 4 ? 4 * (j % 2) : 0;
 }
 
+// Decode the 4 VNNI4 u8 operand vectors of 4-k sub-step `h` from a packed step.
 template <int BITS>
 LB_INLINE void decode(const uint8_t* p, int h, __m512i v[4]) {
   if constexpr (BITS == 1) {

@@ -125,14 +125,6 @@ void tile_amx(const Desc& d, const Args& args);
 // scratch (nothing was written; the register tiles run instead).
 bool tile_panel_avx512(const Desc& d, const Args& args);
 
-// AVX-512 pieces of the AMX tiles (qgemm_avx512.cpp): one K-block's integer sums
-// acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and the final
-// epilogue of rows. (The codes decode they share is qgemm_decode_avx512.h.)
-struct KBlockFlush;
-void flush_block_avx512(const Desc& d, const Args& g, const KBlockFlush& fl, const int32_t* acc,
-                        int64_t m0, int64_t rows, int64_t i, float* tile);
-void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
-                       const float* tile);
 // Where a K-block's flush constants are: its scales, its offsets (nullptr: the format's one
 // offset), computed once per K-block rather than per row. `shift`: the AMX tiles multiply
 // codes masked in place (field j times 2^shift[j]); their sums are shifted back first.
@@ -150,6 +142,13 @@ inline KBlockFlush kblock_flush(const Desc& d, const uint8_t* w) {
   return {reinterpret_cast<const float*>(w + cb), kblock_offsets(d.f, w, cb), d.f.offset, d.f.a,
           (d.flags & LOWBIT_QF_ASCALE_PER_BLOCK) != 0, false, {}};
 }
+// AVX-512 pieces of the AMX and panel tiles (qgemm_avx512.cpp): one K-block's integer sums
+// acc[rows][64] into the fp32 tile[rows][64] (K-block i = 0 overwrites it), and the final
+// epilogue of rows. (The codes decode they share is qgemm_decode_avx512.h.)
+void flush_block_avx512(const Desc& d, const Args& g, const KBlockFlush& fl, const int32_t* acc,
+                        int64_t m0, int64_t rows, int64_t i, float* tile);
+void store_rows_avx512(const Desc& d, const Args& g, int64_t m0, int64_t rows, int64_t n0,
+                       const float* tile);
 // Both at once for one row of a tile of one K-block (no fp32 tile between them).
 void flush_store_row_avx512(const Desc& d, const Args& g, const KBlockFlush& fl,
                             const int32_t* acc_row, int64_t row, int64_t n0);
