@@ -22,7 +22,7 @@ layout's act_stride (2112: the ratio is printed); an M sweep on that tile with A
 4096x4096 layer on 2 threads (each half of N, started together). The dense bf16 BRGEMM's AMX
 tiles against AVX-512 and torch.matmul: benchmarks/amx_dense.py.
 
-    python benchmarks/amx.py [--rounds 9] [--blocks 12] [--quick] [--out benchmarks/results/amx.json]
+    python benchmarks/amx.py [--rounds 15] [--blocks 24] [--quick] [--out benchmarks/results/amx.json]
 """
 from __future__ import annotations
 
@@ -177,10 +177,10 @@ def report_sustained(res: dict, blocks: int, pairs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="3 rounds, fewer cases")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "amx.json"))
-    ap.add_argument("--blocks", type=int, default=12, help="sustained blocks per headline case (0: none)")
+    ap.add_argument("--blocks", type=int, default=24, help="sustained blocks per headline case (0: none)")
     args = ap.parse_args()
     cpu = peaks_mod.cpu_description()
     why = peaks_mod.amx_missing("amx_int8")
