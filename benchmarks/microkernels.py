@@ -30,7 +30,7 @@ Before/after a kernel change, side by side in one process (two builds of the run
 loaded with RTLD_LOCAL, same operands, interleaved rounds, thread CPU time, the vpdpbusd
 peak of the same rounds):
 
-    python benchmarks/microkernels.py --side-by-side OLD.so [NEW.so] [--rounds 11]
+    python benchmarks/microkernels.py --side-by-side OLD.so [NEW.so] [--rounds 11 | --pairs 100]
         [--shapes 4096x4096x128,int1:256x2048x1,f32/int4_sym:256x1024x1,int4_sym@128:...]
         ([i8|f32|bf16/][format[@group]:]NxKxM: activation type, weight format, scale group,
         shape)
@@ -252,10 +252,12 @@ SBS_SHAPES = ("4096x4096x128,2560x6912x128,4096x4096x16,256x1024x16,256x2048x4,2
               "256x2048x2,256x2048x1,4096x4096x1,2560x6912x1")
 
 
-def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx512") -> None:
+def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx512", pairs: int = 0) -> None:
     """Tiles (int8 activations and ternary weights unless the shape says `f32/`, `bf16/`,
     `format:`) of two runtime builds in one process, interleaved; % of the vpdpbusd peak
-    (with isa="amx": AMX tiles from amx_min_rows() rows, % of the tdpbsud peak)."""
+    (with isa="amx": AMX tiles from amx_min_rows() rows, % of the tdpbsud peak). `pairs`:
+    instead of rounds, each shape's builds called back to back `pairs` times (order
+    alternating), the last / first ratio per pair."""
     P_, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     libs = {}
     for i, path in enumerate(lib_paths):
@@ -299,6 +301,9 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
     res = {(c[0], name): [] for c in cases for name in libs}
     pks = []
     peak_kind = "amx_int8" if isa == "amx" else "vnni_zmm"
+    if pairs:
+        adjacent_pairs(libs, cases, pairs, pk, peak_kind)
+        return
     for r in range(rounds):
         pks.append(pk.macs_per_s(peak_kind))
         for name, per, macs, _ in cases:
@@ -328,6 +333,29 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
               f"  {paired['median']:.3f} [{paired['min']:.2f}..{paired['max']:.2f}]")
 
 
+def adjacent_pairs(libs: dict, cases: list, pairs: int, pk, peak_kind: str) -> None:
+    """side_by_side's back-to-back mode: per shape, `pairs` times every build once in a row
+    (order alternating). On a host whose rate changes every few seconds (the shared Xeon's
+    AMX) calls a millisecond apart share its state, so their ratio does too."""
+    before = pk.macs_per_s(peak_kind)
+    names = list(libs)
+    print(f"# {pairs} back-to-back calls of each build per shape (order alternating), 1 thread, thread "
+          f"CPU time; GMAC/s median; {names[-1]} / {names[0]} per pair: median [quartiles]")
+    for name, per, macs, _ in cases:
+        rates = {n: [] for n in names}
+        for i in range(pairs):
+            for lname in (names if i % 2 == 0 else names[::-1]):
+                c0 = time.thread_time()
+                libs[lname].lowbit_qbench_tile(*per[lname])
+                rates[lname].append(macs / (time.thread_time() - c0))
+        ratio = [b / a for a, b in zip(rates[names[0]], rates[names[-1]])]
+        q = statistics.quantiles(ratio, n=4)
+        print(f"{name:28s} " + " ".join(f"{n}: {statistics.median(r) / 1e9:7.1f}" for n, r in rates.items())
+              + f"   {statistics.median(ratio):.3f} [{q[0]:.3f}..{q[2]:.3f}]")
+    after = pk.macs_per_s(peak_kind)
+    print(f"{peak_kind} 1-thread burst before / after: {before / 1e9:.0f} / {after / 1e9:.0f} GMAC/s")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -344,6 +372,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=SBS_SHAPES, help="side-by-side shapes, NxKxM,...")
     ap.add_argument("--rounds", type=int, default=11, help="side-by-side rounds")
     ap.add_argument("--isa", choices=["avx512", "amx"], default="avx512", help="side-by-side ISA")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="side-by-side: back-to-back calls of the builds per shape instead of rounds")
     args = ap.parse_args()
     if args.side_by_side:
         from lowbit.runtime import runtime_library_path
@@ -351,7 +381,7 @@ def main() -> None:
         if len(paths) == 1:
             paths.append(str(runtime_library_path()))
         torch.set_num_threads(1)
-        side_by_side(paths, args.shapes, args.rounds, args.isa)
+        side_by_side(paths, args.shapes, args.rounds, args.isa, args.pairs)
         return
     if "avx512" not in supported_isas():
         raise SystemExit("this benchmark measures the AVX-512 VNNI path; the CPU lacks it")
