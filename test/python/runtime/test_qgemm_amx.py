@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowbit.runtime import cpu_features, current_isa, qgemm, set_isa, supported_isas
+from lowbit.runtime.qgemm import FORMAT_INFO
 from isa_paths import mismatches_on_threads, use_isa
 from test_qgemm import FMTS, GuardedArena, random_codes, random_zero
 
@@ -113,6 +114,24 @@ def test_amx_integer_sums_exact(fmt, m, n, k):
     assert isa == "amx"
     w = q.to(torch.float64) - (zero.to(torch.float64) if zero is not None else 0)
     assert torch.equal(y.to(torch.float64), xq[:, :k].to(torch.float64) @ w.T)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_amx_sums_at_the_largest_kblock(fmt):
+    """The largest K-block (65536) of the largest codes against -128: the AMX tiles multiply
+    the fields masked in place (up to 240 for 4-bit codes), and their int32 sums must not wrap
+    before being shifted back. The exact sum, -128 * qmax * 65536, is an fp32 integer."""
+    info = FORMAT_INFO[fmt]
+    m, n, k = 16, 64, 65536
+    q = torch.full((n, k), info.qmax, dtype=torch.int8)
+    pw = qgemm.pack_weight(q, torch.ones(n), fmt, zero=torch.zeros(n, 1, dtype=torch.int8) if info.zero_point else None)
+    assert pw.kblock == k
+    xq = torch.full((m, pw.k_padded), -128, dtype=torch.int8)
+    rs = xq.to(torch.int32).sum(1, keepdim=True, dtype=torch.int32)
+    for isa in ("amx", "avx512"):
+        y, got = run_tile(isa, pw, xq, torch.ones(m), rs, m)
+        assert got == isa
+        assert torch.equal(y, torch.full((m, n), -128.0 * info.qmax * k)), isa
 
 
 def test_dispatch_rule():
