@@ -4,9 +4,10 @@ One process, one thread per tile (torch.set_num_threads(1)), rounds interleaved:
 measures the tdpbsud and vpdpbusd peaks (benchmarks/peaks.py loops, 1 thread) and then each
 case on the AMX path and on the AVX-512 path, same operands, same handle kinds as compiled
 code uses (`lowbit_qgemm_dispatch`, whole K in one invoke). Reported per case: GMAC/s median
-[min..max] of thread CPU time (each sample after one untimed call of the same tile), % of the AMX peak (against the mean of the tdpbsud bursts run
-right before and after that case's AMX run, against the same round's burst and against
-the best burst of the run: on the Xeon seen so far the tdpbsud loop reads either ~1000 or
+[min..max] of thread CPU time (each sample after one untimed call of the same tile), % of
+the AMX peak (against the mean of the tdpbsud bursts run right before and after that case's
+AMX run, against the same round's burst and against the best burst of the run: on the Xeon
+seen so far the tdpbsud loop reads either ~1000 or
 ~2000-2300 GMAC/s from one round to the next), and AMX / VNNI per round. Then the fast state
 alone: each side's upper quartile over the run (tiles, VNNI tiles, every tdpbsud burst), since
 the bursts and the tiles change state independently within a round. Last, "sustained": the
