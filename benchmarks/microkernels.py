@@ -298,12 +298,12 @@ def side_by_side(lib_paths: list[str], shapes: str, rounds: int, isa: str = "avx
                          rs.data_ptr(), None, pw.num_kblocks, reps)
         cases.append((f"{adt}/{fmt}{'@' + group if group else ''} {n}x{k} M={m}", per, m * n * k * reps, (pw, xq, sx, rs, y)))
     pk = peaks_mod.Peaks()
-    res = {(c[0], name): [] for c in cases for name in libs}
-    pks = []
     peak_kind = "amx_int8" if isa == "amx" else "vnni_zmm"
     if pairs:
         adjacent_pairs(libs, cases, pairs, pk, peak_kind)
         return
+    res = {(c[0], name): [] for c in cases for name in libs}
+    pks = []
     for r in range(rounds):
         pks.append(pk.macs_per_s(peak_kind))
         for name, per, macs, _ in cases:
