@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .library import error_string, load_runtime
+from .library import current_isa, error_string, load_runtime
 
 NB = 64  # output rows per packed n-block (LOWBIT_QGEMM_NB)
 
@@ -108,6 +108,8 @@ def _lib() -> ctypes.CDLL:
         "lowbit_qgemm_panel_min_rows": (_I64, [_I64]),
         "lowbit_qgemm_panel_min_kblock": (_I64, [_I64]),
         "lowbit_qgemm_panel_invocations": (_I64, []),
+        "lowbit_qgemm_panel_rule": (_I32, [_I32]),
+        "lowbit_qgemm_panel_speedup": (ctypes.c_double, [_I32]),
         "lowbit_qlinear": (_I32, [_I32, _P, _I64, _I64, _I64, _I32, _I32, _P, _I64, _I64, _P,
                                   _I32, _P, _I64]),
         "lowbit_qbench_dispatch": (_I64, [_I32, _P, _I64, _I64, _P]),
@@ -465,6 +467,37 @@ def panel_min_kblock(kblock: int | None = None) -> int:
     flush too often for it to pay). With `kblock`, sets it for later dispatches and returns
     the previous value."""
     return _threshold("panel_min_kblock", kblock)
+
+
+PANEL_RULES = ("measured", "always", "never")  # LOWBIT_PANEL_MEASURED, _ALWAYS, _NEVER
+
+
+def panel_rule(rule: str | None = None) -> str:
+    """Whether a tile past panel_min_rows() and panel_min_kblock() takes the panel:
+    "measured" (the default: the first such dispatch per code width times the panel against
+    the register tiles on this CPU, ~2 ms once per process, and takes it when faster; see
+    panel_speedup), "always" or "never". With `rule`, sets it for later dispatches
+    and returns the previous one."""
+    if rule is None:
+        return PANEL_RULES[_lib().lowbit_qgemm_panel_rule(-1)]
+    if rule not in PANEL_RULES:
+        raise ValueError(f"unknown panel rule {rule!r}; expected one of {PANEL_RULES}")
+    return PANEL_RULES[_lib().lowbit_qgemm_panel_rule(PANEL_RULES.index(rule))]
+
+
+def panel_speedup(bits: int) -> float:
+    """The panel tiles' speed over the register tiles for `bits`-bit codes (1, 2 or 4) as the
+    "measured" rule saw it on this CPU (measured now if this process has not yet): the median
+    of back-to-back pairs on one synthetic 128 x 192 x 1024 call. Needs the AVX-512 ISA."""
+    if bits not in (1, 2, 4):
+        raise ValueError(f"panel tiles exist for 1-, 2- and 4-bit codes, not {bits}-bit ones")
+    s = float(_lib().lowbit_qgemm_panel_speedup(bits))
+    if s == 0:
+        raise RuntimeError("the panel tiles need the AVX-512 ISA; this process runs "
+                           f"{current_isa()}")
+    if s < 0:
+        raise MemoryError("the panel measurement could not allocate its operands")
+    return s
 
 
 def panel_invocations() -> int:

@@ -52,7 +52,8 @@ std::atomic<int64_t> g_amx_invocations{0};  // lowbit_qgemm_amx_invocations
 // channel 1.1-1.3x for 1-/2-bit codes (80-95% of the vpdpbusd peak), 1.07-1.18x for 4-bit
 // ones (K-blocks >= 256); M = 8-16 1.2x, M = 6 1.1x; K-blocks of 128 0.9-1.05x, of 32-64
 // 0.75-0.9x (each K-block's flush goes through memory); 8-bit codes 0.76-0.86x (no decode
-// to save), so they never take it.
+// to save), so they never take it. Past both thresholds, whether the panel pays on this CPU
+// at all is measured once per code width (qgemm_panel_rule.cpp).
 std::atomic<int64_t> g_panel_min_rows{8};
 std::atomic<int64_t> g_panel_min_kblock{256};
 std::atomic<int64_t> g_panel_invocations{0};  // lowbit_qgemm_panel_invocations
@@ -84,7 +85,8 @@ int64_t lowbit_qgemm_dispatch(int32_t wfmt, int32_t atype, int32_t ctype, int64_
   const bool known_format = format_of(wfmt, &f);
   const bool panel = isa == LOWBIT_ISA_AVX512 && atype == LOWBIT_QT_INT8 && known_format &&
                      f.bits <= 4 && m >= g_panel_min_rows.load(std::memory_order_relaxed) &&
-                     kblock >= g_panel_min_kblock.load(std::memory_order_relaxed);
+                     kblock >= g_panel_min_kblock.load(std::memory_order_relaxed) &&
+                     panel_pays_off(f.bits);
   const int64_t key[kKeyWords] = {wfmt, atype, ctype, m, n, kblock, lda, ldb,
                                   ldc, stride_a, stride_b, ld_aux, flags, isa, panel};
   // A repeated description (the common case: compiled code dispatches per call) is one

@@ -124,6 +124,10 @@ void tile_amx(const Desc& d, const Args& args);
 // (qgemm_panel_avx512.cpp), for descriptions dispatched with `panel`. False: no memory for its
 // scratch (nothing was written; the register tiles run instead).
 bool tile_panel_avx512(const Desc& d, const Args& args);
+// The panel rule's last condition (qgemm_panel_rule.cpp, lowbit_qgemm_panel_rule): whether
+// tiles of `bits`-bit codes take the panel on this CPU, measured on first use per width.
+bool panel_pays_off(int bits);
+double panel_speedup(int bits);
 
 // Where a K-block's flush constants are: its scales, its offsets (nullptr: the format's one
 // offset), computed once per K-block rather than per row. `shift`: the AMX tiles multiply

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,12 +28,22 @@ PANEL_FMTS = ["int1", "int2_asym", "int2_sym", "int4_asym", "int4_sym", "ternary
 
 
 @contextlib.contextmanager
+def panel_rule(rule: str):
+    old = qgemm.panel_rule(rule)
+    try:
+        yield
+    finally:
+        qgemm.panel_rule(old)
+
+
+@contextlib.contextmanager
 def panel_rows(rows: int):
-    """Dispatch under the AVX-512 ISA with panel_min_rows() = rows and every K-block length
-    allowed (1: every 1-/2-/4-bit int8 tile takes the panel; a huge value: none does)."""
+    """Dispatch under the AVX-512 ISA with panel_min_rows() = rows, every K-block length
+    allowed and the panel rule "always" (1: every 1-/2-/4-bit int8 tile takes the panel; a
+    huge value: none does)."""
     old = qgemm.panel_min_rows(rows), qgemm.panel_min_kblock(1)
     try:
-        with use_isa("avx512"):
+        with use_isa("avx512"), panel_rule("always"):
             yield
     finally:
         qgemm.panel_min_rows(old[0])
@@ -127,7 +140,7 @@ def test_dispatch_rule():
     rows, kmin = qgemm.panel_min_rows(), qgemm.panel_min_kblock()
     assert rows >= 1 and kmin >= 4
 
-    def takes_panel(fmt, m, a_dtype=torch.int8, group=None):
+    def takes_panel(fmt, m, a_dtype=torch.int8, group=None, rule="always"):
         zero = torch.ones(64, 1, dtype=torch.int8) if qgemm.FORMAT_INFO[fmt].zero_point else None
         k = 512
         if group:
@@ -138,7 +151,7 @@ def test_dispatch_rule():
         xa = torch.ones(m, pw.k_padded, dtype=a_dtype)
         kw = dict(a_scale=torch.ones(m), a_sum=torch.full((m, pw.num_kblocks), pw.kblock, dtype=torch.int32)) \
             if a_dtype == torch.int8 else {}
-        with use_isa("avx512"):
+        with use_isa("avx512"), panel_rule(rule):
             kern = qgemm.dispatch_for(pw, m, a_dtype=a_dtype)
             n0 = qgemm.panel_invocations()
             kern(xa, pw.data, torch.empty(m, 64), count=pw.num_kblocks, **kw)
@@ -163,6 +176,49 @@ def test_dispatch_rule():
     with pytest.raises(ValueError, match="panel_min_kblock"):
         qgemm.panel_min_kblock(-1)
     assert qgemm.panel_invocations() > before
+    for fmt in PANEL_FMTS:  # past both thresholds, the rule decides
+        assert not takes_panel(fmt, rows, rule="never")
+        measured = qgemm.panel_speedup(qgemm.FORMAT_INFO[fmt].bits) > 1
+        assert takes_panel(fmt, rows, rule="measured") == measured, fmt
+
+
+def test_panel_rule_and_speedup():
+    """The rule is "measured" unless set; the speedup of each code width is measured once per
+    process (the same value every time), positive and finite; bad values are refused."""
+    assert qgemm.panel_rule() == "measured"
+    with use_isa("avx512"):
+        speedups = {bits: qgemm.panel_speedup(bits) for bits in (1, 2, 4)}
+        assert all(0 < s < 100 for s in speedups.values()), speedups
+        assert speedups == {bits: qgemm.panel_speedup(bits) for bits in (1, 2, 4)}
+        with pytest.raises(ValueError, match="8-bit"):
+            qgemm.panel_speedup(8)
+    with panel_rule("never"):
+        assert qgemm.panel_rule() == "never"
+        assert qgemm.panel_rule("always") == "never" and qgemm.panel_rule() == "always"
+        with pytest.raises(ValueError, match="unknown panel rule 'fast'"):
+            qgemm.panel_rule("fast")
+        assert qgemm._lib().lowbit_qgemm_panel_rule(3) < 0 and qgemm.panel_rule() == "always"
+    assert qgemm.panel_rule() == "measured"
+    if "avx2" in supported_isas():
+        with use_isa("avx2"), pytest.raises(RuntimeError, match="AVX-512 ISA; this process runs avx2"):
+            qgemm.panel_speedup(2)
+
+
+def test_panel_speedup_measured_once_across_threads():
+    """Threads asking for a width's first measurement at once all get the one measured value
+    (a fresh process: this one has measured already)."""
+    code = (
+        "import threading\n"
+        "from lowbit.runtime import qgemm\n"
+        "out = []\n"
+        "ts = [threading.Thread(target=lambda b=b: out.append((b, qgemm.panel_speedup(b))))\n"
+        "      for b in (1, 2, 4) * 4]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "assert {b: len({s for bb, s in out if bb == b}) for b in (1, 2, 4)} == {1: 1, 2: 1, 4: 1}, out\n"
+        "print('ok')\n")
+    env = dict(os.environ, LOWBIT_ISA="avx512")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
 def test_threads_share_nothing():

@@ -176,6 +176,25 @@ LOWBIT_API int64_t lowbit_qgemm_panel_min_kblock(int64_t kblock);
 /* Number of invocations of panel tiles in this process so far. */
 LOWBIT_API int64_t lowbit_qgemm_panel_invocations(void);
 
+/* Whether a tile past both panel thresholds takes the panel. The panel pays where decoding
+ * competes with vpdpbusd for the vector ports (two vpdpbusd ports, recent Intel) and may not
+ * where it does not (one port, Zen 4), so by default (MEASURED) the first such dispatch per
+ * code width (1, 2, 4 bits) times both tiles on one synthetic 128 x 192 x 1024 call, on the
+ * calling thread (~2 ms, once per process), and takes the panel when it ran faster than the
+ * register tiles (median of 9 back-to-back pairs). ALWAYS / NEVER skip the measurement. */
+typedef enum {
+  LOWBIT_PANEL_MEASURED = 0,
+  LOWBIT_PANEL_ALWAYS = 1,
+  LOWBIT_PANEL_NEVER = 2,
+} lowbit_panel_rule_t;
+/* Sets the rule of later dispatches when mode >= 0 and returns the previous one; mode < 0
+ * only returns it; an unknown mode returns -LOWBIT_E_UNSUPPORTED and changes nothing. */
+LOWBIT_API int32_t lowbit_qgemm_panel_rule(int32_t mode);
+/* The measured panel / register tile speed ratio for codes of `bits` (1, 2 or 4), measured
+ * now if this process has not yet; 0 when the process's ISA is below AVX-512 or bits is not
+ * 1, 2 or 4; negative when the measurement could not allocate its operands. */
+LOWBIT_API double lowbit_qgemm_panel_speedup(int32_t bits);
+
 /* Whole layer, single-threaded on the calling thread: y[m][n] = x[m][k] @ W^T (+ bias).
  * mode LOWBIT_QT_INT8: quantize x per token to int8 (lowbit_qquant_act) and run the int8
  * kernels; mode LOWBIT_QT_F32: weight-only (fp32 accumulation of x against W).
