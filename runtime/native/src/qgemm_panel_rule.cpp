@@ -12,7 +12,6 @@
 // an Intel Xeon, 15 processes: 1.11-1.22x for 1-bit codes, 1.09-1.21x 2-bit, 1.03-1.14x
 // 4-bit; a process's three widths dip together.)
 #include <stdlib.h>
-#include <string.h>
 #include <time.h>
 
 #include <algorithm>
@@ -66,8 +65,8 @@ double measure(int bits) {
   const int64_t total = a_bytes + b_bytes + c_bytes + aux_bytes;
   char* mem = static_cast<char*>(aligned_alloc(64, (total + 63) / 64 * 64));
   if (!mem) return -1;
-  // Codes and activations: a fixed mix of every byte value; scales and offsets 1 (an int4 code
-  // block's 64 offsets are only read for zero-point formats, which are not measured).
+  // Codes and activations: a fixed mix of every byte value; scales 1 (the measured formats are
+  // symmetric: their K-blocks store no offsets).
   for (int64_t i = 0; i < a_bytes + b_bytes; ++i) mem[i] = char((i * 167 + 13) & 0xff);
   Args g{};
   g.a = mem;
