@@ -12,11 +12,7 @@
 
 namespace {
 
-int64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
+using lowbit::q::now_ns;
 
 // desc: 13 words (qgemm: wfmt atype ctype m n kblock lda ldb ldc stride_a stride_b ld_aux flags;
 // brgemm: dtype m n k lda ldb ldc stride_a stride_b flags, the rest ignored).

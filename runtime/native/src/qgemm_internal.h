@@ -7,6 +7,7 @@
 #include "bf16.h"
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "lowbit/qgemm.h"
 
@@ -127,7 +128,12 @@ bool tile_panel_avx512(const Desc& d, const Args& args);
 // The panel rule's last condition (qgemm_panel_rule.cpp, lowbit_qgemm_panel_rule): whether
 // tiles of `bits`-bit codes take the panel on this CPU, measured on first use per width.
 bool panel_pays_off(int bits);
-double panel_speedup(int bits);
+// The clock that times tiles (the panel rule, the benchmark helpers of qbench.cpp).
+inline int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 // Where a K-block's flush constants are: its scales, its offsets (nullptr: the format's one
 // offset), computed once per K-block rather than per row. `shift`: the AMX tiles multiply

@@ -12,7 +12,6 @@
 // an Intel Xeon, 15 processes: 1.11-1.22x for 1-bit codes, 1.09-1.21x 2-bit, 1.03-1.14x
 // 4-bit; a process's three widths dip together.)
 #include <stdlib.h>
-#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -33,12 +32,6 @@ std::atomic<int32_t> g_mode{LOWBIT_PANEL_MEASURED};
 std::mutex g_measure_mutex;
 // Per code width 1, 2, 4 (index bits / 2): the measured speedup; 0 = not measured yet.
 std::atomic<double> g_speedup[3];
-
-int64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
 
 int32_t format_for(int bits) {
   return bits == 1 ? LOWBIT_QW_INT1 : bits == 2 ? LOWBIT_QW_TERNARY : LOWBIT_QW_INT4_SYM;
@@ -105,8 +98,6 @@ double measure(int bits) {
   return ratio[kPairs / 2];
 }
 
-}  // namespace
-
 double panel_speedup(int bits) {
   if (bits != 1 && bits != 2 && bits != 4) return 0;
   std::atomic<double>& slot = g_speedup[bits / 2];
@@ -120,6 +111,8 @@ double panel_speedup(int bits) {
   }
   return s;
 }
+
+}  // namespace
 
 bool panel_pays_off(int bits) {
   switch (g_mode.load(std::memory_order_relaxed)) {
